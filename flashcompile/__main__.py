@@ -1,0 +1,33 @@
+"""Command line: ``python -m flashcompile explain adamw --dtype bfloat16 [--kernels]``."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from flashcompile import optimizers
+from flashcompile.explain import explain
+
+OPTIMIZERS = {name.lower(): getattr(optimizers, name) for name in ("SGD", "SGDW", "Adam", "AdamW", "Lion")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="flashcompile")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("explain", help="print an optimizer's math, generated source and kernels")
+    ex.add_argument("optimizer", choices=sorted(OPTIMIZERS))
+    ex.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ex.add_argument("--codecs", default="flash", choices=["flash", "fp32"])
+    ex.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ex.add_argument("--kernels", action="store_true", help="also compile and print Inductor's code")
+    ex.add_argument("--momentum", type=float, default=0.9, help="for sgd/sgdw")
+    args = parser.parse_args(argv)
+    p = torch.nn.Parameter(torch.zeros(1024, dtype=getattr(torch, args.dtype), device=args.device))
+    extra = {"momentum": args.momentum} if args.optimizer.startswith("sgd") else {}
+    opt = OPTIMIZERS[args.optimizer]([p], codecs=args.codecs, **extra)
+    print(explain(opt, kernels=args.kernels))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Codecs: how each optimizer state (and the master weight) is stored.
+
+Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
+``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8``,
+``linear_int8``; or any :class:`Codec` instance. :func:`register` adds a name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashcompile.codecs.base import GROUP, Codec, Field
+from flashcompile.codecs.companded import (
+    LinearInt8,
+    SoftsignInt8,
+    SqrtUint8,
+    linear_int8,
+    softsign_int8,
+    sqrt_uint8,
+)
+from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
+from flashcompile.codecs.weight_split import WeightSplit
+
+weight_split = WeightSplit(torch.bfloat16, torch.int8)
+
+_REGISTRY: dict[str, Codec] = {
+    "fp32": fp32,
+    "bf16": bf16,
+    "weight_split": weight_split,
+    "weight_split_int16": WeightSplit(torch.bfloat16, torch.int16),
+    "weight_split_fp16": WeightSplit(torch.float16, torch.int8),
+    "softsign_int8": softsign_int8,
+    "sqrt_uint8": sqrt_uint8,
+    "linear_int8": linear_int8,
+}
+
+
+def register(name: str, codec: Codec) -> None:
+    """Make ``codec`` available by ``name`` in ``codecs=`` mappings."""
+    if not isinstance(codec, Codec):
+        raise TypeError(f"register({name!r}, ...) needs a Codec instance, got {type(codec).__name__}")
+    _REGISTRY[name] = codec
+
+
+def get(codec: str | Codec) -> Codec:
+    """Look a codec up by name (instances pass through)."""
+    if isinstance(codec, Codec):
+        return codec
+    if isinstance(codec, str) and codec in _REGISTRY:
+        return _REGISTRY[codec]
+    raise ValueError(f"unknown codec {codec!r}; known codecs: {sorted(_REGISTRY)} (or pass a Codec)")
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+__all__ = [
+    "GROUP", "Codec", "Field", "Float", "Fp32Master", "WeightSplit", "SoftsignInt8", "SqrtUint8",
+    "LinearInt8", "fp32", "bf16", "weight_split", "softsign_int8", "sqrt_uint8", "linear_int8",
+    "register", "get", "names",
+]

@@ -1,0 +1,99 @@
+"""What a codec is: storage fields plus encode/decode in plain torch, and an error bound.
+
+Every tensor a codec sees is laid out in groups of :data:`GROUP` values: per-element fields are
+``(G, GROUP)``, per-group fields are ``(G, 1)``, and values to encode are fp32 ``(G, GROUP)``. Codecs
+are written in plain torch (bit views, rounding, per-group reductions) so that Inductor fuses them into
+the rule's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP = 32
+
+# Relative rounding slack of the fp32 arithmetic inside encode/decode (a handful of roundings of
+# 2**-24 each); added to every quantisation bound so the bound covers the arithmetic, not just the codes.
+FP32_SLACK = 8 * 2.0**-24
+
+
+@dataclass(frozen=True)
+class Field:
+    """One stored tensor of a codec: per element (``(G, GROUP)``) or per group (``(G, 1)``).
+
+    In the master-weight role the field named ``value`` is the user's parameter itself.
+    """
+
+    name: str
+    dtype: torch.dtype
+    per_group: bool = False
+
+    @property
+    def bytes_per_value(self) -> float:
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return size / GROUP if self.per_group else float(size)
+
+
+class Codec:
+    """Storage for one optimizer state (or the master weight).
+
+    Subclasses are frozen dataclasses (hashable: they key the compiled-plan cache) and define:
+
+    * ``fields``: the stored tensors;
+    * ``encode(x)``: fp32 ``(G, GROUP)`` -> one tensor per field;
+    * ``decode(*stored)``: the fields -> fp32 ``(G, GROUP)``;
+    * ``error_bound(x)``: per-element bound on ``|decode(encode(x)) - x|`` for finite ``x``.
+
+    ``domain`` is ``"real"`` or ``"nonnegative"`` (values outside it are not representable).
+    """
+
+    name = "codec"
+    domain = "real"
+    fields: tuple[Field, ...] = ()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def decode(self, *stored: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def for_param(self, dtype: torch.dtype) -> Codec:
+        """The variant of this codec that stores a master weight for a param of ``dtype``.
+
+        Its ``value`` field must have that dtype: it is the param itself. Codecs that cannot hold a
+        weight raise.
+        """
+        raise ValueError(
+            f"codec {self.name} cannot hold the master weight; use fp32, bf16 or weight_split "
+            "for 'param'"
+        )
+
+    @property
+    def bytes_per_value(self) -> float:
+        return sum(f.bytes_per_value for f in self.fields)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def round_up_fp16(s: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= s, for s >= 0: a stored scale never makes |x / scale| exceed 1."""
+    s16 = s.to(torch.float16)
+    bumped = (s16.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(s16.float() < s, bumped, s16)
+
+
+def pow2(k: torch.Tensor) -> torch.Tensor:
+    """2**k as fp32 for integer k in [-126, 127], built from exponent bits (no ldexp)."""
+    return ((k + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def safe_scale(scale16: torch.Tensor) -> torch.Tensor:
+    """The fp32 scale to divide by: 1 for all-zero groups, so they encode to zero codes."""
+    s = scale16.float()
+    return torch.where(s > 0, s, torch.ones_like(s))

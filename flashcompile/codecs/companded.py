@@ -1,0 +1,101 @@
+"""8-bit group codecs: one fp16 absmax scale per group of 32, then 8-bit codes.
+
+* ``softsign_int8`` (FlashOptim's momentum codec): ``z = 2x / (1 + |x|)`` of ``x = m / scale``, coded
+  as ``round(127 z)``; inverse ``x = z / (2 - |z|)``. Finer steps near zero than linear codes.
+* ``sqrt_uint8`` (FlashOptim's second-moment codec): ``round(255 sqrt(v) / scale)`` with
+  ``scale = max sqrt(v)``; decoding squares.
+* ``linear_int8``: ``round(127 x / scale)``, the ablation baseline.
+
+Each costs 1 byte per value plus 2 bytes per 32 (the scale): 1.0625 bytes. Scales are rounded *up* to
+fp16 so ``|x / scale| <= 1`` always. Bounds (derived below) are relative to the stored scale ``s``, so
+they are absolute within a group: small values in a group with a large one lose relative precision.
+A NaN or Inf in a group makes its scale non-finite, and the whole group decodes to NaN: a non-finite
+gradient still propagates into its parameter, as with torch.optim. Magnitudes above 65504 (fp16's
+largest) also overflow the scale to Inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flashcompile.codecs.base import FP32_SLACK, Codec, Field, round_up_fp16, safe_scale
+
+
+def _group_scale(mag: torch.Tensor) -> torch.Tensor:
+    return round_up_fp16(mag.amax(dim=-1, keepdim=True))
+
+
+@dataclass(frozen=True)
+class SoftsignInt8(Codec):
+    """int8 codes of ``2x / (1 + |x|)`` + fp16 absmax per 32: 1.0625 bytes per value."""
+
+    name = "softsign_int8"
+    fields = (Field("codes", torch.int8), Field("scale", torch.float16, per_group=True))
+
+    def encode(self, x):
+        scale = _group_scale(x.abs())
+        y = x / safe_scale(scale)
+        z = 2 * y / (1 + y.abs())
+        return torch.clamp(torch.round(z * 127), -127, 127).to(torch.int8), scale
+
+    def decode(self, codes, scale):
+        z = codes.float() / 127
+        return z / (2 - z.abs()) * scale.float()
+
+    def error_bound(self, x):
+        s = _group_scale(x.abs()).float()
+        y = (x / torch.where(s > 0, s, 1)).abs()
+        z = 2 * y / (1 + y)
+        # |z - z_q| <= 1/254 and d/dz [z / (2 - |z|)] = 2 / (2 - |z|)^2 grows with |z|.
+        z_far = torch.clamp(z + 1 / 254, max=1.0)
+        return s * (2 / (2 - z_far) ** 2 / 254 + FP32_SLACK)
+
+
+@dataclass(frozen=True)
+class SqrtUint8(Codec):
+    """uint8 codes of ``sqrt(v)`` + fp16 max(sqrt(v)) per 32: 1.0625 bytes per value, v >= 0."""
+
+    name = "sqrt_uint8"
+    domain = "nonnegative"
+    fields = (Field("codes", torch.uint8), Field("scale", torch.float16, per_group=True))
+
+    def encode(self, x):
+        r = torch.sqrt(x)
+        scale = _group_scale(r)
+        return torch.clamp(torch.round(r / safe_scale(scale) * 255), 0, 255).to(torch.uint8), scale
+
+    def decode(self, codes, scale):
+        r = codes.float() / 255 * scale.float()
+        return r * r
+
+    def error_bound(self, x):
+        r = torch.sqrt(x)
+        s = _group_scale(r).float()
+        dr = s * (1 / 510 + FP32_SLACK)  # error of the stored sqrt
+        return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
+
+
+@dataclass(frozen=True)
+class LinearInt8(Codec):
+    """int8 codes of ``x / absmax`` + fp16 absmax per 32: 1.0625 bytes per value."""
+
+    name = "linear_int8"
+    fields = (Field("codes", torch.int8), Field("scale", torch.float16, per_group=True))
+
+    def encode(self, x):
+        scale = _group_scale(x.abs())
+        return torch.clamp(torch.round(x / safe_scale(scale) * 127), -127, 127).to(torch.int8), scale
+
+    def decode(self, codes, scale):
+        return codes.float() / 127 * scale.float()
+
+    def error_bound(self, x):
+        s = _group_scale(x.abs()).float()
+        return s * (1 / 254 + FP32_SLACK)
+
+
+softsign_int8 = SoftsignInt8()
+sqrt_uint8 = SqrtUint8()
+linear_int8 = LinearInt8()

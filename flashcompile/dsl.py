@@ -1,0 +1,227 @@
+"""The rule DSL: element-wise fp32 update rules over named optimizer states.
+
+A rule is a plain Python function ``f(p, g, *states, *, step, **hyperparameters)`` that returns the new
+``(p, *states)``. It is written once and run three ways:
+
+* traced with :class:`Sym` values into sympy expressions (the IR the compiler lowers);
+* eagerly on torch tensors (float64 for the reference interpretation);
+* on Python floats (scalar sanity checks).
+
+Every primitive has one row in :data:`PRIMITIVES`: its torch implementation, its sympy builder and its
+Python-float implementation, so adding an op touches one place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+
+STATE_FACTS = ("signed", "nonnegative")
+
+
+class Sym:
+    """A traced value: a sympy expression with Python operators that build more expressions."""
+
+    __slots__ = ("expr",)
+
+    def __init__(self, expr: sympy.Basic):
+        self.expr = expr
+
+    def __repr__(self) -> str:
+        return f"Sym({self.expr})"
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            f"a rule branched on the traced value {self.expr}: Python `if`/`and`/`or` on tensors and "
+            "float hyperparameters cannot be compiled; use where(cond, a, b) and `&`, `|`, `~` instead "
+            "(bool hyperparameters such as `nesterov` are plain bools and may be branched on)"
+        )
+
+    __hash__ = object.__hash__
+
+    def _bin(self, other: Any, fn: Callable[[Any, Any], sympy.Basic], reverse: bool = False) -> Sym:
+        other = _to_sympy(other)
+        return Sym(fn(other, self.expr) if reverse else fn(self.expr, other))
+
+    def __add__(self, o): return self._bin(o, lambda a, b: a + b)
+    def __radd__(self, o): return self._bin(o, lambda a, b: a + b, True)
+    def __sub__(self, o): return self._bin(o, lambda a, b: a - b)
+    def __rsub__(self, o): return self._bin(o, lambda a, b: a - b, True)
+    def __mul__(self, o): return self._bin(o, lambda a, b: a * b)
+    def __rmul__(self, o): return self._bin(o, lambda a, b: a * b, True)
+    def __truediv__(self, o): return self._bin(o, lambda a, b: a / b)
+    def __rtruediv__(self, o): return self._bin(o, lambda a, b: a / b, True)
+    def __pow__(self, o): return self._bin(o, lambda a, b: a**b)
+    def __rpow__(self, o): return self._bin(o, lambda a, b: a**b, True)
+    def __neg__(self): return Sym(-self.expr)
+    def __pos__(self): return self
+    def __abs__(self): return Sym(sympy.Abs(self.expr))
+    def __lt__(self, o): return self._bin(o, sympy.StrictLessThan)
+    def __le__(self, o): return self._bin(o, sympy.LessThan)
+    def __gt__(self, o): return self._bin(o, sympy.StrictGreaterThan)
+    def __ge__(self, o): return self._bin(o, sympy.GreaterThan)
+    def __eq__(self, o): return self._bin(o, lambda a, b: sympy.Eq(a, b, evaluate=False))  # type: ignore[override]
+    def __ne__(self, o): return self._bin(o, lambda a, b: sympy.Ne(a, b, evaluate=False))  # type: ignore[override]
+    def __and__(self, o): return self._bin(o, sympy.And)
+    def __rand__(self, o): return self._bin(o, sympy.And, True)
+    def __or__(self, o): return self._bin(o, sympy.Or)
+    def __ror__(self, o): return self._bin(o, sympy.Or, True)
+    def __invert__(self): return Sym(sympy.Not(self.expr))
+
+
+def _to_sympy(x: Any) -> sympy.Basic:
+    if isinstance(x, Sym):
+        return x.expr
+    if isinstance(x, bool):
+        return sympy.true if x else sympy.false
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    if isinstance(x, float):
+        return sympy.Float(x)
+    if isinstance(x, sympy.Basic):
+        return x
+    raise TypeError(f"a rule used a {type(x).__name__} ({x!r}); rules compute on tensors and numbers only")
+
+
+def _where_sympy(c, a, b):
+    return sympy.Piecewise((a, c), (b, True))
+
+
+def _where_float(c, a, b):
+    return a if c else b
+
+
+# op name -> (torch implementation, sympy builder, Python-float implementation)
+PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
+    "sqrt": (torch.sqrt, sympy.sqrt, math.sqrt),
+    "abs": (torch.abs, sympy.Abs, abs),
+    "sign": (torch.sign, sympy.sign, lambda x: float((x > 0) - (x < 0))),
+    "exp": (torch.exp, sympy.exp, math.exp),
+    "log": (torch.log, sympy.log, math.log),
+    "maximum": (torch.maximum, sympy.Max, max),
+    "minimum": (torch.minimum, sympy.Min, min),
+    "where": (torch.where, _where_sympy, _where_float),
+}
+
+
+def _apply(op: str, *args: Any) -> Any:
+    torch_fn, sympy_fn, float_fn = PRIMITIVES[op]
+    if any(isinstance(a, Sym) for a in args):
+        return Sym(sympy_fn(*(_to_sympy(a) for a in args)))
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if tensors:
+        like = tensors[0]
+        return torch_fn(*(a if isinstance(a, torch.Tensor) else like.new_tensor(a) for a in args))
+    return float_fn(*args)
+
+
+def sqrt(x): return _apply("sqrt", x)
+def sign(x): return _apply("sign", x)
+def exp(x): return _apply("exp", x)
+def log(x): return _apply("log", x)
+def maximum(a, b): return _apply("maximum", a, b)
+def minimum(a, b): return _apply("minimum", a, b)
+def where(cond, a, b): return _apply("where", cond, a, b)
+abs = abs  # noqa: A001 - the builtin dispatches through Sym.__abs__ and Tensor.__abs__
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """An update rule: the function, its hyperparameter defaults and the facts of its states."""
+
+    fn: Callable[..., tuple]
+    name: str
+    defaults: Mapping[str, Any]
+    states: Mapping[str, str]
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Bool hyperparameters: static, each value selects a traced branch."""
+        return tuple(k for k, v in self.defaults.items() if isinstance(v, bool))
+
+    @property
+    def floats(self) -> tuple[str, ...]:
+        """Float and tuple-of-float hyperparameters: runtime inputs of the compiled kernel."""
+        return tuple(k for k, v in self.defaults.items() if not isinstance(v, bool))
+
+    def range_of(self, name: str) -> tuple[float, float]:
+        """Allowed interval [lo, hi) of a float hyperparameter (tuples: of each entry)."""
+        if name in self.ranges:
+            return self.ranges[name]
+        return (0.0, 1.0) if name == "betas" else (0.0, math.inf)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}: states {dict(self.states)}>"
+
+
+def rule(
+    *,
+    defaults: Mapping[str, Any],
+    states: Mapping[str, str],
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> Callable[[Callable], Rule]:
+    """Declare an optimizer update rule.
+
+    Args:
+        defaults: every hyperparameter with its default. Bools are static flags; floats and tuples of
+            floats (``betas``) are runtime inputs, so changing them never recompiles.
+        states: state name -> fact, ``"signed"`` or ``"nonnegative"``. The fact picks the default
+            8-bit codec, and a nonnegative state is proven to stay nonnegative when compiled.
+        ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
+            every other float in [0, inf). Values outside raise at optimizer construction and step.
+
+    The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>)``
+    and returns ``(p, <states in declared order>)``.
+    """
+
+    def wrap(fn: Callable) -> Rule:
+        r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}))
+        _check_signature(r)
+        for name, fact in r.states.items():
+            if fact not in STATE_FACTS:
+                raise ValueError(
+                    f"rule {r.name}: state {name!r} declares fact {fact!r}; use one of {STATE_FACTS}"
+                )
+        from flashcompile.trace import trace  # a trace with default flags checks the output arity
+
+        trace(r, {k: r.defaults[k] for k in r.flags})
+        return r
+
+    return wrap
+
+
+def _check_signature(r: Rule) -> None:
+    params = inspect.signature(r.fn).parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+    want_pos = len(r.states) + 2
+    if len(positional) != want_pos or positional[2:] != list(r.states):
+        raise TypeError(
+            f"rule {r.name}: positional parameters are {positional}; expected (p, g, "
+            f"{', '.join(r.states)}) - the param, its gradient, then the states in declared order"
+        )
+    want_kw = {"step", *r.defaults}
+    if set(keywords) != want_kw:
+        raise TypeError(
+            f"rule {r.name}: keyword-only parameters are {sorted(keywords)}; expected step plus every "
+            f"hyperparameter in defaults: {sorted(want_kw)}"
+        )
+    for k, v in r.defaults.items():
+        ok = isinstance(v, (bool, int, float)) or (
+            isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)
+        )
+        if not ok:
+            raise TypeError(
+                f"rule {r.name}: hyperparameter {k!r} has default {v!r}; use a bool, a float or "
+                "a tuple of floats"
+            )

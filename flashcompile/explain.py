@@ -1,0 +1,76 @@
+"""Show what an optimizer compiles to: the rule's math, its codecs, the generated torch function,
+the hoisted scalar prologue and, on request, the kernel source Inductor generates for it."""
+
+from __future__ import annotations
+
+import re
+import types
+from unittest import mock
+
+import torch
+
+from flashcompile.codecs import GROUP
+from flashcompile.plan import PARAM, Plan
+from flashcompile.trace import math_text
+
+
+def plan_of(optimizer, param: torch.Tensor | None = None) -> Plan:
+    """The plan ``optimizer`` runs for ``param`` (default: its first parameter)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if param is None or p is param:
+                return optimizer._plan(p, optimizer._flags(group))
+    raise ValueError("param is not in this optimizer")
+
+
+def sample_inputs(plan: Plan, groups: int, device: torch.device | str) -> list[torch.Tensor]:
+    """Random inputs for ``plan.fn``: scalars, grad, then every field encoded from random values."""
+    hyper = {k: plan.key.rule.defaults[k] for k in plan.traced.hyper}
+    s = torch.tensor([GROUP, *plan.scalars(3, hyper)], dtype=torch.float32, device=device)
+    param_dtype = plan.codecs[PARAM].fields[0].dtype
+    args = [s, torch.randn(groups, GROUP, device=device).to(param_dtype)]
+    for name, codec in plan.codecs.items():
+        x = torch.randn(groups, GROUP, device=device)
+        x = x.abs() if codec.domain == "nonnegative" else x
+        args += [t.contiguous() for t in codec.encode(x)]
+    return args
+
+
+def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int = 256) -> list[str]:
+    """Compile a fresh copy of the plan's function and return the output code Inductor wrote."""
+    from torch._inductor.graph import GraphLowering
+
+    fn = plan.eager
+    fresh = types.FunctionType(fn.__code__, fn.__globals__, "step", fn.__defaults__, fn.__closure__)
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
+            torch._inductor.config.patch(force_disable_caches=True):
+        torch.compile(fresh, fullgraph=True, dynamic=True)(*sample_inputs(plan, groups, device))
+    return codes
+
+
+def count_kernels(code: str) -> int:
+    """Kernels in Inductor output code: Triton kernels on CUDA, C++ kernels on CPU."""
+    return len(re.findall(r"async_compile\.(?:triton|cpp_pybinding|cpp)\(", code))
+
+
+def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = False) -> str:
+    """A readable account of what ``optimizer`` runs for ``param`` (default: its first one)."""
+    plan = plan_of(optimizer, param)
+    codecs = "\n".join(f"  {name:<16} {c.name:<24} {c.bytes_per_value:.4g} B/value"
+                       for name, c in plan.codecs.items())
+    parts = [
+        f"# rule {plan.key.rule.name}, flags {dict(plan.key.flags)}",
+        math_text(plan.traced),
+        f"\n# codecs ({plan.bytes_per_param:.4g} bytes per parameter, gradient excluded)",
+        codecs,
+        "\n# generated torch function (compiled with torch.compile(fullgraph=True, dynamic=True))",
+        plan.source,
+        "# scalar prologue: host, float64, once per step; its values are _s[1:]",
+        plan.lowered.prologue_source,
+    ]
+    if kernels:
+        device = next(p.device for g in optimizer.param_groups for p in g["params"])
+        code = "\n".join(inductor_source(plan, device))
+        parts += [f"# Inductor output code: {count_kernels(code)} kernel(s)", code]
+    return "\n".join(parts)

@@ -1,0 +1,181 @@
+"""Lower a traced rule to torch source: element-wise tensor code plus a hoisted scalar prologue.
+
+sympy's common-subexpression elimination names repeated tensor subexpressions. Every subexpression
+that depends only on scalars (step and hyperparameters: bias corrections, ``1 - beta``, ``lr * wd``) is
+hoisted out of the element-wise code into a prologue that runs once per step on the host in float64;
+its results reach the kernel as one small fp32 vector ``_s``, so changing a hyperparameter never
+recompiles. ``_s[0]`` is reserved for the number of valid lanes in a group (the tail mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+from sympy.logic.boolalg import BooleanAtom, BooleanFunction
+from sympy.printing.pycode import PythonCodePrinter
+
+from flashcompile.trace import Traced
+
+_RELATIONS = {
+    sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
+    sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!=",
+}
+_FUNCTIONS = {sympy.Abs: "torch.abs", sympy.sign: "torch.sign", sympy.exp: "torch.exp",
+              sympy.log: "torch.log"}
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """Element-wise statements (``name = expr`` over tensors and ``_s[i]``) and the prologue."""
+
+    statements: tuple[tuple[str, str], ...]  # (target, torch expression)
+    outputs: tuple[str | None, ...]  # expression per output; None = unchanged (passthrough)
+    hoisted: tuple[sympy.Expr, ...]  # _s[1 + i] = hoisted[i]
+    prologue_source: str
+
+
+def _is_boolean(e: sympy.Basic) -> bool:
+    return e.is_Relational or isinstance(e, (BooleanFunction, BooleanAtom))
+
+
+class _TorchPrinter:
+    def __init__(self, scalars: frozenset[sympy.Symbol]):
+        self.scalars = scalars
+        self.hoisted: dict[sympy.Expr, int] = {}
+
+    def is_scalar(self, e: sympy.Basic) -> bool:
+        return e.free_symbols <= self.scalars
+
+    def hoist(self, e: sympy.Basic) -> str:
+        i = self.hoisted.setdefault(e, len(self.hoisted) + 1)
+        return f"(_s[{i}] != 0)" if _is_boolean(e) else f"_s[{i}]"
+
+    def __call__(self, e: sympy.Basic) -> str:
+        if e.is_Number:
+            return repr(float(e))
+        if e is sympy.true or e is sympy.false:
+            return repr(bool(e))
+        if self.is_scalar(e):
+            return self.hoist(e)
+        if e.is_Symbol:
+            return e.name
+        if isinstance(e, sympy.Add):
+            return self._add(e)
+        if isinstance(e, sympy.Mul):
+            return self._mul(e)
+        if isinstance(e, sympy.Pow):
+            return self._pow(e)
+        if isinstance(e, sympy.Piecewise):
+            return self._piecewise(e.args)
+        if type(e) in _RELATIONS:
+            return f"({self(e.lhs)} {_RELATIONS[type(e)]} {self(e.rhs)})"
+        if isinstance(e, (sympy.And, sympy.Or)):
+            op = " & " if isinstance(e, sympy.And) else " | "
+            return "(" + op.join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"(~{self(e.args[0])})"
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            fn = "torch.maximum" if isinstance(e, sympy.Max) else "torch.minimum"
+            out = self._tensor_arg(e.args[0])
+            for a in e.args[1:]:
+                out = f"{fn}({out}, {self._tensor_arg(a)})"
+            return out
+        if type(e) in _FUNCTIONS:
+            return f"{_FUNCTIONS[type(e)]}({self(e.args[0])})"
+        raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")
+
+    def _tensor_arg(self, e: sympy.Basic) -> str:
+        # torch.maximum and friends need tensors: hoist even plain numbers into _s.
+        return self.hoist(e) if self.is_scalar(e) else self(e)
+
+    def _add(self, e: sympy.Add) -> str:
+        scalar = [a for a in e.args if self.is_scalar(a)]
+        terms = [self(a) for a in e.args if not self.is_scalar(a)]
+        if scalar:
+            terms.append(self(sympy.Add(*scalar)))
+        return "(" + " + ".join(terms) + ")"
+
+    def _mul(self, e: sympy.Mul) -> str:
+        scalar = sympy.Mul(*[a for a in e.args if self.is_scalar(a)])
+        num, den = [], []
+        for a in e.args:
+            if self.is_scalar(a):
+                continue
+            if isinstance(a, sympy.Pow) and a.exp.is_Integer and a.exp < 0:
+                den.append(self(a.base) if a.exp == -1 else self(a.base ** -a.exp))
+            else:
+                num.append(self(a))
+        if scalar == -1:
+            num[0:0] = ["-1.0"] if not num else []
+            prefix = "-"
+        else:
+            prefix = ""
+            if scalar != 1:
+                num.append(self(scalar))
+        out = " * ".join(num) if num else "1.0"
+        if den:
+            out = f"{out} / " + (den[0] if len(den) == 1 else "(" + " * ".join(den) + ")")
+        return f"({prefix}{out})"
+
+    def _pow(self, e: sympy.Pow) -> str:
+        base, ex = e.args
+        if ex == sympy.Rational(1, 2):
+            return f"torch.sqrt({self(base)})"
+        if ex == sympy.Rational(-1, 2):
+            return f"torch.rsqrt({self(base)})"
+        if ex == 2:
+            return f"torch.square({self(base)})"
+        if ex == -1:
+            return f"(1.0 / {self(base)})"
+        if ex.is_Integer and ex > 0:
+            return f"({self(base)} ** {int(ex)})"
+        return f"torch.pow({self._tensor_arg(base)}, {self._tensor_arg(ex)})"
+
+    def _piecewise(self, pieces) -> str:
+        (value, cond), rest = pieces[0], pieces[1:]
+        if cond is sympy.true or not rest:
+            return self._tensor_arg(value)
+        other = self._piecewise(rest)
+        return f"torch.where({self(cond)}, {self._tensor_arg(value)}, {other})"
+
+
+def lower(traced: Traced) -> Lowered:
+    """Lower ``traced`` (one rule, fixed flags) to element-wise torch statements and a prologue."""
+    names = [traced.param.name, *traced.rule.states]
+    live = [(i, o) for i, o in enumerate(traced.outputs) if o != traced.tensors[i]]
+    temps, reduced = sympy.cse([o for _, o in live], symbols=sympy.numbered_symbols("_t"))
+    printer = _TorchPrinter(traced.scalars)
+    scalar_temps: dict[sympy.Symbol, sympy.Expr] = {}
+    statements = []
+    for sym, expr in temps:
+        expr = expr.xreplace(scalar_temps)
+        if printer.is_scalar(expr):
+            scalar_temps[sym] = expr  # inline: it becomes (part of) a hoisted scalar
+        else:
+            statements.append((sym.name, printer(expr)))
+    outputs: list[str | None] = [None] * len(names)
+    for (i, _), expr in zip(live, reduced):
+        expr = expr.xreplace(scalar_temps)
+        code = printer(expr)
+        if printer.is_scalar(expr):  # a state set to a constant: broadcast it over the group
+            code = f"({code} + torch.zeros_like({traced.grad.name}))"
+        outputs[i] = code
+    hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
+    return Lowered(tuple(statements), tuple(outputs), hoisted, _prologue(traced, hoisted))
+
+
+def _prologue(traced: Traced, hoisted: tuple[sympy.Expr, ...]) -> str:
+    """Python source of ``prologue(step, **hyperparameters) -> list[float]`` (float64 on the host)."""
+    temps, reduced = sympy.cse(list(hoisted), symbols=sympy.numbered_symbols("_h"))
+    pr = PythonCodePrinter({"standard": "python3"})
+    args = ", ".join(traced.hyper)
+    lines = [f"def prologue(step, {args}):" if args else "def prologue(step):"]
+    for name, syms in traced.hyper.items():
+        if isinstance(syms, tuple):
+            lines.append(f"    {', '.join(s.name for s in syms)}, = {name}")
+    for sym, expr in temps:
+        lines.append(f"    {sym.name} = {pr.doprint(expr)}")
+    values = ", ".join(f"float({pr.doprint(e)})" for e in reduced)
+    lines.append(f"    return [{values}]")
+    return "\n".join(lines) + "\n"

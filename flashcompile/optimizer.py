@@ -1,0 +1,323 @@
+"""The ``torch.optim.Optimizer`` adapter: runs any rule with any codecs over param groups.
+
+Per parameter it keeps ``state['step']`` (a CPU float tensor, as torch.optim) and the codec fields of
+every live state (``exp_avg.codes``, ``exp_avg.scale``, ``param.residual``, ...), flat and padded to
+whole groups of 32. Each step it evaluates the rule's scalar prologue once per (group, step) on the
+host and calls the compiled plan per parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from flashcompile import codecs as _codecs
+from flashcompile.codecs import GROUP, Codec
+from flashcompile.dsl import Rule
+from flashcompile.plan import PARAM, Plan, PlanKey, get_plan
+from flashcompile.trace import trace
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRESETS = ("flash", "fp32")
+
+
+def default_codec(fact: str, preset: str) -> Codec:
+    """The state codec a preset picks for a state's declared fact."""
+    if preset == "fp32":
+        return _codecs.fp32
+    return _codecs.sqrt_uint8 if fact == "nonnegative" else _codecs.softsign_int8
+
+
+def default_param_codec(dtype: torch.dtype, preset: str) -> Codec:
+    """The master-weight codec a preset picks for a param dtype."""
+    if preset == "flash" and dtype != torch.float32:
+        return _codecs.WeightSplit(dtype, torch.int8)
+    return _codecs.fp32.for_param(dtype)
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Run ``rule`` as a torch optimizer.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        rule: a :func:`flashcompile.rule`.
+        codecs: ``"flash"`` (default: weight split for 16-bit params, 8-bit states), ``"fp32"``
+            (everything fp32: reproduces torch.optim), or a mapping from state name (or ``"param"``)
+            to a codec or codec name; unnamed states keep the flash default.
+        compile: run the plan through ``torch.compile`` (default) or eagerly (for debugging).
+        **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
+    """
+
+    def __init__(self, params: Iterable, rule: Rule, *, codecs: str | Mapping[str, Any] = "flash",
+                 compile: bool = True, **hyperparameters: Any):
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a flashcompile.rule, got {type(rule).__name__}")
+        unknown = set(hyperparameters) - set(rule.defaults)
+        if unknown:
+            raise TypeError(
+                f"{rule.name} got unknown hyperparameters {sorted(unknown)}; it takes "
+                f"{sorted(rule.defaults)}"
+            )
+        self.rule = rule
+        self.codecs_spec = _check_codec_spec(codecs, rule)
+        self.compile = compile
+        super().__init__(params, {**rule.defaults, **hyperparameters})
+
+    # ---- construction-time checks -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._hyperparameters(group)
+            for p in group["params"]:
+                _check_param(p)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters as Python values, each checked against its range."""
+        out = {}
+        for name, default in self.rule.defaults.items():
+            value = group[name]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{name} must be a bool (it selects a compiled branch), got {value!r}")
+                out[name] = value
+                continue
+            lo, hi = self.rule.range_of(name)
+            if isinstance(default, tuple):
+                if not isinstance(value, (tuple, list)) or len(value) != len(default):
+                    raise ValueError(f"{name} must be a tuple of {len(default)} floats, got {value!r}")
+                values = tuple(float(v) for v in value)
+                for i, v in enumerate(values):
+                    _check_range(f"{name}[{i}]", v, lo, hi)
+                out[name] = values
+            else:
+                out[name] = float(value)
+                _check_range(name, out[name], lo, hi)
+        return out
+
+    # ---- plans and storage --------------------------------------------------------------------
+
+    def _plan(self, p: torch.Tensor, flags: tuple[tuple[str, bool], ...]) -> Plan:
+        live = trace(self.rule, dict(flags)).live_states()
+        codecs = resolve_codecs(self.rule, self.codecs_spec, p.dtype, live)
+        return get_plan(PlanKey(self.rule, flags, codecs, p.device.type, self.compile))
+
+    def _flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
+        return tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
+
+    def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> None:
+        """Allocate missing fields by encoding the initial values (zeros; the param for 'param')."""
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        groups = -(-p.numel() // GROUP)
+        for name, codec in plan.codecs.items():
+            missing = [f for f in codec.fields if _key(name, f) in plan.owned_fields
+                       and _key(name, f) not in state]
+            if not missing:
+                continue
+            x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
+            if name == PARAM:
+                x[: p.numel()] = p.detach().reshape(-1).float()
+            encoded = codec.encode(x.view(groups, GROUP))
+            for f, t in zip(codec.fields, encoded):
+                if f in missing:
+                    state[_key(name, f)] = t.reshape(-1).contiguous()
+
+    def _stored(self, plan: Plan, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: state[k] for k in plan.owned_fields}
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            hyper = self._hyperparameters(group)
+            flags = self._flags(group)
+            scalars: dict[tuple[int, int], list[float]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                plan = self._plan(p, flags)
+                state = self.state[p]
+                self._init_state(p, plan, state)
+                state["step"] += 1
+                step = int(state["step"].item())
+                key = (id(plan), step)
+                if key not in scalars:
+                    scalars[key] = plan.scalars(step, hyper)
+                target = p if p.is_contiguous() else p.contiguous()
+                plan.run(target, grad.contiguous(), self._stored(plan, state), scalars[key])
+                if target is not p:
+                    p.copy_(target)
+        return loss
+
+    # ---- reading the state back ---------------------------------------------------------------
+
+    def _decode(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        plan = self._plan(p, self._flags(group))
+        codec = plan.codecs[name]
+        groups = -(-p.numel() // GROUP)
+        tensors = []
+        for f in codec.fields:
+            if name == PARAM and f.name == "value":
+                t = torch.zeros(groups * GROUP, dtype=p.dtype, device=p.device)
+                t[: p.numel()] = p.detach().reshape(-1)
+            else:
+                t = self.state[p][_key(name, f)]
+            tensors.append(t.view(groups, 1 if f.per_group else GROUP))
+        return codec.decode(*tensors).reshape(-1)[: p.numel()].view_as(p)
+
+    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master weight of ``p``, reconstructed from its codec (e.g. bf16 + residual)."""
+        if not self.state.get(p):
+            return p.detach().float().clone()
+        return self._decode(p, PARAM)
+
+    def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        """State ``name`` of ``p`` decoded to fp32, in the param's shape."""
+        if name not in self.rule.states:
+            raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
+        if not self.state.get(p):
+            raise KeyError(f"param has no state yet: step the optimizer first")
+        return self._decode(p, name)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer: every tensor is checked first, then copied exactly.
+
+        Unlike torch.optim, stored fields keep their own dtypes (int8 codes, fp16 scales); nothing is
+        cast to the param's dtype. A state dict that does not fit raises before anything changes.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        id_map, new_groups = {}, []
+        for i, (g, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param group {i}: state dict has {len(saved['params'])} params, optimizer "
+                    f"has {len(g['params'])}"
+                )
+            new = {**saved, "params": g["params"]}
+            self._hyperparameters(new)
+            new_groups.append(new)
+            id_map.update(zip(saved["params"], g["params"]))
+        new_state: dict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"state dict has state for param id {pid}, which no group lists")
+            p = id_map[pid]
+            group = new_groups[next(i for i, g in enumerate(self.param_groups)
+                                    if any(q is p for q in g["params"]))]
+            new_state[p] = self._check_saved_state(p, self._plan(p, self._flags(group)), saved, pid)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
+        expected = dict(plan.owned_fields)
+        if set(saved) != set(expected) | {"step"}:
+            raise ValueError(
+                f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
+                f"{self.rule.name} with these codecs stores {sorted(set(expected) | {'step'})}: it was "
+                "saved by a different optimizer or with different codecs"
+            )
+        groups = -(-p.numel() // GROUP)
+        out = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().clone().cpu()}
+        for key, f in expected.items():
+            t = saved[key]
+            numel = groups * (1 if f.per_group else GROUP)
+            if t.dtype != f.dtype or t.numel() != numel:
+                raise ValueError(
+                    f"state {key!r} of param {pid} is {t.dtype} x {t.numel()}, expected {f.dtype} x "
+                    f"{numel} for a param of shape {tuple(p.shape)}: wrong optimizer, codecs or shapes"
+                )
+            out[key] = t.detach().to(device=p.device, copy=True).reshape(-1)
+        return out
+
+
+def _key(name: str, field) -> str:
+    from flashcompile.plan import state_key
+
+    return state_key(name, field)
+
+
+def resolve_codecs(rule: Rule, spec: str | Mapping[str, Codec], dtype: torch.dtype,
+                   live: tuple[str, ...]) -> tuple[tuple[str, Codec], ...]:
+    """(PARAM, codec), then (state, codec) for each live state: the preset, then the overrides."""
+    preset = spec if isinstance(spec, str) else "flash"
+    overrides = {} if isinstance(spec, str) else spec
+    param = overrides.get(PARAM, default_param_codec(dtype, preset)).for_param(dtype)
+    out = [(PARAM, param)]
+    for name in live:
+        codec = overrides.get(name, default_codec(rule.states[name], preset))
+        out.append((name, codec))
+    return tuple(out)
+
+
+def _check_codec_spec(spec: Any, rule: Rule) -> str | dict[str, Codec]:
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"codecs={spec!r} is not a preset; use one of {PRESETS} or a mapping")
+        return spec
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"codecs must be a preset name or a mapping, got {type(spec).__name__}")
+    out = {}
+    for name, codec in spec.items():
+        if name != PARAM and name not in rule.states:
+            raise ValueError(
+                f"codecs names unknown state {name!r}; {rule.name} has states "
+                f"{list(rule.states)} (and 'param' for the master weight)"
+            )
+        c = _codecs.get(codec)
+        if name != PARAM and c.domain == "nonnegative" and rule.states[name] != "nonnegative":
+            raise ValueError(
+                f"codec {c.name} stores only nonnegative values, but state {name!r} of {rule.name} "
+                "is signed; pick a signed codec such as softsign_int8"
+            )
+        out[name] = c
+    return out
+
+
+def _check_param(p: torch.Tensor) -> None:
+    if p.is_sparse:
+        raise ValueError("sparse parameters are not supported; use dense parameters")
+    if p.is_complex():
+        raise ValueError(
+            "complex parameters are not supported; optimize torch.view_as_real(p) as a real tensor"
+        )
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"parameter dtype {p.dtype} is not supported; use float32, bfloat16 or float16 "
+            "(float64 would silently lose precision in the fp32 kernel)"
+        )
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if math.isnan(value) or value < lo or value >= hi:
+        upper = "inf" if hi == math.inf else f"{hi} (exclusive)"
+        raise ValueError(f"Invalid {name} value: {value}; it must lie in [{lo}, {upper}]")

@@ -1,0 +1,149 @@
+"""A plan: one rule x one codec per state x static flags, as one generated torch function.
+
+The function decodes every state, runs the rule's fp32 math, encodes every state and writes the
+results in place. It is compiled with ``torch.compile(fullgraph=True, dynamic=True)``, so Inductor
+fuses decode, math, the per-group reductions of the encoders and the stores into one kernel (Triton
+on CUDA, C++ on CPU). Plans are cached process-wide and shared by every optimizer that needs them.
+
+Layout: every tensor is seen in groups of 32, per-element fields as ``(G, 32)`` and per-group fields as
+``(G, 1)``. A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
+place, then its tail copied into one zero-padded group with ``_s[0]`` lanes valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from flashcompile.codecs import GROUP, Codec, Field
+from flashcompile.dsl import Rule
+from flashcompile.lowering import Lowered, lower
+from flashcompile.trace import Traced, check_facts, trace
+
+PARAM = "param"  # the master weight's name in codec mappings and state keys
+
+
+def state_key(state: str, field: Field) -> str:
+    """Key of a stored field in ``optimizer.state[p]``: ``exp_avg`` or ``exp_avg.codes``."""
+    return state if field.name == "value" else f"{state}.{field.name}"
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    rule: Rule
+    flags: tuple[tuple[str, bool], ...]
+    codecs: tuple[tuple[str, Codec], ...]  # (PARAM, codec), then each live state in rule order
+    device_type: str
+    compiled: bool
+
+
+class Plan:
+    """The generated step function for one :class:`PlanKey` and how to call it on one parameter."""
+
+    def __init__(self, key: PlanKey):
+        self.key = key
+        self.traced: Traced = trace(key.rule, dict(key.flags))
+        check_facts(self.traced)
+        self.lowered: Lowered = lower(self.traced)
+        self.codecs: dict[str, Codec] = dict(key.codecs)
+        self.source = _generate(self.traced, self.lowered, self.codecs)
+        namespace = {"torch": torch, "math": math}
+        namespace.update({f"_codec_{name}": c for name, c in self.codecs.items()})
+        exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
+        exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
+        self.eager = namespace["step"]
+        self.prologue = namespace["prologue"]
+        self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
+        self.fn = (
+            torch.compile(self.eager, fullgraph=True, dynamic=True) if key.compiled else self.eager
+        )
+
+    @property
+    def owned_fields(self) -> dict[str, Field]:
+        """Fields the optimizer allocates, by state key (the param's ``value`` is the param)."""
+        return {
+            state_key(name, f): f
+            for name, codec in self.codecs.items()
+            for f in codec.fields
+            if not (name == PARAM and f.name == "value")
+        }
+
+    @property
+    def bytes_per_param(self) -> float:
+        """Optimizer-owned bytes per parameter value, the 16/32-bit param itself included."""
+        return sum(c.bytes_per_value for c in self.codecs.values())
+
+    def scalars(self, step: int, hyper: Mapping[str, object]) -> list[float]:
+        return self.prologue(step, **{k: hyper[k] for k in self.traced.hyper})
+
+    def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
+            scalars: list[float]) -> None:
+        """Update ``p`` and its stored fields in place. ``p`` and ``grad`` must be contiguous."""
+        n = p.numel()
+        whole = n // GROUP
+        tail = n - whole * GROUP
+        flat_p, flat_g = p.view(-1), grad.view(-1)
+        if whole:
+            s = torch.tensor([GROUP, *scalars], dtype=torch.float32, device=p.device)
+            main = {k: _groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
+            self._call(s, _groups(flat_g, False, 0, whole), _groups(flat_p, False, 0, whole), main)
+        if tail:
+            s = torch.tensor([tail, *scalars], dtype=torch.float32, device=p.device)
+            pad_p = flat_p.new_zeros(GROUP)
+            pad_p[:tail] = flat_p[whole * GROUP:]
+            pad_g = flat_g.new_zeros(GROUP)
+            pad_g[:tail] = flat_g[whole * GROUP:]
+            rest = {k: _groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
+            self._call(s, pad_g.view(1, GROUP), pad_p.view(1, GROUP), rest)
+            flat_p[whole * GROUP:] = pad_p[:tail]
+
+    def _call(self, s, grad, value, stored):
+        args = []
+        for name, codec in self.codecs.items():
+            for f in codec.fields:
+                args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
+        self.fn(s, grad, *args)
+
+
+def _groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
+    """Groups [first, first + count) of a flat field: (count, 32) per element, (count, 1) per group."""
+    width = 1 if per_group else GROUP
+    return t[first * width:(first + count) * width].view(count, width)
+
+
+def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
+    names = [traced.param.name, *traced.rule.states]
+    args, lines = ["_s", "_grad"], []
+    lines.append(f"    _valid = torch.arange({GROUP}, device=_grad.device) < _s[0]")
+    lines.append(f"    {traced.grad.name} = _grad.float()")
+    for i, (name, codec) in enumerate(codecs.items()):
+        var = names[0] if name == PARAM else name
+        fields = [f"{name}__{f.name}" for f in codec.fields]
+        args += fields
+        lines.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+    lines.append("    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)")
+    for target, expr in lowered.statements:
+        lines.append(f"    {target} = {expr}")
+    for i, (name, codec) in enumerate(codecs.items()):
+        out = lowered.outputs[0 if name == PARAM else names.index(name)]
+        if out is None:
+            continue  # passthrough: decoded for reading, never re-encoded
+        if name != PARAM:  # padding lanes stay zero so they never enlarge a group's scale
+            out = f"torch.where(_valid, {out}, 0.0)"
+        lines.append(f"    _new = _codec_{name}.encode({out})")
+        for j, f in enumerate(codec.fields):
+            lines.append(f"    {name}__{f.name}.copy_(_new[{j}])")
+    header = f"def step({', '.join(args)}):"
+    doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
+        f"{k}={c.name}" for k, c in codecs.items()) + '"""'
+    return "\n".join([header, doc, *lines]) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def get_plan(key: PlanKey) -> Plan:
+    """The plan for ``key``, built once per process and shared."""
+    return Plan(key)

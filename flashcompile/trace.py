@@ -1,0 +1,146 @@
+"""Trace a rule into sympy expressions, prove its state facts, and render its math."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import sympy
+
+from flashcompile.dsl import Rule, Sym, _to_sympy
+
+STEP = sympy.Symbol("step", positive=True, integer=True)
+
+
+@dataclass(frozen=True)
+class Traced:
+    """One rule under one setting of its static flags, as sympy expressions.
+
+    ``outputs[0]`` is the new param, ``outputs[1:]`` the new states in declared order. ``scalars`` are
+    the runtime scalar symbols (step and float hyperparameters), ``tensors`` the per-element inputs.
+    """
+
+    rule: Rule
+    flags: tuple[tuple[str, bool], ...]
+    param: sympy.Symbol
+    grad: sympy.Symbol
+    states: tuple[sympy.Symbol, ...]
+    hyper: Mapping[str, sympy.Symbol | tuple[sympy.Symbol, ...]]
+    outputs: tuple[sympy.Expr, ...]
+
+    @property
+    def scalars(self) -> frozenset[sympy.Symbol]:
+        out = {STEP}
+        for v in self.hyper.values():
+            out.update(v if isinstance(v, tuple) else (v,))
+        return frozenset(out)
+
+    @property
+    def tensors(self) -> tuple[sympy.Symbol, ...]:
+        return (self.param, self.grad, *self.states)
+
+    def live_states(self) -> tuple[str, ...]:
+        """States that need storage: read by some output, or written with a new value.
+
+        A state the rule passes through untouched and never reads (``max_exp_avg_sq`` without
+        amsgrad) gets no storage at all.
+        """
+        live = []
+        for i, (name, sym) in enumerate(zip(self.rule.states, self.states)):
+            rewritten = self.outputs[i + 1] != sym
+            read = any(sym in out.free_symbols for j, out in enumerate(self.outputs) if j != i + 1)
+            if rewritten or read:
+                live.append(name)
+        return tuple(live)
+
+
+def _hyper_symbol(name: str, default) -> sympy.Symbol | tuple[sympy.Symbol, ...]:
+    if isinstance(default, tuple):
+        return tuple(sympy.Symbol(f"{name}_{i}", real=True) for i in range(len(default)))
+    return sympy.Symbol(name, real=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
+    names = list(__import__("inspect").signature(rule.fn).parameters)
+    param = sympy.Symbol(names[0], real=True)
+    grad = sympy.Symbol(names[1], real=True)
+    states = tuple(
+        sympy.Symbol(n, nonnegative=True) if fact == "nonnegative" else sympy.Symbol(n, real=True)
+        for n, fact in rule.states.items()
+    )
+    hyper = {k: _hyper_symbol(k, v) for k, v in rule.defaults.items() if not isinstance(v, bool)}
+    kwargs = {k: (tuple(Sym(s) for s in v) if isinstance(v, tuple) else Sym(v)) for k, v in hyper.items()}
+    kwargs.update(dict(flags))
+    out = rule.fn(Sym(param), Sym(grad), *(Sym(s) for s in states), step=Sym(STEP), **kwargs)
+    want = 1 + len(states)
+    if not isinstance(out, tuple) or len(out) != want:
+        got = len(out) if isinstance(out, tuple) else f"a {type(out).__name__}"
+        raise TypeError(
+            f"rule {rule.name} returned {got} values; it must return {want}: the new param then the "
+            f"new {', '.join(rule.states) or '(no states)'} in declared order"
+        )
+    return Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out))
+
+
+def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:
+    """Trace ``rule`` with its bool hyperparameters fixed to ``flags`` (cached)."""
+    key = tuple(sorted((k, bool(flags[k])) for k in rule.flags))
+    return _trace_cached(rule, key)
+
+
+def _reparametrize(traced: Traced) -> dict[sympy.Symbol, sympy.Expr]:
+    """Substitutions that encode each hyperparameter's declared range in sympy assumptions.
+
+    A value in [lo, hi) is written lo + (hi - lo) * u / (1 + u) with u >= 0 (or lo + u when hi is
+    infinite), so sympy's sign reasoning sees e.g. that 1 - beta2 >= 0.
+    """
+    subs = {}
+    for name, syms in traced.hyper.items():
+        lo, hi = traced.rule.range_of(name)
+        for s in syms if isinstance(syms, tuple) else (syms,):
+            u = sympy.Symbol(f"_{s.name}_u", nonnegative=True)
+            lo_s = sympy.nsimplify(lo)
+            subs[s] = lo_s + u if hi == float("inf") else lo_s + sympy.nsimplify(hi - lo) * u / (1 + u)
+    return subs
+
+
+def _nonnegative(expr: sympy.Expr) -> bool:
+    if isinstance(expr, sympy.Piecewise):
+        return all(_nonnegative(e) for e, _ in expr.args)
+    if isinstance(expr, sympy.Max):
+        return any(_nonnegative(a) for a in expr.args)
+    if isinstance(expr, sympy.Min):
+        return all(_nonnegative(a) for a in expr.args)
+    if expr.is_nonnegative:
+        return True
+    return bool(sympy.together(sympy.nsimplify(expr)).is_nonnegative)
+
+
+def check_facts(traced: Traced) -> None:
+    """Raise if a state declared nonnegative can be updated to a negative value."""
+    subs = _reparametrize(traced)
+    for i, (name, fact) in enumerate(traced.rule.states.items()):
+        if fact != "nonnegative":
+            continue
+        out = traced.outputs[i + 1].subs(subs)
+        if not _nonnegative(out):
+            raise ValueError(
+                f"rule {traced.rule.name}: state {name!r} is declared nonnegative but its update "
+                f"{traced.outputs[i + 1]} could not be proven >= 0 for hyperparameters in their "
+                f"declared ranges (flags {dict(traced.flags)}); declare it 'signed', or fix the "
+                "update (e.g. square the gradient term)"
+            )
+
+
+def math_text(traced: Traced, latex: bool = False) -> str:
+    """The update as equations, one per output, for docs and ``explain``."""
+    names = [traced.param.name, *traced.rule.states]
+    lines = []
+    for name, out in zip(names, traced.outputs):
+        if out == sympy.Symbol(name, real=True) or out == sympy.Symbol(name, nonnegative=True):
+            continue
+        body = sympy.latex(out) if latex else sympy.sstr(out)
+        lines.append(f"{name} <- {body}")
+    return "\n".join(lines)
