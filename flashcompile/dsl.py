@@ -114,6 +114,8 @@ def _apply(op: str, *args: Any) -> Any:
     torch_fn, sympy_fn, float_fn = PRIMITIVES[op]
     if any(isinstance(a, Sym) for a in args):
         return Sym(sympy_fn(*(_to_sympy(a) for a in args)))
+    if op == "where" and not isinstance(args[0], torch.Tensor):
+        return args[1] if args[0] else args[2]  # a condition on scalars only picks a branch
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if tensors:
         like = tensors[0]

@@ -19,7 +19,7 @@ from flashcompile import codecs as _codecs
 from flashcompile.codecs import GROUP, Codec
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan
-from flashcompile.trace import trace
+from flashcompile.trace import check_facts, trace
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRESETS = ("flash", "fp32")
@@ -74,6 +74,7 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._hyperparameters(group)
+            check_facts(trace(self.rule, dict(self._flags(group))))
             for p in group["params"]:
                 _check_param(p)
         except Exception:

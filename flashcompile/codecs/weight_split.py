@@ -66,7 +66,9 @@ class WeightSplit(Codec):
         n = _CODE_MAX[self.residual_dtype]
         h = self._half_ulp_exponent(hi)
         a = torch.div(h, 2, rounding_mode="floor")
-        return hi.float() + residual.float() / n * pow2(a) * pow2(h - a)
+        low = hi.float()
+        # where(): adding a zero correction would turn -0.0 into +0.0
+        return torch.where(residual == 0, low, low + residual.float() / n * pow2(a) * pow2(h - a))
 
     def error_bound(self, x):
         n = _CODE_MAX[self.residual_dtype]

@@ -1,0 +1,26 @@
+"""Hypothesis strategies shared by the tests: shapes, values with special cases, seeds."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+# Odd sizes, 1-element tensors, multi-dim; sizes straddle the group size of 32.
+dims = st.integers(min_value=1, max_value=40)
+shapes = st.lists(dims, min_size=1, max_size=3).map(tuple)
+shape_lists = st.lists(shapes, min_size=1, max_size=3)
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+@st.composite
+def value_tensors(draw, groups: int | None = None, nonnegative: bool = False) -> torch.Tensor:
+    """fp32 (G, 32) values: a random magnitude per group plus injected special values."""
+    g = groups or draw(st.integers(min_value=1, max_value=6))
+    gen = torch.Generator().manual_seed(draw(seeds))
+    exps = torch.tensor(draw(st.lists(st.integers(-30, 30), min_size=g, max_size=g)), dtype=torch.float32)
+    x = torch.randn(g, 32, generator=gen) * torch.exp2(exps)[:, None]
+    specials = [0.0, -0.0, 1e-40, -1e-42, 2.0**-126, 1e30, -1e30, 1e-30, 1.0, -1.0]
+    for idx, val in draw(st.lists(st.tuples(st.integers(0, g * 32 - 1), st.sampled_from(specials)),
+                                  max_size=6)):
+        x.view(-1)[idx] = val
+    return x.abs() if nonnegative else x

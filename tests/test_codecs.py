@@ -1,0 +1,131 @@
+"""Codec properties: round trip within the declared bound, value stability, weight split's exact
+cases and an exhaustive sweep over bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flashcompile import codecs
+from strategies import value_tensors
+
+STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "linear_int8"]
+WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
+
+
+def _in_range(codec, x):
+    """Values the codec's storage can hold: fp16 weights overflow past 65504, scales likewise."""
+    if isinstance(codec, codecs.WeightSplit) and codec.weight_dtype == torch.float16:
+        return x.clamp(-60000, 60000)
+    if codec.fields[-1].dtype == torch.float16:  # an fp16 group scale
+        return x.clamp(-60000, 60000)
+    return x
+
+
+@pytest.mark.parametrize("name", STATE_CODECS + WEIGHT_CODECS)
+@given(data=st.data())
+def test_round_trip_is_within_declared_bound(name, data):
+    codec = codecs.get(name)
+    x = _in_range(codec, data.draw(value_tensors(nonnegative=codec.domain == "nonnegative")))
+    y = codec.decode(*codec.encode(x))
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    err = (y - x).abs()
+    bound = codec.error_bound(x)
+    assert torch.all(err <= bound), f"max excess {(err - bound).max().item()} at {x.view(-1)[(err - bound).argmax()]}"
+
+
+@pytest.mark.parametrize("name", STATE_CODECS + WEIGHT_CODECS)
+@given(data=st.data())
+def test_decoded_values_encode_to_themselves(name, data):
+    """Re-encoding a decoded state does not drift. For 8-bit group codecs this holds while the fp16
+    scale is a normal fp16 number (>= 2**-14); a subnormal scale rounds up by more than a code step,
+    so the largest value may decode one code lower and the next encode picks a smaller scale."""
+    codec = codecs.get(name)
+    x = _in_range(codec, data.draw(value_tensors(nonnegative=codec.domain == "nonnegative")))
+    y = codec.decode(*codec.encode(x))
+    rows = torch.ones(x.shape[0], dtype=torch.bool)
+    if codec.fields[-1].per_group:
+        rows = codec.encode(x)[-1].float().view(-1) >= 2.0**-14
+    assert torch.equal(codec.decode(*codec.encode(y))[rows], y[rows])
+
+
+@pytest.mark.parametrize("name", STATE_CODECS + WEIGHT_CODECS)
+def test_zeros_encode_exactly(name):
+    codec = codecs.get(name)
+    x = torch.zeros(3, 32)
+    assert torch.equal(codec.decode(*codec.encode(x)), x)
+
+
+@pytest.mark.parametrize("name", WEIGHT_CODECS)
+@given(x=value_tensors())
+def test_weight_split_high_part_is_round_to_nearest(name, x):
+    codec = codecs.get(name)
+    hi, _ = codec.encode(x)
+    assert torch.equal(hi, x.to(codec.weight_dtype))
+
+
+@pytest.mark.parametrize("name", ["weight_split", "weight_split_int16"])
+def test_weight_split_over_every_finite_bf16(name):
+    """Every bf16 bit pattern, with fp32 low halves spanning its rounding interval."""
+    codec = codecs.get(name)
+    high = torch.arange(-(2**15), 2**15, dtype=torch.int32) << 16
+    lows = torch.tensor([0, 1, 0x3FFF, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF], dtype=torch.int32)
+    x = (high[:, None] | lows[None, :]).view(torch.float32).reshape(-1)
+    x = x[torch.isfinite(x) & torch.isfinite(x.to(torch.bfloat16).float())]
+    x = x[: x.numel() // 32 * 32].view(-1, 32)
+    hi, residual = codec.encode(x)
+    assert torch.equal(hi, x.to(torch.bfloat16))
+    err = (codec.decode(hi, residual) - x).abs()
+    assert torch.all(err <= codec.error_bound(x))
+    # Exact bf16 values (zero and subnormals included) come back exactly.
+    exact = x.to(torch.bfloat16).float()
+    assert torch.equal(codec.decode(*codec.encode(exact)), exact)
+
+
+def test_weight_split_int8_meets_paper_relative_error():
+    x = torch.randn(4096, 32)
+    codec = codecs.weight_split
+    rel = ((codec.decode(*codec.encode(x)) - x).abs() / x.abs()).max().item()
+    assert rel <= 1.54e-5
+
+
+def test_weight_split_is_exact_at_zero_and_subnormals():
+    x = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 2.0**-133, 2.0**-140, 1e-39, -1e-39] * 4).view(1, 32)
+    codec = codecs.weight_split
+    y = codec.decode(*codec.encode(x))
+    assert torch.all((y - x).abs() <= codec.error_bound(x))
+    assert torch.equal(y[0, :2], x[0, :2]) and torch.equal(torch.signbit(y[0, :2]), torch.signbit(x[0, :2]))
+
+
+@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "linear_int8"])
+def test_nonfinite_value_poisons_only_its_group(name):
+    codec = codecs.get(name)
+    x = torch.rand(3, 32)
+    x[1, 5] = float("nan")
+    y = codec.decode(*codec.encode(x))
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+@pytest.mark.parametrize("name", WEIGHT_CODECS)
+def test_weight_split_keeps_nonfinite_values_elementwise(name):
+    codec = codecs.get(name)
+    x = torch.randn(1, 32)
+    x[0, 3], x[0, 4], x[0, 5] = float("nan"), float("inf"), float("-inf")
+    y = codec.decode(*codec.encode(x))
+    assert torch.isnan(y[0, 3]) and y[0, 4] == float("inf") and y[0, 5] == float("-inf")
+    assert torch.isfinite(y[0, 6:]).all()
+
+
+def test_group_scales_round_up_so_codes_never_clip():
+    x = torch.full((1, 32), 1.0001)  # not an fp16 value: the scale must round up, not down
+    for codec in (codecs.softsign_int8, codecs.linear_int8):
+        _, scale = codec.encode(x)
+        assert scale.float().item() >= 1.0001
+
+
+def test_unknown_codec_name_is_rejected_with_the_known_names():
+    with pytest.raises(ValueError, match="known codecs"):
+        codecs.get("int4")
