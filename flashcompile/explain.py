@@ -4,13 +4,12 @@ the hoisted scalar prologue and, on request, the kernel source Inductor generate
 from __future__ import annotations
 
 import re
-import types
 from unittest import mock
 
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import PARAM, Plan
+from flashcompile.plan import COMPILE_OPTIONS, PARAM, Plan
 from flashcompile.trace import math_text
 
 
@@ -31,7 +30,7 @@ def sample_inputs(plan: Plan, groups: int, device: torch.device | str) -> list[t
     args = [s, torch.randn(groups, GROUP, device=device).to(param_dtype)]
     for name, codec in plan.codecs.items():
         x = torch.randn(groups, GROUP, device=device)
-        x = x.abs() if codec.domain == "nonnegative" else x
+        x = x.abs() if plan.key.rule.states.get(name) == "nonnegative" else x
         args += [t.contiguous() for t in codec.encode(x)]
     return args
 
@@ -40,12 +39,16 @@ def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int 
     """Compile a fresh copy of the plan's function and return the output code Inductor wrote."""
     from torch._inductor.graph import GraphLowering
 
-    fn = plan.eager
-    fresh = types.FunctionType(fn.__code__, fn.__globals__, "step", fn.__defaults__, fn.__closure__)
+    # A new code object: dynamo caches compiled graphs per code object, and the plan's own one may
+    # already be compiled, which would skip code generation.
+    namespace = dict(plan.eager.__globals__)
+    exec(compile(plan.source, "<flashcompile explain>", "exec"), namespace)
+    fresh = namespace["step"]
     codes: list[str] = []
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
-        torch.compile(fresh, fullgraph=True, dynamic=True)(*sample_inputs(plan, groups, device))
+        compiled = torch.compile(fresh, fullgraph=True, dynamic=True, options=COMPILE_OPTIONS)
+        compiled(*sample_inputs(plan, groups, device))
     return codes
 
 

@@ -26,6 +26,10 @@ from flashcompile.trace import Traced, check_facts, trace
 
 PARAM = "param"  # the master weight's name in codec mappings and state keys
 
+# Codecs round on purpose (x.to(bf16) is the weight split's high half). By default Inductor may keep
+# such intermediate casts in fp32, which silently zeroes the residual; make it round as eager does.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
 
 def state_key(state: str, field: Field) -> str:
     """Key of a stored field in ``optimizer.state[p]``: ``exp_avg`` or ``exp_avg.codes``."""
@@ -59,7 +63,9 @@ class Plan:
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         self.fn = (
-            torch.compile(self.eager, fullgraph=True, dynamic=True) if key.compiled else self.eager
+            torch.compile(self.eager, fullgraph=True, dynamic=True, options=COMPILE_OPTIONS)
+            if key.compiled
+            else self.eager
         )
 
     @property
