@@ -223,6 +223,12 @@ class Optimizer(torch.optim.Optimizer):
                     f"param group {i}: state dict has {len(saved['params'])} params, optimizer "
                     f"has {len(g['params'])}"
                 )
+            missing = sorted(set(self.rule.defaults) - set(saved))
+            if missing:
+                raise ValueError(
+                    f"param group {i} of the state dict lacks {self.rule.name}'s hyperparameters "
+                    f"{missing}: it was saved by a different optimizer"
+                )
             new = {**saved, "params": g["params"]}
             self._hyperparameters(new)
             new_groups.append(new)
