@@ -32,7 +32,7 @@ OPTIMIZERS = {
 
 def _padded(x: torch.Tensor) -> torch.Tensor:
     groups = -(-x.numel() // GROUP)
-    out = torch.zeros(groups * GROUP)
+    out = torch.zeros(groups * GROUP, device=x.device)
     out[: x.numel()] = x.reshape(-1)
     return out
 
@@ -44,10 +44,10 @@ def _fp32_step(opt, p):
     flash = opt._plan(p, flags)
     live = tuple(k for k in flash.codecs if k != PARAM)
     plan = get_plan(PlanKey(opt.rule, flags, resolve_codecs(opt.rule, "fp32", torch.float32, live),
-                            "cpu", False))
+                            p.device.type, False))
     master = opt.master_weight(p).clone()
     stored = {state_key(k, c.fields[0]): _padded(opt.state_value(p, k)) if opt.state.get(p)
-              else torch.zeros(_padded(p).numel()) for k, c in plan.codecs.items() if k != PARAM}
+              else torch.zeros_like(_padded(p)) for k, c in plan.codecs.items() if k != PARAM}
     step = int(opt.state[p]["step"].item()) + 1 if opt.state.get(p) else 1
     plan.run(master, p.grad, stored, plan.scalars(step, opt._hyperparameters(group)))
     new = {k: stored[k][: p.numel()].view_as(p) for k in stored}
@@ -73,11 +73,20 @@ def test_flash_step_is_within_codec_bounds_of_fp32_step(name, dtype, shapes, see
             p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(dtype)
             refs.append(_fp32_step(opt, p))
         opt.step()
-        for p, (plan, ref) in zip(params, refs):
-            for key, codec in plan.codecs.items():
-                got = opt.master_weight(p) if key == PARAM else opt.state_value(p, key)
-                excess = (got - ref[key]).abs() - _bound(codec, ref[key])
-                assert excess.max() <= 0, (
-                    f"step {step} {key} ({codec.name}): |flash - fp32| exceeds the codec bound by "
-                    f"{excess.max().item():.3g}"
-                )
+        assert_within_bounds(opt, params, refs, step)
+
+
+def assert_within_bounds(opt, params, refs, step, code_steps=1, fp32_ulps=0.0):
+    """Each decoded value within ``code_steps`` x its codec bound of the fp32 step's value.
+
+    Compiled runs pass ``code_steps=2`` (a tie may round one code apart) and a few ulps for fused
+    fp32 math that rounds differently from eager."""
+    for p, (plan, ref) in zip(params, refs):
+        for key, codec in plan.codecs.items():
+            got = opt.master_weight(p) if key == PARAM else opt.state_value(p, key)
+            tol = code_steps * _bound(codec, ref[key]) + fp32_ulps * 2.0**-24 * ref[key].abs()
+            excess = (got - ref[key]).abs() - tol
+            assert excess.max() <= 0, (
+                f"step {step} {key} ({codec.name}): |flash - fp32| exceeds the codec bound by "
+                f"{excess.max().item():.3g}"
+            )

@@ -1,0 +1,62 @@
+"""GPU checks (run on the device; skipped where no CUDA GPU is present): the compiled CUDA plan
+against the eager generated function and the fp32 reference, and Inductor's kernel count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcompile as fc
+from flashcompile.explain import count_kernels, inductor_source, plan_of, sample_inputs
+
+pytestmark = pytest.mark.cuda
+
+CASES = {
+    "adamw": (lambda p: fc.AdamW(p, lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False)),
+    "sgd": (lambda p: fc.SGD(p, lr=1e-2, momentum=0.9),
+            lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("groups", [1, 5, 4099])
+def test_cuda_plan_equals_eager_up_to_one_code_step(name, groups):
+    make, _ = CASES[name]
+    plan = plan_of(make([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16, device="cuda"))]))
+    torch.manual_seed(groups)
+    args = sample_inputs(plan, groups, "cuda")
+    eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
+    plan.eager(*eager)
+    plan.fn(*compiled)
+    i = 2
+    for key, codec in plan.codecs.items():
+        n = len(codec.fields)
+        want = codec.decode(*eager[i:i + n])
+        got = codec.decode(*compiled[i:i + n])
+        tol = 2 * codec.error_bound(want) + 1e-6 * want.abs()
+        assert torch.all((got - want).abs() <= tol), key
+        i += n
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_flash_steps_stay_within_codec_bounds_of_fp32_steps(name):
+    from test_flash_tracking import _fp32_step, assert_within_bounds
+
+    make, _ = CASES[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16))
+              for s in [(256, 96), (1000,), (7, 3)]]
+    opt = make(params)
+    for step in range(1, 6):
+        refs = []
+        for p in params:
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(torch.bfloat16)
+            refs.append(_fp32_step(opt, p))
+        opt.step()
+        assert_within_bounds(opt, params, refs, step, code_steps=2, fp32_ulps=8)
+
+
+def test_one_parameter_flash_adamw_update_is_one_triton_kernel():
+    opt = fc.AdamW([torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16, device="cuda"))])
+    code = "\n".join(inductor_source(plan_of(opt), "cuda"))
+    assert count_kernels(code) == 1, code
