@@ -37,6 +37,8 @@ warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the schedu
 
 # AdaBelief (Zhuang et al., arXiv 2010.07468): Adam whose second moment tracks the variance of the
 # gradient around its running mean (the "belief"), not its raw square.
+# eps is Adam's 1e-8 rather than the paper's 1e-16: it is also added to exp_avg_var every step,
+# so the denominator never falls below sqrt(eps), even where the 8-bit codec stored a 0.
 @flashcompile.rule(
     defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
     states={"exp_avg": "signed", "exp_avg_var": "nonnegative"},

@@ -56,7 +56,7 @@ class WeightSplit(Codec):
         hi = x.to(self.weight_dtype)
         err = x - hi.float()  # exact: hi is x rounded to fewer mantissa bits
         neg_h = -self._half_ulp_exponent(hi)
-        a = torch.div(neg_h, 2, rounding_mode="floor")
+        a = neg_h >> 1  # floor(neg_h / 2): a shift, not a signed division
         scaled = err * pow2(a) * pow2(neg_h - a)  # err / half_ulp, in [-1, 1]
         code = torch.clamp(torch.round(scaled * n), -n, n)
         code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
@@ -65,7 +65,7 @@ class WeightSplit(Codec):
     def decode(self, hi, residual):
         n = _CODE_MAX[self.residual_dtype]
         h = self._half_ulp_exponent(hi)
-        a = torch.div(h, 2, rounding_mode="floor")
+        a = h >> 1
         low = hi.float()
         # where(): adding a zero correction would turn -0.0 into +0.0
         return torch.where(residual == 0, low, low + residual.float() / n * pow2(a) * pow2(h - a))

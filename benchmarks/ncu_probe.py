@@ -1,0 +1,53 @@
+"""Run the flash AdamW plan over one flat arena a few times (for ncu), optionally with Inductor
+options given as JSON. Usage: python benchmarks/ncu_probe.py [N] ['{"coordinate_descent_tuning": true}']"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+import flashcompile as fc
+from flashcompile.codecs import GROUP
+from flashcompile.explain import plan_of
+from flashcompile.plan import COMPILE_OPTIONS
+
+
+def arena_args(plan, n, hyper):
+    g = n // GROUP
+    s = torch.tensor([GROUP, *plan.scalars(3, hyper)], device="cuda")
+    args = [s, torch.randn(g, GROUP, device="cuda").bfloat16()]
+    for name, codec in plan.codecs.items():
+        x = torch.randn(g, GROUP, device="cuda")
+        x = x.abs() if plan.key.rule.states.get(name) == "nonnegative" else x
+        args += [t.contiguous() for t in codec.encode(x)]
+    return args
+
+
+def main():
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2**28
+    options = {**COMPILE_OPTIONS, **(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})}
+    opt = fc.AdamW([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16, device="cuda"))])
+    plan = plan_of(opt)
+    fn = torch.compile(plan.eager, fullgraph=True, dynamic=True, options=options)
+    args = arena_args(plan, n, {k: opt.defaults[k] for k in plan.traced.hyper})
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        fn(*args)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        fn(*args)
+    b.record()
+    torch.cuda.synchronize()
+    ms = a.elapsed_time(b) / 20
+    print(f"options {json.dumps(options)}: {ms:.3f} ms, {12.25 * n / ms / 1e9:.0f} GB/s, first {first:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
