@@ -67,7 +67,8 @@ def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = Fal
         math_text(plan.traced),
         f"\n# codecs ({plan.bytes_per_param:.4g} bytes per parameter, gradient excluded)",
         codecs,
-        "\n# generated torch function (compiled with torch.compile(fullgraph=True, dynamic=True))",
+        "\n# generated torch function (torch.compile(fullgraph=True, dynamic=True, options="
+        f"{COMPILE_OPTIONS}))",
         plan.source,
         "# scalar prologue: host, float64, once per step; its values are _s[1:]",
         plan.lowered.prologue_source,

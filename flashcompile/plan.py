@@ -92,7 +92,8 @@ class Plan:
         n = p.numel()
         whole = n // GROUP
         tail = n - whole * GROUP
-        flat_p, flat_g = p.view(-1), grad.view(-1)
+        # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
+        flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
         if whole:
             s = torch.tensor([GROUP, *scalars], dtype=torch.float32, device=p.device)
             main = {k: _groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
