@@ -15,7 +15,7 @@ import sympy
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 from sympy.printing.pycode import PythonCodePrinter
 
-from flashcompile.trace import Traced
+from flashcompile.trace import Traced, is_nonnegative
 
 _RELATIONS = {
     sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
@@ -140,10 +140,33 @@ class _TorchPrinter:
         return f"torch.where({self(cond)}, {self._tensor_arg(value)}, {other})"
 
 
+def _split_scalar_powers(traced: Traced, expr: sympy.Expr) -> sympy.Expr:
+    """Rewrite ``(t * c) ** e`` as ``t ** e * c ** e`` for scalar ``c`` and provably nonnegative ``t``.
+
+    Adam's ``sqrt(v / (1 - beta2**step))`` becomes ``sqrt(v) * hoisted``: the kernel then computes
+    ``sqrt(v)`` once, shared with the sqrt codec that stores ``v``. (Where ``c < 0``, only possible
+    outside the declared ranges, both forms are NaN.)
+    """
+    scalars = traced.scalars
+
+    def split(e: sympy.Pow) -> sympy.Expr:
+        base, ex = e.args
+        if not (isinstance(base, sympy.Mul) and ex.is_Rational and not ex.is_Integer):
+            return e
+        c = sympy.Mul(*[a for a in base.args if a.free_symbols <= scalars])
+        t = sympy.Mul(*[a for a in base.args if not a.free_symbols <= scalars])
+        if c == 1 or t == 1 or not is_nonnegative(traced, t):
+            return e
+        return sympy.Pow(t, ex) * sympy.Pow(c, ex)
+
+    return expr.replace(lambda e: isinstance(e, sympy.Pow), split)
+
+
 def lower(traced: Traced) -> Lowered:
     """Lower ``traced`` (one rule, fixed flags) to element-wise torch statements and a prologue."""
     names = [traced.param.name, *traced.rule.states]
-    live = [(i, o) for i, o in enumerate(traced.outputs) if o != traced.tensors[i]]
+    live = [(i, _split_scalar_powers(traced, o)) for i, o in enumerate(traced.outputs)
+            if o != traced.tensors[i]]
     temps, reduced = sympy.cse([o for _, o in live], symbols=sympy.numbered_symbols("_t"))
     printer = _TorchPrinter(traced.scalars)
     scalar_temps: dict[sympy.Symbol, sympy.Expr] = {}

@@ -22,7 +22,7 @@ import torch
 from flashcompile.codecs import GROUP, Codec, Field
 from flashcompile.dsl import Rule
 from flashcompile.lowering import Lowered, lower
-from flashcompile.trace import Traced, check_facts, trace
+from flashcompile.trace import Traced, check_facts, keeps_zero, trace
 
 PARAM = "param"  # the master weight's name in codec mappings and state keys
 
@@ -125,7 +125,6 @@ def _groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.T
 def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
     names = [traced.param.name, *traced.rule.states]
     args, lines = ["_s", "_grad"], []
-    lines.append(f"    _valid = torch.arange({GROUP}, device=_grad.device) < _s[0]")
     lines.append(f"    {traced.grad.name} = _grad.float()")
     for i, (name, codec) in enumerate(codecs.items()):
         var = names[0] if name == PARAM else name
@@ -139,11 +138,15 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
         out = lowered.outputs[0 if name == PARAM else names.index(name)]
         if out is None:
             continue  # passthrough: decoded for reading, never re-encoded
-        if name != PARAM:  # padding lanes stay zero so they never enlarge a group's scale
+        index = 0 if name == PARAM else names.index(name)
+        if name != PARAM and not keeps_zero(traced, index):
+            # padding lanes must stay zero so they never enlarge a group's scale
             out = f"torch.where(_valid, {out}, 0.0)"
         lines.append(f"    _new = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
             lines.append(f"    {name}__{f.name}.copy_(_new[{j}])")
+    if any("_valid" in line for line in lines):
+        lines.insert(0, f"    _valid = torch.arange({GROUP}, device=_grad.device) < _s[0]")
     header = f"def step({', '.join(args)}):"
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'

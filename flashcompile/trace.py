@@ -134,6 +134,20 @@ def check_facts(traced: Traced) -> None:
             )
 
 
+def is_nonnegative(traced: Traced, expr: sympy.Expr) -> bool:
+    """Whether ``expr`` is provably >= 0 for hyperparameters in their declared ranges."""
+    return _nonnegative(expr.subs(_reparametrize(traced)))
+
+
+def keeps_zero(traced: Traced, index: int) -> bool:
+    """Whether output ``index`` is provably 0 when the param, gradient and every state are 0.
+
+    Padding lanes hold zeros; for such outputs they stay zero with no masking in the kernel.
+    """
+    zeros = {s: 0 for s in traced.tensors}
+    return sympy.simplify(traced.outputs[index].xreplace(zeros)) == 0
+
+
 def math_text(traced: Traced, latex: bool = False) -> str:
     """The update as equations, one per output, for docs and ``explain``."""
     names = [traced.param.name, *traced.rule.states]

@@ -93,7 +93,10 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     return ((k + 127) << 23).to(torch.int32).view(torch.float32)
 
 
-def safe_scale(scale16: torch.Tensor) -> torch.Tensor:
-    """The fp32 scale to divide by: 1 for all-zero groups, so they encode to zero codes."""
+def inverse_scale(scale16: torch.Tensor) -> torch.Tensor:
+    """1 / scale per group (0 for all-zero groups, which then encode to zero codes).
+
+    One division per group instead of one per value: the kernel is instruction-bound otherwise.
+    """
     s = scale16.float()
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, 1 / s, torch.zeros_like(s))

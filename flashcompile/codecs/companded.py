@@ -7,7 +7,7 @@
 * ``linear_int8``: ``round(127 x / scale)``, the ablation baseline.
 
 Each costs 1 byte per value plus 2 bytes per 32 (the scale): 1.0625 bytes. Scales are rounded *up* to
-fp16 so ``|x / scale| <= 1`` always. Bounds (derived below) are relative to the stored scale ``s``, so
+fp16 so ``|x / scale| <= 1`` always and codes need no clamp. Bounds (derived below) are relative to the stored scale ``s``, so
 they are absolute within a group: small values in a group with a large one lose relative precision.
 A NaN or Inf in a group makes its scale non-finite, and the whole group decodes to NaN: a non-finite
 gradient still propagates into its parameter, as with torch.optim. Magnitudes above 65504 (fp16's
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import FP32_SLACK, Codec, Field, round_up_fp16, safe_scale
+from flashcompile.codecs.base import FP32_SLACK, Codec, Field, inverse_scale, round_up_fp16
 
 
 def _group_scale(mag: torch.Tensor) -> torch.Tensor:
@@ -36,9 +36,9 @@ class SoftsignInt8(Codec):
 
     def encode(self, x):
         scale = _group_scale(x.abs())
-        y = x / safe_scale(scale)
+        y = x * inverse_scale(scale)  # |y| <= 1: the scale is rounded up, so no clamp is needed
         z = 2 * y / (1 + y.abs())
-        return torch.clamp(torch.round(z * 127), -127, 127).to(torch.int8), scale
+        return torch.round(z * 127).to(torch.int8), scale
 
     def decode(self, codes, scale):
         z = codes.float() / 127
@@ -64,7 +64,7 @@ class SqrtUint8(Codec):
     def encode(self, x):
         r = torch.sqrt(x)
         scale = _group_scale(r)
-        return torch.clamp(torch.round(r / safe_scale(scale) * 255), 0, 255).to(torch.uint8), scale
+        return torch.round(r * inverse_scale(scale) * 255).to(torch.uint8), scale
 
     def decode(self, codes, scale):
         r = codes.float() / 255 * scale.float()
@@ -86,7 +86,7 @@ class LinearInt8(Codec):
 
     def encode(self, x):
         scale = _group_scale(x.abs())
-        return torch.clamp(torch.round(x / safe_scale(scale) * 127), -127, 127).to(torch.int8), scale
+        return torch.round(x * inverse_scale(scale) * 127).to(torch.int8), scale
 
     def decode(self, codes, scale):
         return codes.float() / 127 * scale.float()

@@ -1,13 +1,17 @@
 """Weight split (FlashOptim, arXiv 2602.23349): a 16-bit weight plus an integer residual.
 
-Storage per value: the 16-bit weight ``hi = round_to_nearest(w)`` and ``r = round(N * (w - hi) / h)``
-where ``h`` is half a ULP of ``hi`` and ``N`` the residual's largest code (127 for int8, 32767 for
-int16). Since ``|w - hi| <= h``, ``r`` fits in ``[-N, N]``; decoding ``hi + r * h / N`` is within
-``h / (2N) = ULP / (4N)`` of ``w`` (ULP/508 for int8), plus the final fp32 rounding.
+Storage per value: the 16-bit weight ``hi = round_to_nearest(w)`` and a residual ``r`` in
+``[-N, N]`` (N = 127 for int8, 32767 for int16) that stores ``w - hi`` in units of half a ULP / N,
+so decoding is within ``ULP / (4N)`` of ``w`` (ULP/508 for int8).
 
-The ULP comes from the exponent bits of ``hi`` (no frexp/ldexp), so zeros and subnormals are exact
-cases of the same formula. Scaling by ``2**-h`` is split into two power-of-two factors so each stays
-inside fp32's exponent range (bf16 half-ULPs span 2**-134 .. 2**119).
+bf16 weights are the top half of an fp32 word, so the split is done on bit patterns: ``d = bits(w) -
+bits(hi) << 16`` counts fp32 ULPs between ``w`` and ``hi`` (|d| <= 2**15, half a bf16 ULP), and
+``r = round(d * N / 2**15)``. Decoding adds ``round(r * 2**15 / N)`` back to the bits: integer
+arithmetic, no frexp/ldexp, exact at zero (signs kept) and subnormals, and within 2**15 / (2N) + 1
+fp32 ULPs of ``w`` (the +1 from rounding ``r * 2**15 / N`` in fp32).
+
+fp16 weights are not a prefix of fp32, so their ULP comes from ``hi``'s exponent bits and the scaling
+by ``2**-h`` is split into two power-of-two factors, each inside fp32's exponent range.
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ import torch
 
 from flashcompile.codecs.base import Codec, Field, pow2
 
-# dtype -> (mantissa bits, exponent bias, exponent mask)
-_FORMAT = {torch.bfloat16: (7, 127, 0xFF), torch.float16: (10, 15, 0x1F)}
 _CODE_MAX = {torch.int8: 127, torch.int16: 32767}
+_FP16_MANT, _FP16_BIAS = 10, 15
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class WeightSplit(Codec):
     residual_dtype: torch.dtype = torch.int8
 
     def __post_init__(self):
-        if self.weight_dtype not in _FORMAT:
+        if self.weight_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"weight_split weight_dtype={self.weight_dtype}; use bfloat16 or float16")
         if self.residual_dtype not in _CODE_MAX:
             raise ValueError(f"weight_split residual_dtype={self.residual_dtype}; use int8 or int16")
@@ -46,34 +49,43 @@ class WeightSplit(Codec):
     def fields(self) -> tuple[Field, ...]:  # type: ignore[override]
         return (Field("value", self.weight_dtype), Field("residual", self.residual_dtype))
 
-    def _half_ulp_exponent(self, hi: torch.Tensor) -> torch.Tensor:
-        mant, bias, mask = _FORMAT[self.weight_dtype]
-        e = (hi.view(torch.int16).to(torch.int32) >> mant) & mask
-        return torch.clamp_min(e, 1) - (bias + mant + 1)  # zero/subnormal: the smallest exponent
-
     def encode(self, x):
         n = _CODE_MAX[self.residual_dtype]
         hi = x.to(self.weight_dtype)
+        if self.weight_dtype == torch.bfloat16:
+            d = x.view(torch.int32) - (hi.view(torch.int16).to(torch.int32) << 16)
+            code = (d * n + (1 << 14)) >> 15  # round(d * n / 2**15), half up
+            return hi, code.to(self.residual_dtype)
         err = x - hi.float()  # exact: hi is x rounded to fewer mantissa bits
-        neg_h = -self._half_ulp_exponent(hi)
-        a = neg_h >> 1  # floor(neg_h / 2): a shift, not a signed division
-        scaled = err * pow2(a) * pow2(neg_h - a)  # err / half_ulp, in [-1, 1]
-        code = torch.clamp(torch.round(scaled * n), -n, n)
-        code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
+        neg_h = -self._fp16_half_ulp_exponent(hi)
+        a = neg_h >> 1  # floor(neg_h / 2): two factors keep each power of two in range
+        code = torch.round(err * pow2(a) * pow2(neg_h - a) * n)  # err / half_ulp in [-1, 1]
+        code = torch.where(torch.isfinite(code), code, torch.zeros_like(code))
         return hi, code.to(self.residual_dtype)
 
     def decode(self, hi, residual):
         n = _CODE_MAX[self.residual_dtype]
-        h = self._half_ulp_exponent(hi)
+        if self.weight_dtype == torch.bfloat16:
+            d = torch.round(residual.float() * (2.0**15 / n)).to(torch.int32)
+            return ((hi.view(torch.int16).to(torch.int32) << 16) + d).view(torch.float32)
+        h = self._fp16_half_ulp_exponent(hi)
         a = h >> 1
         low = hi.float()
         # where(): adding a zero correction would turn -0.0 into +0.0
         return torch.where(residual == 0, low, low + residual.float() / n * pow2(a) * pow2(h - a))
 
+    def _fp16_half_ulp_exponent(self, hi: torch.Tensor) -> torch.Tensor:
+        e = (hi.view(torch.int16).to(torch.int32) >> _FP16_MANT) & 0x1F
+        return torch.clamp_min(e, 1) - (_FP16_BIAS + _FP16_MANT + 1)  # zero/subnormal: smallest
+
     def error_bound(self, x):
         n = _CODE_MAX[self.residual_dtype]
         hi = x.to(self.weight_dtype)
-        half_ulp = torch.exp2(self._half_ulp_exponent(hi).double()).float()
+        if self.weight_dtype == torch.bfloat16:
+            # (2**15 / 2N + 1) fp32 ULPs of the binade of x (its truncation to bf16).
+            ulp32 = torch.exp2(_exponent(x).clamp_min(-126).double() - 23).float()
+            return ulp32 * (2.0**15 / (2 * n) + 1)
+        half_ulp = torch.exp2(self._fp16_half_ulp_exponent(hi).double()).float()
         # quantisation (h / 2N) + the fp32 rounding of the sum and of r * h / N.
         return half_ulp / (2 * n) + x.abs() * 2.0**-24 + half_ulp * 2.0**-23
 
@@ -84,3 +96,8 @@ class WeightSplit(Codec):
                 "model to 16 bits (flashcompile.cast_model) or use codecs={'param': 'fp32'}"
             )
         return self
+
+
+def _exponent(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased binary exponent of fp32 values (subnormals: -127)."""
+    return ((x.view(torch.int32) >> 23) & 0xFF) - 127
