@@ -2,7 +2,7 @@
 # Probe 2: CUDA test failures in detail, Inductor option variants, ncu sections, Triton IR.
 set -uo pipefail
 export TRITON_CACHE_DIR=/tmp/tc
-pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | grep -E "^E |Error|passed|failed" | head -30
+pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | grep -E "^E  |Error|passed|failed" | head -20; python benchmarks/dump_kernels.py
 python benchmarks/ncu_probe.py $((2**28))
 python benchmarks/ncu_probe.py $((2**28)) '{"coordinate_descent_tuning": true}'
 python benchmarks/ncu_probe.py $((2**28)) '{"triton.persistent_reductions": false}'

@@ -11,19 +11,8 @@ import torch
 
 import flashcompile as fc
 from flashcompile.codecs import GROUP
-from flashcompile.explain import plan_of
+from flashcompile.explain import plan_of, sample_inputs
 from flashcompile.plan import COMPILE_OPTIONS
-
-
-def arena_args(plan, n, hyper):
-    g = n // GROUP
-    s = torch.tensor([GROUP, *plan.scalars(3, hyper)], device="cuda")
-    args = [s, torch.randn(g, GROUP, device="cuda").bfloat16()]
-    for name, codec in plan.codecs.items():
-        x = torch.randn(g, GROUP, device="cuda")
-        x = x.abs() if plan.key.rule.states.get(name) == "nonnegative" else x
-        args += [t.contiguous() for t in codec.encode(x)]
-    return args
 
 
 def main():
@@ -32,7 +21,7 @@ def main():
     opt = fc.AdamW([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16, device="cuda"))])
     plan = plan_of(opt)
     fn = torch.compile(plan.eager, fullgraph=True, dynamic=True, options=options)
-    args = arena_args(plan, n, {k: opt.defaults[k] for k in plan.traced.hyper})
+    args = sample_inputs(plan, n // GROUP, "cuda")
     t0 = time.perf_counter()
     fn(*args)
     torch.cuda.synchronize()

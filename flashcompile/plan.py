@@ -6,7 +6,7 @@ fuses decode, math, the per-group reductions of the encoders and the stores into
 on CUDA, C++ on CPU). Plans are cached process-wide and shared by every optimizer that needs them.
 
 Layout: every tensor is seen in groups of 32, per-element fields as ``(G, 32)`` and per-group fields as
-``(G, 1)``. A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
+``(G, 1)`` (passed flat, viewed inside the function). A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
 place, then its tail copied into one zero-padded group with ``_s[0]`` lanes valid.
 """
 
@@ -105,7 +105,7 @@ class Plan:
             pad_g = flat_g.new_zeros(GROUP)
             pad_g[:tail] = flat_g[whole * GROUP:]
             rest = {k: _groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
-            self._call(s, pad_g.view(1, GROUP), pad_p.view(1, GROUP), rest)
+            self._call(s, pad_g, pad_p, rest)
             flat_p[whole * GROUP:] = pad_p[:tail]
 
     def _call(self, s, grad, value, stored):
@@ -117,15 +117,20 @@ class Plan:
 
 
 def _groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
-    """Groups [first, first + count) of a flat field: (count, 32) per element, (count, 1) per group."""
+    """Groups [first, first + count) of a flat field, still flat (the function views them 2-D)."""
     width = 1 if per_group else GROUP
-    return t[first * width:(first + count) * width].view(count, width)
+    return t[first * width:(first + count) * width]
 
 
 def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
     names = [traced.param.name, *traced.rule.states]
     args, lines = ["_s", "_grad"], []
-    lines.append(f"    {traced.grad.name} = _grad.float()")
+    # Inputs arrive flat; viewing them here keeps the group size a constant of the graph, so
+    # Inductor emits a persistent reduction over exactly 32 lanes (only G is dynamic).
+    lines.append(f"    {traced.grad.name} = _grad.view(-1, {GROUP}).float()")
+    for name, codec in codecs.items():
+        for f in codec.fields:
+            lines.append(f"    {name}__{f.name} = {name}__{f.name}.view(-1, {1 if f.per_group else GROUP})")
     for i, (name, codec) in enumerate(codecs.items()):
         var = names[0] if name == PARAM else name
         fields = [f"{name}__{f.name}" for f in codec.fields]

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashcompile as fc
-from flashcompile.explain import count_kernels, inductor_source, plan_of, sample_inputs
+from flashcompile.explain import (
+    count_kernels,
+    decode_inputs,
+    inductor_source,
+    plan_of,
+    sample_inputs,
+)
 from flashcompile.plan import PARAM
 
 PLANS = {
@@ -26,15 +32,6 @@ def _plan(name):
     return plan_of(make([torch.nn.Parameter(torch.zeros(64, dtype=dtype))]))
 
 
-def _decoded(plan, args):
-    out, i = {}, 2
-    for name, codec in plan.codecs.items():
-        n = len(codec.fields)
-        out[name] = codec.decode(*args[i:i + n])
-        i += n
-    return out
-
-
 @pytest.mark.parametrize("name", sorted(PLANS))
 @settings(max_examples=6)
 @given(groups=st.sampled_from([1, 3, 7]), seed=st.integers(0, 2**16))
@@ -46,7 +43,7 @@ def test_compiled_equals_eager_up_to_one_code_step(name, groups, seed):
     compiled = [a.clone() for a in args]
     plan.eager(*eager)
     plan.fn(*compiled)
-    want, got = _decoded(plan, eager), _decoded(plan, compiled)
+    want, got = decode_inputs(plan, eager), decode_inputs(plan, compiled)
     for key, codec in plan.codecs.items():
         # A rounding tie may land one code apart (2 x the half-step bound); fused fp32 math may
         # differ from eager by a few ulps.
