@@ -93,7 +93,7 @@ class Plan:
         whole = n // GROUP
         tail = n - whole * GROUP
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
-        flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
+        flat_p, flat_g = p.detach(), grad.detach()
         if whole:
             s = torch.tensor([GROUP, *scalars], dtype=torch.float32, device=p.device)
             main = {k: _groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
@@ -101,12 +101,12 @@ class Plan:
         if tail:
             s = torch.tensor([tail, *scalars], dtype=torch.float32, device=p.device)
             pad_p = flat_p.new_zeros(GROUP)
-            pad_p[:tail] = flat_p[whole * GROUP:]
+            pad_p[:tail] = flat_p.reshape(-1)[whole * GROUP:]
             pad_g = flat_g.new_zeros(GROUP)
-            pad_g[:tail] = flat_g[whole * GROUP:]
+            pad_g[:tail] = flat_g.reshape(-1)[whole * GROUP:]
             rest = {k: _groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
             self._call(s, pad_g, pad_p, rest)
-            flat_p[whole * GROUP:] = pad_p[:tail]
+            flat_p.view(-1)[whole * GROUP:] = pad_p[:tail]
 
     def _call(self, s, grad, value, stored):
         args = []
@@ -117,9 +117,14 @@ class Plan:
 
 
 def _groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
-    """Groups [first, first + count) of a flat field, still flat (the function views them 2-D)."""
+    """Groups [first, first + count) of a contiguous field as a flat tensor over the same memory.
+
+    Not a view: dynamo guards a view's base, whose shape differs from param to param, and would
+    recompile for each new base shape. A fresh tensor set to the same storage has no base.
+    """
     width = 1 if per_group else GROUP
-    return t[first * width:(first + count) * width]
+    out = t.new_empty(0)
+    return out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count * width,), (1,))
 
 
 def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
@@ -128,14 +133,12 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
     # Inputs arrive flat; viewing them here keeps the group size a constant of the graph, so
     # Inductor emits a persistent reduction over exactly 32 lanes (only G is dynamic).
     lines.append(f"    {traced.grad.name} = _grad.view(-1, {GROUP}).float()")
-    for name, codec in codecs.items():
-        for f in codec.fields:
-            lines.append(f"    {name}__{f.name} = {name}__{f.name}.view(-1, {1 if f.per_group else GROUP})")
     for i, (name, codec) in enumerate(codecs.items()):
         var = names[0] if name == PARAM else name
         fields = [f"{name}__{f.name}" for f in codec.fields]
         args += fields
-        lines.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+        views = [f"{a}.view(-1, {1 if f.per_group else GROUP})" for a, f in zip(fields, codec.fields)]
+        lines.append(f"    {var} = _codec_{name}.decode({', '.join(views)})")
     lines.append("    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)")
     for target, expr in lowered.statements:
         lines.append(f"    {target} = {expr}")
@@ -149,7 +152,8 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
             out = f"torch.where(_valid, {out}, 0.0)"
         lines.append(f"    _new = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
-            lines.append(f"    {name}__{f.name}.copy_(_new[{j}])")
+            # into the flat input itself: a copy into a view of it costs a second kernel
+            lines.append(f"    {name}__{f.name}.copy_(_new[{j}].view(-1))")
     if any("_valid" in line for line in lines):
         lines.insert(0, f"    _valid = torch.arange({GROUP}, device=_grad.device) < _s[0]")
     header = f"def step({', '.join(args)}):"
