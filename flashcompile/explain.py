@@ -27,11 +27,13 @@ def sample_inputs(plan: Plan, groups: int, device: torch.device | str) -> list[t
     hyper = {k: plan.key.rule.defaults[k] for k in plan.traced.hyper}
     s = torch.tensor([GROUP, *plan.scalars(3, hyper)], dtype=torch.float32, device=device)
     param_dtype = plan.codecs[PARAM].fields[0].dtype
-    args = [s, torch.randn(groups * GROUP, device=device).to(param_dtype)]
+    args = [s, torch.randn(groups, GROUP, device=device).to(param_dtype)]
     for name, codec in plan.codecs.items():
         x = torch.randn(groups, GROUP, device=device)
         x = x.abs() if plan.key.rule.states.get(name) == "nonnegative" else x
-        args += [t.reshape(-1).contiguous() for t in codec.encode(x)]
+        args += [t.contiguous() for t in codec.encode(x)]
+    for a in args[1:]:
+        torch._dynamo.mark_static(a, 1)
     return args
 
 
@@ -39,8 +41,7 @@ def decode_inputs(plan: Plan, args: list[torch.Tensor]) -> dict[str, torch.Tenso
     """Decode every codec's fields from a ``plan.fn`` argument list (as ``sample_inputs`` builds)."""
     out, i = {}, 2
     for name, codec in plan.codecs.items():
-        fields = [args[i + j].view(-1, 1 if f.per_group else GROUP) for j, f in enumerate(codec.fields)]
-        out[name] = codec.decode(*fields)
+        out[name] = codec.decode(*args[i:i + len(codec.fields)])
         i += len(codec.fields)
     return out
 

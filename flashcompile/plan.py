@@ -6,7 +6,7 @@ fuses decode, math, the per-group reductions of the encoders and the stores into
 on CUDA, C++ on CPU). Plans are cached process-wide and shared by every optimizer that needs them.
 
 Layout: every tensor is seen in groups of 32, per-element fields as ``(G, 32)`` and per-group fields as
-``(G, 1)`` (passed flat, viewed inside the function). A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
+``(G, 1)``; dim 1 is marked static so Inductor emits one persistent reduction over exactly 32 lanes. A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
 place, then its tail copied into one zero-padded group with ``_s[0]`` lanes valid.
 """
 
@@ -105,7 +105,7 @@ class Plan:
             pad_g = flat_g.new_zeros(GROUP)
             pad_g[:tail] = flat_g.reshape(-1)[whole * GROUP:]
             rest = {k: _groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
-            self._call(s, pad_g, pad_p, rest)
+            self._call(s, _groups(pad_g, False, 0, 1), _groups(pad_p, False, 0, 1), rest)
             flat_p.view(-1)[whole * GROUP:] = pad_p[:tail]
 
     def _call(self, s, grad, value, stored):
@@ -124,21 +124,20 @@ def _groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.T
     """
     width = 1 if per_group else GROUP
     out = t.new_empty(0)
-    return out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count * width,), (1,))
+    out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count, width), (width, 1))
+    torch._dynamo.mark_static(out, 1)  # the group size is a constant of the kernel; only G varies
+    return out
 
 
 def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
     names = [traced.param.name, *traced.rule.states]
     args, lines = ["_s", "_grad"], []
-    # Inputs arrive flat; viewing them here keeps the group size a constant of the graph, so
-    # Inductor emits a persistent reduction over exactly 32 lanes (only G is dynamic).
-    lines.append(f"    {traced.grad.name} = _grad.view(-1, {GROUP}).float()")
+    lines.append(f"    {traced.grad.name} = _grad.float()")
     for i, (name, codec) in enumerate(codecs.items()):
         var = names[0] if name == PARAM else name
         fields = [f"{name}__{f.name}" for f in codec.fields]
         args += fields
-        views = [f"{a}.view(-1, {1 if f.per_group else GROUP})" for a, f in zip(fields, codec.fields)]
-        lines.append(f"    {var} = _codec_{name}.decode({', '.join(views)})")
+        lines.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
     lines.append("    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)")
     for target, expr in lowered.statements:
         lines.append(f"    {target} = {expr}")
@@ -152,8 +151,8 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
             out = f"torch.where(_valid, {out}, 0.0)"
         lines.append(f"    _new = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
-            # into the flat input itself: a copy into a view of it costs a second kernel
-            lines.append(f"    {name}__{f.name}.copy_(_new[{j}].view(-1))")
+            # straight into the input (G, 32): the store fuses into the reduction kernel
+            lines.append(f"    {name}__{f.name}.copy_(_new[{j}])")
     if any("_valid" in line for line in lines):
         lines.insert(0, f"    _valid = torch.arange({GROUP}, device=_grad.device) < _s[0]")
     header = f"def step({', '.join(args)}):"
