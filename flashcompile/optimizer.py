@@ -8,6 +8,7 @@ host and calls the compiled plan per parameter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from flashcompile import codecs as _codecs
+from flashcompile.arena import Bucket
 from flashcompile.codecs import GROUP, Codec
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan
@@ -49,11 +51,15 @@ class Optimizer(torch.optim.Optimizer):
             (everything fp32: reproduces torch.optim), or a mapping from state name (or ``"param"``)
             to a codec or codec name; unnamed states keep the flash default.
         compile: run the plan through ``torch.compile`` (default) or eagerly (for debugging).
+        flat: keep each group's params, grads and states in flat buffers and step them in one
+            launch (:mod:`flashcompile.arena`). Default: on for CUDA params. Params and grads then
+            become views into those buffers, and ``zero_grad`` zeroes the gradient buffer in place
+            (grads stay allocated, as with ``set_to_none=False``).
         **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
     """
 
     def __init__(self, params: Iterable, rule: Rule, *, codecs: str | Mapping[str, Any] = "flash",
-                 compile: bool = True, **hyperparameters: Any):
+                 compile: bool = True, flat: bool | None = None, **hyperparameters: Any):
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a flashcompile.rule, got {type(rule).__name__}")
         unknown = set(hyperparameters) - set(rule.defaults)
@@ -65,6 +71,8 @@ class Optimizer(torch.optim.Optimizer):
         self.rule = rule
         self.codecs_spec = _check_codec_spec(codecs, rule)
         self.compile = compile
+        self.flat = flat
+        self._buckets: dict[tuple, Bucket] = {}
         super().__init__(params, {**rule.defaults, **hyperparameters})
 
     # ---- construction-time checks -------------------------------------------------------------
@@ -143,29 +151,74 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             hyper = self._hyperparameters(group)
             flags = self._flags(group)
-            scalars: dict[tuple[int, int], list[float]] = {}
+            cache: dict[tuple[int, int], list[float]] = {}
+
+            def scalars(plan: Plan, step: int) -> list[float]:
+                if (id(plan), step) not in cache:  # once per (group, plan, step), not per param
+                    cache[(id(plan), step)] = plan.scalars(step, hyper)
+                return cache[(id(plan), step)]
+
+            done: set[int] = set()
+            for bucket in self._flat_buckets(index, group, flags):
+                if bucket.try_step(functools.partial(scalars, bucket.plan)):
+                    done.update(id(p) for p in bucket.params)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                plan = self._plan(p, flags)
-                state = self.state[p]
-                self._init_state(p, plan, state)
-                state["step"] += 1
-                step = int(state["step"].item())
-                key = (id(plan), step)
-                if key not in scalars:
-                    scalars[key] = plan.scalars(step, hyper)
-                target = p if p.is_contiguous() else p.contiguous()
-                plan.run(target, grad.contiguous(), self._stored(plan, state), scalars[key])
-                if target is not p:
-                    p.copy_(target)
+                if p.grad is not None and id(p) not in done:
+                    self._step_one(p, flags, scalars)
         return loss
+
+    def _step_one(self, p: torch.Tensor, flags, scalars) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        plan = self._plan(p, flags)
+        state = self.state[p]
+        self._init_state(p, plan, state)
+        state["step"] += 1
+        values = scalars(plan, int(state["step"].item()))
+        target = p if p.is_contiguous() else p.contiguous()
+        plan.run(target, grad.contiguous(), self._stored(plan, state), values)
+        if target is not p:
+            p.copy_(target)
+
+    def _flat_buckets(self, index: int, group: Mapping[str, Any], flags) -> list[Bucket]:
+        """The group's buckets (one per dtype and device), built or rebuilt as needed."""
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            flat = self.flat if self.flat is not None else p.device.type == "cuda"
+            if flat and p.grad is not None and not p.grad.is_sparse:
+                by_kind.setdefault((p.dtype, p.device), []).append(p)
+        out = []
+        for kind, params in by_kind.items():
+            params = [p for p in group["params"] if (p.dtype, p.device) == kind]
+            plan = self._plan(params[0], flags)
+            if not plan.pads_stay_zero:
+                continue  # padding lanes would need masks: step this rule per tensor
+            key = (index, *kind)
+            bucket = self._buckets.get(key)
+            if (bucket is None or bucket.plan is not plan or bucket.params != params
+                    or not bucket.intact(self.state)):
+                bucket = self._buckets[key] = Bucket(params, plan, self.state, self._init_state)
+            out.append(bucket)
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, except that params in flat buffers keep their gradient views, zeroed
+        in one memset: autograd then accumulates straight into the buffer."""
+        flat = {id(p) for b in self._buckets.values() for p in b.params}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in flat or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().requires_grad_(False).zero_()
+        for bucket in self._buckets.values():
+            bucket.zero_grad()
 
     # ---- reading the state back ---------------------------------------------------------------
 
@@ -242,6 +295,7 @@ class Optimizer(torch.optim.Optimizer):
                                     if any(q is p for q in g["params"]))]
             new_state[p] = self._check_saved_state(p, self._plan(p, self._flags(group)), saved, pid)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._buckets.clear()  # rebuilt from the loaded tensors at the next step
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

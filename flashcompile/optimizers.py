@@ -1,14 +1,16 @@
-"""Drop-in replacements for torch.optim: thin classes over the built-in rules."""
+"""Drop-in replacements for torch.optim: thin classes over the built-in rules.
+
+Each takes torch.optim's arguments and defaults plus the options of :class:`flashcompile.Optimizer`
+(``codecs=``, ``compile=``, ``flat=``) as keywords.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from flashcompile.optimizer import Optimizer
 from flashcompile.rules import adam, lion, sgd
-
-Codecs = str | Mapping[str, Any]
 
 
 class SGD(Optimizer):
@@ -18,12 +20,12 @@ class SGD(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 maximize: bool = False, codecs: Codecs = "flash", compile: bool = True):
+                 maximize: bool = False, **options: Any):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        super().__init__(params, sgd, codecs=codecs, compile=compile, lr=lr, momentum=momentum,
-                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                         maximize=maximize, decoupled_weight_decay=self.decoupled)
+        super().__init__(params, sgd, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         decoupled_weight_decay=self.decoupled, **options)
 
 
 class SGDW(SGD):
@@ -37,11 +39,10 @@ class Adam(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 maximize: bool = False, decoupled_weight_decay: bool = False,
-                 codecs: Codecs = "flash", compile: bool = True):
-        super().__init__(params, adam, codecs=codecs, compile=compile, lr=lr, betas=tuple(betas),
-                         eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         decoupled_weight_decay=decoupled_weight_decay)
+                 maximize: bool = False, decoupled_weight_decay: bool = False, **options: Any):
+        super().__init__(params, adam, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize,
+                         decoupled_weight_decay=decoupled_weight_decay, **options)
 
 
 class AdamW(Adam):
@@ -49,16 +50,15 @@ class AdamW(Adam):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, codecs: Codecs = "flash", compile: bool = True):
+                 maximize: bool = False, **options: Any):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, codecs=codecs, compile=compile)
+                         decoupled_weight_decay=True, **options)
 
 
 class Lion(Optimizer):
     """Lion (arXiv 2302.06675) with flash codecs by default."""
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False, codecs: Codecs = "flash",
-                 compile: bool = True):
-        super().__init__(params, lion, codecs=codecs, compile=compile, lr=lr, betas=tuple(betas),
-                         weight_decay=weight_decay, maximize=maximize)
+                 weight_decay: float = 0.0, *, maximize: bool = False, **options: Any):
+        super().__init__(params, lion, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                         maximize=maximize, **options)

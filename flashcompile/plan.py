@@ -78,6 +78,21 @@ class Plan:
             if not (name == PARAM and f.name == "value")
         }
 
+    @functools.cached_property
+    def pads_stay_zero(self) -> bool:
+        """Whether zero padding lanes provably stay zero (then flat storage needs no lane masks)."""
+        return all(keeps_zero(self.traced, i) for i in range(len(self.traced.outputs)))
+
+    def bytes_moved_per_param(self, grad_bytes: float) -> float:
+        """Bytes one step must read and write per parameter: every field read, written fields
+        written back, and the gradient read."""
+        moved = grad_bytes
+        names = [PARAM, *self.key.rule.states]
+        for name, codec in self.codecs.items():
+            written = self.lowered.outputs[names.index(name)] is not None
+            moved += codec.bytes_per_value * (2 if written else 1)
+        return moved
+
     @property
     def bytes_per_param(self) -> float:
         """Optimizer-owned bytes per parameter value, the 16/32-bit param itself included."""
@@ -95,20 +110,22 @@ class Plan:
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
         flat_p, flat_g = p.detach(), grad.detach()
         if whole:
-            s = torch.tensor([GROUP, *scalars], dtype=torch.float32, device=p.device)
-            main = {k: _groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
-            self._call(s, _groups(flat_g, False, 0, whole), _groups(flat_p, False, 0, whole), main)
+            s = scalar_tensor([GROUP, *scalars], p.device)
+            main = {k: groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
+            self.call(s, groups(flat_g, False, 0, whole), groups(flat_p, False, 0, whole), main)
         if tail:
-            s = torch.tensor([tail, *scalars], dtype=torch.float32, device=p.device)
+            s = scalar_tensor([tail, *scalars], p.device)
             pad_p = flat_p.new_zeros(GROUP)
             pad_p[:tail] = flat_p.reshape(-1)[whole * GROUP:]
             pad_g = flat_g.new_zeros(GROUP)
             pad_g[:tail] = flat_g.reshape(-1)[whole * GROUP:]
-            rest = {k: _groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
-            self._call(s, _groups(pad_g, False, 0, 1), _groups(pad_p, False, 0, 1), rest)
+            rest = {k: groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
+            self.call(s, groups(pad_g, False, 0, 1), groups(pad_p, False, 0, 1), rest)
             flat_p.view(-1)[whole * GROUP:] = pad_p[:tail]
 
-    def _call(self, s, grad, value, stored):
+    def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
+             stored: Mapping[str, torch.Tensor]) -> None:
+        """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views them."""
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:
@@ -116,7 +133,16 @@ class Plan:
         self.fn(s, grad, *args)
 
 
-def _groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
+def scalar_tensor(values: list[float], device: torch.device) -> torch.Tensor:
+    """The kernel's scalar vector on ``device``. On CUDA it goes through pinned memory without
+    blocking: a pageable copy would make the host wait for all queued GPU work every step."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    host = torch.tensor(values, dtype=torch.float32, pin_memory=True)
+    return host.to(device, non_blocking=True)
+
+
+def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
     """Groups [first, first + count) of a contiguous field as a flat tensor over the same memory.
 
     Not a view: dynamo guards a view's base, whose shape differs from param to param, and would

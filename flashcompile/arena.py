@@ -1,0 +1,108 @@
+"""Flat storage: one launch per (param group, dtype, device) instead of one per tensor.
+
+A :class:`Bucket` owns one flat buffer per stored field, plus one for the weights and one for the
+gradients. Each parameter's ``.data`` and ``.grad`` become views into those buffers, and each state
+entry a view into its field's buffer, every parameter starting at a group boundary (so a group of 32
+never straddles two parameters; the padding lanes hold zeros that the rule provably keeps zero).
+Gradients then accumulate in place and one compiled call steps the whole bucket.
+
+Whatever moves a parameter or gradient out of the buffers (``model.to()``, ``zero_grad`` with
+``set_to_none`` from outside, ``load_state_dict``) is detected at the next step: gradients are copied
+back in; anything else rebuilds the bucket from the current tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from flashcompile.codecs import GROUP
+from flashcompile.plan import Plan, groups, scalar_tensor
+
+
+class Bucket:
+    """Flat buffers for ``params`` (same group, dtype and device) stepped by ``plan``."""
+
+    def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
+                 state: Mapping[torch.Tensor, dict[str, Any]],
+                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
+        self.params = list(params)
+        self.plan = plan
+        first = params[0]
+        counts = [-(-p.numel() // GROUP) for p in params]
+        self.offsets = [sum(counts[:i]) for i in range(len(counts))]
+        self.groups = sum(counts)
+        total = self.groups * GROUP
+        self.weights = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.grads = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.fields = {
+            key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
+                             device=first.device)
+            for key, f in plan.owned_fields.items()
+        }
+        self.steps = torch.zeros(len(params))  # state['step'] of each param is a view into this
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                st = state[p]
+                init_state(p, plan, st)
+                self.steps[i] = st["step"]
+                st["step"] = self.steps[i]
+                for key, f in plan.owned_fields.items():
+                    view = self._slice(self.fields[key], i, f.per_group)
+                    view.copy_(st[key])
+                    st[key] = view
+                self.weights[self._range(i)].copy_(p.detach().reshape(-1))
+                p.data = self.weights[self._range(i)].view_as(p)
+                if p.grad is not None:
+                    self.grads[self._range(i)].copy_(p.grad.reshape(-1))
+                p.grad = self.grads[self._range(i)].view_as(p)
+        self._weight_ptrs = [p.data_ptr() for p in self.params]
+        self._grad_ptrs = [self.grads[self._range(i)].data_ptr() for i in range(len(params))]
+        self._args = (
+            groups(self.grads, False, 0, self.groups),
+            groups(self.weights, False, 0, self.groups),
+            {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
+             for k, v in self.fields.items()},
+        )
+
+    def _range(self, i: int) -> slice:
+        start = self.offsets[i] * GROUP
+        return slice(start, start + self.params[i].numel())
+
+    def _slice(self, buffer: torch.Tensor, i: int, per_group: bool) -> torch.Tensor:
+        width = 1 if per_group else GROUP
+        count = -(-self.params[i].numel() // GROUP)
+        return buffer[self.offsets[i] * width:(self.offsets[i] + count) * width]
+
+    def intact(self, state: Mapping[torch.Tensor, dict[str, Any]]) -> bool:
+        """Params and state still live in the buffers (else the bucket must be rebuilt)."""
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._weight_ptrs)) and all(
+            state[p].get("step") is not None and state[p]["step"]._base is self.steps
+            for p in self.params
+        )
+
+    @torch.no_grad()
+    def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
+        """Step every param in one launch. Returns False (and does nothing) when that would differ
+        from stepping each param: some grad is None, or the params' step counts differ."""
+        if any(p.grad is None for p in self.params):
+            return False
+        if self.steps.numel() > 1 and bool((self.steps != self.steps[0]).any()):
+            return False
+        for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
+            if p.grad.data_ptr() != ptr:  # a fresh gradient tensor: accumulate into ours again
+                self.grads[self._range(i)].copy_(p.grad.reshape(-1))
+                p.grad = self.grads[self._range(i)].view_as(p)
+        self.steps += 1
+        s = scalar_tensor([GROUP, *scalars(int(self.steps[0].item()))], self.weights.device)
+        grads, weights, fields = self._args
+        self.plan.call(s, grads, weights, fields)
+        return True
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+        for i, p in enumerate(self.params):
+            if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
+                p.grad = self.grads[self._range(i)].view_as(p)

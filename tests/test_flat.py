@@ -1,0 +1,129 @@
+"""Flat storage (one launch per group) steps exactly like the per-tensor path, survives the ways
+users move params and grads around, and keeps gradients accumulating in place."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import flashcompile as fc
+
+SHAPES = [(33, 7), (64,), (5,), (2, 3, 4)]
+
+
+def _model(dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.GELU(), torch.nn.Linear(33, 5)).to(dtype)
+
+
+def _batch(seed, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 7, generator=gen).to(dtype), torch.randn(16, 5, generator=gen).to(dtype)
+
+
+def _train(model, opt, steps, start=0, accumulate=1):
+    for step in range(start, start + steps):
+        for micro in range(accumulate):
+            x, y = _batch(step * 10 + micro)
+            ((model(x).float() - y.float()) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, flat: fc.AdamW(p, lr=1e-2, flat=flat, compile=False),
+    lambda p, flat: fc.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, flat=flat, compile=False),
+    lambda p, flat: fc.Lion(p, lr=1e-3, weight_decay=0.1, flat=flat, compile=False),
+], ids=["adamw", "sgd", "lion"])
+def test_flat_steps_equal_per_tensor_steps(make):
+    a, b = _model(), _model()
+    opt_a, opt_b = make(a.parameters(), True), make(b.parameters(), False)
+    _train(a, opt_a, 5, accumulate=2)
+    _train(b, opt_b, 5, accumulate=2)
+    assert opt_a._buckets and not opt_b._buckets
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_b.state[q])
+
+
+def test_params_and_grads_live_in_one_buffer_and_grads_accumulate_in_place():
+    model = _model()
+    opt = fc.AdamW(model.parameters(), flat=True, compile=False)
+    _train(model, opt, 1)
+    (bucket,) = opt._buckets.values()
+    ptrs = [p.grad.data_ptr() for p in model.parameters()]
+    _train(model, opt, 2)
+    assert [p.grad.data_ptr() for p in model.parameters()] == ptrs
+    base = bucket.weights.data_ptr()
+    assert all(base <= p.data_ptr() < base + bucket.weights.numel() * 2 for p in model.parameters())
+    starts = sorted((p.data_ptr() - base) // 2 for p in model.parameters())
+    assert all(s % 32 == 0 for s in starts)  # every param starts a group: none straddles two
+
+
+def test_moving_params_and_grads_out_of_the_buffers_is_repaired():
+    a, b = _model(), _model()
+    opt_a = fc.AdamW(a.parameters(), flat=True, compile=False)
+    opt_b = fc.AdamW(b.parameters(), flat=False, compile=False)
+    _train(a, opt_a, 2)
+    _train(b, opt_b, 2)
+    a.zero_grad(set_to_none=True)  # the module's zero_grad drops our gradient views
+    a.to(torch.bfloat16).float().to(torch.bfloat16)  # new .data tensors for every param
+    _train(a, opt_a, 2, start=2)
+    _train(b, opt_b, 2, start=2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_param_without_grad_is_skipped_like_torch():
+    a, b = _model(), _model()
+    opt_a = fc.AdamW(a.parameters(), flat=True, compile=False)
+    opt_b = fc.AdamW(b.parameters(), flat=False, compile=False)
+    _train(a, opt_a, 1)
+    _train(b, opt_b, 1)
+    for m, opt in ((a, opt_a), (b, opt_b)):
+        x, y = _batch(99)
+        ((m(x).float() - y.float()) ** 2).mean().backward()
+        m[2].bias.grad = None
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(opt_a.state[a[2].bias]["step"], torch.tensor(1.0))
+
+
+def test_flat_checkpoint_resumes_bit_identically():
+    a, twin = _model(), _model()
+    opt_a = fc.AdamW(a.parameters(), flat=True, compile=False)
+    opt_t = fc.AdamW(twin.parameters(), flat=True, compile=False)
+    _train(a, opt_a, 3)
+    _train(twin, opt_t, 3)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    c = _model(seed=1)
+    c.load_state_dict(ckpt["model"])
+    opt_c = fc.AdamW(c.parameters(), flat=True, compile=False)
+    opt_c.load_state_dict(ckpt["opt"])
+    _train(c, opt_c, 3, start=3)
+    _train(twin, opt_t, 3, start=3)
+    for p, q in zip(c.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_flat_compiled_bucket_matches_eager_bucket_up_to_one_code_step():
+    a, b = _model(), _model()
+    opt_a = fc.AdamW(a.parameters(), flat=True)
+    opt_b = fc.AdamW(b.parameters(), flat=True, compile=False)
+    _train(a, opt_a, 1)
+    _train(b, opt_b, 1)
+    for p, q in zip(a.parameters(), b.parameters()):
+        for name in ("param", "exp_avg", "exp_avg_sq"):
+            got = opt_a.master_weight(p) if name == "param" else opt_a.state_value(p, name)
+            want = opt_b.master_weight(q) if name == "param" else opt_b.state_value(q, name)
+            codec = opt_b._plan(q, opt_b._flags(opt_b.param_groups[0])).codecs[name]
+            padded = torch.zeros(-(-want.numel() // 32) * 32)
+            padded[: want.numel()] = want.reshape(-1)
+            bound = codec.error_bound(padded.view(-1, 32)).reshape(-1)[: want.numel()].view_as(want)
+            assert torch.all((got - want).abs() <= 2 * bound + 1e-6 * want.abs()), name
