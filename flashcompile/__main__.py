@@ -22,7 +22,22 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ex.add_argument("--kernels", action="store_true", help="also compile and print Inductor's code")
     ex.add_argument("--momentum", type=float, default=0.9, help="for sgd/sgdw")
+    bench = sub.add_parser("bench", help="time optimizer steps on workload shape lists")
+    bench.add_argument("--workloads", default="gpt2_124m,single_268m,llama8b_4layers",
+                       help="comma-separated shipped names or JSON paths")
+    bench.add_argument("--optimizers", default="", help="comma-separated (default: all)")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--reps", type=int, default=20)
+    bench.add_argument("--cold", action="store_true", help="clear compile caches per optimizer")
+    bench.add_argument("--csv")
+    bench.add_argument("--json")
+    bench.add_argument("--png")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from flashcompile.bench import main as bench_main
+
+        bench_main(args)
+        return
     p = torch.nn.Parameter(torch.zeros(1024, dtype=getattr(torch, args.dtype), device=args.device))
     extra = {"momentum": args.momentum} if args.optimizer.startswith("sgd") else {}
     opt = OPTIMIZERS[args.optimizer]([p], codecs=args.codecs, **extra)
