@@ -4,11 +4,26 @@ Write the update in fp32 math (:func:`rule`), pick a codec per state (:mod:`flas
 get a ``torch.optim.Optimizer`` whose step is one fused kernel generated through ``torch.compile``.
 """
 
-from flashcompile import codecs
-from flashcompile.dsl import abs, exp, log, maximum, minimum, rule, sign, sqrt, where
-from flashcompile.explain import explain
-from flashcompile.optimizer import Optimizer
-from flashcompile.optimizers import SGD, SGDW, Adam, AdamW, Lion
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+if _importlib_util.find_spec("flashcompile.rules") is None:
+    # A source checkout (no install) keeps the rules in ../rules; installs map them to
+    # flashcompile.rules (pyproject's package-dir).
+    _rules = _os.path.join(_os.path.dirname(__file__), _os.pardir, "rules")
+    _spec = _importlib_util.spec_from_file_location(
+        "flashcompile.rules", _os.path.join(_rules, "__init__.py"),
+        submodule_search_locations=[_rules])
+    _module = _importlib_util.module_from_spec(_spec)
+    _sys.modules["flashcompile.rules"] = _module
+    _spec.loader.exec_module(_module)
+
+from flashcompile import codecs  # noqa: E402
+from flashcompile.dsl import abs, exp, log, maximum, minimum, rule, sign, sqrt, where  # noqa: E402
+from flashcompile.explain import explain  # noqa: E402
+from flashcompile.optimizer import Optimizer  # noqa: E402
+from flashcompile.optimizers import SGD, SGDW, Adam, AdamW, Lion  # noqa: E402
 
 __all__ = [
     "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log",
