@@ -58,6 +58,7 @@ class Bucket:
                 if p.grad is not None:
                     self.grads[self._range(i)].copy_(p.grad.reshape(-1))
                 p.grad = self.grads[self._range(i)].view_as(p)
+        self.uniform_steps: bool | None = True  # None: unknown (some param stepped on its own)
         self._weight_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [self.grads[self._range(i)].data_ptr() for i in range(len(params))]
         self._args = (
@@ -76,25 +77,30 @@ class Bucket:
         count = -(-self.params[i].numel() // GROUP)
         return buffer[self.offsets[i] * width:(self.offsets[i] + count) * width]
 
-    def intact(self, state: Mapping[torch.Tensor, dict[str, Any]]) -> bool:
-        """Params and state still live in the buffers (else the bucket must be rebuilt)."""
-        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._weight_ptrs)) and all(
-            state[p].get("step") is not None and state[p]["step"]._base is self.steps
-            for p in self.params
-        )
+    def intact(self) -> bool:
+        """Params still live in the buffer (else the bucket must be rebuilt). State the optimizer
+        replaces (load_state_dict) drops the bucket there."""
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._weight_ptrs))
 
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param: some grad is None, or the params' step counts differ."""
-        if any(p.grad is None for p in self.params):
-            return False
-        if self.steps.numel() > 1 and bool((self.steps != self.steps[0]).any()):
-            return False
+        fresh = []
         for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
-            if p.grad.data_ptr() != ptr:  # a fresh gradient tensor: accumulate into ours again
-                self.grads[self._range(i)].copy_(p.grad.reshape(-1))
-                p.grad = self.grads[self._range(i)].view_as(p)
+            grad = p.grad
+            if grad is None:
+                return False
+            if grad.data_ptr() != ptr:
+                fresh.append(i)
+        if self.uniform_steps is None:
+            self.uniform_steps = bool((self.steps == self.steps[0]).all())
+        if not self.uniform_steps:
+            return False
+        for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again
+            p = self.params[i]
+            self.grads[self._range(i)].copy_(p.grad.reshape(-1))
+            p.grad = self.grads[self._range(i)].view_as(p)
         self.steps += 1
         s = scalar_tensor([GROUP, *scalars(int(self.steps[0].item()))], self.weights.device)
         grads, weights, fields = self._args

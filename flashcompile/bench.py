@@ -99,19 +99,17 @@ def _sync(device: torch.device) -> None:
 
 
 def _median_ms(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Median ms per call: triton's do_bench on CUDA (events, L2 flushed between calls, as the
+    baselines in shared/MEASUREMENTS.md were taken), a wall clock elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5 * reps, rep=20 * reps, return_mode="median")
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -139,7 +137,8 @@ def _resident(params, opt, device, baseline: int) -> float:
     return total / sum(p.numel() for p in params)
 
 
-def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps: int) -> Row:
+def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps: int,
+              cold: bool = False) -> Row:
     dtype, make, moved = spec
     _sync(device)
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -151,7 +150,8 @@ def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps
     opt = make(params)
     _sync(device)
     t0 = time.perf_counter()
-    opt.step()
+    with torch._inductor.config.patch(force_disable_caches=cold):
+        opt.step()
     _sync(device)
     first = time.perf_counter() - t0
     resident = _resident(params, opt, device, baseline)
@@ -188,10 +188,10 @@ def run(workloads: list[str], optimizers: list[str], device: torch.device, reps:
         name, shapes = load_workload(w)
         baseline = None
         for o in optimizers:
-            if cold:  # first-step times then include compiling from scratch
+            if cold:  # first-step times then include compiling from scratch, no cache on disk
                 torch._dynamo.reset()
                 fc.plan.get_plan.cache_clear()
-            row = bench_one(name, shapes, o, specs[o], device, reps)
+            row = bench_one(name, shapes, o, specs[o], device, reps, cold)
             row.pct_of_copy = 100 * row.effective_gbps / copy
             if o == "torch_adamw_fused":
                 baseline = row.step_ms

@@ -73,6 +73,7 @@ class Optimizer(torch.optim.Optimizer):
         self.compile = compile
         self.flat = flat
         self._buckets: dict[tuple, Bucket] = {}
+        self._buckets_of_group: dict[int, tuple] = {}
         super().__init__(params, {**rule.defaults, **hyperparameters})
 
     # ---- construction-time checks -------------------------------------------------------------
@@ -164,7 +165,11 @@ class Optimizer(torch.optim.Optimizer):
             done: set[int] = set()
             for bucket in self._flat_buckets(index, group, flags):
                 if bucket.try_step(functools.partial(scalars, bucket.plan)):
-                    done.update(id(p) for p in bucket.params)
+                    done.update(map(id, bucket.params))
+                else:
+                    bucket.uniform_steps = None  # its params now step one by one
+            if len(done) == len(group["params"]):
+                continue
             for p in group["params"]:
                 if p.grad is not None and id(p) not in done:
                     self._step_one(p, flags, scalars)
@@ -185,14 +190,21 @@ class Optimizer(torch.optim.Optimizer):
             p.copy_(target)
 
     def _flat_buckets(self, index: int, group: Mapping[str, Any], flags) -> list[Bucket]:
-        """The group's buckets (one per dtype and device), built or rebuilt as needed."""
+        """The group's buckets (one per dtype and device), built or rebuilt as needed.
+
+        The common case (same params, flags and buffers as last step) costs one check per param.
+        """
+        cached = self._buckets_of_group.get(index)
+        if (cached is not None and cached[0] is group["params"] and cached[1] == flags
+                and cached[2] == len(group["params"]) and all(b.intact() for b in cached[3])):
+            return cached[3]
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:
             flat = self.flat if self.flat is not None else p.device.type == "cuda"
             if flat and p.grad is not None and not p.grad.is_sparse:
                 by_kind.setdefault((p.dtype, p.device), []).append(p)
         out = []
-        for kind, params in by_kind.items():
+        for kind in by_kind:
             params = [p for p in group["params"] if (p.dtype, p.device) == kind]
             plan = self._plan(params[0], flags)
             if not plan.pads_stay_zero:
@@ -200,9 +212,10 @@ class Optimizer(torch.optim.Optimizer):
             key = (index, *kind)
             bucket = self._buckets.get(key)
             if (bucket is None or bucket.plan is not plan or bucket.params != params
-                    or not bucket.intact(self.state)):
+                    or not bucket.intact()):
                 bucket = self._buckets[key] = Bucket(params, plan, self.state, self._init_state)
             out.append(bucket)
+        self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -296,6 +309,7 @@ class Optimizer(torch.optim.Optimizer):
             new_state[p] = self._check_saved_state(p, self._plan(p, self._flags(group)), saved, pid)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._buckets.clear()  # rebuilt from the loaded tensors at the next step
+        self._buckets_of_group.clear()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

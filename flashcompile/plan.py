@@ -29,6 +29,8 @@ PARAM = "param"  # the master weight's name in codec mappings and state keys
 # Codecs round on purpose (x.to(bf16) is the weight split's high half). By default Inductor may keep
 # such intermediate casts in fp32, which silently zeroes the residual; make it round as eager does.
 COMPILE_OPTIONS = {"emulate_precision_casts": True}
+# On CUDA, let Inductor tune block sizes and warps of the one kernel (a few seconds, once per plan).
+CUDA_COMPILE_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
 
 
 def state_key(state: str, field: Field) -> str:
@@ -63,7 +65,8 @@ class Plan:
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         self.fn = (
-            torch.compile(self.eager, fullgraph=True, dynamic=True, options=COMPILE_OPTIONS)
+            torch.compile(self.eager, fullgraph=True, dynamic=True,
+                          options=CUDA_COMPILE_OPTIONS if key.device_type == "cuda" else COMPILE_OPTIONS)
             if key.compiled
             else self.eager
         )

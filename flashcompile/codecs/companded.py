@@ -24,7 +24,13 @@ from flashcompile.codecs.base import FP32_SLACK, Codec, Field, inverse_scale, ro
 
 
 def _group_scale(mag: torch.Tensor) -> torch.Tensor:
-    return round_up_fp16(mag.amax(dim=-1, keepdim=True))
+    """fp16 scale >= the group's largest magnitude (NaN if the group holds a NaN).
+
+    The max runs on the bit patterns: for values >= 0 integer order is float order, NaN sorts
+    above Inf, and an integer max is one instruction where a NaN-propagating float max is three.
+    """
+    top = mag.view(torch.int32).amax(dim=-1, keepdim=True).view(torch.float32)
+    return round_up_fp16(top)
 
 
 @dataclass(frozen=True)
