@@ -6,6 +6,10 @@ entry a view into its field's buffer, every parameter starting at a group bounda
 never straddles two parameters; the padding lanes hold zeros that the rule provably keeps zero).
 Gradients then accumulate in place and one compiled call steps the whole bucket.
 
+On CUDA the bucket's launch is captured in a CUDA graph after its first step: later steps upload the
+scalars (through pinned memory) and replay it, so ``step()`` costs the host a few checks instead of
+the compiled function's guards and launcher.
+
 Whatever moves a parameter or gradient out of the buffers (``model.to()``, ``zero_grad`` with
 ``set_to_none`` from outside, ``load_state_dict``) is detected at the next step: gradients are copied
 back in; anything else rebuilds the bucket from the current tensors.
@@ -58,6 +62,8 @@ class Bucket:
                 if p.grad is not None:
                     self.grads[self._range(i)].copy_(p.grad.reshape(-1))
                 p.grad = self.grads[self._range(i)].view_as(p)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._scalars: _ScalarUpload | None = None
         self.uniform_steps: bool | None = True  # None: unknown (some param stepped on its own)
         self._weight_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [self.grads[self._range(i)].data_ptr() for i in range(len(params))]
@@ -102,9 +108,22 @@ class Bucket:
             self.grads[self._range(i)].copy_(p.grad.reshape(-1))
             p.grad = self.grads[self._range(i)].view_as(p)
         self.steps += 1
-        s = scalar_tensor([GROUP, *scalars(int(self.steps[0].item()))], self.weights.device)
+        values = [GROUP, *scalars(int(self.steps[0].item()))]
         grads, weights, fields = self._args
-        self.plan.call(s, grads, weights, fields)
+        if not self.weights.is_cuda:
+            self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields)
+            return True
+        if self._scalars is None:
+            self._scalars = _ScalarUpload(len(values), self.weights.device)
+        s = self._scalars.upload(values)
+        if self._graph is not None:
+            self._graph.replay()
+            return True
+        self.plan.call(s, grads, weights, fields)  # compiles and tunes on first use
+        if self.plan.key.compiled:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
+                self.plan.call(s, grads, weights, fields)
         return True
 
     def zero_grad(self) -> None:
@@ -112,3 +131,22 @@ class Bucket:
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
                 p.grad = self.grads[self._range(i)].view_as(p)
+
+
+class _ScalarUpload:
+    """A fixed device vector for the kernel's scalars, refilled each step without blocking the
+    host: values go through one of two pinned buffers, reused only once its copy has run."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.device_values = torch.zeros(size, dtype=torch.float32, device=device)
+        self.host = [torch.zeros(size, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        self.done = [torch.cuda.Event() for _ in range(2)]
+        self.turn = 0
+
+    def upload(self, values: list[float]) -> torch.Tensor:
+        i = self.turn = 1 - self.turn
+        self.done[i].synchronize()  # the copy that last read this buffer has finished
+        self.host[i].numpy()[:] = values
+        self.device_values.copy_(self.host[i], non_blocking=True)
+        self.done[i].record()
+        return self.device_values

@@ -65,11 +65,15 @@ class Plan:
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         self.fn = (
-            torch.compile(self.eager, fullgraph=True, dynamic=True,
-                          options=CUDA_COMPILE_OPTIONS if key.device_type == "cuda" else COMPILE_OPTIONS)
+            torch.compile(self.eager, fullgraph=True, dynamic=True, options=self._options())
             if key.compiled
             else self.eager
         )
+
+    def _options(self) -> dict:
+        reduces = any(f.per_group for c in self.codecs.values() for f in c.fields)
+        # Tuning pays for the one reduction kernel; a plain element-wise plan gains nothing from it.
+        return CUDA_COMPILE_OPTIONS if self.key.device_type == "cuda" and reduces else COMPILE_OPTIONS
 
     @property
     def owned_fields(self) -> dict[str, Field]:

@@ -56,3 +56,28 @@ def test_one_parameter_flash_adamw_update_is_one_triton_kernel():
     opt = fc.AdamW([torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16, device="cuda"))])
     code = "\n".join(inductor_source(plan_of(opt), "cuda"))
     assert count_kernels(code) == 1, code
+
+
+def test_cuda_flat_buckets_replayed_from_a_cuda_graph_equal_per_tensor_steps():
+    torch.manual_seed(0)
+    shapes = [(256, 96), (1000,), (7, 3), (64,)]
+    init = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in shapes]
+    flat = [torch.nn.Parameter(t.clone()) for t in init]
+    per_tensor = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_a, opt_b = fc.AdamW(flat, flat=True), fc.AdamW(per_tensor, flat=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt_a, max_lr=1e-2, total_steps=10)
+    sched_b = torch.optim.lr_scheduler.OneCycleLR(opt_b, max_lr=1e-2, total_steps=10)
+    for step in range(5):
+        for a, b in zip(flat, per_tensor):
+            g = torch.randn_like(a)
+            a.grad.copy_(g) if a.grad is not None else setattr(a, "grad", g.clone())
+            b.grad = g.clone()
+        opt_a.step()
+        opt_b.step()
+        sched.step()
+        sched_b.step()
+    (bucket,) = opt_a._buckets.values()
+    assert bucket._graph is not None  # steps 2.. replayed the captured launch
+    for a, b in zip(flat, per_tensor):
+        assert torch.equal(a, b)
+        assert all(torch.equal(opt_a.state[a][k], opt_b.state[b][k]) for k in opt_b.state[b])
