@@ -6,10 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 # Odd sizes, 1-element tensors, multi-dim; sizes straddle the group size of 32.
-dims = st.integers(min_value=1, max_value=40)
-shapes = st.lists(dims, min_size=1, max_size=3).map(tuple)
-shape_lists = st.lists(shapes, min_size=1, max_size=3)
-seeds = st.integers(min_value=0, max_value=2**31 - 1)
+from flashcompile.testing import seeds, shape_lists, shapes  # noqa: E402,F401
 
 
 @st.composite

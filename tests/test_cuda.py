@@ -36,7 +36,7 @@ def test_cuda_plan_equals_eager_up_to_one_code_step(name, groups):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cuda_flash_steps_stay_within_codec_bounds_of_fp32_steps(name):
-    from test_flash_tracking import _fp32_step, assert_within_bounds
+    from flashcompile.testing import assert_within_bounds, fp32_step
 
     make, _ = CASES[name]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -47,7 +47,7 @@ def test_cuda_flash_steps_stay_within_codec_bounds_of_fp32_steps(name):
         refs = []
         for p in params:
             p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(torch.bfloat16)
-            refs.append(_fp32_step(opt, p))
+            refs.append(fp32_step(opt, p))
         opt.step()
         assert_within_bounds(opt, params, refs, step, code_steps=2, fp32_ulps=8)
 
