@@ -9,7 +9,7 @@ from unittest import mock
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import COMPILE_OPTIONS, PARAM, Plan
+from flashcompile.plan import PARAM, Plan
 from flashcompile.trace import math_text
 
 
@@ -58,8 +58,9 @@ def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int 
     codes: list[str] = []
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
-        compiled = torch.compile(fresh, fullgraph=True, dynamic=True, options=COMPILE_OPTIONS)
-        compiled(*sample_inputs(plan, groups, device))
+        compiled = torch.compile(fresh, fullgraph=True, dynamic=True, options=plan.compile_options())
+        with torch.no_grad():
+            compiled(*sample_inputs(plan, groups, device))
     return codes
 
 
@@ -79,7 +80,7 @@ def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = Fal
         f"\n# codecs ({plan.bytes_per_param:.4g} bytes per parameter, gradient excluded)",
         codecs,
         "\n# generated torch function (torch.compile(fullgraph=True, dynamic=True, options="
-        f"{COMPILE_OPTIONS}))",
+        f"{plan.compile_options()}))",
         plan.source,
         "# scalar prologue: host, float64, once per step; its values are _s[1:]",
         plan.lowered.prologue_source,

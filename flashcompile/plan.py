@@ -64,13 +64,15 @@ class Plan:
         self.eager = namespace["step"]
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
-        self.fn = (
-            torch.compile(self.eager, fullgraph=True, dynamic=True, options=self._options())
-            if key.compiled
-            else self.eager
-        )
+        fn = self.eager
+        if key.compiled:
+            _allow_plan_variants()
+            fn = torch.compile(fn, fullgraph=True, dynamic=True, options=self.compile_options())
+        # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
+        # would compile a second copy of the same kernel.
+        self.fn = torch.no_grad()(fn)
 
-    def _options(self) -> dict:
+    def compile_options(self) -> dict:
         reduces = any(f.per_group for c in self.codecs.values() for f in c.fields)
         # Tuning pays for the one reduction kernel; a plain element-wise plan gains nothing from it.
         return CUDA_COMPILE_OPTIONS if self.key.device_type == "cuda" and reduces else COMPILE_OPTIONS
@@ -138,6 +140,18 @@ class Plan:
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
         self.fn(s, grad, *args)
+
+
+def _allow_plan_variants() -> None:
+    """Raise dynamo's per-code-object recompile limit (8) to 64.
+
+    Every plan compiles a couple of variants (whole groups, one-group tails) and some torch versions
+    (2.11) trace every compiled function through one shared wrapper code object, so a process
+    with a few optimizers, dtypes and flags reaches 8 and, with fullgraph=True, fails.
+    """
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
 def scalar_tensor(values: list[float], device: torch.device) -> torch.Tensor:
