@@ -46,6 +46,21 @@ def decode_inputs(plan: Plan, args: list[torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def describe_mismatch(plan: Plan, key: str, want_args, got_args, want, got, tol) -> str:
+    """The worst element of a compiled-vs-eager mismatch: values, tolerance and both encodings."""
+    excess = (got - want).abs() - tol
+    flat = int(excess.reshape(-1).argmax())
+    row, lane = divmod(flat, GROUP)
+    i = 2 + sum(len(c.fields) for k, c in plan.codecs.items() if list(plan.codecs).index(k)
+                < list(plan.codecs).index(key))
+    fields = {f.name: (want_args[i + j].reshape(-1, 1 if f.per_group else GROUP)[row].tolist(),
+                       got_args[i + j].reshape(-1, 1 if f.per_group else GROUP)[row].tolist())
+              for j, f in enumerate(plan.codecs[key].fields)}
+    return (f"{key}: group {row} lane {lane}: eager {want.reshape(-1)[flat].item():.9g} compiled "
+            f"{got.reshape(-1)[flat].item():.9g} tol {tol.reshape(-1)[flat].item():.3g}; "
+            f"fields (eager, compiled): {fields}")
+
+
 def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int = 256) -> list[str]:
     """Compile a fresh copy of the plan's function and return the output code Inductor wrote."""
     from torch._inductor.graph import GraphLowering

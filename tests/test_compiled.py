@@ -13,6 +13,7 @@ import flashcompile as fc
 from flashcompile.explain import (
     count_kernels,
     decode_inputs,
+    describe_mismatch,
     inductor_source,
     plan_of,
     sample_inputs,
@@ -48,7 +49,8 @@ def test_compiled_equals_eager_up_to_one_code_step(name, groups, seed):
         # A rounding tie may land one code apart (2 x the half-step bound); fused fp32 math may
         # differ from eager by a few ulps.
         tol = 2 * codec.error_bound(want[key]) + 1e-6 * want[key].abs()
-        assert torch.all((got[key] - want[key]).abs() <= tol), f"{key} ({codec.name})"
+        assert torch.all((got[key] - want[key]).abs() <= tol), describe_mismatch(
+            plan, key, eager, compiled, want[key], got[key], tol)
     assert torch.equal(compiled[0], eager[0])  # scalars are inputs, never written
 
 

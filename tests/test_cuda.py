@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import flashcompile as fc
-from flashcompile.explain import count_kernels, decode_inputs, inductor_source, plan_of, sample_inputs
+from flashcompile.explain import (
+    count_kernels,
+    decode_inputs,
+    describe_mismatch,
+    inductor_source,
+    plan_of,
+    sample_inputs,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -31,7 +38,8 @@ def test_cuda_plan_equals_eager_up_to_one_code_step(name, groups):
     wants, gots = decode_inputs(plan, eager), decode_inputs(plan, compiled)
     for key, codec in plan.codecs.items():
         tol = 2 * codec.error_bound(wants[key]) + 1e-6 * wants[key].abs()
-        assert torch.all((gots[key] - wants[key]).abs() <= tol), key
+        assert torch.all((gots[key] - wants[key]).abs() <= tol), describe_mismatch(
+            plan, key, eager, compiled, wants[key], gots[key], tol)
 
 
 @pytest.mark.parametrize("flat", [True, False], ids=["flat_cuda_graph", "per_tensor"])
