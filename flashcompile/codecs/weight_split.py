@@ -56,7 +56,9 @@ class WeightSplit(Codec):
             d = x.view(torch.int32) - (hi.view(torch.int16).to(torch.int32) << 16)
             code = (d * n + (1 << 14)) >> 15  # round(d * n / 2**15), half up
             return hi, code.to(self.residual_dtype)
-        err = x - hi.float()  # exact: hi is x rounded to fewer mantissa bits
+        # exact: hi is x rounded to fewer mantissa bits. Read hi back through its bits: some Inductor
+        # backends (CPU, torch 2.11) fold x.to(fp16).float() into x, which would zero every residual.
+        err = x - hi.view(torch.int16).view(torch.float16).float()
         neg_h = -self._fp16_half_ulp_exponent(hi)
         a = neg_h >> 1  # floor(neg_h / 2): two factors keep each power of two in range
         code = torch.round(err * pow2(a) * pow2(neg_h - a) * n)  # err / half_ulp in [-1, 1]
