@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -71,6 +72,34 @@ class Plan:
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
         # would compile a second copy of the same kernel.
         self.fn = torch.no_grad()(fn)
+        self._verified = not key.compiled
+
+    def verify(self, device: torch.device) -> None:
+        """Before first use, check the compiled kernel against the eager function on random data.
+
+        A backend that drops a rounding the codecs rely on would otherwise lose precision silently
+        (seen: Inductor's CPU backend in torch 2.11 folds fp32 -> fp16 -> fp32, zeroing the fp16
+        weight split's residual). On disagreement beyond one code step, warn and run eagerly.
+        """
+        from flashcompile.explain import decode_inputs, describe_mismatch, sample_inputs
+
+        self._verified = True
+        args = sample_inputs(self, 4, device)
+        eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
+        with torch.no_grad():
+            self.eager(*eager)
+        self.fn(*compiled)
+        want, got = decode_inputs(self, eager), decode_inputs(self, compiled)
+        for name, codec in self.codecs.items():
+            tol = codec.code_step(want[name]) + 1e-6 * want[name].abs()
+            if not torch.all((got[name] - want[name]).abs() <= tol):
+                warnings.warn(
+                    f"flashcompile: the compiled {self.key.rule.name} plan disagrees with its eager "
+                    f"function on torch {torch.__version__} ({device.type}); running it eagerly. "
+                    + describe_mismatch(self, name, eager, compiled, want[name], got[name], tol),
+                    RuntimeWarning, stacklevel=3)
+                self.fn = torch.no_grad()(self.eager)
+                return
 
     def compile_options(self) -> dict:
         reduces = any(f.per_group for c in self.codecs.values() for f in c.fields)
@@ -135,6 +164,8 @@ class Plan:
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor]) -> None:
         """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views them."""
+        if not self._verified:
+            self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:

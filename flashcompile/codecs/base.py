@@ -62,6 +62,11 @@ class Codec:
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def code_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Bound on how far decoded values move when the code of ``x`` is one step off (a rounding
+        tie resolved the other way by a different but valid arithmetic order)."""
+        return 2 * self.error_bound(x)
+
     def for_param(self, dtype: torch.dtype) -> Codec:
         """The variant of this codec that stores a master weight for a param of ``dtype``.
 

@@ -82,6 +82,11 @@ class SqrtUint8(Codec):
         dr = s * (1 / 510 + FP32_SLACK)  # error of the stored sqrt
         return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
 
+    def code_step(self, x):
+        r = torch.sqrt(x)
+        step = _group_scale(r).float() * (1 / 255 + 2 * FP32_SLACK)  # one code, in sqrt units
+        return step * (2 * r + 2 * step) + x * FP32_SLACK
+
 
 @dataclass(frozen=True)
 class LinearInt8(Codec):
