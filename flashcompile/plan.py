@@ -74,17 +74,14 @@ class Plan:
         self.fn = torch.no_grad()(fn)
         self._verified = not key.compiled
 
-    def verify(self, device: torch.device) -> None:
-        """Before first use, check the compiled kernel against the eager function on random data.
-
-        A backend that drops a rounding the codecs rely on would otherwise lose precision silently
-        (seen: Inductor's CPU backend in torch 2.11 folds fp32 -> fp16 -> fp32, zeroing the fp16
-        weight split's residual). On disagreement beyond one code step, warn and run eagerly.
-        """
+    def compare_compiled(self, device: torch.device | str, groups: int = 4,
+                         seed: int = 0) -> str | None:
+        """Run the compiled and the eager function on the same random inputs; describe the worst
+        value further apart than one code step (plus a few fp32 ulps), or return None."""
         from flashcompile.explain import decode_inputs, describe_mismatch, sample_inputs
 
-        self._verified = True
-        args = sample_inputs(self, 4, device)
+        torch.manual_seed(seed)
+        args = sample_inputs(self, groups, device)
         eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
         with torch.no_grad():
             self.eager(*eager)
@@ -93,13 +90,26 @@ class Plan:
         for name, codec in self.codecs.items():
             tol = codec.code_step(want[name]) + 1e-6 * want[name].abs()
             if not torch.all((got[name] - want[name]).abs() <= tol):
-                warnings.warn(
-                    f"flashcompile: the compiled {self.key.rule.name} plan disagrees with its eager "
-                    f"function on torch {torch.__version__} ({device.type}); running it eagerly. "
-                    + describe_mismatch(self, name, eager, compiled, want[name], got[name], tol),
-                    RuntimeWarning, stacklevel=3)
-                self.fn = torch.no_grad()(self.eager)
-                return
+                return describe_mismatch(self, name, eager, compiled, want[name], got[name], tol)
+        if not torch.equal(compiled[0], eager[0]):
+            return "the scalar vector was written to"
+        return None
+
+    def verify(self, device: torch.device) -> None:
+        """Before first use, check the compiled kernel against the eager function on random data.
+
+        A backend that drops a rounding the codecs rely on would otherwise lose precision silently
+        (seen: Inductor's CPU backend in torch 2.11 folds fp32 -> fp16 -> fp32, zeroing the fp16
+        weight split's residual). On disagreement beyond one code step, warn and run eagerly.
+        """
+        self._verified = True
+        mismatch = self.compare_compiled(device)
+        if mismatch is not None:
+            warnings.warn(
+                f"flashcompile: the compiled {self.key.rule.name} plan disagrees with its eager "
+                f"function on torch {torch.__version__} ({torch.device(device).type}); running it "
+                f"eagerly. {mismatch}", RuntimeWarning, stacklevel=3)
+            self.fn = torch.no_grad()(self.eager)
 
     def compile_options(self) -> dict:
         reduces = any(f.per_group for c in self.codecs.values() for f in c.fields)

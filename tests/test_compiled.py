@@ -10,14 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashcompile as fc
-from flashcompile.explain import (
-    count_kernels,
-    decode_inputs,
-    describe_mismatch,
-    inductor_source,
-    plan_of,
-    sample_inputs,
-)
+from flashcompile.explain import count_kernels, inductor_source, plan_of
 from flashcompile.plan import PARAM
 
 PLANS = {
@@ -37,22 +30,8 @@ def _plan(name):
 @settings(max_examples=6)
 @given(groups=st.sampled_from([1, 3, 7]), seed=st.integers(0, 2**16))
 def test_compiled_equals_eager_up_to_one_code_step(name, groups, seed):
-    plan = _plan(name)
-    torch.manual_seed(seed)
-    args = sample_inputs(plan, groups, "cpu")
-    eager = [a.clone() for a in args]
-    compiled = [a.clone() for a in args]
-    plan.verify(args[1].device)  # what every optimizer does before a plan's first launch
-    with torch.no_grad():
-        plan.eager(*eager)
-    plan.fn(*compiled)
-    want, got = decode_inputs(plan, eager), decode_inputs(plan, compiled)
-    for key, codec in plan.codecs.items():
-        # A rounding tie may land one code apart; fused fp32 math may differ by a few ulps.
-        tol = codec.code_step(want[key]) + 1e-6 * want[key].abs()
-        assert torch.all((got[key] - want[key]).abs() <= tol), describe_mismatch(
-            plan, key, eager, compiled, want[key], got[key], tol)
-    assert torch.equal(compiled[0], eager[0])  # scalars are inputs, never written
+    # The compiled kernel itself, before any fallback: Plan.verify would hide a miscompile.
+    assert _plan(name).compare_compiled("cpu", groups, seed) is None
 
 
 def test_changing_hyperparameters_never_recompiles():

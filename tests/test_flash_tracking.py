@@ -14,35 +14,27 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import flashcompile as fc
-from flashcompile.testing import assert_within_bounds, check_rule, fp32_step
+from flashcompile.testing import check_rule, check_steps
 from flashcompile.rules import adam, lion, sgd
 from strategies import seeds, shape_lists
 
 STEPS = 6
 
-OPTIMIZERS = {
-    "sgd": lambda p: fc.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, compile=False),
-    "adamw": lambda p: fc.AdamW(p, lr=1e-2, compile=False),
-    "adam_amsgrad": lambda p: fc.Adam(p, lr=1e-2, amsgrad=True, weight_decay=0.01, compile=False),
-    "lion": lambda p: fc.Lion(p, lr=1e-3, weight_decay=0.1, compile=False),
+# rule and hyperparameters; flags as the torch-named classes set them
+CASES = {
+    "sgd": (sgd, dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+    "adamw": (adam, dict(lr=1e-2, weight_decay=0.01, decoupled_weight_decay=True)),
+    "adam_amsgrad": (adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01)),
+    "lion": (lion, dict(lr=1e-3, weight_decay=0.1)),
 }
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @given(shapes=shape_lists, seed=seeds, grad_scale=st.sampled_from([1e-4, 1.0, 100.0]))
 def test_flash_step_is_within_codec_bounds_of_fp32_step(name, dtype, shapes, seed, grad_scale):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-    opt = OPTIMIZERS[name](params)
-    for step in range(1, STEPS + 1):
-        refs = []
-        for p in params:
-            p.grad = (torch.randn(p.shape, generator=gen) * grad_scale).to(dtype)
-            refs.append(fp32_step(opt, p))
-        opt.step()
-        assert_within_bounds(opt, params, refs, step)
+    rule, hyper = CASES[name]
+    check_steps(rule, hyper, shapes, seed, dtype, steps=STEPS, grad_scale=grad_scale)
 
 
 @pytest.mark.parametrize("rule", [adam, lion, sgd], ids=lambda r: r.name)
