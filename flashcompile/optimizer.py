@@ -20,7 +20,7 @@ from flashcompile import codecs as _codecs
 from flashcompile.arena import Bucket
 from flashcompile.codecs import GROUP, Codec
 from flashcompile.dsl import Rule
-from flashcompile.plan import PARAM, Plan, PlanKey, get_plan
+from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
 from flashcompile.trace import check_facts, trace
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -129,8 +129,8 @@ class Optimizer(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
         groups = -(-p.numel() // GROUP)
         for name, codec in plan.codecs.items():
-            missing = [f for f in codec.fields if _key(name, f) in plan.owned_fields
-                       and _key(name, f) not in state]
+            missing = [f for f in codec.fields if state_key(name, f) in plan.owned_fields
+                       and state_key(name, f) not in state]
             if not missing:
                 continue
             x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
@@ -139,7 +139,7 @@ class Optimizer(torch.optim.Optimizer):
             encoded = codec.encode(x.view(groups, GROUP))
             for f, t in zip(codec.fields, encoded):
                 if f in missing:
-                    state[_key(name, f)] = t.reshape(-1).contiguous()
+                    state[state_key(name, f)] = t.reshape(-1).contiguous()
 
     def _stored(self, plan: Plan, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {k: state[k] for k in plan.owned_fields}
@@ -153,15 +153,8 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            hyper = self._hyperparameters(group)
             flags = self._flags(group)
-            cache: dict[tuple[int, int], list[float]] = {}
-
-            def scalars(plan: Plan, step: int) -> list[float]:
-                if (id(plan), step) not in cache:  # once per (group, plan, step), not per param
-                    cache[(id(plan), step)] = plan.scalars(step, hyper)
-                return cache[(id(plan), step)]
-
+            scalars = _ScalarCache(self._hyperparameters(group))
             done: set[int] = set()
             for bucket in self._flat_buckets(index, group, flags):
                 if bucket.try_step(functools.partial(scalars, bucket.plan)):
@@ -246,7 +239,7 @@ class Optimizer(torch.optim.Optimizer):
                 t = torch.zeros(groups * GROUP, dtype=p.dtype, device=p.device)
                 t[: p.numel()] = p.detach().reshape(-1)
             else:
-                t = self.state[p][_key(name, f)]
+                t = self.state[p][state_key(name, f)]
             tensors.append(t.view(groups, 1 if f.per_group else GROUP))
         return codec.decode(*tensors).reshape(-1)[: p.numel()].view_as(p)
 
@@ -261,7 +254,7 @@ class Optimizer(torch.optim.Optimizer):
         if name not in self.rule.states:
             raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
         if not self.state.get(p):
-            raise KeyError(f"param has no state yet: step the optimizer first")
+            raise KeyError("param has no state yet: step the optimizer first")
         return self._decode(p, name)
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -335,10 +328,18 @@ class Optimizer(torch.optim.Optimizer):
         return out
 
 
-def _key(name: str, field) -> str:
-    from flashcompile.plan import state_key
+class _ScalarCache:
+    """A group's scalar prologue, evaluated once per (plan, step) rather than once per param."""
 
-    return state_key(name, field)
+    def __init__(self, hyper: Mapping[str, Any]):
+        self.hyper = hyper
+        self.values: dict[tuple[int, int], list[float]] = {}
+
+    def __call__(self, plan: Plan, step: int) -> list[float]:
+        key = (id(plan), step)
+        if key not in self.values:
+            self.values[key] = plan.scalars(step, self.hyper)
+        return self.values[key]
 
 
 def resolve_codecs(rule: Rule, spec: str | Mapping[str, Codec], dtype: torch.dtype,

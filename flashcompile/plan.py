@@ -221,7 +221,7 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
     names = [traced.param.name, *traced.rule.states]
     args, lines = ["_s", "_grad"], []
     lines.append(f"    {traced.grad.name} = _grad.float()")
-    for i, (name, codec) in enumerate(codecs.items()):
+    for name, codec in codecs.items():
         var = names[0] if name == PARAM else name
         fields = [f"{name}__{f.name}" for f in codec.fields]
         args += fields
@@ -229,7 +229,7 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
     lines.append("    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)")
     for target, expr in lowered.statements:
         lines.append(f"    {target} = {expr}")
-    for i, (name, codec) in enumerate(codecs.items()):
+    for name, codec in codecs.items():
         out = lowered.outputs[0 if name == PARAM else names.index(name)]
         if out is None:
             continue  # passthrough: decoded for reading, never re-encoded
