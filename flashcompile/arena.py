@@ -17,6 +17,7 @@ back in; anything else rebuilds the bucket from the current tensors.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ class Bucket:
         self.plan = plan
         first = params[0]
         counts = [-(-p.numel() // GROUP) for p in params]
-        self.offsets = [sum(counts[:i]) for i in range(len(counts))]
+        self.offsets = [0, *itertools.accumulate(counts)][:-1]
         self.groups = sum(counts)
         total = self.groups * GROUP
         self.weights = torch.zeros(total, dtype=first.dtype, device=first.device)
@@ -64,7 +65,8 @@ class Bucket:
                 p.grad = self.grads[self._range(i)].view_as(p)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._scalars: _ScalarUpload | None = None
-        self.uniform_steps: bool | None = True  # None: unknown (some param stepped on its own)
+        # None: not yet checked (loaded or per-tensor steps may differ between params)
+        self.uniform_steps: bool | None = None
         self._weight_ptrs = [p.data_ptr() for p in self.params]
         self._grad_ptrs = [self.grads[self._range(i)].data_ptr() for i in range(len(params))]
         self._args = (
