@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flashcompile import codecs as _codecs
+from flashcompile import interop
 from flashcompile.arena import Bucket
 from flashcompile.codecs import GROUP, Codec
 from flashcompile.dsl import Rule
@@ -260,10 +261,11 @@ class Optimizer(torch.optim.Optimizer):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this optimizer: every tensor is checked first, then copied exactly.
+        """Load a state dict of this optimizer, or a torch.optim one of the same optimizer (its fp32
+        states are encoded with this optimizer's codecs).
 
-        Unlike torch.optim, stored fields keep their own dtypes (int8 codes, fp16 scales); nothing is
-        cast to the param's dtype. A state dict that does not fit raises before anything changes.
+        Stored fields keep their own dtypes (int8 codes, fp16 scales); nothing is cast to the param's
+        dtype. A state dict that does not fit raises before anything changes.
         """
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
@@ -282,6 +284,10 @@ class Optimizer(torch.optim.Optimizer):
                     f"param group {i}: state dict has {len(saved['params'])} params, optimizer "
                     f"has {len(g['params'])}"
                 )
+            # torch.optim's groups lack flags it does not have (SGD's decoupled_weight_decay):
+            # keep ours. A missing float hyperparameter means another optimizer's state dict.
+            flags = {k: g[k] for k in self.rule.flags if k not in saved}
+            saved = {**flags, **saved}
             missing = sorted(set(self.rule.defaults) - set(saved))
             if missing:
                 raise ValueError(
@@ -306,8 +312,15 @@ class Optimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state in torch.optim's format (fp32 states shaped like their params),
+        loadable by the torch.optim optimizer of the same name."""
+        return interop.torch_state_dict(self)
+
     def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
         expected = dict(plan.owned_fields)
+        if interop.is_torch_format(self.rule.states, saved, p):
+            return interop.import_state(p, plan, saved, pid)
         if set(saved) != set(expected) | {"step"}:
             raise ValueError(
                 f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
