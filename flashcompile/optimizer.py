@@ -16,30 +16,15 @@ from typing import Any
 
 import torch
 
-from flashcompile import codecs as _codecs
 from flashcompile import interop
 from flashcompile.arena import Bucket
-from flashcompile.codecs import GROUP, Codec
+from flashcompile.codecs import GROUP
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
+from flashcompile.presets import check_codec_spec, resolve_codecs
 from flashcompile.trace import check_facts, trace
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PRESETS = ("flash", "fp32")
-
-
-def default_codec(fact: str, preset: str) -> Codec:
-    """The state codec a preset picks for a state's declared fact."""
-    if preset == "fp32":
-        return _codecs.fp32
-    return _codecs.sqrt_uint8 if fact == "nonnegative" else _codecs.softsign_int8
-
-
-def default_param_codec(dtype: torch.dtype, preset: str) -> Codec:
-    """The master-weight codec a preset picks for a param dtype."""
-    if preset == "flash" and dtype != torch.float32:
-        return _codecs.WeightSplit(dtype, torch.int8)
-    return _codecs.fp32.for_param(dtype)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -70,7 +55,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"{sorted(rule.defaults)}"
             )
         self.rule = rule
-        self.codecs_spec = _check_codec_spec(codecs, rule)
+        self.codecs_spec = check_codec_spec(codecs, rule)
         self.compile = compile
         self.flat = flat
         self._buckets: dict[tuple, Bucket] = {}
@@ -353,43 +338,6 @@ class _ScalarCache:
         if key not in self.values:
             self.values[key] = plan.scalars(step, self.hyper)
         return self.values[key]
-
-
-def resolve_codecs(rule: Rule, spec: str | Mapping[str, Codec], dtype: torch.dtype,
-                   live: tuple[str, ...]) -> tuple[tuple[str, Codec], ...]:
-    """(PARAM, codec), then (state, codec) for each live state: the preset, then the overrides."""
-    preset = spec if isinstance(spec, str) else "flash"
-    overrides = {} if isinstance(spec, str) else spec
-    param = overrides.get(PARAM, default_param_codec(dtype, preset)).for_param(dtype)
-    out = [(PARAM, param)]
-    for name in live:
-        codec = overrides.get(name, default_codec(rule.states[name], preset))
-        out.append((name, codec))
-    return tuple(out)
-
-
-def _check_codec_spec(spec: Any, rule: Rule) -> str | dict[str, Codec]:
-    if isinstance(spec, str):
-        if spec not in PRESETS:
-            raise ValueError(f"codecs={spec!r} is not a preset; use one of {PRESETS} or a mapping")
-        return spec
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"codecs must be a preset name or a mapping, got {type(spec).__name__}")
-    out = {}
-    for name, codec in spec.items():
-        if name != PARAM and name not in rule.states:
-            raise ValueError(
-                f"codecs names unknown state {name!r}; {rule.name} has states "
-                f"{list(rule.states)} (and 'param' for the master weight)"
-            )
-        c = _codecs.get(codec)
-        if name != PARAM and c.domain == "nonnegative" and rule.states[name] != "nonnegative":
-            raise ValueError(
-                f"codec {c.name} stores only nonnegative values, but state {name!r} of {rule.name} "
-                "is signed; pick a signed codec such as softsign_int8"
-            )
-        out[name] = c
-    return out
 
 
 def _check_param(p: torch.Tensor) -> None:

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from flashcompile.codecs import GROUP
 from flashcompile.dsl import Rule
-from flashcompile.optimizer import Optimizer, resolve_codecs
+from flashcompile.optimizer import Optimizer
 from flashcompile.plan import PARAM, PlanKey, get_plan, state_key
+from flashcompile.presets import resolve_codecs
 from flashcompile.trace import check_facts, trace
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import value_tensors
 
 from flashcompile import codecs
-from strategies import value_tensors
 
 STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "linear_int8"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]

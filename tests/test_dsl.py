@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import pytest
 import sympy
 import torch
+from flashcompile.rules import adam, lion, sgd
 
 import flashcompile as fc
 from flashcompile.codecs import Codec, Field
 from flashcompile.lowering import lower
-from flashcompile.rules import adam, lion, sgd
 from flashcompile.trace import check_facts, math_text, trace
 
 RULES = [adam, lion, sgd]

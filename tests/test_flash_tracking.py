@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flashcompile.rules import adam, lion, sgd
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import seeds, shape_lists
 
 from flashcompile.testing import check_rule, check_steps
-from flashcompile.rules import adam, lion, sgd
-from strategies import seeds, shape_lists
 
 STEPS = 6
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import seeds, shape_lists
 
 import flashcompile as fc
-from strategies import seeds, shape_lists
 
 STEPS = 12
 RTOL, ATOL = 1e-5, 1e-6

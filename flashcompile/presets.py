@@ -1,0 +1,66 @@
+"""Which codec stores what by default: the presets ("flash", "fp32") and user mappings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from flashcompile import codecs as _codecs
+from flashcompile.codecs import Codec
+from flashcompile.dsl import Rule
+from flashcompile.plan import PARAM
+
+PRESETS = ("flash", "fp32")
+
+
+def default_codec(fact: str, preset: str) -> Codec:
+    """The state codec a preset picks for a state's declared fact."""
+    if preset == "fp32":
+        return _codecs.fp32
+    return _codecs.sqrt_uint8 if fact == "nonnegative" else _codecs.softsign_int8
+
+
+def default_param_codec(dtype: torch.dtype, preset: str) -> Codec:
+    """The master-weight codec a preset picks for a param dtype."""
+    if preset == "flash" and dtype != torch.float32:
+        return _codecs.WeightSplit(dtype, torch.int8)
+    return _codecs.fp32.for_param(dtype)
+
+
+def resolve_codecs(rule: Rule, spec: str | Mapping[str, Codec], dtype: torch.dtype,
+                   live: tuple[str, ...]) -> tuple[tuple[str, Codec], ...]:
+    """(PARAM, codec), then (state, codec) for each live state: the preset, then the overrides."""
+    preset = spec if isinstance(spec, str) else "flash"
+    overrides = {} if isinstance(spec, str) else spec
+    param = overrides.get(PARAM, default_param_codec(dtype, preset)).for_param(dtype)
+    out = [(PARAM, param)]
+    for name in live:
+        codec = overrides.get(name, default_codec(rule.states[name], preset))
+        out.append((name, codec))
+    return tuple(out)
+
+
+def check_codec_spec(spec: Any, rule: Rule) -> str | dict[str, Codec]:
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"codecs={spec!r} is not a preset; use one of {PRESETS} or a mapping")
+        return spec
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"codecs must be a preset name or a mapping, got {type(spec).__name__}")
+    out = {}
+    for name, codec in spec.items():
+        if name != PARAM and name not in rule.states:
+            raise ValueError(
+                f"codecs names unknown state {name!r}; {rule.name} has states "
+                f"{list(rule.states)} (and 'param' for the master weight)"
+            )
+        c = _codecs.get(codec)
+        if name != PARAM and c.domain == "nonnegative" and rule.states[name] != "nonnegative":
+            raise ValueError(
+                f"codec {c.name} stores only nonnegative values, but state {name!r} of {rule.name} "
+                "is signed; pick a signed codec such as softsign_int8"
+            )
+        out[name] = c
+    return out
