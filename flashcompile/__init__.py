@@ -22,11 +22,14 @@ if _importlib_util.find_spec("flashcompile.rules") is None:
 from flashcompile import codecs  # noqa: E402
 from flashcompile.dsl import abs, exp, log, maximum, minimum, rule, sign, sqrt, where  # noqa: E402
 from flashcompile.explain import explain  # noqa: E402
+from flashcompile.model import cast_model, fp32_state_dict, load_fp32_state_dict  # noqa: E402
 from flashcompile.optimizer import Optimizer  # noqa: E402
 from flashcompile.optimizers import SGD, SGDW, Adam, AdamW, Lion  # noqa: E402
+from flashcompile.release import enable_gradient_release  # noqa: E402
 
 __all__ = [
     "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log",
     "Optimizer", "SGD", "SGDW", "Adam", "AdamW", "Lion", "codecs", "explain",
+    "cast_model", "enable_gradient_release", "fp32_state_dict", "load_fp32_state_dict",
 ]
 __version__ = "0.1.0"

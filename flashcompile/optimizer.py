@@ -60,6 +60,7 @@ class Optimizer(torch.optim.Optimizer):
         self.flat = flat
         self._buckets: dict[tuple, Bucket] = {}
         self._buckets_of_group: dict[int, tuple] = {}
+        self._gradient_release = None  # set by flashcompile.enable_gradient_release
         super().__init__(params, {**rule.defaults, **hyperparameters})
 
     # ---- construction-time checks -------------------------------------------------------------
@@ -134,6 +135,8 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self._gradient_release is not None:  # params were stepped inside backward
+            return self._gradient_release.end_iteration(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -153,6 +156,19 @@ class Optimizer(torch.optim.Optimizer):
                 if p.grad is not None and id(p) not in done:
                     self._step_one(p, flags, scalars)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: Mapping[str, Any] | None = None) -> None:
+        """Step one parameter now from its current ``.grad`` (what gradient release calls from
+        each parameter's post-accumulate-grad hook). ``group``: its param group, if known."""
+        group = self._group_of(p) if group is None else group
+        self._step_one(p, self._flags(group), _ScalarCache(self._hyperparameters(group)))
+
+    def _group_of(self, p: torch.Tensor) -> Mapping[str, Any]:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError(f"the parameter of shape {tuple(p.shape)} is not in this optimizer")
 
     def _step_one(self, p: torch.Tensor, flags, scalars) -> None:
         grad = p.grad
@@ -197,6 +213,16 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)
         return out
 
+    def _release_flat_grads(self) -> None:
+        """Drop the flat gradient buffers (params keep their grads only while they are views into
+        them): gradient release frees each grad right after its step, so no buffer may hold them."""
+        for bucket in self._buckets.values():
+            for p in bucket.params:
+                if p.grad is not None and p.grad.data_ptr() in bucket._grad_ptrs:
+                    p.grad = None
+        self._buckets.clear()
+        self._buckets_of_group.clear()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, except that params in flat buffers keep their gradient views, zeroed
         in one memset: autograd then accumulates straight into the buffer."""
@@ -215,8 +241,7 @@ class Optimizer(torch.optim.Optimizer):
     # ---- reading the state back ---------------------------------------------------------------
 
     def _decode(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        plan = self._plan(p, self._flags(group))
+        plan = self._plan(p, self._flags(self._group_of(p)))
         codec = plan.codecs[name]
         groups = -(-p.numel() // GROUP)
         tensors = []
@@ -234,6 +259,26 @@ class Optimizer(torch.optim.Optimizer):
         if not self.state.get(p):
             return p.detach().float().clone()
         return self._decode(p, PARAM)
+
+    @torch.no_grad()
+    def set_master_weight(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        """Set ``p``'s full-precision weight: the 16-bit param and its residual both encode
+        ``value`` (fp32), so nothing of ``value`` is lost that the codec can hold."""
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"value has shape {tuple(value.shape)}, the param {tuple(p.shape)}")
+        plan = self._plan(p, self._flags(self._group_of(p)))
+        state = self.state[p]
+        self._init_state(p, plan, state)
+        groups = -(-p.numel() // GROUP)
+        x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
+        x[: p.numel()] = value.detach().reshape(-1).to(device=p.device, dtype=torch.float32)
+        codec = plan.codecs[PARAM]
+        for f, t in zip(codec.fields, codec.encode(x.view(groups, GROUP))):
+            t = t.reshape(-1)
+            if f.name == "value":
+                p.copy_(t[: p.numel()].view_as(p))
+            else:
+                state[state_key(PARAM, f)].copy_(t)
 
     def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
         """State ``name`` of ``p`` decoded to fp32, in the param's shape."""

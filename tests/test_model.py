@@ -1,0 +1,130 @@
+"""16-bit models: cast_model, and fp32 weights in and out through the weight split."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import flashcompile as fc
+from flashcompile.plan import PARAM
+from flashcompile.testing import bound
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 37)
+        self.ln = nn.LayerNorm(37)
+        self.head = nn.Linear(37, 5)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x)).relu().flatten(1)
+        return self.head(self.ln(self.fc(x)))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def test_cast_model_keeps_normalisation_layers_in_fp32_and_runs_in_16_bits():
+    model = fc.cast_model(_net())
+    assert model.conv.weight.dtype == model.fc.weight.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in [*model.bn.parameters(), *model.ln.parameters()])
+    assert model.bn.running_var.dtype == torch.float32
+    assert model.bn.num_batches_tracked.dtype == torch.int64
+    out = model(torch.randn(2, 1, 8, 8).bfloat16())
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert model.fc.weight.grad.dtype == torch.bfloat16 and model.ln.weight.grad.dtype == torch.float32
+
+
+def test_cast_model_keeps_what_a_predicate_or_type_selects():
+    model = fc.cast_model(_net(), torch.float16, keep_fp32=lambda m: m is not None and isinstance(m, nn.Linear))
+    assert model.fc.weight.dtype == torch.float32 and model.conv.weight.dtype == torch.float16
+    assert model.bn.weight.dtype == torch.float16
+    assert fc.cast_model(_net(), keep_fp32=None).ln.weight.dtype == torch.bfloat16
+    assert fc.cast_model(_net(), keep_fp32=nn.Conv2d).conv.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(dtype=torch.float64), "bfloat16 or torch.float16"),
+    (dict(keep_fp32=(int,)), "nn.Module types"),
+    (dict(keep_fp32="LayerNorm"), "predicate"),
+])
+def test_cast_model_rejects_bad_arguments(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        fc.cast_model(_net(), **kwargs)
+
+
+def _fp32_weights(seed=1):
+    return {k: v.clone() for k, v in _net(seed).state_dict().items()}
+
+
+def test_fp32_weights_round_trip_within_the_weight_split_bound():
+    model = fc.cast_model(_net())
+    opt = fc.AdamW(model.parameters(), compile=False)
+    weights = _fp32_weights()
+    fc.load_fp32_state_dict(model, opt, weights)
+    out = fc.fp32_state_dict(model, opt)
+    assert out.keys() == weights.keys()
+    for p in model.parameters():
+        name = next(k for k, t in model.state_dict(keep_vars=True).items() if t is p)
+        codec = opt._plan(p, opt._flags(opt.param_groups[0])).codecs[PARAM]
+        err = (out[name] - weights[name]).abs()
+        assert out[name].dtype == torch.float32
+        assert (err <= bound(codec, weights[name])).all(), name
+        # the 16-bit weight alone is the fp32 weight rounded to nearest
+        assert torch.equal(p.detach(), weights[name].to(p.dtype))
+
+
+def test_fp32_export_is_the_master_weight_during_training():
+    model = fc.cast_model(_net())
+    opt = fc.AdamW(model.parameters(), lr=1e-2, compile=False)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model(torch.randn(4, 1, 8, 8).bfloat16()).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    out = fc.fp32_state_dict(model, opt)
+    assert torch.equal(out["fc.weight"], opt.master_weight(model.fc.weight))
+    assert not torch.equal(out["fc.weight"], model.fc.weight.float())  # the residual is there
+    assert torch.equal(out["bn.running_mean"], model.bn.running_mean)
+
+
+@pytest.mark.parametrize("broken", ["missing", "shape"])
+def test_fp32_state_dict_that_does_not_fit_is_rejected_and_nothing_changes(broken):
+    model = fc.cast_model(_net())
+    opt = fc.AdamW(model.parameters(), compile=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = _fp32_weights()
+    if broken == "missing":
+        del weights["head.bias"]
+    else:
+        weights["head.weight"] = torch.zeros(5, 36)
+    with pytest.raises((KeyError, ValueError), match="head"):
+        fc.load_fp32_state_dict(model, opt, weights)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not opt.state
+
+
+def test_adamw_checkpoint_of_a_bf16_model_is_under_5_2_bytes_per_param():
+    model = fc.cast_model(nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 256)))
+    opt = fc.AdamW(model.parameters(), compile=False)
+    model(torch.randn(2, 1024).bfloat16()).float().sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
+    n = sum(p.numel() for p in model.parameters())
+    # bf16 weight 2 + int8 residual 1 + two 8-bit states with fp16 scales 2.125 = 5.125,
+    # plus a few hundred bytes of zip records per tensor
+    assert buf.tell() / n <= 5.2
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    dtypes = {t.dtype for s in loaded["optimizer"]["state"].values() for k, t in s.items() if k != "step"}
+    assert dtypes == {torch.int8, torch.uint8, torch.float16}
