@@ -32,7 +32,23 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--csv")
     bench.add_argument("--json")
     bench.add_argument("--png")
+    mem = sub.add_parser("memory", help="train models a few steps: memory split, peak, step time, "
+                         "checkpoint size per optimizer setup")
+    mem.add_argument("--models", default="gpt2_124m,llama_1b", help="comma-separated model names")
+    mem.add_argument("--setups", default="", help="comma-separated (default: all)")
+    mem.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mem.add_argument("--batch", type=int, default=4)
+    mem.add_argument("--seq", type=int, default=1024)
+    mem.add_argument("--steps", type=int, default=5)
+    mem.add_argument("--csv")
+    mem.add_argument("--json")
+    mem.add_argument("--png")
     args = parser.parse_args(argv)
+    if args.command == "memory":
+        from flashcompile.memory import main as memory_main
+
+        memory_main(args)
+        return
     if args.command == "bench":
         from flashcompile.bench import main as bench_main
 
