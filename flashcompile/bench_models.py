@@ -2,7 +2,8 @@
 
 They exist to measure memory and step time with real forward and backward passes, so they keep the
 parameter shapes and layer kinds of the originals (GPT-2: LayerNorm, fused QKV, GELU MLP, tied
-embedding; Llama: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, untied head)
+embedding; Llama 3.2: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, tied
+embedding)
 and nothing else (no dropout, no KV cache).
 """
 
@@ -106,8 +107,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim) if c.kind == "gpt2" else _rms_norm(c.dim)
         self.head = nn.Linear(c.dim, c.vocab, bias=False)
-        if c.kind == "gpt2":
-            self.head.weight = self.embed.weight  # tied, as GPT-2
+        self.head.weight = self.embed.weight  # tied, as in GPT-2 and Llama 3.2 1B/3B
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)

@@ -61,6 +61,7 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets: dict[tuple, Bucket] = {}
         self._buckets_of_group: dict[int, tuple] = {}
         self._gradient_release = None  # set by flashcompile.enable_gradient_release
+        self._plans: dict[tuple, Plan] = {}
         super().__init__(params, {**rule.defaults, **hyperparameters})
 
     # ---- construction-time checks -------------------------------------------------------------
@@ -103,9 +104,14 @@ class Optimizer(torch.optim.Optimizer):
     # ---- plans and storage --------------------------------------------------------------------
 
     def _plan(self, p: torch.Tensor, flags: tuple[tuple[str, bool], ...]) -> Plan:
-        live = trace(self.rule, dict(flags)).live_states()
-        codecs = resolve_codecs(self.rule, self.codecs_spec, p.dtype, live)
-        return get_plan(PlanKey(self.rule, flags, codecs, p.device.type, self.compile))
+        # memoised: resolving costs sympy work per call, and per-tensor steps (gradient release)
+        # ask once per param per step
+        key = (p.dtype, p.device.type, flags, self.compile)
+        if key not in self._plans:
+            live = trace(self.rule, dict(flags)).live_states()
+            codecs = resolve_codecs(self.rule, self.codecs_spec, p.dtype, live)
+            self._plans[key] = get_plan(PlanKey(self.rule, flags, codecs, p.device.type, self.compile))
+        return self._plans[key]
 
     def _flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
         return tuple(sorted((k, bool(group[k])) for k in self.rule.flags))

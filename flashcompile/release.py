@@ -51,6 +51,10 @@ class GradientRelease:
             for p in g["params"]:
                 if id(p) in self._params and p.requires_grad:
                     p.grad = None
+                    # states now, in one go: allocated inside backward, between activations
+                    # being freed, they would fragment memory and raise the peak
+                    optimizer._init_state(p, optimizer._plan(p, optimizer._flags(g)),
+                                          optimizer.state[p])
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
         optimizer._gradient_release = self
         _active.append(self)
