@@ -16,10 +16,16 @@ PRESETS = ("flash", "fp32")
 
 
 def default_codec(fact: str, preset: str) -> Codec:
-    """The state codec a preset picks for a state's declared fact."""
+    """The state codec a preset picks for a state's declared fact.
+
+    "flash": ``softsign_int8`` for signed states (FlashOptim's momentum codec) and
+    ``sqrt_uint8_nonzero`` for nonnegative ones: FlashOptim's ``sqrt_uint8`` except that a nonzero
+    value never decodes to 0, so a second moment drowned by a louder neighbour in its group of 32
+    cannot turn an Adam step into ``m / eps`` (``python -m flashcompile study collapse``).
+    """
     if preset == "fp32":
         return _codecs.fp32
-    return _codecs.sqrt_uint8 if fact == "nonnegative" else _codecs.softsign_int8
+    return _codecs.sqrt_uint8_nonzero if fact == "nonnegative" else _codecs.softsign_int8
 
 
 def default_param_codec(dtype: torch.dtype, preset: str) -> Codec:
@@ -55,6 +61,11 @@ def check_codec_spec(spec: Any, rule: Rule) -> str | dict[str, Codec]:
             raise ValueError(
                 f"codecs names unknown state {name!r}; {rule.name} has states "
                 f"{list(rule.states)} (and 'param' for the master weight)"
+            )
+        if name in rule.scalar_states:
+            raise ValueError(
+                f"state {name!r} of {rule.name} is a scalar state (one number per param, kept as a "
+                "0-d fp32 tensor): it takes no codec; remove it from codecs"
             )
         c = _codecs.get(codec)
         if name != PARAM and c.domain == "nonnegative" and rule.states[name] != "nonnegative":

@@ -11,7 +11,7 @@ from strategies import value_tensors
 
 from flashcompile import codecs
 
-STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "linear_int8"]
+STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
 
 
@@ -99,7 +99,7 @@ def test_weight_split_is_exact_at_zero_and_subnormals():
     assert torch.equal(y[0, :2], x[0, :2]) and torch.equal(torch.signbit(y[0, :2]), torch.signbit(x[0, :2]))
 
 
-@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "linear_int8"])
+@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8"])
 def test_nonfinite_value_poisons_only_its_group(name):
     codec = codecs.get(name)
     x = torch.rand(3, 32)
@@ -117,6 +117,26 @@ def test_weight_split_keeps_nonfinite_values_elementwise(name):
     y = codec.decode(*codec.encode(x))
     assert torch.isnan(y[0, 3]) and y[0, 4] == float("inf") and y[0, 5] == float("-inf")
     assert torch.isfinite(y[0, 6:]).all()
+
+
+@given(x=value_tensors(nonnegative=True))
+def test_sqrt_uint8_nonzero_keeps_nonzero_values_nonzero_and_otherwise_matches_sqrt_uint8(x):
+    x = x.clamp(max=60000)
+    codes, scale = codecs.sqrt_uint8_nonzero.encode(x)
+    paper_codes, paper_scale = codecs.sqrt_uint8.encode(x)
+    assert torch.equal(scale, paper_scale)
+    y = codecs.sqrt_uint8_nonzero.decode(codes, scale)
+    assert torch.all((y > 0) == (x > 0))
+    assert torch.equal(codes[paper_codes > 0], paper_codes[paper_codes > 0])
+
+
+def test_sqrt_uint8_drops_a_second_moment_that_sqrt_uint8_nonzero_keeps():
+    """One lane 1000x louder: the paper's codec stores the 31 quiet second moments as 0."""
+    x = torch.full((1, 32), 1e-6)
+    x[0, 0] = 1.0
+    assert torch.all(codecs.sqrt_uint8.decode(*codecs.sqrt_uint8.encode(x))[0, 1:] == 0)
+    kept = codecs.sqrt_uint8_nonzero.decode(*codecs.sqrt_uint8_nonzero.encode(x))[0, 1:]
+    assert torch.allclose(kept, torch.full_like(kept, (1 / 255) ** 2))  # one code step
 
 
 def test_group_scales_round_up_so_codes_never_clip():

@@ -1,8 +1,9 @@
 """Codecs: how each optimizer state (and the master weight) is stored.
 
 Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
-``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8``,
-``linear_int8``; or any :class:`Codec` instance. :func:`register` adds a name.
+``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8_nonzero``
+(the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment codec), ``linear_int8``; or
+any :class:`Codec` instance. :func:`register` adds a name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flashcompile.codecs.companded import (
     linear_int8,
     softsign_int8,
     sqrt_uint8,
+    sqrt_uint8_nonzero,
 )
 from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
 from flashcompile.codecs.weight_split import WeightSplit
@@ -31,6 +33,7 @@ _REGISTRY: dict[str, Codec] = {
     "weight_split_fp16": WeightSplit(torch.float16, torch.int8),
     "softsign_int8": softsign_int8,
     "sqrt_uint8": sqrt_uint8,
+    "sqrt_uint8_nonzero": sqrt_uint8_nonzero,
     "linear_int8": linear_int8,
 }
 
@@ -56,7 +59,7 @@ def names() -> list[str]:
 
 
 __all__ = [
-    "GROUP", "Codec", "Field", "Float", "Fp32Master", "WeightSplit", "SoftsignInt8", "SqrtUint8",
-    "LinearInt8", "fp32", "bf16", "weight_split", "softsign_int8", "sqrt_uint8", "linear_int8",
-    "register", "get", "names",
+    "GROUP", "Codec", "Field", "Float", "Fp32Master", "LinearInt8", "SoftsignInt8", "SqrtUint8",
+    "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "softsign_int8",
+    "sqrt_uint8", "sqrt_uint8_nonzero", "weight_split",
 ]

@@ -4,11 +4,18 @@
   as ``round(127 z)``; inverse ``x = z / (2 - |z|)``. Finer steps near zero than linear codes.
 * ``sqrt_uint8`` (FlashOptim's second-moment codec): ``round(255 sqrt(v) / scale)`` with
   ``scale = max sqrt(v)``; decoding squares.
+* ``sqrt_uint8_nonzero`` (the default for nonnegative states): ``sqrt_uint8`` whose codes never
+  round a nonzero value to zero: a value below half a code step is stored as one step. In a group
+  that mixes scales (one loud lane, or two rows of different scale) ``sqrt_uint8`` rounds the small
+  second moments to 0 while their first moments survive, and Adam then steps by ``m / eps``; here
+  the denominator stays at least ``scale / 255``, so such a lane moves less than Adam would, never
+  more. Every other value gets exactly ``sqrt_uint8``'s code.
 * ``linear_int8``: ``round(127 x / scale)``, the ablation baseline.
 
-Each costs 1 byte per value plus 2 bytes per 32 (the scale): 1.0625 bytes. Scales are rounded *up* to
-fp16 so ``|x / scale| <= 1`` always and codes need no clamp. Bounds (derived below) are relative to the stored scale ``s``, so
-they are absolute within a group: small values in a group with a large one lose relative precision.
+Each costs 1 byte per value plus 2 bytes per 32 (the scale): 1.0625 bytes. Scales are rounded *up*
+to fp16 so ``|x / scale| <= 1`` always and codes need no clamp. Bounds (derived below) are relative
+to the stored scale ``s``, so they are absolute within a group: small values in a group with a large
+one lose relative precision.
 A NaN or Inf in a group makes its scale non-finite, and the whole group decodes to NaN: a non-finite
 gradient still propagates into its parameter, as with torch.optim. Magnitudes above 65504 (fp16's
 largest) also overflow the scale to Inf.
@@ -61,16 +68,28 @@ class SoftsignInt8(Codec):
 
 @dataclass(frozen=True)
 class SqrtUint8(Codec):
-    """uint8 codes of ``sqrt(v)`` + fp16 max(sqrt(v)) per 32: 1.0625 bytes per value, v >= 0."""
+    """uint8 codes of ``sqrt(v)`` + fp16 max(sqrt(v)) per 32: 1.0625 bytes per value, v >= 0.
 
-    name = "sqrt_uint8"
+    With ``keep_nonzero`` a nonzero value whose code would round to 0 gets code 1 instead.
+    Error bound: the stored square root is within ``scale / 510`` of ``sqrt(v)`` (``keep_nonzero``:
+    within ``scale / 255 - sqrt(v)`` for values below half a step), and ``|a^2 - b^2| = |a - b| (a + b)``.
+    """
+
+    keep_nonzero: bool = False
     domain = "nonnegative"
     fields = (Field("codes", torch.uint8), Field("scale", torch.float16, per_group=True))
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "sqrt_uint8_nonzero" if self.keep_nonzero else "sqrt_uint8"
 
     def encode(self, x):
         r = torch.sqrt(x)
         scale = _group_scale(r)
-        return torch.round(r * inverse_scale(scale) * 255).to(torch.uint8), scale
+        code = torch.round(r * inverse_scale(scale) * 255)
+        if self.keep_nonzero:
+            code = torch.maximum(code, (r > 0).float())  # NaN: its group decodes to NaN anyway
+        return code.to(torch.uint8), scale
 
     def decode(self, codes, scale):
         r = codes.float() / 255 * scale.float()
@@ -80,6 +99,8 @@ class SqrtUint8(Codec):
         r = torch.sqrt(x)
         s = _group_scale(r).float()
         dr = s * (1 / 510 + FP32_SLACK)  # error of the stored sqrt
+        if self.keep_nonzero:  # a value below half a step decodes to one step
+            dr = torch.maximum(dr, s * (1 / 255 + FP32_SLACK) - r)
         return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
 
     def code_step(self, x):
@@ -109,4 +130,5 @@ class LinearInt8(Codec):
 
 softsign_int8 = SoftsignInt8()
 sqrt_uint8 = SqrtUint8()
+sqrt_uint8_nonzero = SqrtUint8(keep_nonzero=True)
 linear_int8 = LinearInt8()
