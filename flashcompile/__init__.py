@@ -20,16 +20,21 @@ if _importlib_util.find_spec("flashcompile.rules") is None:
     _spec.loader.exec_module(_module)
 
 from flashcompile import codecs  # noqa: E402
-from flashcompile.dsl import abs, exp, log, maximum, minimum, rule, sign, sqrt, where  # noqa: E402
+from flashcompile.dsl import (  # noqa: E402
+    abs, exp, log, maximum, minimum, norm, rule, sign, sqrt, sum_all, where,
+)
 from flashcompile.explain import explain  # noqa: E402
 from flashcompile.model import cast_model, fp32_state_dict, load_fp32_state_dict  # noqa: E402
 from flashcompile.optimizer import Optimizer  # noqa: E402
-from flashcompile.optimizers import SGD, SGDW, Adam, AdamW, Lion  # noqa: E402
+from flashcompile.optimizers import (  # noqa: E402
+    LAMB, LARS, SGD, SGDW, Adam, AdamW, AdEMAMix, Adan, Lion,
+)
 from flashcompile.release import enable_gradient_release  # noqa: E402
 
 __all__ = [
-    "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log",
+    "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log", "sum_all", "norm",
     "Optimizer", "SGD", "SGDW", "Adam", "AdamW", "Lion", "codecs", "explain",
+    "LAMB", "LARS", "AdEMAMix", "Adan",
     "cast_model", "enable_gradient_release", "fp32_state_dict", "load_fp32_state_dict",
 ]
 __version__ = "0.1.0"

@@ -33,6 +33,11 @@ class Bucket:
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
                  init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
+        if not plan.steps_flat:
+            raise ValueError(
+                f"the {plan.key.rule.name} plan cannot step params laid end to end in one buffer "
+                "(its padding lanes need masks, or it reduces over each param); step it per tensor"
+            )
         self.params = list(params)
         self.plan = plan
         first = params[0]

@@ -9,6 +9,9 @@ A rule is a plain Python function ``f(p, g, *states, *, step, **hyperparameters)
 
 Every primitive has one row in :data:`PRIMITIVES`: its torch implementation, its sympy builder and its
 Python-float implementation, so adding an op touches one place.
+
+All primitives are element-wise except :func:`sum_all`, the sum over every element of the parameter
+(:func:`norm` builds on it). Its value is one number per parameter, broadcast back to every element.
 """
 
 from __future__ import annotations
@@ -97,6 +100,28 @@ def _where_float(c, a, b):
     return a if c else b
 
 
+class SumAll(sympy.Function):
+    """``sum_all(x)``: the sum of ``x`` over every element of the parameter (padding excluded).
+
+    Opaque to sympy apart from its sign facts, so proofs see that a sum of squares is >= 0.
+    """
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        return sympy.S.Zero if x.is_zero else None
+
+    def _eval_is_extended_real(self): return self.args[0].is_extended_real
+    def _eval_is_extended_nonnegative(self): return self.args[0].is_extended_nonnegative
+    def _eval_is_extended_positive(self): return self.args[0].is_extended_positive
+    def _eval_is_finite(self): return self.args[0].is_finite
+    def _sympystr(self, printer): return f"sum_all({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return rf"\textstyle\sum_{{\mathrm{{all}}}}\left({printer._print(self.args[0])}\right)"
+
+
 # op name -> (torch implementation, sympy builder, Python-float implementation)
 PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "sqrt": (torch.sqrt, sympy.sqrt, math.sqrt),
@@ -107,6 +132,8 @@ PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "maximum": (torch.maximum, sympy.Max, max),
     "minimum": (torch.minimum, sympy.Min, min),
     "where": (torch.where, _where_sympy, _where_float),
+    # the one reduction: over the whole parameter (a Python float is a one-element parameter)
+    "sum_all": (torch.sum, SumAll, lambda x: x),
 }
 
 
@@ -130,6 +157,14 @@ def log(x): return _apply("log", x)
 def maximum(a, b): return _apply("maximum", a, b)
 def minimum(a, b): return _apply("minimum", a, b)
 def where(cond, a, b): return _apply("where", cond, a, b)
+def sum_all(x): return _apply("sum_all", x)
+
+
+def norm(x):
+    """The L2 norm of ``x`` over the whole parameter: ``sqrt(sum_all(x * x))``."""
+    return sqrt(sum_all(x * x))
+
+
 abs = abs  # noqa: A001 - the builtin dispatches through Sym.__abs__ and Tensor.__abs__
 
 

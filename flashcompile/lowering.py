@@ -4,7 +4,11 @@ sympy's common-subexpression elimination names repeated tensor subexpressions. E
 that depends only on scalars (step and hyperparameters: bias corrections, ``1 - beta``, ``lr * wd``) is
 hoisted out of the element-wise code into a prologue that runs once per step on the host in float64;
 its results reach the kernel as one small fp32 vector ``_s``, so changing a hyperparameter never
-recompiles. ``_s[0]`` is reserved for the number of valid lanes in a group (the tail mask).
+recompiles. ``_s[0]`` is reserved for the number of valid lanes in the last group (the tail mask).
+
+A reduction over the parameter (``sum_all``) is one more tensor expression: its argument computed
+over all ``(G, 32)`` lanes, padding lanes replaced by zeros through the mask ``_valid``, then summed.
+It is never hoisted, even when its argument is scalar (``sum_all(1)`` counts the elements).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sympy
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 from sympy.printing.pycode import PythonCodePrinter
 
+from flashcompile.dsl import SumAll
 from flashcompile.trace import Traced, is_nonnegative
 
 _RELATIONS = {
@@ -45,7 +50,7 @@ class _TorchPrinter:
         self.hoisted: dict[sympy.Expr, int] = {}
 
     def is_scalar(self, e: sympy.Basic) -> bool:
-        return e.free_symbols <= self.scalars
+        return e.free_symbols <= self.scalars and not e.has(SumAll)
 
     def hoist(self, e: sympy.Basic) -> str:
         i = self.hoisted.setdefault(e, len(self.hoisted) + 1)
@@ -83,6 +88,8 @@ class _TorchPrinter:
             return out
         if type(e) in _FUNCTIONS:
             return f"{_FUNCTIONS[type(e)]}({self(e.args[0])})"
+        if isinstance(e, SumAll):
+            return f"torch.where(_valid, {self._tensor_arg(e.args[0])}, 0.0).sum()"
         raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")
 
     def _tensor_arg(self, e: sympy.Basic) -> str:
@@ -178,14 +185,20 @@ def lower(traced: Traced) -> Lowered:
         else:
             statements.append((sym.name, printer(expr)))
     outputs: list[str | None] = [None] * len(names)
-    for (i, _), expr in zip(live, reduced):
+    for (i, original), expr in zip(live, reduced):
         expr = expr.xreplace(scalar_temps)
         code = printer(expr)
-        if printer.is_scalar(expr):  # a state set to a constant: broadcast it over the group
+        if _lane_free(traced, original):  # a constant or a reduction: broadcast it over the group
             code = f"({code} + torch.zeros_like({traced.grad.name}))"
         outputs[i] = code
     hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
     return Lowered(tuple(statements), tuple(outputs), hoisted, _prologue(traced, hoisted))
+
+
+def _lane_free(traced: Traced, expr: sympy.Expr) -> bool:
+    """Whether ``expr`` has no per-element term outside reductions (its torch value is 0-d)."""
+    reductions = {r: sympy.Dummy() for r in expr.atoms(SumAll)}
+    return expr.xreplace(reductions).free_symbols <= traced.scalars | set(reductions.values())
 
 
 def _prologue(traced: Traced, hoisted: tuple[sympy.Expr, ...]) -> str:

@@ -208,8 +208,8 @@ class Optimizer(torch.optim.Optimizer):
         for kind in by_kind:
             params = [p for p in group["params"] if (p.dtype, p.device) == kind]
             plan = self._plan(params[0], flags)
-            if not plan.pads_stay_zero:
-                continue  # padding lanes would need masks: step this rule per tensor
+            if not plan.steps_flat:
+                continue  # padding lanes would need masks, or a reduction spans each param
             key = (index, *kind)
             bucket = self._buckets.get(key)
             if (bucket is None or bucket.plan is not plan or bucket.params != params

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flashcompile.optimizer import Optimizer
-from flashcompile.rules import adam, lion, sgd
+from flashcompile.rules import adam, adan, ademamix, lamb, lars, lion, sgd
 
 
 class SGD(Optimizer):
@@ -62,3 +62,55 @@ class Lion(Optimizer):
                  weight_decay: float = 0.0, *, maximize: bool = False, **options: Any):
         super().__init__(params, lion, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                          maximize=maximize, **options)
+
+
+class LAMB(Optimizer):
+    """LAMB (arXiv 1904.00962): Adam's direction scaled per param by ||p|| / ||update||.
+
+    Steps each param in its own call (its norms span the whole param), never in a flat bucket.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, bias_correction: bool = True, *,
+                 maximize: bool = False, **options: Any):
+        super().__init__(params, lamb, lr=lr, betas=tuple(betas), eps=eps,
+                         weight_decay=weight_decay, bias_correction=bias_correction,
+                         maximize=maximize, **options)
+
+
+class LARS(Optimizer):
+    """LARS (arXiv 1708.03888): momentum SGD with the layer-wise trust ratio
+    ``trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps)``; steps per param."""
+
+    def __init__(self, params: Iterable, lr: float = 1.0, momentum: float = 0.9,
+                 weight_decay: float = 0.0, trust_coefficient: float = 1e-3, eps: float = 1e-8, *,
+                 maximize: bool = False, **options: Any):
+        super().__init__(params, lars, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         trust_coefficient=trust_coefficient, eps=eps, maximize=maximize, **options)
+
+
+class AdEMAMix(Optimizer):
+    """AdEMAMix (arXiv 2409.03137): Adam plus ``alpha`` times a slow EMA (``betas[2]``) of the
+    gradient. ``alpha_warmup`` / ``beta3_warmup``: the paper's warmup lengths in steps (None or 0:
+    off)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 2.0,
+                 eps: float = 1e-8, weight_decay: float = 0.0, alpha_warmup: float | None = None,
+                 beta3_warmup: float | None = None, *, maximize: bool = False, **options: Any):
+        super().__init__(params, ademamix, lr=lr, betas=tuple(betas), alpha=alpha, eps=eps,
+                         weight_decay=weight_decay, alpha_warmup=alpha_warmup or 0.0,
+                         beta3_warmup=beta3_warmup or 0.0, maximize=maximize, **options)
+
+
+class Adan(Optimizer):
+    """Adan (arXiv 2208.06677), as the authors' implementation: betas weigh the old values, and
+    ``no_prox`` picks decoupled decay over the proximal ``p / (1 + lr * weight_decay)``."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float, float] = (0.98, 0.92, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.0, no_prox: bool = False, *, maximize: bool = False,
+                 **options: Any):
+        super().__init__(params, adan, lr=lr, betas=tuple(betas), eps=eps,
+                         weight_decay=weight_decay, no_prox=no_prox, maximize=maximize, **options)

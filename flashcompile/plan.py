@@ -8,6 +8,11 @@ on CUDA, C++ on CPU). Plans are cached process-wide and shared by every optimize
 Layout: every tensor is seen in groups of 32, per-element fields as ``(G, 32)`` and per-group fields as
 ``(G, 1)``; dim 1 is marked static so Inductor emits one persistent reduction over exactly 32 lanes. A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
 place, then its tail copied into one zero-padded group with ``_s[0]`` lanes valid.
+
+A rule with a reduction over the parameter (``sum_all``, ``norm``) needs every element in one call:
+such a plan steps each parameter in one call over all its groups (a tail is padded by copying the
+weight and gradient into whole groups; ``_s[0]`` lanes of the last group are valid) and never steps
+several parameters laid end to end in one flat buffer (:attr:`Plan.steps_flat`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from flashcompile.codecs import GROUP, Codec, Field
-from flashcompile.dsl import Rule
+from flashcompile.dsl import Rule, SumAll
 from flashcompile.lowering import Lowered, lower
 from flashcompile.trace import Traced, check_facts, keeps_zero, trace
 
@@ -112,7 +117,7 @@ class Plan:
             self.fn = torch.no_grad()(self.eager)
 
     def compile_options(self) -> dict:
-        reduces = any(f.per_group for c in self.codecs.values() for f in c.fields)
+        reduces = self.reduces or any(f.per_group for c in self.codecs.values() for f in c.fields)
         # Tuning pays for the one reduction kernel; a plain element-wise plan gains nothing from it.
         return CUDA_COMPILE_OPTIONS if self.key.device_type == "cuda" and reduces else COMPILE_OPTIONS
 
@@ -130,6 +135,17 @@ class Plan:
     def pads_stay_zero(self) -> bool:
         """Whether zero padding lanes provably stay zero (then flat storage needs no lane masks)."""
         return all(keeps_zero(self.traced, i) for i in range(len(self.traced.outputs)))
+
+    @functools.cached_property
+    def reduces(self) -> bool:
+        """Whether the rule reduces over the whole parameter (``sum_all``, ``norm``)."""
+        return any(out.has(SumAll) for out in self.traced.outputs)
+
+    @property
+    def steps_flat(self) -> bool:
+        """Whether one call may step several parameters laid end to end in one flat buffer: the
+        padding lanes between them provably stay zero, and no reduction spans a parameter."""
+        return self.pads_stay_zero and not self.reduces
 
     def bytes_moved_per_param(self, grad_bytes: float) -> float:
         """Bytes one step must read and write per parameter: every field read, written fields
@@ -157,6 +173,17 @@ class Plan:
         tail = n - whole * GROUP
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
         flat_p, flat_g = p.detach(), grad.detach()
+        if self.reduces and tail:  # one call sees the whole parameter: pad weight and gradient
+            count = whole + 1
+            pad_p = flat_p.new_zeros(count * GROUP)
+            pad_p[:n] = flat_p.reshape(-1)
+            pad_g = flat_g.new_zeros(count * GROUP)
+            pad_g[:n] = flat_g.reshape(-1)
+            s = scalar_tensor([tail, *scalars], p.device)
+            fields = {k: groups(v, self.per_group[k], 0, count) for k, v in stored.items()}
+            self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields)
+            flat_p.view(-1).copy_(pad_p[:n])
+            return
         if whole:
             s = scalar_tensor([GROUP, *scalars], p.device)
             main = {k: groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
@@ -242,7 +269,13 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
             # straight into the input (G, 32): the store fuses into the reduction kernel
             lines.append(f"    {name}__{f.name}.copy_(_new[{j}])")
     if any("_valid" in line for line in lines):
-        lines.insert(0, f"    _valid = torch.arange({GROUP}, device=_grad.device) < _s[0]")
+        # the first _s[0] lanes of the last group are valid; earlier groups are whole
+        valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
+        if any(out.has(SumAll) for out in traced.outputs):
+            # a reduction spans every group of the call: the mask covers all of them
+            rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
+            valid = f"({rows}) | ({valid})"
+        lines.insert(0, f"    _valid = {valid}")
     header = f"def step({', '.join(args)}):"
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'

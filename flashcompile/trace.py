@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from flashcompile.dsl import Rule, Sym, _to_sympy
+from flashcompile.dsl import Rule, SumAll, Sym, _to_sympy
 
 STEP = sympy.Symbol("step", positive=True, integer=True)
 
@@ -142,10 +142,13 @@ def is_nonnegative(traced: Traced, expr: sympy.Expr) -> bool:
 def keeps_zero(traced: Traced, index: int) -> bool:
     """Whether output ``index`` is provably 0 when the param, gradient and every state are 0.
 
-    Padding lanes hold zeros; for such outputs they stay zero with no masking in the kernel.
+    Padding lanes hold zeros; for such outputs they stay zero with no masking in the kernel. A
+    reduction (``sum_all``) is not local to the lane: there it may hold any value.
     """
+    out = traced.outputs[index]
+    out = out.xreplace({r: sympy.Dummy(real=True) for r in out.atoms(SumAll)})
     zeros = {s: 0 for s in traced.tensors}
-    return sympy.simplify(traced.outputs[index].xreplace(zeros)) == 0
+    return sympy.simplify(out.xreplace(zeros)) == 0
 
 
 def math_text(traced: Traced, latex: bool = False) -> str:
