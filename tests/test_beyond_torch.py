@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 
 import torch
+from flashcompile.rules import adan, ademamix, lamb, lars
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import seeds, shape_lists
 
 import flashcompile as fc
 from flashcompile.explain import plan_of
-from flashcompile.rules import adan, ademamix, lamb, lars
 from flashcompile.testing import check_rule
 
 STEPS = 12

@@ -4,6 +4,8 @@ so this file compiles each of its few plans once (C++ through Inductor on CPU)."
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +20,7 @@ PLANS = {
     "sgd_flash_fp32": (lambda p: fc.SGD(p, momentum=0.9, nesterov=True), torch.float32),
     "lion_flash_fp16": (lambda p: fc.Lion(p), torch.float16),
     "adam_fp32_amsgrad": (lambda p: fc.Adam(p, amsgrad=True, codecs="fp32"), torch.float32),
+    "lamb_flash_bf16": (lambda p: fc.LAMB(p), torch.bfloat16),  # norms: reductions over the param
 }
 
 
@@ -67,3 +70,30 @@ def test_plans_are_shared_between_optimizers():
     b = fc.AdamW([torch.nn.Parameter(torch.zeros(7, dtype=torch.bfloat16))], lr=0.5)
     assert plan_of(a) is plan_of(b)
     assert plan_of(a).codecs[PARAM] == fc.codecs.weight_split
+
+
+@fc.rule(defaults=dict(lr=0.1), states={"m": "signed"})
+def softmax_step(p, g, m, *, step, lr):
+    """Every element depends on all others; a padding lane would add exp(0) = 1 to the sum."""
+    m = 0.5 * m + g
+    return p - lr * m * fc.exp(g) / fc.sum_all(fc.exp(g)) * fc.norm(p), m
+
+
+def test_compiled_reductions_span_odd_sized_params_without_their_padding():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (33,), (3, 11), (64,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    refs = [(p.detach().double(), torch.zeros(p.shape, dtype=torch.float64)) for p in params]
+    opt = fc.Optimizer(params, softmax_step, codecs="fp32")
+    with warnings.catch_warnings():  # the compiled kernel runs, not the eager fallback
+        warnings.filterwarnings("error", "flashcompile", RuntimeWarning)
+        for _ in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=gen)
+                w, m = refs[i]
+                g = p.grad.double()
+                m = 0.5 * m + g
+                refs[i] = (w - 0.1 * m * g.exp() / g.exp().sum() * w.norm(), m)
+            opt.step()
+    for p, (w, _) in zip(params, refs):
+        torch.testing.assert_close(p.detach().double(), w, rtol=1e-5, atol=1e-6)

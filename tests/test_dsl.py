@@ -15,7 +15,7 @@ from flashcompile.rules import adam, lion, sgd
 import flashcompile as fc
 from flashcompile.codecs import Codec, Field
 from flashcompile.lowering import lower
-from flashcompile.trace import check_facts, math_text, trace
+from flashcompile.trace import check_facts, keeps_zero, math_text, trace
 
 RULES = [adam, lion, sgd]
 
@@ -112,3 +112,88 @@ def test_a_user_codec_runs_without_touching_the_compiler():
         ref.step()
     assert ours.state[p]["exp_avg.codes"].dtype == torch.int16
     torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-4)
+
+
+# ---- reductions over the whole parameter -----------------------------------------------------
+
+
+@fc.rule(defaults=dict(lr=0.1), states={"m": "signed"})
+def softmax_step(p, g, m, *, step, lr):
+    """A test rule whose every element depends on all others: pads in the sum would show (exp(0) =
+    1 per padding lane), as would a sum over a part of the param."""
+    m = 0.5 * m + g
+    return p - lr * m * fc.exp(g) / fc.sum_all(fc.exp(g)) * fc.norm(p), m
+
+
+def softmax_step_reference(p, g, m, lr=0.1):
+    m = 0.5 * m + g
+    return p - lr * m * g.exp() / g.exp().sum() * p.norm(), m
+
+
+@pytest.mark.parametrize("shape", [(1,), (31,), (32,), (33,), (3, 11), (2, 70)])
+def test_sum_all_spans_the_whole_param_and_skips_padding(shape):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    ref, m = p.detach().double().clone(), torch.zeros(shape, dtype=torch.float64)
+    opt = fc.Optimizer([p], softmax_step, codecs="fp32", compile=False)
+    for _ in range(3):
+        p.grad = torch.randn(shape, generator=gen)
+        opt.step()
+        ref, m = softmax_step_reference(ref, p.grad.double(), m)
+    torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_reductions_lower_to_masked_sums_over_every_group_and_are_never_hoisted():
+    from flashcompile.explain import plan_of
+
+    @fc.rule(defaults=dict(lr=0.1), states={})
+    def count(p, g, *, step, lr):
+        return p - lr * g / fc.sum_all(g * 0 + 1) * fc.sum_all(lr * g),  # sum_all(1): numel
+
+    lowered = lower(trace(count, {}))
+    code = " ".join(e for _, e in lowered.statements) + " ".join(filter(None, lowered.outputs))
+    assert code.count("torch.where(_valid, ") == 2 and code.count(".sum()") == 2
+    assert "sum_all" not in lowered.prologue_source
+    source = fc.Optimizer([torch.nn.Parameter(torch.zeros(3))], count, compile=False)
+    p = source.param_groups[0]["params"][0]
+    p.grad = torch.ones(3)
+    source.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.1 * 0.1 * 3 / 3))
+    assert "_grad.shape[0] - 1" in plan_of(source).source  # the mask spans every group
+
+
+def test_a_state_set_to_a_reduction_is_broadcast_and_proven_nonnegative():
+    @fc.rule(defaults=dict(lr=0.1), states={"sq": "nonnegative"})
+    def grad_energy(p, g, sq, *, step, lr):
+        return p - lr * g, fc.sum_all(g * g)
+
+    check_facts(trace(grad_energy, {}))
+    p = torch.nn.Parameter(torch.zeros(40))
+    opt = fc.Optimizer([p], grad_energy, codecs="fp32", compile=False)
+    p.grad = torch.arange(40.0)
+    opt.step()
+    torch.testing.assert_close(opt.state_value(p, "sq"), torch.full((40,), (p.grad**2).sum()))
+
+
+def test_a_reduction_is_not_zero_in_padding_lanes():
+    @fc.rule(defaults=dict(lr=0.1), states={"m": "signed"})
+    def leaky(p, g, m, *, step, lr):
+        return p - lr * g * fc.norm(g), m + fc.sum_all(g)  # m + sum: nonzero where g = 0
+
+    traced = trace(leaky, {})
+    assert keeps_zero(traced, 0) and not keeps_zero(traced, 1)
+    assert "sum_all(g**2)" in math_text(traced) and r"\sum" in math_text(traced, latex=True)
+
+
+def test_rules_with_reductions_never_step_in_flat_buckets():
+    from flashcompile.arena import Bucket
+    from flashcompile.explain import plan_of
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7)]
+    opt = fc.Optimizer(params, softmax_step, codecs="fp32", compile=False, flat=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert not opt._buckets
+    with pytest.raises(ValueError, match="reduces over each param"):
+        Bucket(params, plan_of(opt), opt.state, opt._init_state)
