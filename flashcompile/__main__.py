@@ -8,8 +8,11 @@ import torch
 
 from flashcompile import optimizers
 from flashcompile.explain import explain
+from flashcompile.optimizer import Optimizer
 
-OPTIMIZERS = {name.lower(): getattr(optimizers, name) for name in ("SGD", "SGDW", "Adam", "AdamW", "Lion")}
+# every drop-in class of flashcompile.optimizers, by lower-case name
+OPTIMIZERS = {name.lower(): cls for name, cls in vars(optimizers).items()
+              if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -152,12 +152,24 @@ def keeps_zero(traced: Traced, index: int) -> bool:
 
 
 def math_text(traced: Traced, latex: bool = False) -> str:
-    """The update as equations, one per output, for docs and ``explain``."""
+    """The update as equations, one per output, for docs and ``explain``.
+
+    A per-element subexpression used more than once (LAMB's update, inside its norm and outside) is
+    written once as ``u_0 = ...`` and the equations refer to it.
+    """
     names = [traced.param.name, *traced.rule.states]
+    changed = [(name, out) for name, out in zip(names, traced.outputs)
+               if out not in (sympy.Symbol(name, real=True), sympy.Symbol(name, nonnegative=True))]
+    temps, reduced = sympy.cse([out for _, out in changed], symbols=sympy.numbered_symbols("u_"))
+    show = sympy.latex if latex else sympy.sstr
+    inline: dict[sympy.Symbol, sympy.Expr] = {}
     lines = []
-    for name, out in zip(names, traced.outputs):
-        if out == sympy.Symbol(name, real=True) or out == sympy.Symbol(name, nonnegative=True):
-            continue
-        body = sympy.latex(out) if latex else sympy.sstr(out)
-        lines.append(f"{name} <- {body}")
+    for sym, expr in temps:
+        expr = expr.xreplace(inline)
+        if expr.free_symbols <= traced.scalars:
+            inline[sym] = expr  # hyperparameter arithmetic such as 1 - beta1 reads best in place
+        else:
+            lines.append(f"{show(sym)} = {show(expr)}")
+    for (name, _), out in zip(changed, reduced):
+        lines.append(f"{name} <- {show(out.xreplace(inline))}")
     return "\n".join(lines)
