@@ -27,7 +27,8 @@ from flashcompile.explain import explain  # noqa: E402
 from flashcompile.model import cast_model, fp32_state_dict, load_fp32_state_dict  # noqa: E402
 from flashcompile.optimizer import Optimizer  # noqa: E402
 from flashcompile.optimizers import (  # noqa: E402
-    LAMB, LARS, SGD, SGDW, Adam, AdamW, AdEMAMix, Adan, Lion,
+    ASGD, LAMB, LARS, SGD, SGDW, Adadelta, Adagrad, Adam, Adamax, AdamW, AdEMAMix, Adan, Lion,
+    NAdam, RAdam, RMSprop, Rprop,
 )
 from flashcompile.release import enable_gradient_release  # noqa: E402
 
@@ -35,6 +36,7 @@ __all__ = [
     "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log", "sum_all", "norm",
     "Optimizer", "SGD", "SGDW", "Adam", "AdamW", "Lion", "codecs", "explain",
     "LAMB", "LARS", "AdEMAMix", "Adan",
+    "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop",
     "cast_model", "enable_gradient_release", "fp32_state_dict", "load_fp32_state_dict",
 ]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ class Bucket:
             )
         self.params = list(params)
         self.plan = plan
+        self.state = state
         first = params[0]
         counts = [-(-p.numel() // GROUP) for p in params]
         self.offsets = [0, *itertools.accumulate(counts)][:-1]
@@ -98,7 +99,8 @@ class Bucket:
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
-        from stepping each param: some grad is None, or the params' step counts differ."""
+        from stepping each param: some grad is None, or the params' step counts (or scalar states)
+        differ."""
         fresh = []
         for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
             grad = p.grad
@@ -106,8 +108,11 @@ class Bucket:
                 return False
             if grad.data_ptr() != ptr:
                 fresh.append(i)
-        if self.uniform_steps is None:
-            self.uniform_steps = bool((self.steps == self.steps[0]).all())
+        if self.uniform_steps is None:  # one launch, one set of scalars: steps and scalar states
+            held = [[float(self.state[p][k]) for k in self.plan.key.rule.scalar_states]
+                    for p in self.params]
+            self.uniform_steps = bool((self.steps == self.steps[0]).all()) and all(
+                h == held[0] for h in held)
         if not self.uniform_steps:
             return False
         for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again

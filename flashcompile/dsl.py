@@ -25,7 +25,8 @@ from typing import Any
 import sympy
 import torch
 
-STATE_FACTS = ("signed", "nonnegative")
+# "scalar": one number per parameter rather than one per element (torch.optim.NAdam's mu_product)
+STATE_FACTS = ("signed", "nonnegative", "scalar")
 
 
 class Sym:
@@ -184,6 +185,11 @@ class Rule:
         return tuple(k for k, v in self.defaults.items() if isinstance(v, bool))
 
     @property
+    def scalar_states(self) -> tuple[str, ...]:
+        """States of one number per parameter, updated on the host (see :func:`rule`)."""
+        return tuple(k for k, fact in self.states.items() if fact == "scalar")
+
+    @property
     def floats(self) -> tuple[str, ...]:
         """Float and tuple-of-float hyperparameters: runtime inputs of the compiled kernel."""
         return tuple(k for k, v in self.defaults.items() if not isinstance(v, bool))
@@ -214,6 +220,11 @@ def rule(
             floats (``betas``) are runtime inputs, so changing them never recompiles.
         states: state name -> fact, ``"signed"`` or ``"nonnegative"``. The fact picks the default
             8-bit codec, and a nonnegative state is proven to stay nonnegative when compiled.
+            ``"scalar"``: one number per parameter, not per element (a running product over steps,
+            a step size set from the previous step's lr). Its update may depend only on step,
+            hyperparameters and scalar states; it is computed on the host in float64 and kept as a
+            0-d fp32 tensor in the parameter's state, as torch.optim keeps such values.
+            Every state starts at zero; a nonzero start is ``where(step == 1, start, state)``.
         ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
             every other float in [0, inf). Values outside raise at optimizer construction and step.
 

@@ -22,8 +22,9 @@ def is_torch_format(rule_states: Mapping[str, str], saved: Mapping[str, Any],
     """Whether one param's saved state is torch.optim's: state names as keys (no codec fields) and
     tensors shaped like the param. (A 1-D param whose size is a multiple of 32 matches both formats;
     for fp32 storage they then hold the same values.)"""
+    host = {"step", *(k for k, fact in rule_states.items() if fact == "scalar")}
     return set(saved) <= {"step", *rule_states} and all(
-        v is None or tuple(v.shape) == tuple(p.shape) for k, v in saved.items() if k != "step")
+        v is None or tuple(v.shape) == tuple(p.shape) for k, v in saved.items() if k not in host)
 
 
 def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
@@ -31,6 +32,7 @@ def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
     state = opt.state[p]
     plan = opt._plan(p, opt._flags(_group_of(opt, p)))
     out: dict[str, Any] = {"step": state["step"].detach().clone().float()}
+    out.update({k: state[k].detach().clone().float() for k in opt.rule.scalar_states})
     for name in plan.codecs:
         if name != PARAM:
             out[name] = opt.state_value(p, name).clone()
@@ -58,6 +60,8 @@ def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> 
     default_step = 1.0 if any(saved.get(k) is not None for k in saved if k != "step") else 0.0
     step = saved.get("step", default_step)
     out: dict[str, Any] = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone().cpu()}
+    for name in plan.key.rule.scalar_states:  # NAdam's mu_product, ASGD's eta and mu: 0-d tensors
+        out[name] = torch.as_tensor(saved.get(name, 0.0), dtype=torch.float32).detach().clone().cpu()
     for name, codec in plan.codecs.items():
         x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
         x[: p.numel()] = values[name].reshape(-1)

@@ -48,11 +48,16 @@ class _TorchPrinter:
     def __init__(self, scalars: frozenset[sympy.Symbol]):
         self.scalars = scalars
         self.hoisted: dict[sympy.Expr, int] = {}
+        self.guards: tuple[sympy.Basic, ...] = ()  # scalar conditions of the where() being printed
 
     def is_scalar(self, e: sympy.Basic) -> bool:
         return e.free_symbols <= self.scalars and not e.has(SumAll)
 
     def hoist(self, e: sympy.Basic) -> str:
+        if self.guards and not (e.is_Number or _is_boolean(e)):
+            # inside where(c, ...) with a scalar c: computed on the host only where c holds, as
+            # RAdam's rectification sqrt((rho_t - 4) ...) is defined only for rho_t > 5
+            e = sympy.Piecewise((e, sympy.And(*self.guards)), (0, True))
         i = self.hoisted.setdefault(e, len(self.hoisted) + 1)
         return f"(_s[{i}] != 0)" if _is_boolean(e) else f"_s[{i}]"
 
@@ -143,8 +148,14 @@ class _TorchPrinter:
         (value, cond), rest = pieces[0], pieces[1:]
         if cond is sympy.true or not rest:
             return self._tensor_arg(value)
+        outer = self.guards
+        scalar = self.is_scalar(cond)
+        self.guards = (*outer, cond) if scalar else outer
+        taken = self._tensor_arg(value)
+        self.guards = (*outer, sympy.Not(cond)) if scalar else outer
         other = self._piecewise(rest)
-        return f"torch.where({self(cond)}, {self._tensor_arg(value)}, {other})"
+        self.guards = outer
+        return f"torch.where({self(cond)}, {taken}, {other})"
 
 
 def _split_scalar_powers(traced: Traced, expr: sympy.Expr) -> sympy.Expr:
@@ -172,8 +183,10 @@ def _split_scalar_powers(traced: Traced, expr: sympy.Expr) -> sympy.Expr:
 def lower(traced: Traced) -> Lowered:
     """Lower ``traced`` (one rule, fixed flags) to element-wise torch statements and a prologue."""
     names = [traced.param.name, *traced.rule.states]
+    inputs = (traced.param, *traced.states)
+    scalar_states = traced.rule.scalar_states  # updated by the prologue, not the kernel
     live = [(i, _split_scalar_powers(traced, o)) for i, o in enumerate(traced.outputs)
-            if o != traced.tensors[i]]
+            if o != inputs[i] and names[i] not in scalar_states]
     temps, reduced = sympy.cse([o for _, o in live], symbols=sympy.numbered_symbols("_t"))
     printer = _TorchPrinter(traced.scalars)
     scalar_temps: dict[sympy.Symbol, sympy.Expr] = {}
@@ -192,7 +205,8 @@ def lower(traced: Traced) -> Lowered:
             code = f"({code} + torch.zeros_like({traced.grad.name}))"
         outputs[i] = code
     hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
-    return Lowered(tuple(statements), tuple(outputs), hoisted, _prologue(traced, hoisted))
+    updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
+    return Lowered(tuple(statements), tuple(outputs), hoisted, _prologue(traced, hoisted + updates))
 
 
 def _lane_free(traced: Traced, expr: sympy.Expr) -> bool:
@@ -202,10 +216,18 @@ def _lane_free(traced: Traced, expr: sympy.Expr) -> bool:
 
 
 def _prologue(traced: Traced, hoisted: tuple[sympy.Expr, ...]) -> str:
-    """Python source of ``prologue(step, **hyperparameters) -> list[float]`` (float64 on the host)."""
-    temps, reduced = sympy.cse(list(hoisted), symbols=sympy.numbered_symbols("_h"))
+    """Python source of ``prologue(step, **hyperparameters, **scalar_states) -> list[float]``
+    (float64 on the host): the hoisted values, then the scalar states' new values."""
+    # A conditional evaluates only its taken branch: keep common subexpressions out of it, or a
+    # branch's sqrt or division would run where it is undefined.
+    lazy: dict[sympy.Basic, sympy.Dummy] = {}
+    temps, reduced = sympy.cse([_opaque(e, lazy) for e in hoisted],
+                               symbols=sympy.numbered_symbols("_h"))
+    back = {d: e for e, d in lazy.items()}
+    temps = [(sym, expr.xreplace(back)) for sym, expr in temps]
+    reduced = [expr.xreplace(back) for expr in reduced]
     pr = PythonCodePrinter({"standard": "python3"})
-    args = ", ".join(traced.hyper)
+    args = ", ".join([*traced.hyper, *traced.rule.scalar_states])
     lines = [f"def prologue(step, {args}):" if args else "def prologue(step):"]
     for name, syms in traced.hyper.items():
         if isinstance(syms, tuple):
@@ -215,3 +237,12 @@ def _prologue(traced: Traced, hoisted: tuple[sympy.Expr, ...]) -> str:
     values = ", ".join(f"float({pr.doprint(e)})" for e in reduced)
     lines.append(f"    return [{values}]")
     return "\n".join(lines) + "\n"
+
+
+def _opaque(e: sympy.Basic, lazy: dict[sympy.Basic, sympy.Dummy]) -> sympy.Basic:
+    """``e`` with each outermost Piecewise replaced by a Dummy (recorded in ``lazy``)."""
+    if isinstance(e, sympy.Piecewise):
+        return lazy.setdefault(e, sympy.Dummy())
+    if not e.args:
+        return e
+    return e.func(*(_opaque(a, lazy) for a in e.args))

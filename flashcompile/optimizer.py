@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -120,6 +120,8 @@ class Optimizer(torch.optim.Optimizer):
         """Allocate missing fields by encoding the initial values (zeros; the param for 'param')."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
+        for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
+            state.setdefault(name, torch.tensor(0.0))
         groups = -(-p.numel() // GROUP)
         for name, codec in plan.codecs.items():
             missing = [f for f in codec.fields if state_key(name, f) in plan.owned_fields
@@ -152,7 +154,8 @@ class Optimizer(torch.optim.Optimizer):
             scalars = _ScalarCache(self._hyperparameters(group))
             done: set[int] = set()
             for bucket in self._flat_buckets(index, group, flags):
-                if bucket.try_step(functools.partial(scalars, bucket.plan)):
+                held = [self.state[p] for p in bucket.params] if self.rule.scalar_states else ()
+                if bucket.try_step(functools.partial(scalars, bucket.plan, states=held)):
                     done.update(map(id, bucket.params))
                 else:
                     bucket.uniform_steps = None  # its params now step one by one
@@ -184,7 +187,7 @@ class Optimizer(torch.optim.Optimizer):
         state = self.state[p]
         self._init_state(p, plan, state)
         state["step"] += 1
-        values = scalars(plan, int(state["step"].item()))
+        values = scalars(plan, int(state["step"].item()), (state,))
         target = p if p.is_contiguous() else p.contiguous()
         plan.run(target, grad.contiguous(), self._stored(plan, state), values)
         if target is not p:
@@ -287,11 +290,13 @@ class Optimizer(torch.optim.Optimizer):
                 state[state_key(PARAM, f)].copy_(t)
 
     def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        """State ``name`` of ``p`` decoded to fp32, in the param's shape."""
+        """State ``name`` of ``p`` decoded to fp32, in the param's shape (a scalar state: 0-d)."""
         if name not in self.rule.states:
             raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
         if not self.state.get(p):
             raise KeyError("param has no state yet: step the optimizer first")
+        if name in self.rule.scalar_states:
+            return self.state[p][name].clone()
         return self._decode(p, name)
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -357,14 +362,15 @@ class Optimizer(torch.optim.Optimizer):
         expected = dict(plan.owned_fields)
         if interop.is_torch_format(self.rule.states, saved, p):
             return interop.import_state(p, plan, saved, pid)
-        if set(saved) != set(expected) | {"step"}:
+        host = {"step", *self.rule.scalar_states}
+        if set(saved) != set(expected) | host:
             raise ValueError(
                 f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
-                f"{self.rule.name} with these codecs stores {sorted(set(expected) | {'step'})}: it was "
+                f"{self.rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
                 "saved by a different optimizer or with different codecs"
             )
         groups = -(-p.numel() // GROUP)
-        out = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().clone().cpu()}
+        out = {k: torch.as_tensor(saved[k], dtype=torch.float32).detach().clone().cpu() for k in host}
         for key, f in expected.items():
             t = saved[key]
             numel = groups * (1 if f.per_group else GROUP)
@@ -378,16 +384,21 @@ class Optimizer(torch.optim.Optimizer):
 
 
 class _ScalarCache:
-    """A group's scalar prologue, evaluated once per (plan, step) rather than once per param."""
+    """A group's scalar prologue, evaluated once per (plan, step, scalar states) rather than once
+    per param. ``states``: the states of the params stepped with these values (a bucket's agree
+    on their scalar states); their scalar states advance."""
 
     def __init__(self, hyper: Mapping[str, Any]):
         self.hyper = hyper
-        self.values: dict[tuple[int, int], list[float]] = {}
+        self.values: dict[tuple, list[float]] = {}
 
-    def __call__(self, plan: Plan, step: int) -> list[float]:
-        key = (id(plan), step)
+    def __call__(self, plan: Plan, step: int, states: Sequence[dict[str, Any]] = ()) -> list[float]:
+        names = plan.key.rule.scalar_states
+        key = (id(plan), step, *(float(states[0][k]) for k in names if states))
         if key not in self.values:
-            self.values[key] = plan.scalars(step, self.hyper)
+            self.values[key] = plan.scalars(step, self.hyper, states[0] if states else None)
+        for state in states if names else ():
+            plan.advance(state, self.values[key])
         return self.values[key]
 
 

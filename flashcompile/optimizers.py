@@ -10,7 +10,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from flashcompile.optimizer import Optimizer
-from flashcompile.rules import adam, adan, ademamix, lamb, lars, lion, sgd
+from flashcompile.rules import (
+    adadelta, adagrad, adam, adamax, adan, ademamix, asgd, lamb, lars, lion, nadam, radam,
+    rmsprop, rprop, sgd,
+)
 
 
 class SGD(Optimizer):
@@ -114,3 +117,90 @@ class Adan(Optimizer):
                  **options: Any):
         super().__init__(params, adan, lr=lr, betas=tuple(betas), eps=eps,
                          weight_decay=weight_decay, no_prox=no_prox, maximize=maximize, **options)
+
+
+class Adagrad(Optimizer):
+    """torch.optim.Adagrad's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10, *, maximize: bool = False, **options: Any):
+        super().__init__(params, adagrad, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps,
+                         maximize=maximize, **options)
+
+
+class RMSprop(Optimizer):
+    """torch.optim.RMSprop's update with flash codecs by default. The momentum buffer is kept even
+    at ``momentum=0`` (then it equals the step), so a scheduler may raise momentum later."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
+                 maximize: bool = False, **options: Any):
+        super().__init__(params, rmsprop, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered, maximize=maximize, **options)
+
+
+class Adadelta(Optimizer):
+    """torch.optim.Adadelta's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0.0, *, maximize: bool = False, **options: Any):
+        super().__init__(params, adadelta, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize, **options)
+
+
+class Adamax(Optimizer):
+    """torch.optim.Adamax's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
+                 **options: Any):
+        super().__init__(params, adamax, lr=lr, betas=tuple(betas), eps=eps,
+                         weight_decay=weight_decay, maximize=maximize, **options)
+
+
+class NAdam(Optimizer):
+    """torch.optim.NAdam's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False, **options: Any):
+        super().__init__(params, nadam, lr=lr, betas=tuple(betas), eps=eps,
+                         weight_decay=weight_decay, momentum_decay=momentum_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                         **options)
+
+
+class RAdam(Optimizer):
+    """torch.optim.RAdam's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False, **options: Any):
+        super().__init__(params, radam, lr=lr, betas=tuple(betas), eps=eps,
+                         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                         maximize=maximize, **options)
+
+
+class ASGD(Optimizer):
+    """torch.optim.ASGD's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
+                 t0: float = 1e6, weight_decay: float = 0.0, *, maximize: bool = False,
+                 **options: Any):
+        super().__init__(params, asgd, lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                         weight_decay=weight_decay, maximize=maximize, **options)
+
+
+class Rprop(Optimizer):
+    """torch.optim.Rprop's update with flash codecs by default."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] = (1e-6, 50.0), *, maximize: bool = False,
+                 **options: Any):
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}; Rprop needs "
+                             "0 < etaminus < 1 < etaplus (shrink on a sign flip, grow otherwise)")
+        super().__init__(params, rprop, lr=lr, etas=tuple(etas), step_sizes=tuple(step_sizes),
+                         maximize=maximize, **options)

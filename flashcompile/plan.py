@@ -162,8 +162,24 @@ class Plan:
         """Optimizer-owned bytes per parameter value, the 16/32-bit param itself included."""
         return sum(c.bytes_per_value for c in self.codecs.values())
 
-    def scalars(self, step: int, hyper: Mapping[str, object]) -> list[float]:
-        return self.prologue(step, **{k: hyper[k] for k in self.traced.hyper})
+    def scalars(self, step: int, hyper: Mapping[str, object],
+                state: Mapping[str, object] | None = None) -> list[float]:
+        """The kernel's scalars ``_s[1:]`` for ``step``. Scalar states are read from ``state`` (a
+        param's optimizer state; zero where absent) and their new values follow, unread by the
+        kernel: :meth:`advance` stores them."""
+        old = {k: float(state[k]) if state is not None and k in state else 0.0
+               for k in self.key.rule.scalar_states}
+        return self.prologue(step, **{k: hyper[k] for k in self.traced.hyper}, **old)
+
+    def advance(self, state: dict[str, object], scalars: list[float]) -> None:
+        """Store the scalar states' new values (the tail of :meth:`scalars`) in ``state``, as 0-d
+        fp32 CPU tensors like torch.optim's."""
+        names = self.key.rule.scalar_states
+        for name, value in zip(names, scalars[len(scalars) - len(names):]):
+            if name in state:
+                state[name].fill_(value)
+            else:
+                state[name] = torch.tensor(value)
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
             scalars: list[float]) -> None:
@@ -256,18 +272,24 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
     lines.append("    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)")
     for target, expr in lowered.statements:
         lines.append(f"    {target} = {expr}")
+    # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
+    # later output may still read it (ASGD's average reads the param it was computed from).
+    stores = []
     for name, codec in codecs.items():
         out = lowered.outputs[0 if name == PARAM else names.index(name)]
         if out is None:
             continue  # passthrough: decoded for reading, never re-encoded
         index = 0 if name == PARAM else names.index(name)
+        if out in names:  # an input passed on as it is: copy it before its storage is written
+            out = f"{out}.clone()"
         if name != PARAM and not keeps_zero(traced, index):
             # padding lanes must stay zero so they never enlarge a group's scale
             out = f"torch.where(_valid, {out}, 0.0)"
-        lines.append(f"    _new = _codec_{name}.encode({out})")
+        lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
             # straight into the input (G, 32): the store fuses into the reduction kernel
-            lines.append(f"    {name}__{f.name}.copy_(_new[{j}])")
+            stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
+    lines += stores
     if any("_valid" in line for line in lines):
         # the first _s[0] lanes of the last group are valid; earlier groups are whole
         valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"

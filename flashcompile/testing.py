@@ -85,7 +85,9 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
            **{k: opt.state_value(p, k) if started else torch.zeros_like(master) for k in live}}
     stored = {state_key(k, c.fields[0]): padded(old[k]) for k, c in plan.codecs.items() if k != PARAM}
     step = int(opt.state[p]["step"].item()) + 1 if started else 1
-    plan.run(master, p.grad, stored, plan.scalars(step, opt._hyperparameters(group)))
+    # scalar states (NAdam's mu_product) are read from opt's state, not advanced
+    values = plan.scalars(step, opt._hyperparameters(group), opt.state.get(p))
+    plan.run(master, p.grad, stored, values)
     new = {PARAM: master, **{k: stored[k][: p.numel()].view_as(p) for k in stored}}
     return flash, new, old
 

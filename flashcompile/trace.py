@@ -18,7 +18,8 @@ class Traced:
     """One rule under one setting of its static flags, as sympy expressions.
 
     ``outputs[0]`` is the new param, ``outputs[1:]`` the new states in declared order. ``scalars`` are
-    the runtime scalar symbols (step and float hyperparameters), ``tensors`` the per-element inputs.
+    the runtime scalar symbols (step, float hyperparameters and scalar states), ``tensors`` the
+    per-element inputs.
     """
 
     rule: Rule
@@ -34,20 +35,28 @@ class Traced:
         out = {STEP}
         for v in self.hyper.values():
             out.update(v if isinstance(v, tuple) else (v,))
-        return frozenset(out)
+        return frozenset(out) | frozenset(self.scalar_states.values())
+
+    @property
+    def scalar_states(self) -> dict[str, sympy.Symbol]:
+        """The scalar states (one number per parameter) by name."""
+        return {n: s for n, s in zip(self.rule.states, self.states) if n in self.rule.scalar_states}
 
     @property
     def tensors(self) -> tuple[sympy.Symbol, ...]:
-        return (self.param, self.grad, *self.states)
+        scalar = set(self.scalar_states.values())
+        return (self.param, self.grad, *(s for s in self.states if s not in scalar))
 
     def live_states(self) -> tuple[str, ...]:
-        """States that need storage: read by some output, or written with a new value.
+        """Per-element states that need storage: read by some output, or written with a new value.
 
         A state the rule passes through untouched and never reads (``max_exp_avg_sq`` without
-        amsgrad) gets no storage at all.
+        amsgrad) gets no storage at all. Scalar states are kept on the host, never here.
         """
         live = []
         for i, (name, sym) in enumerate(zip(self.rule.states, self.states)):
+            if name in self.rule.scalar_states:
+                continue
             rewritten = self.outputs[i + 1] != sym
             read = any(sym in out.free_symbols for j, out in enumerate(self.outputs) if j != i + 1)
             if rewritten or read:
@@ -81,7 +90,17 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
             f"rule {rule.name} returned {got} values; it must return {want}: the new param then the "
             f"new {', '.join(rule.states) or '(no states)'} in declared order"
         )
-    return Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out))
+    traced = Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out))
+    for name, sym in traced.scalar_states.items():
+        new = traced.outputs[1 + states.index(sym)]
+        if not new.free_symbols <= traced.scalars:
+            raise TypeError(
+                f"rule {rule.name}: scalar state {name!r} is updated to {new}, which depends on "
+                f"per-element values {sorted(map(str, new.free_symbols - traced.scalars))}; a scalar "
+                "state may depend on step, hyperparameters and scalar states only (declare it "
+                "'signed' or 'nonnegative' to keep one value per element)"
+            )
+    return traced
 
 
 def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:
@@ -113,6 +132,12 @@ def _nonnegative(expr: sympy.Expr) -> bool:
         return any(_nonnegative(a) for a in expr.args)
     if isinstance(expr, sympy.Min):
         return all(_nonnegative(a) for a in expr.args)
+    # Sums and products of nonnegatives, and powers of a nonnegative base (a quotient such as
+    # Adadelta's (u + eps) / (v + eps) included: a zero denominator gives inf or nan, never < 0).
+    if isinstance(expr, (sympy.Add, sympy.Mul)) and all(_nonnegative(a) for a in expr.args):
+        return True
+    if isinstance(expr, sympy.Pow) and _nonnegative(expr.base):
+        return True
     if expr.is_nonnegative:
         return True
     return bool(sympy.together(sympy.nsimplify(expr)).is_nonnegative)
@@ -145,6 +170,8 @@ def keeps_zero(traced: Traced, index: int) -> bool:
     Padding lanes hold zeros; for such outputs they stay zero with no masking in the kernel. A
     reduction (``sum_all``) is not local to the lane: there it may hold any value.
     """
+    if index and traced.rule.states[list(traced.rule.states)[index - 1]] == "scalar":
+        return True  # one number per parameter, no lanes
     out = traced.outputs[index]
     out = out.xreplace({r: sympy.Dummy(real=True) for r in out.atoms(SumAll)})
     zeros = {s: 0 for s in traced.tensors}

@@ -6,12 +6,10 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from parity import assert_tracks
 from strategies import seeds, shape_lists
 
 import flashcompile as fc
-
-STEPS = 12
-RTOL, ATOL = 1e-5, 1e-6
 
 lrs = st.floats(1e-4, 0.3)
 # beta2 >= 0.9 (torch's practical range). As beta2 falls, Adam divides by an ever shorter average of
@@ -21,34 +19,6 @@ lrs = st.floats(1e-4, 0.3)
 betas = st.tuples(st.floats(0.0, 0.99), st.floats(0.9, 0.9999))
 decays = st.sampled_from([0.0, 1e-4, 0.1])
 schedulers = st.sampled_from(["step", "exponential", "onecycle"])
-
-
-def _scheduler(kind: str, opt):
-    if kind == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    if kind == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
-    # OneCycleLR also cycles momentum / beta1 when the optimizer has them.
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.defaults["lr"], total_steps=STEPS)
-
-
-def assert_tracks(make_ours, make_theirs, shapes, seed, scheduler="step", steps=STEPS):
-    gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=gen) for s in shapes]
-    ours = [torch.nn.Parameter(t.clone()) for t in init]
-    theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    opt_a, opt_b = make_ours(ours), make_theirs(theirs)
-    sched_a, sched_b = _scheduler(scheduler, opt_a), _scheduler(scheduler, opt_b)
-    for _ in range(steps):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen)
-            a.grad, b.grad = g.clone(), g.clone()
-        opt_a.step()
-        opt_b.step()
-        sched_a.step()
-        sched_b.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=RTOL, atol=ATOL)
 
 
 @given(shapes=shape_lists, seed=seeds, lr=lrs, momentum=st.floats(0.0, 0.99),

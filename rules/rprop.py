@@ -1,0 +1,32 @@
+"""Rprop: sign-based steps with per-element step sizes (torch.optim.Rprop's update).
+
+    g   <- -g if maximize else g
+    s   <- sign(g * prev)
+    d   <- clamp((lr if t == 1 else d) * (etaplus if s > 0 else etaminus if s < 0 else 1),
+                 step_size_min, step_size_max)
+    g   <- 0 where s < 0                                  (a sign flip skips this element once)
+    p   <- p - sign(g) * d
+    prev <- g
+
+Riedmiller & Braun, IEEE ICNN 1993, "A Direct Adaptive Method for Faster Backpropagation
+Learning: The RPROP Algorithm" (no arXiv version).
+"""
+
+from flashcompile.dsl import maximum, minimum, rule, sign, where
+
+
+@rule(
+    defaults=dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False),
+    states={"prev": "signed", "step_size": "nonnegative"},
+)
+def rprop(p, g, prev, step_size, *, step, lr, etas, step_sizes, maximize):
+    etaminus, etaplus = etas
+    step_size_min, step_size_max = step_sizes
+    g = -g if maximize else g
+    s = sign(g * prev)
+    factor = where(s > 0, etaplus, where(s < 0, etaminus, 1.0))
+    # states start at zero: torch starts the step sizes at lr
+    step_size = where(step == 1, lr, step_size) * factor
+    step_size = minimum(maximum(step_size, step_size_min), step_size_max)
+    g = where(s < 0, 0.0, g)
+    return p - sign(g) * step_size, g, step_size
