@@ -33,11 +33,6 @@ class Bucket:
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
                  init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
-        if not plan.steps_flat:
-            raise ValueError(
-                f"the {plan.key.rule.name} plan cannot step params laid end to end in one buffer "
-                "(its padding lanes need masks, or it reduces over each param); step it per tensor"
-            )
         self.params = list(params)
         self.plan = plan
         self.state = state
@@ -101,6 +96,8 @@ class Bucket:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param: some grad is None, or the params' step counts (or scalar states)
         differ."""
+        if not self.plan.steps_flat:  # pads need masks, or a reduction spans each param: the
+            return False  # buffers still hold the states, but each param steps alone
         fresh = []
         for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
             grad = p.grad

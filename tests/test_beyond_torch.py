@@ -192,3 +192,24 @@ def test_compiled_lamb_equals_eager_on_odd_sizes():
     for p, q in zip(a, b):
         # the compiled sums may add in another order: the norms differ by a few fp32 ulps
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_release_steps_trust_ratio_rules_like_stepping_after_backward():
+    # Release packs states in a bucket's buffers; a reduction rule must still step each param alone.
+    def train(release):
+        torch.manual_seed(0)
+        model = fc.cast_model(torch.nn.Sequential(torch.nn.Linear(10, 33), torch.nn.GELU(),
+                                                  torch.nn.Linear(33, 3)))
+        opt = fc.LAMB(model.parameters(), lr=1e-2, compile=False)
+        if release:
+            fc.enable_gradient_release(model, opt)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(8, 10, generator=gen).bfloat16()
+            model(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [opt.master_weight(p) for p in model.parameters()]
+
+    for a, b in zip(train(False), train(True)):
+        assert torch.equal(a, b)

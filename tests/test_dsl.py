@@ -195,5 +195,5 @@ def test_rules_with_reductions_never_step_in_flat_buckets():
         p.grad = torch.randn_like(p)
     opt.step()
     assert not opt._buckets
-    with pytest.raises(ValueError, match="reduces over each param"):
-        Bucket(params, plan_of(opt), opt.state, opt._init_state)
+    # a bucket may still pack such params' states (gradient release does), but never steps them
+    assert not Bucket(params, plan_of(opt), opt.state, opt._init_state).try_step(lambda step: [])
