@@ -9,8 +9,8 @@
     d   <- sqrt(v / (1 - beta2^t)) + eps
     p   <- p - lr (1 - mu_t) / (1 - M) * g / d - lr mu_{t+1} / (1 - M mu_{t+1}) * m / d
 
-Dozat, ICLR 2016 workshop, "Incorporating Nesterov Momentum into Adam" (no arXiv version).
-Decoupled decay: Loshchilov & Hutter, arXiv 1711.05101.
+Dozat, ICLR 2016 workshop, "Incorporating Nesterov Momentum into Adam" (no arXiv version); decoupled
+decay: Loshchilov & Hutter, arXiv 1711.05101.
 """
 
 from flashcompile.dsl import rule, sqrt, where
@@ -35,6 +35,5 @@ def nadam(p, g, mu_product, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weight
     exp_avg = beta1 * exp_avg + (1 - beta1) * g
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
     denom = sqrt(exp_avg_sq / (1 - beta2**step)) + eps
-    p = (p - lr * (1 - mu) / (1 - mu_product) * g / denom
-         - lr * mu_next / (1 - mu_product * mu_next) * exp_avg / denom)
-    return p, mu_product, exp_avg, exp_avg_sq
+    step_g, step_m = (1 - mu) / (1 - mu_product), mu_next / (1 - mu_product * mu_next)
+    return p - lr * (step_g * g + step_m * exp_avg) / denom, mu_product, exp_avg, exp_avg_sq

@@ -11,7 +11,7 @@
 Liu et al., arXiv 1908.03265.
 """
 
-from flashcompile.dsl import rule, sqrt, where
+from flashcompile.dsl import maximum, rule, sqrt, where
 
 
 @rule(
@@ -32,7 +32,8 @@ def radam(p, g, exp_avg, exp_avg_sq, *, step, lr, betas, eps, weight_decay,
     bias2 = 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * beta2**step / bias2
-    # r is undefined for small rho_t: a scalar inside where() runs on the host only where taken
-    r = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    # where rho_t > 5 (so rho_inf > 5 too) the clamps change nothing; elsewhere they keep r finite
+    rho, rho_max = maximum(rho_t, 5.0), maximum(rho_inf, maximum(rho_t, 5.0))
+    r = sqrt((rho - 4) * (rho - 2) * rho_max / ((rho_max - 4) * (rho_max - 2) * rho))
     adaptive = where(rho_t > 5, r * sqrt(bias2) / (sqrt(exp_avg_sq) + eps), 1.0)
     return p - lr / (1 - beta1**step) * exp_avg * adaptive, exp_avg, exp_avg_sq

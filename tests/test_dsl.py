@@ -197,3 +197,90 @@ def test_rules_with_reductions_never_step_in_flat_buckets():
     assert not opt._buckets
     # a bucket may still pack such params' states (gradient release does), but never steps them
     assert not Bucket(params, plan_of(opt), opt.state, opt._init_state).try_step(lambda step: [])
+
+
+# ---- torch.optim's element-wise family: scalar states, guarded scalar branches, quotient proofs
+
+FAMILY = [fc.rules.adagrad, fc.rules.rmsprop, fc.rules.adadelta, fc.rules.adamax, fc.rules.nadam,
+          fc.rules.radam, fc.rules.asgd, fc.rules.rprop]
+
+
+@pytest.mark.parametrize("rule", FAMILY, ids=lambda r: r.name)
+def test_family_scalars_and_scalar_states_stay_out_of_elementwise_code(rule):
+    for flags in _all_flags(rule):
+        traced = trace(rule, flags)
+        check_facts(traced)
+        lowered = lower(traced)
+        code = " ".join(e for _, e in lowered.statements) + " ".join(filter(None, lowered.outputs))
+        for name in ["step", *traced.hyper, *rule.scalar_states]:
+            assert not re.search(rf"\b{name}\b", code), f"{name} left in the kernel under {flags}"
+
+
+@fc.rule(defaults=dict(lr=0.1, decay=0.5), states={"scale": "scalar", "m": "signed"})
+def decayed(p, g, scale, m, *, step, lr, decay):
+    scale = fc.where(step == 1, 1.0, scale) * decay  # decay^step, one number per param
+    m = m + scale * g
+    return p - lr * m, scale, m
+
+
+def test_a_scalar_state_is_computed_on_the_host_and_kept_per_param():
+    traced = trace(decayed, {})
+    assert traced.live_states() == ("m",)
+    assert "scale" in lower(traced).prologue_source.splitlines()[0]  # a prologue argument
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 40)]
+    opt = fc.Optimizer(params, decayed, codecs="fp32", compile=False)
+    want = [torch.zeros(n) for n in (3, 40)]
+    for t in range(1, 4):
+        for p, w in zip(params, want):
+            p.grad = torch.full_like(p, float(t))
+            w += 0.5**t * t
+        opt.step()
+    for p, w in zip(params, want):
+        assert opt.state[p]["scale"].shape == () and float(opt.state[p]["scale"]) == 0.5**3
+        torch.testing.assert_close(opt.state_value(p, "m"), w)
+    assert torch.equal(opt.state_value(params[0], "scale"), torch.tensor(0.5**3))
+
+
+def test_a_scalar_state_may_not_depend_on_elements():
+    with pytest.raises(TypeError, match="scalar state 'scale' .* per-element values"):
+        @fc.rule(defaults=dict(lr=0.1), states={"scale": "scalar"})
+        def leaky(p, g, scale, *, step, lr):
+            return p - lr * g, scale + g
+
+
+def test_a_scalar_state_takes_no_codec():
+    with pytest.raises(ValueError, match="scalar state"):
+        fc.Optimizer([torch.nn.Parameter(torch.zeros(3))], decayed, codecs={"scale": "fp32"})
+
+
+@fc.rule(defaults=dict(lr=0.1), states={})
+def guarded(p, g, *, step, lr):
+    # sqrt(step - 3) and 1 / (step - 2) are undefined (math errors on the host) where not taken
+    p = p - lr * fc.where(step > 3, fc.sqrt(step - 3) * g, g)
+    return (p - fc.where(step > 2, g / (step - 2), g) * fc.where(step > 2, 1 / (step - 2), lr),)
+
+
+def test_scalars_inside_a_branch_of_a_scalar_condition_run_only_where_taken():
+    lowered = lower(trace(guarded, {}))
+    namespace: dict = {"math": __import__("math")}
+    exec(lowered.prologue_source, namespace)
+    for step in range(1, 7):  # step 2 would divide by zero, steps 1-2 take the sqrt of < 0
+        namespace["prologue"](step, lr=0.1)
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = fc.Optimizer([p], guarded, codecs="fp32", compile=False)
+    want = torch.zeros(5)
+    for step in range(1, 6):
+        p.grad = torch.ones(5)
+        opt.step()
+        want -= 0.1 * (step - 3) ** 0.5 if step > 3 else 0.1
+        want -= 1 / (step - 2) ** 2 if step > 2 else 0.1
+    torch.testing.assert_close(p.detach(), want)
+
+
+def test_a_quotient_of_nonnegatives_is_proven_nonnegative():
+    @fc.rule(defaults=dict(lr=1.0, rho=0.9, eps=1e-6), states={"v": "nonnegative"},
+             ranges={"rho": (0.0, 1.0)})
+    def ratio(p, g, v, *, step, lr, rho, eps):  # Adadelta's shape: (u + eps) / (v + eps) * g^2
+        return p - lr * g, rho * v + (1 - rho) * (v + eps) / (v + g * g + eps) * g * g
+
+    check_facts(trace(ratio, {}))

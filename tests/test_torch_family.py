@@ -79,8 +79,8 @@ def test_nadam_matches_torch(shapes, seed, lr, betas, eps, wd, momentum_decay, d
     _tracks(fc.NAdam, T.NAdam, kw, shapes, seed, sched)
 
 
-# beta2 = 0.6 gives rho_inf = 4: never rectified, and the rectification's denominator
-# (rho_inf - 4) is 0, so its host computation must stay inside the untaken branch.
+# beta2 = 0.6 gives rho_inf = 4: never rectified, and the unclamped rectification would divide by
+# rho_inf - 4 = 0.
 @given(shapes=shape_lists, seed=seeds, lr=adam_lrs, beta1=st.floats(0.0, 0.99),
        beta2=st.one_of(st.just(0.6), st.floats(0.9, 0.9999)), eps=epss, wd=decays,
        decoupled=st.booleans(), maximize=st.booleans(), sched=any_scheduler)
