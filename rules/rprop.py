@@ -6,7 +6,7 @@
                  step_size_min, step_size_max)
     g   <- 0 where s < 0                                  (a sign flip skips this element once)
     p   <- p - sign(g) * d
-    prev <- g
+    prev <- sign(g)          (torch keeps g; only its sign is read, and +-1 / 0 are exact in 8 bits)
 
 Riedmiller & Braun, IEEE ICNN 1993, "A Direct Adaptive Method for Faster Backpropagation
 Learning: The RPROP Algorithm" (no arXiv version).
@@ -29,4 +29,4 @@ def rprop(p, g, prev, step_size, *, step, lr, etas, step_sizes, maximize):
     step_size = where(step == 1, lr, step_size) * factor
     step_size = minimum(maximum(step_size, step_size_min), step_size_max)
     g = where(s < 0, 0.0, g)
-    return p - sign(g) * step_size, g, step_size
+    return p - sign(g) * step_size, sign(g), step_size

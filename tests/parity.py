@@ -19,8 +19,9 @@ def scheduler(kind: str, opt):
 
 
 def assert_tracks(make_ours, make_theirs, shapes, seed, scheduler_kind="step", steps=STEPS,
-                  states=False):
-    """``states``: also compare each state the twin keeps under the same name (ours decoded)."""
+                  states=False, theirs_as=None):
+    """``states``: also compare each state the twin keeps under the same name (ours decoded);
+    ``theirs_as``: state name -> what ours keeps of the twin's (Rprop: only the sign of prev)."""
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
@@ -40,9 +41,9 @@ def assert_tracks(make_ours, make_theirs, shapes, seed, scheduler_kind="step", s
         if not states:
             continue
         for name in sorted(set(opt_a.rule.states) & set(opt_b.state[b]) - {"step"}):
-            want = opt_b.state[b][name]
-            # A state summed from larger terms (a momentum buffer: ~1 / (1 - momentum) steps) carries
-            # their rounding where they cancel: absolute tolerance in units of its largest value.
+            want = (theirs_as or {}).get(name, lambda t: t)(opt_b.state[b][name])
+            # A state summed from larger terms (a momentum buffer: ~1 / (1 - momentum) steps)
+            # carries their rounding where they cancel: absolute tolerance in its largest value.
             atol = ATOL * max(1.0, want.abs().max().item())
             torch.testing.assert_close(opt_a.state_value(a, name), want, rtol=RTOL, atol=atol,
                                        msg=lambda m, n=name: f"{n}: {m}")

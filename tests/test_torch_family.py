@@ -1,5 +1,5 @@
-"""torch.optim's element-wise family (Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, ASGD, Rprop):
-with codecs="fp32" each reproduces its torch.optim twin (foreach=False), params and states, under LR
+"""torch.optim's element-wise family: Adagrad, RMSprop, Adadelta, Adamax, NAdam, RAdam, ASGD, Rprop.
+With codecs="fp32" each reproduces its torch.optim twin (foreach=False), params and states, under LR
 schedulers; with the flash codecs each rule passes the public property suite. Plans run eagerly."""
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ plain = st.sampled_from(["step", "exponential"])  # no momentum or beta1 for One
 any_scheduler = st.sampled_from(["step", "exponential", "onecycle"])
 
 
-def _tracks(ours, theirs, kw, shapes, seed, sched):
+def _tracks(ours, theirs, kw, shapes, seed, sched, theirs_as=None):
     assert_tracks(lambda p: ours(p, codecs="fp32", compile=False, **kw),
-                  lambda p: theirs(p, foreach=False, **kw), shapes, seed, sched, states=True)
+                  lambda p: theirs(p, foreach=False, **kw), shapes, seed, sched, states=True,
+                  theirs_as=theirs_as)
 
 
 @given(shapes=shape_lists, seed=seeds, lr=lrs, lr_decay=st.sampled_from([0.0, 0.01, 0.5]),
@@ -104,7 +105,7 @@ def test_asgd_matches_torch(shapes, seed, lr, lambd, alpha, t0, wd, maximize, sc
        st.sampled_from([0.05, 50.0])), maximize=st.booleans(), sched=plain)
 def test_rprop_matches_torch(shapes, seed, lr, etas, step_sizes, maximize, sched):
     kw = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
-    _tracks(fc.Rprop, T.Rprop, kw, shapes, seed, sched)
+    _tracks(fc.Rprop, T.Rprop, kw, shapes, seed, sched, theirs_as={"prev": torch.sign})
 
 
 def test_rprop_rejects_etas_that_do_not_shrink_and_grow():
