@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = sub.add_parser("bench", help="time optimizer steps on workload shape lists")
     bench.add_argument("--workloads", default="gpt2_124m,single_268m,llama8b_4layers",
                        help="comma-separated shipped names or JSON paths")
-    bench.add_argument("--optimizers", default="", help="comma-separated (default: all)")
+    bench.add_argument("--optimizers", default="",
+                       help="comma-separated; default: the AdamW/SGD/Lion rows and fp32 twins; 'all': "
+                       "every shipped optimizer with flash codecs")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--reps", type=int, default=20)
     bench.add_argument("--cold", action="store_true", help="clear compile caches per optimizer")

@@ -56,6 +56,12 @@ OPTIMIZERS: dict[str, tuple[torch.dtype, Callable, float | None]] = {
     "lion_flash": (torch.bfloat16, _flash(fc.Lion), None),
     "lion_fp32": (torch.float32, _flash(fc.Lion, codecs="fp32"), None),
 }
+# The rest of the family with flash codecs and their defaults: `--optimizers all` (or name them).
+FAMILY = ("Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "LAMB",
+          "LARS", "AdEMAMix", "Adan")
+EXTRA: dict[str, tuple[torch.dtype, Callable, float | None]] = {
+    f"{name.lower()}_flash": (torch.bfloat16, _flash(getattr(fc, name)), None) for name in FAMILY
+}
 
 
 def _peers() -> dict[str, tuple[torch.dtype, Callable, float | None]]:
@@ -178,7 +184,7 @@ def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps
 
 def run(workloads: list[str], optimizers: list[str], device: torch.device, reps: int = 20,
         cold: bool = False) -> tuple[list[Row], float]:
-    specs = {**OPTIMIZERS, **_peers()}
+    specs = {**OPTIMIZERS, **EXTRA, **_peers()}
     unknown = [o for o in optimizers if o not in specs]
     if unknown:
         raise ValueError(f"unknown or not installed optimizers {unknown}; available: {sorted(specs)}")
@@ -253,8 +259,10 @@ def _plot(rows: list[Row], path: str) -> None:
 
 def main(args) -> None:
     device = torch.device(args.device)
-    optimizers = args.optimizers.split(",") if args.optimizers else [
-        *OPTIMIZERS, *_peers()]
+    if args.optimizers == "all":
+        optimizers = ["torch_adamw_fused", "adamw_flash", "sgd_flash", "lion_flash", *EXTRA]
+    else:
+        optimizers = args.optimizers.split(",") if args.optimizers else [*OPTIMIZERS, *_peers()]
     print(HEADER)
     rows, copy = run(args.workloads.split(","), optimizers, device, args.reps, args.cold)
     print(f"\ncopy bandwidth {copy:.0f} GB/s on {device}; torch {torch.__version__}")
