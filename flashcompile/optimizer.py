@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from flashcompile import interop
+from flashcompile import distributed, interop
 from flashcompile.arena import Bucket
 from flashcompile.codecs import GROUP
+from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
 from flashcompile.presets import check_codec_spec, resolve_codecs
@@ -145,6 +146,8 @@ class Optimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if self._gradient_release is not None:  # params were stepped inside backward
             return self._gradient_release.end_iteration(closure)
+        if not self.state and distributed.initialising_state():
+            return self._allocate_state()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -173,6 +176,20 @@ class Optimizer(torch.optim.Optimizer):
         group = self._group_of(p) if group is None else group
         self._step_one(p, self._flags(group), _ScalarCache(self._hyperparameters(group)))
 
+    def _allocate_state(self) -> None:
+        """Allocate every param's state as a first step would find it, stepping nothing.
+
+        For DCP's ``get_state_dict``/``set_state_dict`` on a fresh optimizer, which create state by
+        stepping at lr 0 with zero gradients: that step would count (bias corrections, Rprop's step
+        sizes and NAdam's momentum product would start one step late); this leaves a fresh state.
+        """
+        for group in self.param_groups:
+            flags = self._flags(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    local = to_local(p)
+                    self._init_state(local, self._plan(local, flags), self.state[p])
+
     def _group_of(self, p: torch.Tensor) -> Mapping[str, Any]:
         for g in self.param_groups:
             if any(q is p for q in g["params"]):
@@ -183,8 +200,10 @@ class Optimizer(torch.optim.Optimizer):
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        plan = self._plan(p, flags)
         state = self.state[p]
+        if is_dtensor(p):  # FSDP2: this rank's shard, a view of FSDP2's storage; grad likewise
+            p, grad = p.to_local(), grad.to_local()
+        plan = self._plan(p, flags)
         self._init_state(p, plan, state)
         state["step"] += 1
         values = scalars(plan, int(state["step"].item()), (state,))
@@ -205,11 +224,13 @@ class Optimizer(torch.optim.Optimizer):
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:
             flat = self.flat if self.flat is not None else p.device.type == "cuda"
-            if flat and p.grad is not None and not p.grad.is_sparse:
+            # never DTensors: a bucket re-points p.data, and FSDP2 all-gathers from its own storage
+            if flat and p.grad is not None and not p.grad.is_sparse and not is_dtensor(p):
                 by_kind.setdefault((p.dtype, p.device), []).append(p)
         out = []
         for kind in by_kind:
-            params = [p for p in group["params"] if (p.dtype, p.device) == kind]
+            params = [p for p in group["params"]
+                      if (p.dtype, p.device) == kind and not is_dtensor(p)]
             plan = self._plan(params[0], flags)
             if not plan.steps_flat:
                 continue  # padding lanes would need masks, or a reduction spans each param
@@ -252,19 +273,22 @@ class Optimizer(torch.optim.Optimizer):
     def _decode(self, p: torch.Tensor, name: str) -> torch.Tensor:
         plan = self._plan(p, self._flags(self._group_of(p)))
         codec = plan.codecs[name]
-        groups = -(-p.numel() // GROUP)
+        local = to_local(p).detach()
+        groups = -(-local.numel() // GROUP)
         tensors = []
         for f in codec.fields:
             if name == PARAM and f.name == "value":
-                t = torch.zeros(groups * GROUP, dtype=p.dtype, device=p.device)
-                t[: p.numel()] = p.detach().reshape(-1)
+                t = torch.zeros(groups * GROUP, dtype=p.dtype, device=local.device)
+                t[: local.numel()] = local.reshape(-1)
             else:
                 t = self.state[p][state_key(name, f)]
             tensors.append(t.view(groups, 1 if f.per_group else GROUP))
-        return codec.decode(*tensors).reshape(-1)[: p.numel()].view_as(p)
+        decoded = codec.decode(*tensors).reshape(-1)[: local.numel()].view(local.shape)
+        return distributed.like(p, decoded)
 
     def master_weight(self, p: torch.Tensor) -> torch.Tensor:
-        """The fp32 master weight of ``p``, reconstructed from its codec (e.g. bf16 + residual)."""
+        """The fp32 master weight of ``p``, reconstructed from its codec (e.g. bf16 + residual); for
+        a DTensor ``p``, a DTensor placed like it."""
         if not self.state.get(p):
             return p.detach().float().clone()
         return self._decode(p, PARAM)
@@ -272,15 +296,17 @@ class Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def set_master_weight(self, p: torch.Tensor, value: torch.Tensor) -> None:
         """Set ``p``'s full-precision weight: the 16-bit param and its residual both encode
-        ``value`` (fp32), so nothing of ``value`` is lost that the codec can hold."""
+        ``value`` (fp32), so nothing of ``value`` is lost that the codec can hold. For a DTensor
+        ``p``, ``value`` is a DTensor or the full tensor; each rank sets its shard."""
         if tuple(value.shape) != tuple(p.shape):
             raise ValueError(f"value has shape {tuple(value.shape)}, the param {tuple(p.shape)}")
         plan = self._plan(p, self._flags(self._group_of(p)))
         state = self.state[p]
+        value, p = distributed.local_part(value.detach(), p), to_local(p)
         self._init_state(p, plan, state)
         groups = -(-p.numel() // GROUP)
         x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
-        x[: p.numel()] = value.detach().reshape(-1).to(device=p.device, dtype=torch.float32)
+        x[: p.numel()] = value.reshape(-1).to(device=p.device, dtype=torch.float32)
         codec = plan.codecs[PARAM]
         for f, t in zip(codec.fields, codec.encode(x.view(groups, GROUP))):
             t = t.reshape(-1)
@@ -290,7 +316,8 @@ class Optimizer(torch.optim.Optimizer):
                 state[state_key(PARAM, f)].copy_(t)
 
     def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        """State ``name`` of ``p`` decoded to fp32, in the param's shape (a scalar state: 0-d)."""
+        """State ``name`` of ``p`` decoded to fp32, in the param's shape (a scalar state: 0-d); for
+        a DTensor ``p``, a DTensor placed like it."""
         if name not in self.rule.states:
             raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
         if not self.state.get(p):
@@ -300,6 +327,19 @@ class Optimizer(torch.optim.Optimizer):
         return self._decode(p, name)
 
     # ---- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim's. A DTensor param's state is in the checkpoint layout of
+        :mod:`flashcompile.distributed` (DTensors that DCP reshards); others stay flat."""
+        sd = super().state_dict()
+        pid = 0  # torch.optim numbers params in group order
+        for group in self.param_groups:
+            for p in group["params"]:
+                if pid in sd["state"] and is_dtensor(p):
+                    plan = self._plan(p, self._flags(group))
+                    sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
+                pid += 1
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer, or a torch.optim one of the same optimizer (its fp32
@@ -360,8 +400,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
         expected = dict(plan.owned_fields)
+        if is_dtensor(p):
+            return distributed.import_state(p, plan, saved, pid, self.rule.states)
         if interop.is_torch_format(self.rule.states, saved, p):
             return interop.import_state(p, plan, saved, pid)
+        if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
+            return distributed.import_state(p, plan, saved, pid, self.rule.states)
         host = {"step", *self.rule.scalar_states}
         if set(saved) != set(expected) | host:
             raise ValueError(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from flashcompile.arena import Bucket
+from flashcompile.distributed import is_dtensor, pack_states
 from flashcompile.optimizer import Optimizer
 
 _active: list[GradientRelease] = []
@@ -118,9 +119,13 @@ def _pack_states(optimizer: Optimizer, group, params: list[torch.Tensor]) -> Non
     flags = optimizer._flags(group)
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
-        by_kind.setdefault((p.dtype, p.device), []).append(p)
-    for same in by_kind.values():
-        Bucket(same, optimizer._plan(same[0], flags), optimizer.state, optimizer._init_state)
+        by_kind.setdefault((p.dtype, p.device, is_dtensor(p)), []).append(p)
+    for (_, _, sharded), same in by_kind.items():
+        plan = optimizer._plan(same[0], flags)
+        if sharded:  # FSDP2 keeps the weight shards: pack only their states
+            pack_states(optimizer, plan, same)
+        else:
+            Bucket(same, plan, optimizer.state, optimizer._init_state)
 
 
 def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer) -> GradientRelease:
