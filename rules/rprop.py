@@ -24,7 +24,7 @@ def rprop(p, g, prev, step_size, *, step, lr, etas, step_sizes, maximize):
     step_size_min, step_size_max = step_sizes
     g = -g if maximize else g
     s = sign(g * prev)
-    factor = where(s > 0, etaplus, where(s < 0, etaminus, 1.0))
+    factor = where(s > 0, etaplus, 1.0) * where(s < 0, etaminus, 1.0)
     # states start at zero: torch starts the step sizes at lr
     step_size = where(step == 1, lr, step_size) * factor
     step_size = minimum(maximum(step_size, step_size_min), step_size_max)
