@@ -48,15 +48,16 @@ this layout for plain (non-DTensor) parameters, e.g. a DCP checkpoint converted 
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from flashcompile import interop
 from flashcompile.codecs import GROUP, Codec
-from flashcompile.plan import PARAM, Plan, state_key
+from flashcompile.plan import PARAM, Plan, groups, scalar_tensor, state_key
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -267,3 +268,95 @@ def pack_states(optimizer, plan: Plan, params: list[torch.Tensor]) -> None:
             view.copy_(state[key])
             state[key] = view
         start += count
+
+
+class ShardBucket:
+    """Flat storage for the FSDP2 shards of one (param group, dtype, device): one launch per step.
+
+    States live in one flat buffer per field and gradients in one flat buffer, each shard from a
+    group boundary; each ``p.grad`` is a DTensor over its view, which FSDP2 accumulates into in
+    place after its reduce-scatter (``zero_grad`` zeroes the buffer and keeps the views). The weight
+    shards stay in FSDP2's storage: each step copies them into one zero-padded buffer (freed after
+    the step), steps it, and copies them back. Same interface as :class:`flashcompile.arena.Bucket`.
+    """
+
+    def __init__(self, params: list[torch.Tensor], plan: Plan,
+                 state: Mapping[torch.Tensor, dict[str, Any]],
+                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
+        self.params, self.plan, self.state = list(params), plan, state
+        shards = [p.to_local() for p in self.params]
+        counts = [-(-t.numel() // GROUP) for t in shards]
+        self.offsets = [0, *itertools.accumulate(counts)][:-1]
+        self.groups = sum(counts)
+        self.ranges = [slice(o * GROUP, o * GROUP + t.numel()) for o, t in zip(self.offsets, shards)]
+        first = shards[0]
+        self.grads = torch.zeros(self.groups * GROUP, dtype=first.dtype, device=first.device)
+        self.fields = {key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
+                                        device=first.device)
+                       for key, f in plan.owned_fields.items()}
+        self.steps = torch.zeros(len(self.params))  # state['step'] of each param is a view into this
+        with torch.no_grad():
+            for i, (p, shard, count) in enumerate(zip(self.params, shards, counts)):
+                st = state[p]
+                init_state(shard, plan, st)
+                self.steps[i] = st["step"]
+                st["step"] = self.steps[i]
+                for key, f in plan.owned_fields.items():
+                    width = 1 if f.per_group else GROUP
+                    view = self.fields[key][self.offsets[i] * width:(self.offsets[i] + count) * width]
+                    view.copy_(st[key])
+                    st[key] = view
+                self._adopt_grad(i, shard)
+        self._grad_ptrs = [self.grads[r].data_ptr() for r in self.ranges]
+        self.uniform_steps: bool | None = None
+        self._args = (groups(self.grads, False, 0, self.groups),
+                      {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
+                       for k, v in self.fields.items()})
+
+    def _adopt_grad(self, i: int, shard: torch.Tensor) -> None:
+        p, view = self.params[i], self.grads[self.ranges[i]].view(shard.shape)
+        if p.grad is not None:
+            view.copy_(p.grad.to_local())
+        p.grad = like(p, view)
+
+    def intact(self) -> bool:
+        return True  # weight shards are read where FSDP2 keeps them at each step
+
+    @torch.no_grad()
+    def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
+        """Step every shard in one launch; False (nothing done) where that would differ from
+        stepping each: a grad is None, or step counts (or scalar states) differ."""
+        if not self.plan.steps_flat:
+            return False
+        fresh = []
+        for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
+            if p.grad is None:
+                return False
+            if p.grad.to_local().data_ptr() != ptr:
+                fresh.append(i)
+        if self.uniform_steps is None:
+            held = [[float(self.state[p][k]) for k in self.plan.key.rule.scalar_states]
+                    for p in self.params]
+            self.uniform_steps = bool((self.steps == self.steps[0]).all()) and all(
+                h == held[0] for h in held)
+        if not self.uniform_steps:
+            return False
+        shards = [p.to_local() for p in self.params]
+        for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again
+            self._adopt_grad(i, shards[i])
+        self.steps += 1
+        values = [GROUP, *scalars(int(self.steps[0].item()))]
+        weights = torch.zeros(self.groups * GROUP, dtype=self.grads.dtype, device=self.grads.device)
+        staged = [weights[r].view(t.shape) for r, t in zip(self.ranges, shards)]
+        torch._foreach_copy_(staged, shards)
+        grads, fields = self._args
+        self.plan.call(scalar_tensor(values, weights.device), grads,
+                       groups(weights, False, 0, self.groups), fields)
+        torch._foreach_copy_(shards, staged)
+        return True
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+        for i, p in enumerate(self.params):
+            if p.grad is None or p.grad.to_local().data_ptr() != self._grad_ptrs[i]:
+                self._adopt_grad(i, p.to_local())

@@ -41,7 +41,9 @@ class Optimizer(torch.optim.Optimizer):
         flat: keep each group's params, grads and states in flat buffers and step them in one
             launch (:mod:`flashcompile.arena`). Default: on for CUDA params. Params and grads then
             become views into those buffers, and ``zero_grad`` zeroes the gradient buffer in place
-            (grads stay allocated, as with ``set_to_none=False``).
+            (grads stay allocated, as with ``set_to_none=False``). FSDP2 (DTensor) params keep
+            their weight shards in FSDP2's storage: only grads and states go flat
+            (:class:`flashcompile.distributed.ShardBucket`).
         **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
     """
 
@@ -224,13 +226,11 @@ class Optimizer(torch.optim.Optimizer):
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:
             flat = self.flat if self.flat is not None else p.device.type == "cuda"
-            # never DTensors: a bucket re-points p.data, and FSDP2 all-gathers from its own storage
-            if flat and p.grad is not None and not p.grad.is_sparse and not is_dtensor(p):
-                by_kind.setdefault((p.dtype, p.device), []).append(p)
+            if flat and p.grad is not None and not p.grad.is_sparse:
+                by_kind.setdefault((p.dtype, p.device, is_dtensor(p)), []).append(p)
         out = []
         for kind in by_kind:
-            params = [p for p in group["params"]
-                      if (p.dtype, p.device) == kind and not is_dtensor(p)]
+            params = [p for p in group["params"] if (p.dtype, p.device, is_dtensor(p)) == kind]
             plan = self._plan(params[0], flags)
             if not plan.steps_flat:
                 continue  # padding lanes would need masks, or a reduction spans each param
@@ -238,7 +238,10 @@ class Optimizer(torch.optim.Optimizer):
             bucket = self._buckets.get(key)
             if (bucket is None or bucket.plan is not plan or bucket.params != params
                     or not bucket.intact()):
-                bucket = self._buckets[key] = Bucket(params, plan, self.state, self._init_state)
+                # FSDP2 shards keep their weights where FSDP2 all-gathers them from: a shard bucket
+                # stages them; a Bucket would re-point p.data
+                make = distributed.ShardBucket if kind[2] else Bucket
+                bucket = self._buckets[key] = make(params, plan, self.state, self._init_state)
             out.append(bucket)
         self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)
         return out
@@ -248,7 +251,7 @@ class Optimizer(torch.optim.Optimizer):
         them): gradient release frees each grad right after its step, so no buffer may hold them."""
         for bucket in self._buckets.values():
             for p in bucket.params:
-                if p.grad is not None and p.grad.data_ptr() in bucket._grad_ptrs:
+                if p.grad is not None and to_local(p.grad).data_ptr() in bucket._grad_ptrs:
                     p.grad = None
         self._buckets.clear()
         self._buckets_of_group.clear()

@@ -1,6 +1,7 @@
-"""DDP, FSDP2 and DCP on 2 CPU processes (gloo): the same training as one process, local state only,
+"""DDP, FSDP2 and DCP on 2 processes: the same training as one process, local state only,
 checkpoints that resume bit-exactly and reshard from 2 ranks to 1.
 
+Every test runs on CPU with gloo, and on 2 GPUs with NCCL (marked ``cuda``; skipped without 2 GPUs).
 Each test starts its ranks from one forkserver that imported torch and flashcompile once; a rank's
 assertion fails the test with that rank's traceback.
 """
@@ -29,6 +30,11 @@ from flashcompile.testing import bound
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]),
+]
 
 LR = {"lr": 1e-2, "weight_decay": 0.1}
 _runs = itertools.count()
@@ -36,14 +42,14 @@ _runs = itertools.count()
 
 # ---- running ranks --------------------------------------------------------------------------------
 
-def _launch(fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world_size, tmp_path, *args)`` on ``world_size`` gloo ranks; raise with the
-    traceback of every rank that failed."""
+def _launch(fn, world_size: int, tmp_path: Path, device: str, timeout: float = 300.0) -> None:
+    """Run ``fn(rank, world_size, tmp_path, device)`` on ``world_size`` ranks (``device`` "cpu":
+    gloo; "cuda": NCCL, rank r on GPU r); raise with the traceback of every rank that failed."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "flashcompile", "torch.distributed.fsdp",
                                 "torch.distributed.checkpoint", "test_distributed"])
     store = tmp_path / f"store{next(_runs)}"
-    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, str(store), tmp_path, *args))
+    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, str(store), tmp_path, device))
              for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -63,12 +69,15 @@ def _launch(fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0) 
         raise AssertionError("\n".join(errors) or f"ranks exited with {[p.exitcode for p in procs]}")
 
 
-def _rank_main(fn, rank, world_size, store, tmp_path, *args):
+def _rank_main(fn, rank, world_size, store, tmp_path, device):
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=world_size)
-        fn(rank, world_size, tmp_path, *args)
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+            device = f"cuda:{rank}"
+        dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{store}",
+                                rank=rank, world_size=world_size)
+        fn(rank, world_size, tmp_path, device)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 (any failure goes to the parent with its traceback)
         (tmp_path / f"error{rank}").write_text(f"rank {rank}:\n{traceback.format_exc()}")
@@ -96,25 +105,26 @@ class Uneven(nn.Module):
         return self.out(F.gelu(self.mid(h)) * self.gain)
 
 
-def _uneven(seed: int = 0) -> nn.Module:
+def _uneven(device: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return fc.cast_model(Uneven())  # bf16, LayerNorm fp32
+    return fc.cast_model(Uneven().to(device))  # bf16, LayerNorm fp32
 
 
 def _uneven_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * step + rank)
     x, y = torch.randn(8, 10, generator=gen).bfloat16(), torch.randint(0, 3, (8,), generator=gen)
-    return F.cross_entropy(model(x).float(), y)
+    device = next(model.parameters()).device
+    return F.cross_entropy(model(x.to(device)).float(), y.to(device))
 
 
-def _gpt2(seed: int = 0) -> nn.Module:
+def _gpt2(device: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return fc.cast_model(bench_models.build("tiny_gpt2"), keep_fp32=None)  # FSDP2: one dtype
+    return fc.cast_model(bench_models.build("tiny_gpt2", device), keep_fp32=None)  # FSDP2: 1 dtype
 
 
 def _gpt2_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    return model(torch.randint(0, 256, (2, 17), generator=gen))
+    return model(torch.randint(0, 256, (2, 17), generator=gen).to(next(model.parameters()).device))
 
 
 def _shard(model: nn.Module) -> nn.Module:
@@ -144,14 +154,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 # ---- DDP ------------------------------------------------------------------------------------------
 
-def _ddp(rank, world_size, tmp_path):
+def _ddp(rank, world_size, tmp_path, device):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     for flat, as_view in itertools.product([False, True], [False, True]):
-        model = DDP(_uneven(), gradient_as_bucket_view=as_view)
-        opt = fc.AdamW(model.parameters(), compile=False, flat=flat, **LR)
-        ref = _uneven()
-        ref_opt = fc.AdamW(ref.parameters(), compile=False, flat=flat, **LR)
+        model = DDP(_uneven(device), gradient_as_bucket_view=as_view)
+        compile = device != "cpu"  # CUDA: flat buckets replay their step as a CUDA graph
+        opt = fc.AdamW(model.parameters(), compile=compile, flat=flat, **LR)
+        ref = _uneven(device)
+        ref_opt = fc.AdamW(ref.parameters(), compile=compile, flat=flat, **LR)
         for step in range(3):
             _uneven_loss(model, step, rank).backward()
             opt.step()
@@ -171,29 +182,35 @@ def _in_buffer(grad: torch.Tensor, opt) -> bool:
                for b in opt._buckets.values())
 
 
-def test_ddp_steps_as_one_process_on_the_averaged_gradient(tmp_path):
-    """Per tensor or in flat buckets, with or without DDP's gradient bucket views: bit-identical."""
-    _launch(_ddp, 2, tmp_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ddp_steps_as_one_process_on_the_averaged_gradient(tmp_path, device):
+    """Per tensor or in flat buckets (CUDA: compiled, replayed as a CUDA graph), with or without
+    DDP's gradient bucket views: bit-identical."""
+    _launch(_ddp, 2, tmp_path, device)
 
 
 # ---- FSDP2 ----------------------------------------------------------------------------------------
 
-def _fsdp_whole_groups(rank, world_size, tmp_path):
-    sharded, released = _shard(_gpt2()), _shard(_gpt2())
-    opt = fc.AdamW(sharded.parameters(), compile=False, **LR)
+def _fsdp_whole_groups(rank, world_size, tmp_path, device):
+    sharded, flat, released = (_shard(_gpt2(device)) for _ in range(3))
+    opt = fc.AdamW(sharded.parameters(), compile=False, flat=False, **LR)
+    opt_flat = fc.AdamW(flat.parameters(), compile=False, flat=True, **LR)
     opt_rel = fc.AdamW(released.parameters(), compile=False, **LR)
     fc.enable_gradient_release(released, opt_rel)
-    ref = _gpt2()
+    ref = _gpt2(device)
     ref_opt = fc.AdamW(ref.parameters(), compile=False, **LR)
     for step in range(3):
-        for model, o in ((sharded, opt), (released, opt_rel)):
+        for model, o in ((sharded, opt), (flat, opt_flat), (released, opt_rel)):
             _gpt2_loss(model, step, rank).backward()
             o.step()
             o.zero_grad()
         _reference_step(ref, ref_opt, _gpt2_loss, step, world_size)
-    for (name, p), r, q in zip(sharded.named_parameters(), released.parameters(), ref.parameters()):
-        assert p._local_tensor.numel() % GROUP == 0, name  # every shard starts on a group boundary
-        assert torch.equal(p.full_tensor(), q) and torch.equal(r.full_tensor(), q), name
+    assert len(opt_flat._buckets) == 1 and not opt._buckets
+    for (name, p), f, r, q in zip(sharded.named_parameters(), flat.parameters(),
+                                  released.parameters(), ref.parameters()):
+        assert p.to_local().numel() % GROUP == 0, name  # every shard starts on a group boundary
+        for model_p in (p, f, r):
+            assert torch.equal(model_p.full_tensor(), q), name
         for key in ["param", "exp_avg", "exp_avg_sq"]:
             got = opt.master_weight(p) if key == PARAM else opt.state_value(p, key)
             want = ref_opt.master_weight(q) if key == PARAM else ref_opt.state_value(q, key)
@@ -201,19 +218,20 @@ def _fsdp_whole_groups(rank, world_size, tmp_path):
         assert r.grad is None
 
 
-def test_fsdp2_steps_as_one_process_where_shards_hold_whole_groups(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_steps_as_one_process_where_shards_hold_whole_groups(tmp_path, device):
     """tiny GPT-2 on 2 ranks: every shard starts on a group boundary, so stepping local shards
-    (after backward, or in FSDP2's post-reduce-scatter hooks with gradient release) is bit-identical
-    to one process stepping the whole model on the averaged gradient."""
-    _launch(_fsdp_whole_groups, 2, tmp_path)
+    (one by one, in one flat launch, or in FSDP2's post-reduce-scatter hooks with gradient release)
+    is bit-identical to one process stepping the whole model on the averaged gradient."""
+    _launch(_fsdp_whole_groups, 2, tmp_path, device)
 
 
-def _fsdp_uneven(rank, world_size, tmp_path):
-    model, released = _shard(_uneven()), _shard(_uneven())
-    opt = fc.AdamW(model.parameters(), compile=False, **LR)
+def _fsdp_uneven(rank, world_size, tmp_path, device):
+    model, released = _shard(_uneven(device)), _shard(_uneven(device))
+    opt = fc.AdamW(model.parameters(), compile=False, flat=True, **LR)
     opt_rel = fc.AdamW(released.parameters(), compile=False, **LR)
     fc.enable_gradient_release(released, opt_rel)
-    ref = _uneven()
+    ref = _uneven(device)
     ref_opt = fc.AdamW(ref.parameters(), compile=False, **LR)
     for step in range(4):
         _uneven_loss(model, step, rank).backward()
@@ -229,7 +247,7 @@ def _fsdp_uneven(rank, world_size, tmp_path):
         opt_rel.step()
         _reference_step(ref, ref_opt, _uneven_loss, step, world_size)
     for (name, p), r, q in zip(model.named_parameters(), released.parameters(), ref.parameters()):
-        assert torch.equal(p.full_tensor(), r.full_tensor()), name  # release: bit-identical
+        assert torch.equal(p.full_tensor(), r.full_tensor()), name  # flat = release per shard
         local = p.to_local()
         stored = sum(t.nbytes for k, t in opt.state[p].items() if k != "step")
         groups = -(-local.numel() // GROUP)
@@ -262,12 +280,13 @@ def _fp32_step(opt, p):
     return new, codecs
 
 
-def test_fsdp2_uneven_shards_step_within_codec_bounds(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_uneven_shards_step_within_codec_bounds(tmp_path, device):
     """Odd sizes, shards starting mid-group, an empty shard, mixed dtypes: each step's decoded
     weights and states are within the codecs' bounds of the fp32 math (in the rank's own groups);
-    state is allocated for the local shard only; gradient release is bit-identical; training
-    tracks one process."""
-    _launch(_fsdp_uneven, 2, tmp_path)
+    state is allocated for the local shard only; flat launches and gradient release are
+    bit-identical to each other; training tracks one process."""
+    _launch(_fsdp_uneven, 2, tmp_path, device)
 
 
 # ---- DCP ------------------------------------------------------------------------------------------
@@ -309,12 +328,12 @@ def _load(model, opt, path, options=None):
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=options)
 
 
-def _dcp_two_ranks(rank, world_size, tmp_path):
+def _dcp_two_ranks(rank, world_size, tmp_path, device):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model = _shard(_uneven())
-    opt = fc.AdamW(model.parameters(), compile=False, **LR)
+    model = _shard(_uneven(device))
+    opt = fc.AdamW(model.parameters(), compile=False, flat=True, **LR)
     _train(model, opt, range(2), rank, world_size)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "ckpt")
@@ -324,7 +343,7 @@ def _dcp_two_ranks(rank, world_size, tmp_path):
     if rank == 0:
         torch.save({"saved": saved, "after": after}, tmp_path / "expected.pt")
 
-    resumed = _shard(_uneven(seed=1))
+    resumed = _shard(_uneven(device, seed=1))
     resumed_opt = fc.AdamW(resumed.parameters(), compile=False, **LR)
     _load(resumed, resumed_opt, tmp_path / "ckpt")
     _assert_equal(_decoded(resumed, resumed_opt), saved)
@@ -334,7 +353,7 @@ def _dcp_two_ranks(rank, world_size, tmp_path):
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     msd, osd = get_state_dict(resumed, resumed_opt, options=flat)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "flat")
-    again = _shard(_uneven(seed=2))
+    again = _shard(_uneven(device, seed=2))
     again_opt = fc.AdamW(again.parameters(), compile=False, **LR)
     _load(again, again_opt, tmp_path / "flat", options=flat)
     _assert_equal(_decoded(again, again_opt), after)
@@ -346,12 +365,12 @@ def _assert_equal(got, want):
             assert torch.equal(got[name][key], want[name][key]), (name, key)
 
 
-def _dcp_one_rank(rank, world_size, tmp_path):
+def _dcp_one_rank(rank, world_size, tmp_path, device):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    expected = torch.load(tmp_path / "expected.pt")
-    model = _shard(_uneven(seed=1))
+    expected = torch.load(tmp_path / "expected.pt", map_location=device)
+    model = _shard(_uneven(device, seed=1))
     opt = fc.AdamW(model.parameters(), compile=False, **LR)
     _load(model, opt, tmp_path / "ckpt")
     loaded = _decoded(model, opt)
@@ -374,20 +393,21 @@ def _dcp_one_rank(rank, world_size, tmp_path):
 
     # without torch.distributed: the checkpoint as one torch.save file, into a plain model
     dcp_to_torch_save(tmp_path / "ckpt", tmp_path / "ckpt.pt")
-    plain = _uneven(seed=1)
+    plain = _uneven(device, seed=1)
     plain_opt = fc.AdamW(plain.parameters(), compile=False, **LR)
     sd = torch.load(tmp_path / "ckpt.pt")
     set_state_dict(plain, plain_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     _assert_equal(_decoded(plain, plain_opt), loaded)
 
 
-def test_dcp_resumes_bit_exactly_and_reshards_from_two_ranks_to_one(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dcp_resumes_bit_exactly_and_reshards_from_two_ranks_to_one(tmp_path, device):
     """Saved on 2 ranks: loaded on 2 ranks (also with flattened optimizer keys), the state and the
     training that follows are bit-identical; on 1 rank, rows-layout states and every weight are
     bit-identical and re-encoded states within their codec's bound, and training continues; a
     plain model loads the checkpoint converted to torch.save."""
-    _launch(_dcp_two_ranks, 2, tmp_path)
-    _launch(_dcp_one_rank, 1, tmp_path)
+    _launch(_dcp_two_ranks, 2, tmp_path, device)
+    _launch(_dcp_one_rank, 1, tmp_path, device)
     _check_checkpoint_bytes(tmp_path / "ckpt")
 
 
@@ -397,7 +417,7 @@ def _check_checkpoint_bytes(path: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    model = _uneven()
+    model = _uneven("cpu")
     for name, p in model.named_parameters():
         fields = {k: v for k, v in meta.items() if k.startswith(f"optim.state.{name}.")}
         total = sum(v.size.numel() * v.properties.dtype.itemsize for v in fields.values()
