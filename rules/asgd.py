@@ -20,9 +20,9 @@ from flashcompile.dsl import maximum, rule, where
 def asgd(p, g, eta, mu, ax, *, step, lr, lambd, alpha, t0, weight_decay, maximize):
     g = -g if maximize else g
     g = g + weight_decay * p
-    eta = where(step == 1, lr, eta)  # torch starts eta at lr and mu at 1
-    mu = where(step == 1, 1.0, mu)
+    first = step == 1  # torch starts eta at lr and mu at 1
+    eta = where(first, lr, eta)
     p = p * (1 - lambd * eta) - eta * g
-    ax = where(mu == 1, p, ax + mu * (p - ax))
+    ax = where(first | (mu == 1), p, ax + mu * (p - ax))
     # set from this step's lr, used by the next step (so a scheduler's new lr arrives a step late)
     return p, lr / (1 + lambd * lr * step) ** alpha, 1 / maximum(1.0, step - t0), ax
