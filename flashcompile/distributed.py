@@ -249,50 +249,33 @@ def _one_scale_per_group(codec: Codec, name: str, local: torch.Tensor,
     return out
 
 
-def pack_states(optimizer, plan: Plan, params: list[torch.Tensor]) -> None:
-    """Allocate the states of ``params`` (DTensors: this rank's shards) now, packed in one flat
-    buffer per field, each param starting at a group boundary. The params themselves stay where
-    FSDP2 keeps them."""
-    counts = [-(-to_local(p).numel() // GROUP) for p in params]
-    total = sum(counts)
-    device = to_local(params[0]).device
-    buffers = {key: torch.zeros(total * (1 if f.per_group else GROUP), dtype=f.dtype, device=device)
-               for key, f in plan.owned_fields.items()}
-    start = 0
-    for p, count in zip(params, counts):
-        state = optimizer.state[p]
-        optimizer._init_state(to_local(p), plan, state)
-        for key, f in plan.owned_fields.items():
-            width = 1 if f.per_group else GROUP
-            view = buffers[key][start * width:(start + count) * width]
-            view.copy_(state[key])
-            state[key] = view
-        start += count
-
-
 class ShardBucket:
-    """Flat storage for the FSDP2 shards of one (param group, dtype, device): one launch per step.
+    """Flat storage for FSDP2 shards of one param group, dtype and device: one launch per step.
 
-    States live in one flat buffer per field and gradients in one flat buffer, each shard from a
-    group boundary; each ``p.grad`` is a DTensor over its view, which FSDP2 accumulates into in
-    place after its reduce-scatter (``zero_grad`` zeroes the buffer and keeps the views). The weight
-    shards stay in FSDP2's storage: each step copies them into one zero-padded buffer (freed after
-    the step), steps it, and copies them back. Same interface as :class:`flashcompile.arena.Bucket`.
+    States live in one flat buffer per field, each shard from a group boundary. Gradients
+    (``keep_grads``, the optimizer's flat mode) live in one flat buffer too: each ``p.grad`` is a
+    DTensor over its view, which FSDP2 accumulates into in place after its reduce-scatter, and
+    ``zero_grad`` zeroes the buffer and keeps the views. Without ``keep_grads`` (gradient release)
+    each step copies the gradients into a buffer freed after the step. The weight shards stay in
+    FSDP2's storage: each step copies them into one zero-padded buffer, steps it, and copies them
+    back. The interface of :class:`flashcompile.arena.Bucket`.
     """
 
     def __init__(self, params: list[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
+                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
+                 keep_grads: bool = True):
         self.params, self.plan, self.state = list(params), plan, state
         shards = [p.to_local() for p in self.params]
         counts = [-(-t.numel() // GROUP) for t in shards]
-        self.offsets = [0, *itertools.accumulate(counts)][:-1]
+        offsets = [0, *itertools.accumulate(counts)][:-1]
         self.groups = sum(counts)
-        self.ranges = [slice(o * GROUP, o * GROUP + t.numel()) for o, t in zip(self.offsets, shards)]
-        first = shards[0]
-        self.grads = torch.zeros(self.groups * GROUP, dtype=first.dtype, device=first.device)
+        self.ranges = [slice(o * GROUP, o * GROUP + t.numel()) for o, t in zip(offsets, shards)]
+        self.dtype, self.device = shards[0].dtype, shards[0].device
+        self.grads = torch.zeros(self.groups * GROUP if keep_grads else 0, dtype=self.dtype,
+                                 device=self.device)
         self.fields = {key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
-                                        device=first.device)
+                                        device=self.device)
                        for key, f in plan.owned_fields.items()}
         self.steps = torch.zeros(len(self.params))  # state['step'] of each param is a view into this
         with torch.no_grad():
@@ -303,15 +286,16 @@ class ShardBucket:
                 st["step"] = self.steps[i]
                 for key, f in plan.owned_fields.items():
                     width = 1 if f.per_group else GROUP
-                    view = self.fields[key][self.offsets[i] * width:(self.offsets[i] + count) * width]
+                    view = self.fields[key][offsets[i] * width:(offsets[i] + count) * width]
                     view.copy_(st[key])
                     st[key] = view
-                self._adopt_grad(i, shard)
-        self._grad_ptrs = [self.grads[r].data_ptr() for r in self.ranges]
+                if keep_grads:
+                    self._adopt_grad(i, shard)
+        self._states = [state[p] for p in self.params]
+        self._grad_ptrs = [self.grads[r].data_ptr() for r in self.ranges] if keep_grads else []
         self.uniform_steps: bool | None = None
-        self._args = (groups(self.grads, False, 0, self.groups),
-                      {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
-                       for k, v in self.fields.items()})
+        self._fields = {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
+                        for k, v in self.fields.items()}
 
     def _adopt_grad(self, i: int, shard: torch.Tensor) -> None:
         p, view = self.params[i], self.grads[self.ranges[i]].view(shard.shape)
@@ -320,7 +304,15 @@ class ShardBucket:
         p.grad = like(p, view)
 
     def intact(self) -> bool:
-        return True  # weight shards are read where FSDP2 keeps them at each step
+        """The params' states are still the ones packed here (weights are read at each step)."""
+        return all(self.state.get(p) is st for p, st in zip(self.params, self._states))
+
+    def _staged(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``tensors`` (one per shard) copied into one zero-padded flat buffer, and its views."""
+        flat = torch.zeros(self.groups * GROUP, dtype=self.dtype, device=self.device)
+        views = [flat[r].view(t.shape) for r, t in zip(self.ranges, tensors)]
+        torch._foreach_copy_(views, tensors)
+        return flat, views
 
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
@@ -328,12 +320,8 @@ class ShardBucket:
         stepping each: a grad is None, or step counts (or scalar states) differ."""
         if not self.plan.steps_flat:
             return False
-        fresh = []
-        for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
-            if p.grad is None:
-                return False
-            if p.grad.to_local().data_ptr() != ptr:
-                fresh.append(i)
+        if any(p.grad is None for p in self.params):
+            return False
         if self.uniform_steps is None:
             held = [[float(self.state[p][k]) for k in self.plan.key.rule.scalar_states]
                     for p in self.params]
@@ -342,16 +330,18 @@ class ShardBucket:
         if not self.uniform_steps:
             return False
         shards = [p.to_local() for p in self.params]
-        for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again
-            self._adopt_grad(i, shards[i])
+        if self._grad_ptrs:
+            for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
+                if p.grad.to_local().data_ptr() != ptr:  # a new tensor: accumulate into ours again
+                    self._adopt_grad(i, shards[i])
+            grads = self.grads
+        else:
+            grads, _ = self._staged([p.grad.to_local() for p in self.params])
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
-        weights = torch.zeros(self.groups * GROUP, dtype=self.grads.dtype, device=self.grads.device)
-        staged = [weights[r].view(t.shape) for r, t in zip(self.ranges, shards)]
-        torch._foreach_copy_(staged, shards)
-        grads, fields = self._args
-        self.plan.call(scalar_tensor(values, weights.device), grads,
-                       groups(weights, False, 0, self.groups), fields)
+        weights, staged = self._staged(shards)
+        self.plan.call(scalar_tensor(values, self.device), groups(grads, False, 0, self.groups),
+                       groups(weights, False, 0, self.groups), self._fields)
         torch._foreach_copy_(shards, staged)
         return True
 
@@ -360,3 +350,80 @@ class ShardBucket:
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.to_local().data_ptr() != self._grad_ptrs[i]:
                 self._adopt_grad(i, p.to_local())
+
+
+def fsdp_units(model: torch.nn.Module) -> list[list[torch.Tensor]]:
+    """The params of each FSDP2 unit (``fully_shard``-ed module), less those of units inside it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units, seen = [], set()
+    for module in reversed(list(model.modules())):  # units inside a module come before it
+        if isinstance(module, FSDPModule):
+            own = [p for p in module.parameters() if id(p) not in seen]
+            seen.update(map(id, own))
+            units.append(own)
+    return units
+
+
+class UnitRelease:
+    """Gradient release for FSDP2 shards, one launch per FSDP2 unit.
+
+    FSDP2 reduce-scatters a unit's gradients together, then runs its shards' post-accumulate-grad
+    hooks one after another. :meth:`ready` waits for the unit's last shard, steps them all in one
+    launch (a :class:`ShardBucket` that stages their gradients) and frees their gradients; the
+    states are packed per unit up front. Shards still waiting when backward ends (a param that got
+    no gradient leaves its unit incomplete) step one by one in :meth:`flush`.
+    """
+
+    def __init__(self, optimizer, model: torch.nn.Module, params: list[torch.Tensor],
+                 group_of: Mapping[int, Mapping[str, Any]]):
+        self.optimizer, self.group_of = optimizer, group_of
+        released = {id(p) for p in params}
+        units = [[p for p in own if id(p) in released] for own in fsdp_units(model)]
+        units = [u for u in units if u]
+        claimed = {id(p) for u in units for p in u}
+        units += [[p] for p in params if id(p) not in claimed]  # DTensors outside FSDP2 units
+        self.unit_of = {id(p): i for i, u in enumerate(units) for p in u}
+        self.sizes = [len(u) for u in units]
+        self.pending = [0] * len(units)
+        self.buckets = [self._pack(u) for u in units]
+
+    def _pack(self, unit: list[torch.Tensor]) -> list[tuple[Mapping[str, Any], ShardBucket]]:
+        kinds: dict[tuple, list[torch.Tensor]] = {}
+        for p in unit:
+            kinds.setdefault((id(self.group_of[id(p)]), p.dtype, p.device), []).append(p)
+        out = []
+        for same in kinds.values():
+            group = self.group_of[id(same[0])]
+            plan = self.optimizer._plan(same[0].to_local(), self.optimizer._flags(group))
+            out.append((group, ShardBucket(same, plan, self.optimizer.state,
+                                           self.optimizer._init_state, keep_grads=False)))
+        return out
+
+    def owns(self, p: torch.Tensor) -> bool:
+        return id(p) in self.unit_of
+
+    def ready(self, p: torch.Tensor) -> None:
+        """``p``'s gradient is reduced: step its unit if it was the last shard to wait."""
+        i = self.unit_of[id(p)]
+        self.pending[i] += 1
+        if self.pending[i] == self.sizes[i]:
+            self._step(i)
+
+    def flush(self) -> None:
+        for i, waiting in enumerate(self.pending):
+            if waiting:
+                self._step(i)
+
+    def _step(self, i: int) -> None:
+        opt = self.optimizer
+        if not all(b.state is opt.state and b.intact() for _, b in self.buckets[i]):
+            self.buckets[i] = self._pack([p for _, b in self.buckets[i] for p in b.params])
+        for group, bucket in self.buckets[i]:
+            stepped = [p for p in bucket.params if p.grad is not None]
+            if len(stepped) < len(bucket.params) or not opt._step_bucket(bucket, group):
+                for p in stepped:
+                    opt.step_param(p, group)
+            for p in stepped:
+                p.grad = None
+        self.pending[i] = 0

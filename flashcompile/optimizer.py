@@ -178,6 +178,16 @@ class Optimizer(torch.optim.Optimizer):
         group = self._group_of(p) if group is None else group
         self._step_one(p, self._flags(group), _ScalarCache(self._hyperparameters(group)))
 
+    def _step_bucket(self, bucket, group: Mapping[str, Any]) -> bool:
+        """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
+        done: its params then step one by one)."""
+        scalars = _ScalarCache(self._hyperparameters(group))
+        held = [self.state[p] for p in bucket.params] if self.rule.scalar_states else ()
+        if bucket.try_step(functools.partial(scalars, bucket.plan, states=held)):
+            return True
+        bucket.uniform_steps = None
+        return False
+
     def _allocate_state(self) -> None:
         """Allocate every param's state as a first step would find it, stepping nothing.
 

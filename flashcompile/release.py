@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from flashcompile.arena import Bucket
-from flashcompile.distributed import is_dtensor, pack_states
+from flashcompile.distributed import UnitRelease, is_dtensor
 from flashcompile.optimizer import Optimizer
 
 _active: list[GradientRelease] = []
@@ -49,12 +49,15 @@ class GradientRelease:
         self._in_backward = False
         optimizer._release_flat_grads()
         self._hooks = []
+        sharded = []  # FSDP2 shards: stepped (and their states packed) per FSDP2 unit
         for g in optimizer.param_groups:
             released = [p for p in g["params"] if id(p) in self._params and p.requires_grad]
-            _pack_states(optimizer, g, released)
+            sharded += [p for p in released if is_dtensor(p)]
+            _pack_states(optimizer, g, [p for p in released if not is_dtensor(p)])
             for p in released:
                 p.grad = None
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._units = UnitRelease(optimizer, model, sharded, self._group_of) if sharded else None
         optimizer._gradient_release = self
         _active.append(self)
         _patch_clipping()
@@ -77,10 +80,15 @@ class GradientRelease:
                 )
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        if self._units is not None and self._units.owns(p):
+            self._units.ready(p)  # the unit's last shard steps them all, frees their grads
+            return
         self.optimizer.step_param(p, self._group_of[id(p)])
         p.grad = None
 
     def _backward_done(self) -> None:
+        if self._units is not None:
+            self._units.flush()
         self._in_backward = False
         self._backwards_since_step += 1
 
@@ -119,13 +127,9 @@ def _pack_states(optimizer: Optimizer, group, params: list[torch.Tensor]) -> Non
     flags = optimizer._flags(group)
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
-        by_kind.setdefault((p.dtype, p.device, is_dtensor(p)), []).append(p)
-    for (_, _, sharded), same in by_kind.items():
-        plan = optimizer._plan(same[0], flags)
-        if sharded:  # FSDP2 keeps the weight shards: pack only their states
-            pack_states(optimizer, plan, same)
-        else:
-            Bucket(same, plan, optimizer.state, optimizer._init_state)
+        by_kind.setdefault((p.dtype, p.device), []).append(p)
+    for same in by_kind.values():
+        Bucket(same, optimizer._plan(same[0], flags), optimizer.state, optimizer._init_state)
 
 
 def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer) -> GradientRelease:

@@ -89,25 +89,27 @@ def _rank_main(fn, rank, world_size, store, tmp_path, device):
 class Uneven(nn.Module):
     """Every kind of shard on 2 ranks: 33 rows of 10 (17 + 16 rows, rank 1 starting mid-group),
     1-D params of 33 and 3 (starting mid-group), rows of whole groups (3 rows of 64: 2 + 1, and
-    64 rows of 33: rank 1 starting on a group boundary), a single row (rank 1's shard empty), and
-    an fp32 LayerNorm next to bf16 weights."""
+    64 rows of 33: rank 1 starting on a group boundary), a single row (rank 1's shard empty), an
+    fp32 LayerNorm next to bf16 weights, and optionally a param that never gets a gradient."""
 
-    def __init__(self):
+    def __init__(self, spare: bool = False):
         super().__init__()
         self.inp = nn.Linear(10, 33)
         self.norm = nn.LayerNorm(33)
         self.mid = nn.Linear(33, 64)
         self.gain = nn.Parameter(torch.ones(1, 64))
         self.out = nn.Linear(64, 3)
+        if spare:
+            self.spare = nn.Parameter(torch.ones(40))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.norm(self.inp(x)))
         return self.out(F.gelu(self.mid(h)) * self.gain)
 
 
-def _uneven(device: str, seed: int = 0) -> nn.Module:
+def _uneven(device: str, seed: int = 0, spare: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    return fc.cast_model(Uneven().to(device))  # bf16, LayerNorm fp32
+    return fc.cast_model(Uneven(spare).to(device))  # bf16, LayerNorm fp32
 
 
 def _uneven_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:
@@ -143,7 +145,8 @@ def _reference_step(model: nn.Module, opt, loss_fn, step: int, world_size: int) 
     for rank in range(world_size):
         loss_fn(model, step, rank).backward()
     for p in model.parameters():
-        p.grad.div_(world_size)
+        if p.grad is not None:
+            p.grad.div_(world_size)
     opt.step()
     opt.zero_grad()
 
@@ -197,6 +200,9 @@ def _fsdp_whole_groups(rank, world_size, tmp_path, device):
     opt_flat = fc.AdamW(flat.parameters(), compile=False, flat=True, **LR)
     opt_rel = fc.AdamW(released.parameters(), compile=False, **LR)
     fc.enable_gradient_release(released, opt_rel)
+    one_by_one = []  # gradient release steps each FSDP2 unit in one launch: no param steps alone
+    opt_rel.step_param = lambda p, group=None, step=opt_rel.step_param: (
+        one_by_one.append(p), step(p, group))
     ref = _gpt2(device)
     ref_opt = fc.AdamW(ref.parameters(), compile=False, **LR)
     for step in range(3):
@@ -205,7 +211,7 @@ def _fsdp_whole_groups(rank, world_size, tmp_path, device):
             o.step()
             o.zero_grad()
         _reference_step(ref, ref_opt, _gpt2_loss, step, world_size)
-    assert len(opt_flat._buckets) == 1 and not opt._buckets
+    assert len(opt_flat._buckets) == 1 and not opt._buckets and not one_by_one
     for (name, p), f, r, q in zip(sharded.named_parameters(), flat.parameters(),
                                   released.parameters(), ref.parameters()):
         assert p.to_local().numel() % GROUP == 0, name  # every shard starts on a group boundary
@@ -221,21 +227,22 @@ def _fsdp_whole_groups(rank, world_size, tmp_path, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fsdp2_steps_as_one_process_where_shards_hold_whole_groups(tmp_path, device):
     """tiny GPT-2 on 2 ranks: every shard starts on a group boundary, so stepping local shards
-    (one by one, in one flat launch, or in FSDP2's post-reduce-scatter hooks with gradient release)
-    is bit-identical to one process stepping the whole model on the averaged gradient."""
+    (one by one, in one flat launch, or with gradient release in FSDP2's post-reduce-scatter hooks,
+    one launch per FSDP2 unit) is bit-identical to one process stepping the whole model on the
+    averaged gradient."""
     _launch(_fsdp_whole_groups, 2, tmp_path, device)
 
 
 def _fsdp_uneven(rank, world_size, tmp_path, device):
-    model, released = _shard(_uneven(device)), _shard(_uneven(device))
+    model, released = _shard(_uneven(device, spare=True)), _shard(_uneven(device, spare=True))
     opt = fc.AdamW(model.parameters(), compile=False, flat=True, **LR)
     opt_rel = fc.AdamW(released.parameters(), compile=False, **LR)
     fc.enable_gradient_release(released, opt_rel)
-    ref = _uneven(device)
+    ref = _uneven(device, spare=True)
     ref_opt = fc.AdamW(ref.parameters(), compile=False, **LR)
     for step in range(4):
         _uneven_loss(model, step, rank).backward()
-        refs = {p: _fp32_step(opt, p) for p in model.parameters()}
+        refs = {p: _fp32_step(opt, p) for p in model.parameters() if p.grad is not None}
         opt.step()
         for p, (new, codecs) in refs.items():  # step by step: the codec bound of the fp32 math
             for key, codec in codecs.items():
@@ -247,7 +254,10 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
         opt_rel.step()
         _reference_step(ref, ref_opt, _uneven_loss, step, world_size)
     for (name, p), r, q in zip(model.named_parameters(), released.parameters(), ref.parameters()):
-        assert torch.equal(p.full_tensor(), r.full_tensor()), name  # flat = release per shard
+        if name == "spare":  # no gradient: release stepped its unit's others at backward's end
+            assert torch.equal(r.full_tensor(), q) and int(opt_rel.state[r]["step"]) == 0
+            continue  # (flat buckets give it a zero gradient, as zero_grad(set_to_none=False))
+        assert torch.equal(p.full_tensor(), r.full_tensor()), name  # flat = release per unit
         local = p.to_local()
         stored = sum(t.nbytes for k, t in opt.state[p].items() if k != "step")
         groups = -(-local.numel() // GROUP)
