@@ -21,8 +21,13 @@ view of FSDP2's storage, so the update lands in place) with its local gradient s
 state of that shard only, laid out as for any tensor: flat, padded to whole groups of 32, so a
 group never straddles two parameters or two ranks. FSDP2 all-gathers only the 16-bit weights; the
 residual and the 8-bit states never leave their rank. Ranks with an empty shard still count steps.
-DTensor parameters are never put in flat buckets. Gradient release steps each shard from FSDP2's
-post-reduce-scatter hook.
+FSDP2 needs one dtype per ``fully_shard`` unit: cast the whole model (``cast_model(model,
+keep_fp32=None)``) or give fp32-kept norm layers their own unit.
+
+DTensor parameters never go in :class:`flashcompile.arena.Bucket` (it re-points ``p.data``, and
+FSDP2 all-gathers from its own storage); :mod:`flashcompile.shards` steps them in one launch per
+param group, dtype and device (flat mode, the CUDA default), or with gradient release one launch
+per FSDP2 unit, right after FSDP2 reduce-scatters its gradients.
 
 Checkpoints. ``Optimizer.state_dict()`` exports a DTensor parameter's state as DTensors placed like
 the parameter, which ``torch.distributed.checkpoint`` saves and reshards to any number of ranks:
@@ -40,7 +45,9 @@ the parameter, which ``torch.distributed.checkpoint`` saves and reshards to any 
   decoded element by element and re-encoded (within the codec's error bound of the saved value).
 
 Checkpoint bytes per value of an 8-bit state: 1.0625 (rows) or 3 (elements); the residual: 1.
-The keys are the in-memory ones (``exp_avg.codes``, ``exp_avg.scale``, ``param.residual``), so
+``get_state_dict``/``set_state_dict`` create a fresh optimizer's state by stepping it at lr 0 with
+zero gradients; that call only allocates the state (no step is counted, so bias corrections and
+Rprop's step sizes start as without a checkpoint). The keys are the in-memory ones (``exp_avg.codes``, ``exp_avg.scale``, ``param.residual``), so
 ``StateDictOptions(flatten_optimizer_state_dict=True)`` works too. ``load_state_dict`` also takes
 this layout for plain (non-DTensor) parameters, e.g. a DCP checkpoint converted with
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``.
@@ -48,16 +55,15 @@ this layout for plain (non-DTensor) parameters, e.g. a DCP checkpoint converted 
 
 from __future__ import annotations
 
-import itertools
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from flashcompile import interop
 from flashcompile.codecs import GROUP, Codec
-from flashcompile.plan import PARAM, Plan, groups, scalar_tensor, state_key
+from flashcompile.plan import PARAM, Plan, state_key
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -247,183 +253,3 @@ def _one_scale_per_group(codec: Codec, name: str, local: torch.Tensor,
         old = kept[f.name] if f.per_group else flat[f.name].view(count, GROUP)
         out[f.name] = torch.where(same, old, new).reshape(-1).contiguous()
     return out
-
-
-class ShardBucket:
-    """Flat storage for FSDP2 shards of one param group, dtype and device: one launch per step.
-
-    States live in one flat buffer per field, each shard from a group boundary. Gradients
-    (``keep_grads``, the optimizer's flat mode) live in one flat buffer too: each ``p.grad`` is a
-    DTensor over its view, which FSDP2 accumulates into in place after its reduce-scatter, and
-    ``zero_grad`` zeroes the buffer and keeps the views. Without ``keep_grads`` (gradient release)
-    each step copies the gradients into a buffer freed after the step. The weight shards stay in
-    FSDP2's storage: each step copies them into one zero-padded buffer, steps it, and copies them
-    back. The interface of :class:`flashcompile.arena.Bucket`.
-    """
-
-    def __init__(self, params: list[torch.Tensor], plan: Plan,
-                 state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
-                 keep_grads: bool = True):
-        self.params, self.plan, self.state = list(params), plan, state
-        shards = [p.to_local() for p in self.params]
-        counts = [-(-t.numel() // GROUP) for t in shards]
-        offsets = [0, *itertools.accumulate(counts)][:-1]
-        self.groups = sum(counts)
-        self.ranges = [slice(o * GROUP, o * GROUP + t.numel()) for o, t in zip(offsets, shards)]
-        self.dtype, self.device = shards[0].dtype, shards[0].device
-        self.grads = torch.zeros(self.groups * GROUP if keep_grads else 0, dtype=self.dtype,
-                                 device=self.device)
-        self.fields = {key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
-                                        device=self.device)
-                       for key, f in plan.owned_fields.items()}
-        self.steps = torch.zeros(len(self.params))  # state['step'] of each param is a view into this
-        with torch.no_grad():
-            for i, (p, shard, count) in enumerate(zip(self.params, shards, counts)):
-                st = state[p]
-                init_state(shard, plan, st)
-                self.steps[i] = st["step"]
-                st["step"] = self.steps[i]
-                for key, f in plan.owned_fields.items():
-                    width = 1 if f.per_group else GROUP
-                    view = self.fields[key][offsets[i] * width:(offsets[i] + count) * width]
-                    view.copy_(st[key])
-                    st[key] = view
-                if keep_grads:
-                    self._adopt_grad(i, shard)
-        self._states = [state[p] for p in self.params]
-        self._grad_ptrs = [self.grads[r].data_ptr() for r in self.ranges] if keep_grads else []
-        self.uniform_steps: bool | None = None
-        self._fields = {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
-                        for k, v in self.fields.items()}
-
-    def _adopt_grad(self, i: int, shard: torch.Tensor) -> None:
-        p, view = self.params[i], self.grads[self.ranges[i]].view(shard.shape)
-        if p.grad is not None:
-            view.copy_(p.grad.to_local())
-        p.grad = like(p, view)
-
-    def intact(self) -> bool:
-        """The params' states are still the ones packed here (weights are read at each step)."""
-        return all(self.state.get(p) is st for p, st in zip(self.params, self._states))
-
-    def _staged(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``tensors`` (one per shard) copied into one zero-padded flat buffer, and its views."""
-        flat = torch.zeros(self.groups * GROUP, dtype=self.dtype, device=self.device)
-        views = [flat[r].view(t.shape) for r, t in zip(self.ranges, tensors)]
-        torch._foreach_copy_(views, tensors)
-        return flat, views
-
-    @torch.no_grad()
-    def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
-        """Step every shard in one launch; False (nothing done) where that would differ from
-        stepping each: a grad is None, or step counts (or scalar states) differ."""
-        if not self.plan.steps_flat:
-            return False
-        if any(p.grad is None for p in self.params):
-            return False
-        if self.uniform_steps is None:
-            held = [[float(self.state[p][k]) for k in self.plan.key.rule.scalar_states]
-                    for p in self.params]
-            self.uniform_steps = bool((self.steps == self.steps[0]).all()) and all(
-                h == held[0] for h in held)
-        if not self.uniform_steps:
-            return False
-        shards = [p.to_local() for p in self.params]
-        if self._grad_ptrs:
-            for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
-                if p.grad.to_local().data_ptr() != ptr:  # a new tensor: accumulate into ours again
-                    self._adopt_grad(i, shards[i])
-            grads = self.grads
-        else:
-            grads, _ = self._staged([p.grad.to_local() for p in self.params])
-        self.steps += 1
-        values = [GROUP, *scalars(int(self.steps[0].item()))]
-        weights, staged = self._staged(shards)
-        self.plan.call(scalar_tensor(values, self.device), groups(grads, False, 0, self.groups),
-                       groups(weights, False, 0, self.groups), self._fields)
-        torch._foreach_copy_(shards, staged)
-        return True
-
-    def zero_grad(self) -> None:
-        self.grads.zero_()
-        for i, p in enumerate(self.params):
-            if p.grad is None or p.grad.to_local().data_ptr() != self._grad_ptrs[i]:
-                self._adopt_grad(i, p.to_local())
-
-
-def fsdp_units(model: torch.nn.Module) -> list[list[torch.Tensor]]:
-    """The params of each FSDP2 unit (``fully_shard``-ed module), less those of units inside it."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units, seen = [], set()
-    for module in reversed(list(model.modules())):  # units inside a module come before it
-        if isinstance(module, FSDPModule):
-            own = [p for p in module.parameters() if id(p) not in seen]
-            seen.update(map(id, own))
-            units.append(own)
-    return units
-
-
-class UnitRelease:
-    """Gradient release for FSDP2 shards, one launch per FSDP2 unit.
-
-    FSDP2 reduce-scatters a unit's gradients together, then runs its shards' post-accumulate-grad
-    hooks one after another. :meth:`ready` waits for the unit's last shard, steps them all in one
-    launch (a :class:`ShardBucket` that stages their gradients) and frees their gradients; the
-    states are packed per unit up front. Shards still waiting when backward ends (a param that got
-    no gradient leaves its unit incomplete) step one by one in :meth:`flush`.
-    """
-
-    def __init__(self, optimizer, model: torch.nn.Module, params: list[torch.Tensor],
-                 group_of: Mapping[int, Mapping[str, Any]]):
-        self.optimizer, self.group_of = optimizer, group_of
-        released = {id(p) for p in params}
-        units = [[p for p in own if id(p) in released] for own in fsdp_units(model)]
-        units = [u for u in units if u]
-        claimed = {id(p) for u in units for p in u}
-        units += [[p] for p in params if id(p) not in claimed]  # DTensors outside FSDP2 units
-        self.unit_of = {id(p): i for i, u in enumerate(units) for p in u}
-        self.sizes = [len(u) for u in units]
-        self.pending = [0] * len(units)
-        self.buckets = [self._pack(u) for u in units]
-
-    def _pack(self, unit: list[torch.Tensor]) -> list[tuple[Mapping[str, Any], ShardBucket]]:
-        kinds: dict[tuple, list[torch.Tensor]] = {}
-        for p in unit:
-            kinds.setdefault((id(self.group_of[id(p)]), p.dtype, p.device), []).append(p)
-        out = []
-        for same in kinds.values():
-            group = self.group_of[id(same[0])]
-            plan = self.optimizer._plan(same[0].to_local(), self.optimizer._flags(group))
-            out.append((group, ShardBucket(same, plan, self.optimizer.state,
-                                           self.optimizer._init_state, keep_grads=False)))
-        return out
-
-    def owns(self, p: torch.Tensor) -> bool:
-        return id(p) in self.unit_of
-
-    def ready(self, p: torch.Tensor) -> None:
-        """``p``'s gradient is reduced: step its unit if it was the last shard to wait."""
-        i = self.unit_of[id(p)]
-        self.pending[i] += 1
-        if self.pending[i] == self.sizes[i]:
-            self._step(i)
-
-    def flush(self) -> None:
-        for i, waiting in enumerate(self.pending):
-            if waiting:
-                self._step(i)
-
-    def _step(self, i: int) -> None:
-        opt = self.optimizer
-        if not all(b.state is opt.state and b.intact() for _, b in self.buckets[i]):
-            self.buckets[i] = self._pack([p for _, b in self.buckets[i] for p in b.params])
-        for group, bucket in self.buckets[i]:
-            stepped = [p for p in bucket.params if p.grad is not None]
-            if len(stepped) < len(bucket.params) or not opt._step_bucket(bucket, group):
-                for p in stepped:
-                    opt.step_param(p, group)
-            for p in stepped:
-                p.grad = None
-        self.pending[i] = 0

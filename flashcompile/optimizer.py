@@ -23,6 +23,7 @@ from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
 from flashcompile.presets import check_codec_spec, resolve_codecs
+from flashcompile.shards import ShardBucket
 from flashcompile.trace import check_facts, trace
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,7 +251,7 @@ class Optimizer(torch.optim.Optimizer):
                     or not bucket.intact()):
                 # FSDP2 shards keep their weights where FSDP2 all-gathers them from: a shard bucket
                 # stages them; a Bucket would re-point p.data
-                make = distributed.ShardBucket if kind[2] else Bucket
+                make = ShardBucket if kind[2] else Bucket
                 bucket = self._buckets[key] = make(params, plan, self.state, self._init_state)
             out.append(bucket)
         self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)

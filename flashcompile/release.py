@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from flashcompile.arena import Bucket
-from flashcompile.distributed import UnitRelease, is_dtensor
+from flashcompile.distributed import is_dtensor
 from flashcompile.optimizer import Optimizer
+from flashcompile.shards import UnitRelease
 
 _active: list[GradientRelease] = []
 _original_clip = torch.nn.utils.clip_grad_norm_

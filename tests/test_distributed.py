@@ -270,6 +270,25 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
         assert diff <= 0.25 * LR["lr"], (name, diff)
     if rank == 1:
         assert model.gain.to_local().numel() == 0
+    _torch_interop(model, opt)
+
+
+def _torch_interop(model, opt):
+    """Its state in torch.optim's format (fp32 DTensors shaped like the params, as torch.optim
+    keeps under FSDP2) loads back within the codecs' bounds; master weights set per shard."""
+    back = fc.AdamW(model.parameters(), compile=False, **LR)
+    back.load_state_dict(opt.torch_state_dict())
+    for p in model.parameters():
+        if not opt.state[p]:
+            continue
+        codecs = opt._plan(p.to_local(), opt._flags(opt.param_groups[0])).codecs
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = opt.state_value(p, key).to_local()
+            got = back.state_value(p, key).to_local()
+            assert torch.all((got - want).abs() <= bound(codecs[key], want)), key
+        master = opt.master_weight(p)
+        opt.set_master_weight(p, master.full_tensor())  # a full tensor: each rank takes its part
+        assert torch.equal(opt.master_weight(p).full_tensor(), master.full_tensor())
 
 
 def _fp32_step(opt, p):
@@ -340,7 +359,11 @@ def _load(model, opt, path, options=None):
 
 def _dcp_two_ranks(rank, world_size, tmp_path, device):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
 
     model = _shard(_uneven(device))
     opt = fc.AdamW(model.parameters(), compile=False, flat=True, **LR)
@@ -360,6 +383,14 @@ def _dcp_two_ranks(rank, world_size, tmp_path, device):
     _train(resumed, resumed_opt, range(2, 4), rank, world_size)
     _assert_equal(_decoded(resumed, resumed_opt), after)
 
+    full = StateDictOptions(full_state_dict=True)  # whole tensors on every rank, then sharded again
+    msd, osd = get_state_dict(resumed, resumed_opt, options=full)
+    again = _shard(_uneven(device, seed=2))
+    again_opt = fc.AdamW(again.parameters(), compile=False, **LR)
+    _init_state(again, again_opt)
+    set_state_dict(again, again_opt, model_state_dict=msd, optim_state_dict=osd, options=full)
+    _assert_equal(_decoded(again, again_opt), after)
+
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     msd, osd = get_state_dict(resumed, resumed_opt, options=flat)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp_path / "flat")
@@ -367,6 +398,12 @@ def _dcp_two_ranks(rank, world_size, tmp_path, device):
     again_opt = fc.AdamW(again.parameters(), compile=False, **LR)
     _load(again, again_opt, tmp_path / "flat", options=flat)
     _assert_equal(_decoded(again, again_opt), after)
+
+
+def _init_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    get_state_dict(model, opt)  # a fresh optimizer: allocates its state
 
 
 def _assert_equal(got, want):
