@@ -83,7 +83,7 @@ class ShardBucket:
         """``tensors`` (one per shard) copied into one zero-padded flat buffer, and its views."""
         flat = torch.zeros(self.groups * GROUP, dtype=self.dtype, device=self.device)
         views = [flat[r].view(t.shape) for r, t in zip(self.ranges, tensors)]
-        torch._foreach_copy_(views, tensors)
+        _copy(views, tensors)
         return flat, views
 
     @torch.no_grad()
@@ -111,10 +111,12 @@ class ShardBucket:
             grads, _ = self._staged([p.grad.to_local() for p in self.params])
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
+        if not self.groups:  # every shard here is empty: the steps still count
+            return True
         weights, staged = self._staged(shards)
         self.plan.call(scalar_tensor(values, self.device), groups(grads, False, 0, self.groups),
                        groups(weights, False, 0, self.groups), self._fields)
-        torch._foreach_copy_(shards, staged)
+        _copy(shards, staged)
         return True
 
     def zero_grad(self) -> None:
@@ -122,6 +124,13 @@ class ShardBucket:
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.to_local().data_ptr() != self._grad_ptrs[i]:
                 self._adopt_grad(i, p.to_local())
+
+
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """One foreach copy (a launch or two) of every non-empty pair."""
+    pairs = [(t, s) for t, s in zip(targets, sources) if t.numel()]
+    if pairs:
+        torch._foreach_copy_([t for t, _ in pairs], [s for _, s in pairs])
 
 
 def fsdp_units(model: torch.nn.Module) -> list[list[torch.Tensor]]:

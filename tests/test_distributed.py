@@ -75,6 +75,9 @@ def _rank_main(fn, rank, world_size, store, tmp_path, device):
         if device == "cuda":
             torch.cuda.set_device(rank)
             device = f"cuda:{rank}"
+            # bit-identical comparisons: attention's math backend has no atomics in backward
+            for backend in ("flash", "mem_efficient", "cudnn"):
+                getattr(torch.backends.cuda, f"enable_{backend}_sdp", lambda _: None)(False)
         dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{store}",
                                 rank=rank, world_size=world_size)
         fn(rank, world_size, tmp_path, device)
