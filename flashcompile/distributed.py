@@ -22,7 +22,8 @@ state of that shard only, laid out as for any tensor: flat, padded to whole grou
 group never straddles two parameters or two ranks. FSDP2 all-gathers only the 16-bit weights; the
 residual and the 8-bit states never leave their rank. Ranks with an empty shard still count steps.
 FSDP2 needs one dtype per ``fully_shard`` unit: cast the whole model (``cast_model(model,
-keep_fp32=None)``) or give fp32-kept norm layers their own unit.
+keep_fp32=None)``) or give fp32-kept norm layers their own unit. Rules that reduce over the whole
+parameter (LAMB, LARS: ``norm``, ``sum_all``) are refused for sharded params.
 
 DTensor parameters never go in :class:`flashcompile.arena.Bucket` (it re-points ``p.data``, and
 FSDP2 all-gathers from its own storage); :mod:`flashcompile.shards` steps them in one launch per
@@ -88,6 +89,21 @@ def initialising_state() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def check_sharded(p: torch.Tensor, traced) -> None:
+    """Refuse a rule that reduces over the whole parameter (``norm``, ``sum_all``) for a sharded
+    DTensor: each rank would reduce over its own shard only."""
+    from flashcompile.dsl import SumAll
+
+    if (is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
+            and any(out.has(SumAll) for out in traced.outputs)):
+        raise ValueError(
+            f"{traced.rule.name} reduces over the whole parameter (norm or sum_all), but the param "
+            f"of shape {tuple(p.shape)} is a DTensor sharded over ranks (FSDP2): each rank would "
+            "reduce over its shard only. Use an element-wise optimizer (AdamW, Lion, SGD, ...) "
+            "under FSDP2, or keep such params out of fully_shard"
+        )
 
 
 def to_local(t: torch.Tensor) -> torch.Tensor:

@@ -75,9 +75,11 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._hyperparameters(group)
-            check_facts(trace(self.rule, dict(self._flags(group))))
+            traced = trace(self.rule, dict(self._flags(group)))
+            check_facts(traced)
             for p in group["params"]:
                 _check_param(p)
+                distributed.check_sharded(p, traced)
         except Exception:
             self.param_groups.pop()
             raise

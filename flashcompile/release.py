@@ -13,7 +13,8 @@ Setups whose result would silently change raise instead:
 
 * DDP: its hooks all-reduce gradients after they are accumulated, so a release hook would step on
   the local, unreduced gradient. FSDP2 (``fully_shard``) fits: it reduce-scatters inside backward and
-  runs the hooks of the sharded parameters on the reduced shard.
+  runs the hooks of the sharded parameters on the reduced shard; each FSDP2 unit's shards then step
+  together in one launch (:class:`flashcompile.shards.UnitRelease`).
 * gradient accumulation over micro-batches: each backward steps; two without ``optimizer.step()``
   in between raise before a parameter moves.
 * closures: ``step(closure)`` would run forward and backward (and step) again.

@@ -274,6 +274,8 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
     if rank == 1:
         assert model.gain.to_local().numel() == 0
     _torch_interop(model, opt)
+    with pytest.raises(ValueError, match="reduces over the whole parameter"):
+        fc.LAMB(model.parameters())  # its trust ratio's norms would cover one shard each
 
 
 def _torch_interop(model, opt):
