@@ -11,8 +11,7 @@ with the paper's warmups over T_alpha = ``alpha_warmup`` and T_beta3 = ``beta3_w
 warmup below 1 step, such as the default 0, is off: alpha_t = alpha, beta3_t = beta3):
 
     alpha_t = min(t * alpha / T_alpha, alpha)
-    beta3_t = min(exp(ln(beta1) ln(beta3) / ((1 - a) ln(beta3) + a ln(beta1))), beta3),
-              a = min(t / T_beta3, 1)
+    beta3_t = min(exp(ln b1 ln b3 / ((1 - a) ln b3 + a ln b1)), b3),  a = min(t / T_beta3, 1)
 """
 
 from flashcompile.dsl import exp, log, maximum, minimum, rule, sqrt, where
