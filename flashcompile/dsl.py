@@ -146,8 +146,11 @@ def _apply(op: str, *args: Any) -> Any:
         return args[1] if args[0] else args[2]  # a condition on scalars only picks a branch
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if tensors:
-        like = tensors[0]
-        return torch_fn(*(a if isinstance(a, torch.Tensor) else like.new_tensor(a) for a in args))
+        # Numbers take a float operand's dtype: where(mask, 0.5, 1.0) must not turn 0.5 into True.
+        like = next((t for t in tensors if t.is_floating_point()), None)
+        dtype = like.dtype if like is not None else torch.get_default_dtype()
+        return torch_fn(*(a if isinstance(a, torch.Tensor) else tensors[0].new_tensor(a, dtype=dtype)
+                          for a in args))
     return float_fn(*args)
 
 
