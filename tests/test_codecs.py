@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from strategies import value_tensors
 
 from flashcompile import codecs
+from flashcompile.testing import check_codec
 
 STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
@@ -22,6 +23,12 @@ def _in_range(codec, x):
     if codec.fields[-1].dtype == torch.float16:  # an fp16 group scale
         return x.clamp(-60000, 60000)
     return x
+
+
+@pytest.mark.parametrize("name", codecs.names())
+def test_registered_codecs_pass_the_public_codec_property(name):
+    """The check users run on their own codecs (flashcompile.testing.check_codec)."""
+    check_codec(name, max_examples=25)
 
 
 @pytest.mark.parametrize("name", STATE_CODECS + WEIGHT_CODECS)
