@@ -1,4 +1,5 @@
-"""Command line: ``python -m flashcompile explain adamw --dtype bfloat16 [--kernels]``."""
+"""Command line: ``python -m flashcompile explain adamw --dtype bfloat16 [--kernels]``,
+``bench``, ``memory``, ``study weight-split|state-error|collapse|convergence [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -48,7 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--csv")
     mem.add_argument("--json")
     mem.add_argument("--png")
+    from flashcompile.studies import add_parser as add_study_parser
+
+    add_study_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "study":
+        from flashcompile.studies import run
+
+        run(args.name, **{k: v for k, v in vars(args).items() if k not in ("command", "name")})
+        return
     if args.command == "memory":
         from flashcompile.memory import main as memory_main
 

@@ -1,0 +1,46 @@
+"""Studies users can rerun: ``python -m flashcompile study NAME [--out DIR] [--quick]``.
+
+Each writes ``<out>/<name>.csv`` (every measured row), ``<out>/<name>_summary.md`` (the table the
+README quotes) and ``<out>/<name>.png`` (the plot), and prints the summary.
+
+* ``weight-split``: reconstruction error of the master weight across exponents, bf16 and fp16 x
+  {no residual, 16-bit float residual, int8 ULP residual, int16 ULP residual};
+* ``state-error``: quantisation error of Adam's m and v along real training trajectories, per codec;
+* ``collapse``: constructed groups that mix scales, where group-absmax 8-bit codecs drop small second
+  moments and Adam steps by m / eps; the paper's codecs against the defaults;
+* ``convergence``: fp32 optimizers against their flashcompile twins on real data (digits MLP,
+  character-level transformer on Python's help text), several seeds, and the linear-int8 ablation.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+STUDIES = {
+    "weight-split": "weight_split",
+    "state-error": "state_error",
+    "collapse": "collapse",
+    "convergence": "convergence",
+}
+
+
+def run(name: str, **options) -> None:
+    """Run study ``name`` (one of :data:`STUDIES`) with the CLI's options."""
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; choose one of {sorted(STUDIES)}")
+    importlib.import_module(f"flashcompile.studies.{STUDIES[name]}").main(**options)
+
+
+def add_parser(sub) -> None:
+    """The ``study`` subcommand of ``python -m flashcompile``."""
+    p = sub.add_parser("study", help="rerun a study: writes CSV + summary + PNG under --out")
+    p.add_argument("name", choices=sorted(STUDIES))
+    p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
+    p.add_argument("--steps", type=int, help="training / stepping length (default per study)")
+    p.add_argument("--seeds", type=int, help="convergence: seeds per run (default 3)")
+    p.add_argument("--device", default="cpu", help="convergence: cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="convergence: compiled flash kernels")
+    p.add_argument("--size", default="cpu", choices=["cpu", "gpu"],
+                   help="convergence: model sizes (gpu: ~11M-parameter transformer, longer runs)")
+    p.add_argument("--tasks", dest="tasks_", default="digits,chars", help="convergence: tasks")

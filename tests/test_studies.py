@@ -1,0 +1,56 @@
+"""Each study runs end to end at tiny sizes and writes its table and plot; the facts they report that
+do not depend on size hold."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from flashcompile.__main__ import main as cli
+from flashcompile.studies import collapse, state_error, weight_split
+
+
+@pytest.mark.parametrize("name", ["weight-split", "state-error", "collapse", "convergence"])
+def test_study_writes_csv_summary_and_plot(name, tmp_path):
+    extra = ["--steps", "4", "--tasks", "digits"] if name == "convergence" else []
+    cli(["study", name, "--quick", "--out", str(tmp_path), *extra])
+    stem = name.replace("-", "_")
+    for suffix in (".csv", "_summary.md", ".png"):
+        assert (tmp_path / f"{stem}{suffix}").stat().st_size > 0
+    with open(tmp_path / f"{stem}.csv") as f:
+        assert len(list(csv.DictReader(f))) > 0
+
+
+def test_weight_split_meets_the_papers_numbers_on_bf16():
+    rows = weight_split.summarize(weight_split.measure(samples=2048))
+    bf16 = {r["residual"]: r for r in rows if r["weight"] == "bf16"}
+    assert bf16["int8"]["max rel err"] <= 1.54e-5
+    assert bf16["int16"]["bit-exact"] >= 0.999
+    assert bf16["none"]["max rel err"] > bf16["float16"]["max rel err"] > 0
+
+
+def test_adam_bound_is_never_exceeded_by_exact_adam():
+    grads = collapse.loud_case(300.0, "noisy", steps=40, groups=4)
+    moves, _, _ = collapse.run(grads, "fp32")
+    assert moves.abs().max() <= collapse.adam_bound(40)
+
+
+def test_default_codecs_keep_steps_near_adams_bound_where_the_papers_collapse():
+    """One mean-zero lane 1000x louder per group of 32: the paper's sqrt_uint8 stores the quiet second
+    moments as 0 while their first moments survive, and Adam steps by m / eps."""
+    grads = collapse.loud_case(1000.0, "noisy", steps=100, groups=8)
+    bound = collapse.adam_bound(100)
+    paper, _, v_paper = collapse.run(grads, collapse.PAPER)
+    default, _, v_default = collapse.run(grads, {})
+    assert paper.abs().max() > 10 * bound and (v_paper == 0).any()
+    assert default.abs().max() <= 1.1 * bound and not (v_default == 0).any()
+
+
+def test_state_error_rows_cover_every_codec_and_the_nonzero_codec_drops_no_v():
+    m = torch.randn(3, 50) * torch.logspace(-6, 0, 50)
+    rows = state_error.snapshot_rows("synthetic", 10, [(m, m * m)])
+    v_rows = {r["codec"]: r for r in rows if r["quantity"] == "v"}
+    assert v_rows["sqrt_uint8_nonzero (default)"]["zero_frac"] == 0
+    assert v_rows["linear_int8"]["zero_frac"] > v_rows["sqrt_uint8 (paper)"]["zero_frac"]
