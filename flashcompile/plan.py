@@ -88,6 +88,8 @@ class Plan:
         torch.manual_seed(seed)
         args = sample_inputs(self, groups, device)
         eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
+        for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
+            torch._dynamo.mark_static(a, 1)  # symbolic, into a looped two-pass reduction (5x slower)
         with torch.no_grad():
             self.eager(*eager)
         self.fn(*compiled)
