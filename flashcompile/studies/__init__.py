@@ -42,5 +42,5 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="convergence: cpu or cuda")
     p.add_argument("--compile", action="store_true", help="convergence: compiled flash kernels")
     p.add_argument("--size", default="cpu", choices=["cpu", "gpu"],
-                   help="convergence: model sizes (gpu: ~11M-parameter transformer, longer runs)")
+                   help="convergence: model sizes (gpu: 3.2M-parameter transformer, longer runs)")
     p.add_argument("--tasks", dest="tasks_", default="digits,chars", help="convergence: tasks")

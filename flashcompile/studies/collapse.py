@@ -39,6 +39,9 @@ PAIRS = {  # name -> (codecs, rule-level guard)
     "paper codecs + step clipped at Adam's bound": (PAPER, True),
 }
 LOUDNESS = (1, 10, 100, 300, 1000)
+# Steps are measured as differences of fp32 weights of at most steps * bound * lr: relative error
+# below steps * 2**-23 (3.6e-5 at 300 steps). A step counts as beyond the bound above bound * (1 + 1e-4).
+MEASURED = 1 + 1e-4
 
 
 @fc.rule(defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8},
@@ -116,7 +119,7 @@ def measure(steps: int) -> list[dict]:
                     "name": label, **info, "codecs": name, "steps": steps, "adam_bound": bound,
                     "fp32_max_step": ref_moves.abs().max().item(),
                     "max_step": moves.abs().max().item(),
-                    "beyond_bound": (moves.abs() > bound).float().mean().item(),
+                    "beyond_bound": (moves.abs() > bound * MEASURED).float().mean().item(),
                     "disp_nmse": ((err**2).sum() / (ref_disp**2).sum()).item(),
                     "off_50pct": (err.abs() > 0.5 * ref_disp.abs()).float().mean().item(),
                     "v_dropped": ((v == 0) & (ref_v > 0)).float().mean().item(),
@@ -152,12 +155,14 @@ def headline(rows: list[dict]) -> list[dict]:
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    color = {name: f"C{i}" for i, name in enumerate(PAIRS)}
     for ax, kind in zip(axes[:2], ("noisy", "steady")):
         for name in PAIRS:
             if "ablation" in name:
                 continue  # its v overflows the fp16 scale (NaN) from L = 1000
             sel = [r for r in rows if r["case"] == "loud" and r["kind"] == kind and r["codecs"] == name]
-            ax.plot([r["loudness"] for r in sel], [r["max_step"] for r in sel], "o-", label=name)
+            ax.plot([r["loudness"] for r in sel], [r["max_step"] for r in sel], "o-", label=name,
+                    color=color[name])
         sel = [r for r in rows if r["case"] == "loud" and r["kind"] == kind]
         ax.axhline(sel[0]["adam_bound"], color="k", ls="--", lw=1, label="Adam's bound")
         ax.set_xscale("log")
@@ -172,7 +177,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for k, name in enumerate(PAIRS):
         vals = [next(r["disp_nmse"] for r in rows if r["kind"] == n and r["codecs"] == name)
                 for n in names]
-        ax.bar([i + k * width for i in range(len(names))], vals, width, label=name)
+        ax.bar([i + k * width for i in range(len(names))], vals, width, label=name,
+               color=color[name])
     ax.set_yscale("log")
     ax.set_xticks([i + width for i in range(len(names))], names, rotation=70, fontsize=6)
     ax.set_ylabel("NMSE of the final displacement vs fp32")

@@ -116,7 +116,8 @@ def plot(rows: list[dict], path: Path) -> None:
             sel = [r for r in rows if r["task"] == task and r["quantity"] == quantity]
             for codec in dict.fromkeys(r["codec"] for r in sel):
                 pts = [r for r in sel if r["codec"] == codec]
-                ax.plot([r["step"] for r in pts], [r["nmse"] for r in pts], "o-", ms=3,
+                style = "x--" if "default" in codec else "o-"  # the default often overlaps
+                ax.plot([r["step"] for r in pts], [r["nmse"] for r in pts], style, ms=3,
                         label=codec)
             ax.set_yscale("log")
             ax.set_title(f"{task}: {quantity}")

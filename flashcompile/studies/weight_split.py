@@ -23,8 +23,9 @@ from flashcompile.studies.report import pyplot, table, write_csv, write_summary
 
 RESIDUALS = ("none", "float16", "int8", "int16")
 WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# fp16 holds 2**-24 .. 65504: its binades stop at 15, and below 2**-14 its weights are subnormal.
-EXPONENTS = {"bf16": range(-40, 41), "fp16": range(-24, 16)}
+# fp16 holds 2**-24 .. 65504: its last whole binade is 14 (2**15 .. 65504 would partly overflow), and
+# below 2**-14 its weights are subnormal.
+EXPONENTS = {"bf16": range(-40, 41), "fp16": range(-24, 15)}
 
 
 def sample(e: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -64,7 +65,7 @@ def measure(samples: int = 8192, seed: int = 0) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (weight, residual), over bf16's normal range -40..40 and fp16's normal range -14..15."""
+    """Per (weight, residual), over bf16's exponents -40..40 and fp16's normal range -14..14."""
     out = []
     for weight in WEIGHTS:
         lo = -14 if weight == "fp16" else -40
