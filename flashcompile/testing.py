@@ -149,10 +149,16 @@ def assert_within_bounds(opt: Optimizer, params, refs, step: int, compiled: bool
             tol = bound(codec, ref[key]) + fp32_ulps * 2.0**-24 * terms
             if compiled:
                 tol = tol + bound(codec, ref[key], code_step=True)
-            excess = (got - ref[key]).abs() - tol
+            excess = torch.nan_to_num((got - ref[key]).abs() - tol, nan=float("inf"))
+            i = int(excess.reshape(-1).argmax())
+            top = ref[key].reshape(-1)[i // GROUP * GROUP:(i // GROUP + 1) * GROUP].abs().max()
+            note = ("; an fp16 group scale holds up to 65504" if top > 65504 and
+                    any(f.dtype == torch.float16 and f.per_group for f in codec.fields) else "")
             assert excess.max() <= 0, (
                 f"step {step} {key} ({codec.name}): |flash - fp32| exceeds the codec bound by "
-                f"{excess.max().item():.3g}"
+                f"{excess.max().item():.3g} at element {i}: flash {got.reshape(-1)[i].item():.9g}, "
+                f"fp32 step {ref[key].reshape(-1)[i].item():.9g} (its group's largest magnitude "
+                f"{top.item():.3g}{note})"
             )
 
 
