@@ -106,10 +106,7 @@ class Bucket:
             if grad.data_ptr() != ptr:
                 fresh.append(i)
         if self.uniform_steps is None:  # one launch, one set of scalars: steps and scalar states
-            held = [[float(self.state[p][k]) for k in self.plan.key.rule.scalar_states]
-                    for p in self.params]
-            self.uniform_steps = bool((self.steps == self.steps[0]).all()) and all(
-                h == held[0] for h in held)
+            self.uniform_steps = steps_agree(self.steps, self.params, self.state, self.plan)
         if not self.uniform_steps:
             return False
         for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again
@@ -140,6 +137,14 @@ class Bucket:
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
                 p.grad = self.grads[self._range(i)].view_as(p)
+
+
+def steps_agree(steps: torch.Tensor, params: Sequence[torch.Tensor],
+                state: Mapping[torch.Tensor, dict[str, Any]], plan: Plan) -> bool:
+    """Whether ``params`` share their step count and scalar states, so one launch with one set of
+    scalars steps them all as stepping each would."""
+    held = [[float(state[p][k]) for k in plan.key.rule.scalar_states] for p in params]
+    return bool((steps == steps[0]).all()) and all(h == held[0] for h in held)
 
 
 class _ScalarUpload:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flashcompile.arena import steps_agree
 from flashcompile.codecs import GROUP
 from flashcompile.distributed import like
 from flashcompile.plan import Plan, groups, scalar_tensor
@@ -95,10 +96,7 @@ class ShardBucket:
         if any(p.grad is None for p in self.params):
             return False
         if self.uniform_steps is None:
-            held = [[float(self.state[p][k]) for k in self.plan.key.rule.scalar_states]
-                    for p in self.params]
-            self.uniform_steps = bool((self.steps == self.steps[0]).all()) and all(
-                h == held[0] for h in held)
+            self.uniform_steps = steps_agree(self.steps, self.params, self.state, self.plan)
         if not self.uniform_steps:
             return False
         shards = [p.to_local() for p in self.params]
