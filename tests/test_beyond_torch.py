@@ -135,8 +135,11 @@ def test_lars_matches_reference(shapes, seed, zero_first, lr, momentum, wd, eta,
     assert_tracks_reference(_fp32(fc.LARS)(**hyper), _lars, shapes, seed, zero_first, hyper)
 
 
+# beta1 is never subnormal: at 5e-324 (seen) the beta3 warmup's log-space schedule, ln(beta1) =
+# -744, is evaluated differently where fp32 flushes beta1 to 0; 1e-300 and 0 both track to 1e-5.
 @given(shapes=shape_lists, seed=seeds, lr=st.floats(1e-4, 1e-2),
-       betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.9, 0.9999), st.floats(0.5, 0.9999)),
+       betas=st.tuples(st.floats(0.0, 0.99, allow_subnormal=False), st.floats(0.9, 0.9999),
+                       st.floats(0.5, 0.9999)),
        alpha=st.floats(0.0, 10.0), wd=decays, alpha_warmup=st.sampled_from([0.0, 1.0, 7.0, 20.0]),
        beta3_warmup=st.sampled_from([0.0, 1.0, 7.0, 20.0]), maximize=st.booleans())
 def test_ademamix_matches_reference(shapes, seed, lr, betas, alpha, wd, alpha_warmup,
