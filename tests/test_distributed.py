@@ -158,6 +158,43 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    """How ``got`` differs from ``want`` (for assertion messages): placement, shape, dtype, the
+    largest difference and where it is, how many values differ."""
+    got, want = _full(got).detach(), _full(want).detach()
+    head = (f"got {got.dtype} {tuple(got.shape)} on {got.device}, "
+            f"want {want.dtype} {tuple(want.shape)} on {want.device}")
+    if got.shape != want.shape:
+        return head
+    a, b = got.cpu().double(), want.cpu().double()
+    diff = (a - b).abs().nan_to_num(float("inf"))
+    if not diff.numel():
+        return head
+    i = int(diff.argmax())
+    return (f"{head}; max |diff| {diff.max().item():.6g} at flat index {i} (got "
+            f"{a.reshape(-1)[i].item():.8g}, want {b.reshape(-1)[i].item():.8g}); "
+            f"{int((a != b).sum())} of {a.numel()} values differ")
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, *what) -> None:
+    """Bit-identical values, compared on the CPU: step counters live on the host, and
+    ``torch.equal`` raises (not fails) for tensors on different devices."""
+    got, want = _full(got).detach(), _full(want).detach()
+    assert torch.equal(got.cpu(), want.cpu()), (*what, _mismatch(got, want))
+
+
+def _assert_within(got: torch.Tensor, want: torch.Tensor, codec, *what) -> None:
+    """``got`` within ``codec``'s error bound of ``want``, elementwise."""
+    got, want = _full(got).detach().cpu(), _full(want).detach().cpu()
+    limit = bound(codec, want)
+    excess = (got - want).abs() - limit
+    if torch.all(excess <= 0):  # (also for empty shards)
+        return
+    worst = f"{int((excess > 0).sum())} values beyond the bound, worst by {excess.max().item():.6g}"
+    raise AssertionError((*what, f"codec {getattr(codec, 'name', codec)}", worst,
+                          _mismatch(got, want)))
+
+
 # ---- DDP ------------------------------------------------------------------------------------------
 
 def _ddp(rank, world_size, tmp_path, device):
@@ -178,7 +215,7 @@ def _ddp(rank, world_size, tmp_path, device):
             opt.zero_grad()
             _reference_step(ref, ref_opt, _uneven_loss, step, world_size)
             for p, q in zip(model.parameters(), ref.parameters()):
-                assert torch.equal(p, q), f"flat={flat} gradient_as_bucket_view={as_view}"
+                _assert_same(p, q, f"flat={flat} gradient_as_bucket_view={as_view} step {step}")
         with pytest.raises(TypeError, match="DistributedDataParallel"):
             fc.enable_gradient_release(model, opt)
 
@@ -218,12 +255,12 @@ def _fsdp_whole_groups(rank, world_size, tmp_path, device):
     for (name, p), f, r, q in zip(sharded.named_parameters(), flat.parameters(),
                                   released.parameters(), ref.parameters()):
         assert p.to_local().numel() % GROUP == 0, name  # every shard starts on a group boundary
-        for model_p in (p, f, r):
-            assert torch.equal(model_p.full_tensor(), q), name
+        for which, model_p in (("per tensor", p), ("flat", f), ("release", r)):
+            _assert_same(model_p, q, name, which, "weight")
         for key in ["param", "exp_avg", "exp_avg_sq"]:
             got = opt.master_weight(p) if key == PARAM else opt.state_value(p, key)
             want = ref_opt.master_weight(q) if key == PARAM else ref_opt.state_value(q, key)
-            assert torch.equal(got.full_tensor(), want), (name, key)
+            _assert_same(got, want, name, key)
         assert r.grad is None
 
 
@@ -242,7 +279,10 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
     opt_rel = fc.AdamW(released.parameters(), compile=False, **LR)
     fc.enable_gradient_release(released, opt_rel)
     ref = _uneven(device, spare=True)
-    ref_opt = fc.AdamW(ref.parameters(), compile=False, **LR)
+    # per tensor, as on CPU: flat buckets (the CUDA default) give a param that never gets a gradient
+    # a zero one, which weight decay then moves, so "spare" would differ from the released model's
+    ref_opt = fc.AdamW(ref.parameters(), compile=False, flat=False, **LR)
+    spare = ref.spare.detach().clone()
     for step in range(4):
         _uneven_loss(model, step, rank).backward()
         refs = {p: _fp32_step(opt, p) for p in model.parameters() if p.grad is not None}
@@ -251,26 +291,29 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
             for key, codec in codecs.items():
                 got = opt.master_weight(p) if key == PARAM else opt.state_value(p, key)
                 want = local_part(new[key], p)
-                assert torch.all((got.to_local() - want).abs() <= bound(codec, want)), key
+                _assert_within(got.to_local(), want, codec, f"step {step}", key, tuple(p.shape))
         opt.zero_grad()
         _uneven_loss(released, step, rank).backward()
         opt_rel.step()
         _reference_step(ref, ref_opt, _uneven_loss, step, world_size)
     for (name, p), r, q in zip(model.named_parameters(), released.parameters(), ref.parameters()):
         if name == "spare":  # no gradient: release stepped its unit's others at backward's end
-            assert torch.equal(r.full_tensor(), q) and int(opt_rel.state[r]["step"]) == 0
+            _assert_same(r, spare, name, "released model: weight moved")
+            _assert_same(q, spare, name, "reference (per tensor): weight moved")
+            steps = int(opt_rel.state[r]["step"]) if "step" in opt_rel.state[r] else 0
+            assert steps == 0, (name, f"released model counted {steps} steps")
             continue  # (flat buckets give it a zero gradient, as zero_grad(set_to_none=False))
-        assert torch.equal(p.full_tensor(), r.full_tensor()), name  # flat = release per unit
+        _assert_same(p, r, name, "flat vs release per unit")
         local = p.to_local()
         stored = sum(t.nbytes for k, t in opt.state[p].items() if k != "step")
         groups = -(-local.numel() // GROUP)
         plan = opt._plan(local, opt._flags(opt.param_groups[0]))
-        assert stored == groups * GROUP * (plan.bytes_per_param - p.element_size()), name
-        assert int(opt.state[p]["step"]) == 4, name  # empty shards count steps too
+        assert stored == groups * GROUP * (plan.bytes_per_param - p.element_size()), (name, stored)
+        assert int(opt.state[p]["step"]) == 4, (name, int(opt.state[p]["step"]))  # empty shards too
         # one process: the same training but for the codecs rounding in other groups (each step
         # moves a weight by up to about lr; 4 steps differ here by < 0.1 lr)
         diff = (opt.master_weight(p).full_tensor() - ref_opt.master_weight(q)).abs().max()
-        assert diff <= 0.25 * LR["lr"], (name, diff)
+        assert diff <= 0.25 * LR["lr"], (name, f"max |diff| {diff.item():.6g} > {0.25 * LR['lr']}")
     if rank == 1:
         assert model.gain.to_local().numel() == 0
     _torch_interop(model, opt)
@@ -290,10 +333,11 @@ def _torch_interop(model, opt):
         for key in ("exp_avg", "exp_avg_sq"):
             want = opt.state_value(p, key).to_local()
             got = back.state_value(p, key).to_local()
-            assert torch.all((got - want).abs() <= bound(codecs[key], want)), key
+            _assert_within(got, want, codecs[key], "torch_state_dict round trip", key,
+                           tuple(p.shape))
         master = opt.master_weight(p)
         opt.set_master_weight(p, master.full_tensor())  # a full tensor: each rank takes its part
-        assert torch.equal(opt.master_weight(p).full_tensor(), master.full_tensor())
+        _assert_same(opt.master_weight(p), master, "set_master_weight", tuple(p.shape))
 
 
 def _fp32_step(opt, p):
@@ -356,8 +400,9 @@ def _load(model, opt, path, options=None):
 
     before = [_full(p.detach()).clone() for p in model.parameters()]
     msd, osd = get_state_dict(model, opt, options=options)  # a fresh optimizer: allocates state
-    assert all(torch.equal(b, _full(p)) for b, p in zip(before, model.parameters()))
-    assert all(int(opt.state[p]["step"]) == 0 for p in model.parameters())
+    for (name, p), b in zip(model.named_parameters(), before):
+        _assert_same(p, b, name, "get_state_dict on a fresh optimizer moved the weight")
+        assert int(opt.state[p]["step"]) == 0, (name, int(opt.state[p]["step"]))
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=options)
 
@@ -384,9 +429,9 @@ def _dcp_two_ranks(rank, world_size, tmp_path, device):
     resumed = _shard(_uneven(device, seed=1))
     resumed_opt = fc.AdamW(resumed.parameters(), compile=False, **LR)
     _load(resumed, resumed_opt, tmp_path / "ckpt")
-    _assert_equal(_decoded(resumed, resumed_opt), saved)
+    _assert_equal(_decoded(resumed, resumed_opt), saved, "loaded on 2 ranks")
     _train(resumed, resumed_opt, range(2, 4), rank, world_size)
-    _assert_equal(_decoded(resumed, resumed_opt), after)
+    _assert_equal(_decoded(resumed, resumed_opt), after, "resumed on 2 ranks, 2 steps on")
 
     full = StateDictOptions(full_state_dict=True)  # whole tensors on every rank, then sharded again
     msd, osd = get_state_dict(resumed, resumed_opt, options=full)
@@ -394,7 +439,7 @@ def _dcp_two_ranks(rank, world_size, tmp_path, device):
     again_opt = fc.AdamW(again.parameters(), compile=False, **LR)
     _init_state(again, again_opt)
     set_state_dict(again, again_opt, model_state_dict=msd, optim_state_dict=osd, options=full)
-    _assert_equal(_decoded(again, again_opt), after)
+    _assert_equal(_decoded(again, again_opt), after, "full_state_dict round trip")
 
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     msd, osd = get_state_dict(resumed, resumed_opt, options=flat)
@@ -402,7 +447,7 @@ def _dcp_two_ranks(rank, world_size, tmp_path, device):
     again = _shard(_uneven(device, seed=2))
     again_opt = fc.AdamW(again.parameters(), compile=False, **LR)
     _load(again, again_opt, tmp_path / "flat", options=flat)
-    _assert_equal(_decoded(again, again_opt), after)
+    _assert_equal(_decoded(again, again_opt), after, "flattened optimizer keys")
 
 
 def _init_state(model, opt):
@@ -411,17 +456,17 @@ def _init_state(model, opt):
     get_state_dict(model, opt)  # a fresh optimizer: allocates its state
 
 
-def _assert_equal(got, want):
+def _assert_equal(got, want, what=""):
     for name in want:
         for key in want[name]:
-            assert torch.equal(got[name][key], want[name][key]), (name, key)
+            _assert_same(got[name][key], want[name][key], what, name, key)
 
 
 def _dcp_one_rank(rank, world_size, tmp_path, device):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    expected = torch.load(tmp_path / "expected.pt", map_location=device)
+    expected = torch.load(tmp_path / "expected.pt", map_location="cpu")  # compared on the CPU
     model = _shard(_uneven(device, seed=1))
     opt = fc.AdamW(model.parameters(), compile=False, **LR)
     _load(model, opt, tmp_path / "ckpt")
@@ -432,16 +477,18 @@ def _dcp_one_rank(rank, world_size, tmp_path, device):
         for key in ("weight", "step", *STATES):
             got, want = loaded[name][key], expected["saved"][name][key]
             if exact or key in ("weight", "step", PARAM):  # rows, or per-element storage only
-                assert torch.equal(got, want), (name, key)
+                _assert_same(got, want, "loaded on 1 rank", name, key,
+                             "rows layout" if exact else "per-element storage")
             else:  # re-encoded where this rank's groups gather differently scaled saved groups
                 codec = opt._plan(p.to_local(), opt._flags(opt.param_groups[0])).codecs[key]
-                assert torch.all((got - want).abs() <= bound(codec, want)), (name, key)
-                reencoded |= not torch.equal(got, want)
-    assert reencoded  # the test covers re-encoding
+                _assert_within(got, want, codec, "loaded on 1 rank, re-encoded", name, key)
+                reencoded |= not torch.equal(got.cpu(), want)
+    assert reencoded, "no re-encoded state differs from the saved one: the test covers no re-encoding"
     _train(model, opt, range(2, 4), rank, world_size)
     for name, p in model.named_parameters():  # training continues as on 2 ranks, but for rounding
-        diff = (opt.master_weight(p).full_tensor() - expected["after"][name][PARAM]).abs().max()
-        assert diff <= 0.1 * LR["lr"], (name, diff)
+        got = opt.master_weight(p).full_tensor().cpu()
+        diff = (got - expected["after"][name][PARAM]).abs().max()
+        assert diff <= 0.1 * LR["lr"], (name, f"max |diff| {diff.item():.6g} > {0.1 * LR['lr']}")
 
     # without torch.distributed: the checkpoint as one torch.save file, into a plain model
     dcp_to_torch_save(tmp_path / "ckpt", tmp_path / "ckpt.pt")
@@ -449,7 +496,7 @@ def _dcp_one_rank(rank, world_size, tmp_path, device):
     plain_opt = fc.AdamW(plain.parameters(), compile=False, **LR)
     sd = torch.load(tmp_path / "ckpt.pt")
     set_state_dict(plain, plain_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    _assert_equal(_decoded(plain, plain_opt), loaded)
+    _assert_equal(_decoded(plain, plain_opt), loaded, "plain model from dcp_to_torch_save")
 
 
 @pytest.mark.parametrize("device", DEVICES)
