@@ -243,7 +243,10 @@ class Optimizer(torch.optim.Optimizer):
                 by_kind.setdefault((p.dtype, p.device, is_dtensor(p)), []).append(p)
         out = []
         for kind in by_kind:
-            params = [p for p in group["params"] if (p.dtype, p.device, is_dtensor(p)) == kind]
+            # params that never had a gradient stay out: torch.optim never steps them (in a
+            # bucket they would take zero-gradient steps, and weight decay, every step)
+            params = [p for p in group["params"] if p.grad is not None
+                      and (p.dtype, p.device, is_dtensor(p)) == kind]
             plan = self._plan(params[0], flags)
             if not plan.steps_flat:
                 continue  # padding lanes would need masks, or a reduction spans each param

@@ -127,3 +127,15 @@ def test_flat_compiled_bucket_matches_eager_bucket_up_to_one_code_step():
             padded[: want.numel()] = want.reshape(-1)
             step = codec.code_step(padded.view(-1, 32)).reshape(-1)[: want.numel()].view_as(want)
             assert torch.all((got - want).abs() <= step + 1e-6 * want.abs()), name
+
+
+def test_a_param_that_never_had_a_gradient_is_never_stepped():
+    """torch.optim leaves a param whose grad is None alone; a flat bucket must not give it a
+    zero gradient (weight decay would then shrink it every step)."""
+    used, unused = (torch.nn.Parameter(torch.randn(64).bfloat16()) for _ in range(2))
+    before = unused.detach().clone()
+    opt = fc.AdamW([used, unused], lr=1e-2, weight_decay=0.1, compile=False, flat=True)
+    for _ in range(3):
+        used.grad = torch.randn_like(used)
+        opt.step()
+    assert torch.equal(unused, before) and unused.grad is None and not opt.state.get(unused)
