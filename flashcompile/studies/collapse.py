@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import flashcompile as fc
-from flashcompile.studies.report import pyplot, table, write_csv, write_summary
+from flashcompile.studies.report import pyplot, save_figure, table, write_csv, write_summary
 
 LR, BETAS = 1e-3, (0.9, 0.999)
 PAPER = {"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"}
@@ -184,9 +184,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("NMSE of the final displacement vs fp32")
     ax.set_title("rows straddling groups, log-normal row scales")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(out: str = "docs/results", quick: bool = False, steps: int | None = None, **_) -> list:

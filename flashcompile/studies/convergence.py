@@ -29,7 +29,14 @@ import torch
 
 import flashcompile as fc
 from flashcompile.studies import tasks
-from flashcompile.studies.report import mean_std, pyplot, table, write_csv, write_summary
+from flashcompile.studies.report import (
+    mean_std,
+    pyplot,
+    save_figure,
+    table,
+    write_csv,
+    write_summary,
+)
 
 PAPER = {"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"}
 LINEAR = {"exp_avg": "linear_int8", "exp_avg_sq": "linear_int8"}
@@ -165,9 +172,7 @@ def plot(curves: list[dict], path: Path) -> None:
             ax.set_xlabel("step")
             ax.set_ylabel("training loss (mean, min-max over seeds)")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(out: str = "docs/results", quick: bool = False, steps: int | None = None,

@@ -56,6 +56,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path) -> None:
+    """Lay out, write as PNG and close (studies draw many figures in one process)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     n = len(values)

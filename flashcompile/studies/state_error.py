@@ -21,7 +21,7 @@ import torch
 from flashcompile import codecs
 from flashcompile.presets import default_codec
 from flashcompile.studies import tasks
-from flashcompile.studies.report import pyplot, table, write_csv, write_summary
+from flashcompile.studies.report import pyplot, save_figure, table, write_csv, write_summary
 from flashcompile.testing import padded
 
 M_CODECS = {"linear_int8": "linear_int8", "softsign_int8 (paper, default)": "softsign_int8"}
@@ -124,9 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xlabel("training step (fp32 AdamW)")
             ax.set_ylabel("NMSE")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(out: str = "docs/results", quick: bool = False, steps: int | None = None, **_) -> list:

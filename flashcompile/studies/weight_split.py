@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flashcompile.codecs import WeightSplit
-from flashcompile.studies.report import pyplot, table, write_csv, write_summary
+from flashcompile.studies.report import pyplot, save_figure, table, write_csv, write_summary
 
 RESIDUALS = ("none", "float16", "int8", "int16")
 WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,9 +96,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("binary exponent of the fp32 weight")
     axes[0].set_ylabel("relative reconstruction error (floored at 1e-12)")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(out: str = "docs/results", quick: bool = False, **_) -> list[dict]:
