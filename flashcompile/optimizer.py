@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from flashcompile import distributed, interop
+from flashcompile import distributed
 from flashcompile.arena import Bucket
+from flashcompile.checkpoint import Checkpoints
 from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
@@ -29,7 +29,7 @@ from flashcompile.trace import check_facts, trace
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Optimizer(torch.optim.Optimizer):
+class Optimizer(Checkpoints, torch.optim.Optimizer):
     """Run ``rule`` as a torch optimizer.
 
     Args:
@@ -162,11 +162,8 @@ class Optimizer(torch.optim.Optimizer):
             scalars = _ScalarCache(self._hyperparameters(group))
             done: set[int] = set()
             for bucket in self._flat_buckets(index, group, flags):
-                held = [self.state[p] for p in bucket.params] if self.rule.scalar_states else ()
-                if bucket.try_step(functools.partial(scalars, bucket.plan, states=held)):
+                if self._step_bucket(bucket, group, scalars):
                     done.update(map(id, bucket.params))
-                else:
-                    bucket.uniform_steps = None  # its params now step one by one
             if len(done) == len(group["params"]):
                 continue
             for p in group["params"]:
@@ -181,14 +178,15 @@ class Optimizer(torch.optim.Optimizer):
         group = self._group_of(p) if group is None else group
         self._step_one(p, self._flags(group), _ScalarCache(self._hyperparameters(group)))
 
-    def _step_bucket(self, bucket, group: Mapping[str, Any]) -> bool:
+    def _step_bucket(self, bucket, group: Mapping[str, Any],
+                     scalars: _ScalarCache | None = None) -> bool:
         """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
-        done: its params then step one by one)."""
-        scalars = _ScalarCache(self._hyperparameters(group))
+        done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
+        scalars = scalars or _ScalarCache(self._hyperparameters(group))
         held = [self.state[p] for p in bucket.params] if self.rule.scalar_states else ()
         if bucket.try_step(functools.partial(scalars, bucket.plan, states=held)):
             return True
-        bucket.uniform_steps = None
+        bucket.uniform_steps = None  # re-checked when it next tries
         return False
 
     def _allocate_state(self) -> None:
@@ -344,106 +342,6 @@ class Optimizer(torch.optim.Optimizer):
         if name in self.rule.scalar_states:
             return self.state[p][name].clone()
         return self._decode(p, name)
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """As torch.optim's. A DTensor param's state is in the checkpoint layout of
-        :mod:`flashcompile.distributed` (DTensors that DCP reshards); others stay flat."""
-        sd = super().state_dict()
-        pid = 0  # torch.optim numbers params in group order
-        for group in self.param_groups:
-            for p in group["params"]:
-                if pid in sd["state"] and is_dtensor(p):
-                    plan = self._plan(p, self._flags(group))
-                    sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
-                pid += 1
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this optimizer, or a torch.optim one of the same optimizer (its fp32
-        states are encoded with this optimizer's codecs).
-
-        Stored fields keep their own dtypes (int8 codes, fp16 scales); nothing is cast to the param's
-        dtype. A state dict that does not fit raises before anything changes.
-        """
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            if out is not None:
-                state_dict = out
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state dict has {len(saved_groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        id_map, new_groups = {}, []
-        for i, (g, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(g["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"param group {i}: state dict has {len(saved['params'])} params, optimizer "
-                    f"has {len(g['params'])}"
-                )
-            # torch.optim's groups lack flags it does not have (SGD's decoupled_weight_decay):
-            # keep ours. A missing float hyperparameter means another optimizer's state dict.
-            flags = {k: g[k] for k in self.rule.flags if k not in saved}
-            saved = {**flags, **saved}
-            missing = sorted(set(self.rule.defaults) - set(saved))
-            if missing:
-                raise ValueError(
-                    f"param group {i} of the state dict lacks {self.rule.name}'s hyperparameters "
-                    f"{missing}: it was saved by a different optimizer"
-                )
-            new = {**saved, "params": g["params"]}
-            self._hyperparameters(new)
-            new_groups.append(new)
-            id_map.update(zip(saved["params"], g["params"]))
-        new_state: dict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for pid, saved in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"state dict has state for param id {pid}, which no group lists")
-            p = id_map[pid]
-            group = new_groups[next(i for i, g in enumerate(self.param_groups)
-                                    if any(q is p for q in g["params"]))]
-            new_state[p] = self._check_saved_state(p, self._plan(p, self._flags(group)), saved, pid)
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
-        self._buckets.clear()  # rebuilt from the loaded tensors at the next step
-        self._buckets_of_group.clear()
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
-    def torch_state_dict(self) -> dict[str, Any]:
-        """This optimizer's state in torch.optim's format (fp32 states shaped like their params),
-        loadable by the torch.optim optimizer of the same name."""
-        return interop.torch_state_dict(self)
-
-    def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
-        expected = dict(plan.owned_fields)
-        if is_dtensor(p):
-            return distributed.import_state(p, plan, saved, pid, self.rule.states)
-        if interop.is_torch_format(self.rule.states, saved, p):
-            return interop.import_state(p, plan, saved, pid)
-        if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
-            return distributed.import_state(p, plan, saved, pid, self.rule.states)
-        host = {"step", *self.rule.scalar_states}
-        if set(saved) != set(expected) | host:
-            raise ValueError(
-                f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
-                f"{self.rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
-                "saved by a different optimizer or with different codecs"
-            )
-        groups = -(-p.numel() // GROUP)
-        out = {k: torch.as_tensor(saved[k], dtype=torch.float32).detach().clone().cpu() for k in host}
-        for key, f in expected.items():
-            t = saved[key]
-            numel = groups * (1 if f.per_group else GROUP)
-            if t.dtype != f.dtype or t.numel() != numel:
-                raise ValueError(
-                    f"state {key!r} of param {pid} is {t.dtype} x {t.numel()}, expected {f.dtype} x "
-                    f"{numel} for a param of shape {tuple(p.shape)}: wrong optimizer, codecs or shapes"
-                )
-            out[key] = t.detach().to(device=p.device, copy=True).reshape(-1)
-        return out
 
 
 class _ScalarCache:
