@@ -44,3 +44,6 @@ def add_parser(sub) -> None:
     p.add_argument("--size", default="cpu", choices=["cpu", "gpu"],
                    help="convergence: model sizes (gpu: 3.2M-parameter transformer, longer runs)")
     p.add_argument("--tasks", dest="tasks_", default="digits,chars", help="convergence: tasks")
+    p.add_argument("--runs", dest="runs_", default="",
+                   help="convergence: only runs whose names contain one of these comma-separated "
+                        "words (and their twins), e.g. 'sgd'")
