@@ -76,9 +76,9 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
 
 
 def train(task: tasks.Task, model: torch.nn.Module, opt, steps: int, seed: int,
-          log_every: int) -> tuple[list[tuple[int, float]], float]:
-    """Train; returns the logged (step, mean batch loss since the last log) and the mean batch loss
-    over the last 10% of steps."""
+          log_every: int, clip: float | None = None) -> tuple[list[tuple[int, float]], float]:
+    """Train (clipping the gradient norm at ``clip`` if given); returns the logged (step, mean batch
+    loss since the last log) and the mean batch loss over the last 10% of steps."""
     warm = max(1, steps // 20)
 
     def schedule(i: int) -> float:
@@ -94,6 +94,8 @@ def train(task: tasks.Task, model: torch.nn.Module, opt, steps: int, seed: int,
         loss = task.loss(model, x, y)
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
         value = loss.item()

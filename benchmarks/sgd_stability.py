@@ -1,0 +1,58 @@
+"""Is the chars SGD gap the codecs or the recipe? fp32 and flash SGD on the GPU-sized character
+transformer per (lr, clip) config, 3 seeds, plus fp32 SGD started from the bf16-rounded weights (the
+flash runs' start). Prints the worst loss logged during warmup (the spike) and the final losses.
+
+Usage: python benchmarks/sgd_stability.py [steps]"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+
+import torch
+
+import flashcompile as fc
+from flashcompile.studies import tasks
+from flashcompile.studies.convergence import train
+
+CONFIGS = [  # (name, lr, clip, model init, optimizer)
+    ("fp32, bf16-rounded init, lr 0.2", 0.2, None, "rounded", "torch"),
+    ("fp32, lr 0.2, clip 1", 0.2, 1.0, "fp32", "torch"),
+    ("flash, lr 0.2, clip 1", 0.2, 1.0, "bf16", "flash"),
+    ("fp32, lr 0.1", 0.1, None, "fp32", "torch"),
+    ("flash, lr 0.1", 0.1, None, "bf16", "flash"),
+]
+
+
+def main() -> None:
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    task = tasks.chars(device, **(tasks.GPU_SIZES["chars"] if device == "cuda" else {}))
+    rows = []
+    for name, lr, clip, init, kind in CONFIGS:
+        for seed in range(3):
+            torch.manual_seed(seed)
+            base = task.make_model()
+            model = {"fp32": base, "bf16": base.to(torch.bfloat16),
+                     "rounded": copy.deepcopy(base).to(torch.bfloat16).float()}[init]
+            if kind == "torch":
+                opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+            else:
+                opt = fc.SGD(model.parameters(), lr=lr, momentum=0.9, compile=device == "cuda", flat=True)
+            curve, tail = train(task, model, opt, steps, seed, max(1, steps // 100), clip)
+            spike = max(v for s, v in curve if s <= steps // 10)
+            test, acc = task.evaluate(model)
+            rows.append((name, seed, spike, tail, test, acc))
+            print(rows[-1], flush=True)
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\n{card}, chars, {steps} steps, momentum 0.9")
+    print("| config | seed | worst warmup loss | train loss | test loss | accuracy % |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
