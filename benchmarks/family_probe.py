@@ -1,5 +1,6 @@
-"""Time each family rule's flash plan alone over one flat arena against a copy of the same bytes, and
-write Inductor's code per rule to $OUT/kernels (kernel count, reduction kind, line count).
+"""Time each family rule's flash plan alone over one flat arena against a copy of the same bytes, for
+several ways of compiling it (how many sample groups Inductor first compiles and tunes on, and its
+options), and write Inductor's code per rule to $OUT/kernels.
 
 Usage: python benchmarks/family_probe.py [N params, default 2^27] [Rule ...]"""
 
@@ -17,7 +18,15 @@ from torch._inductor.graph import GraphLowering
 import flashcompile as fc
 from flashcompile.bench import FAMILY
 from flashcompile.codecs import GROUP
-from flashcompile.explain import count_kernels, plan_of, sample_inputs
+from flashcompile.explain import count_kernels, fresh_step, plan_of, sample_inputs
+from flashcompile.plan import COMPILE_OPTIONS, CUDA_COMPILE_OPTIONS
+
+# (label, groups of the first (compiling, tuning) call, Inductor options)
+VARIANTS = [
+    ("tuned on 2^16 groups", 2**16, CUDA_COMPILE_OPTIONS),
+    ("tuned on 2^20 groups", 2**20, CUDA_COMPILE_OPTIONS),
+    ("untuned", 2**20, COMPILE_OPTIONS),
+]
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -30,6 +39,18 @@ def time_ms(fn, reps: int = 20) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / reps
+
+
+def compiled(plan, sample_groups: int, options: dict, code_path: Path | None):
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
+            torch._inductor.config.patch(force_disable_caches=True):
+        fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
+        with torch.no_grad():
+            fn(*sample_inputs(plan, sample_groups, "cuda"))
+    if code_path is not None:
+        code_path.write_text("\n".join(codes))
+    return fn, "\n".join(codes)
 
 
 def main() -> None:
@@ -45,31 +66,25 @@ def main() -> None:
         plan = plan_of(opt)
         if plan.reduces:
             continue  # LAMB / LARS: per-tensor reductions, timed by the bench
-        codes: list[str] = []
-        with mock.patch.object(GraphLowering, "save_output_code", codes.append):
-            fn = torch.compile(plan.eager, fullgraph=True, dynamic=True,
-                               options=plan.compile_options())
-            with torch.no_grad():
-                fn(*sample_inputs(plan, 65536, "cuda"))
-        code = "\n".join(codes)
-        (out / f"{name}.py").write_text(code)
-        args = sample_inputs(plan, n // GROUP, "cuda")
-        with torch.no_grad():
-            ms = time_ms(lambda: fn(*args))
         moved = plan.bytes_moved_per_param(2.0) * n
         src = torch.empty(int(moved // 2), dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         copy_ms = time_ms(lambda: dst.copy_(src))
-        kinds = sorted(set(re.findall(r"@triton_heuristics\.(\w+)", code)))
-        rows.append((name, count_kernels(code), ",".join(kinds), len(code.splitlines()),
-                     plan.bytes_moved_per_param(2.0), ms, 100 * copy_ms / ms))
-        del args, src, dst
-        torch.cuda.empty_cache()
-        print(rows[-1], flush=True)
+        del src, dst
+        for i, (label, sample, options) in enumerate(VARIANTS):
+            fn, code = compiled(plan, sample, options, out / f"{name}.py" if i == 0 else None)
+            args = sample_inputs(plan, n // GROUP, "cuda")
+            with torch.no_grad():
+                ms = time_ms(lambda: fn(*args))
+            rows.append((name, label, count_kernels(code), plan.bytes_moved_per_param(2.0), ms,
+                         100 * copy_ms / ms))
+            print(rows[-1], flush=True)
+            del args
+            torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, {n} params, flat arena")
-    print("| rule | kernels | kind | lines | B/param | ms | % of copy |\n|---|---|---|---|---|---|---|")
+    print("| rule | compile | kernels | B/param | ms | % of copy |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.4g} | {r[5]:.3f} | {r[6]:.1f} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.4g} | {r[4]:.3f} | {r[5]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -61,15 +61,19 @@ def describe_mismatch(plan: Plan, key: str, want_args, got_args, want, got, tol)
             f"fields (eager, compiled): {fields}")
 
 
+def fresh_step(plan: Plan):
+    """The plan's eager step function as a new code object: dynamo caches compiled graphs per code
+    object, and the plan's own one may already be compiled (which would skip code generation)."""
+    namespace = dict(plan.eager.__globals__)
+    exec(compile(plan.source, "<flashcompile explain>", "exec"), namespace)
+    return namespace["step"]
+
+
 def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int = 256) -> list[str]:
     """Compile a fresh copy of the plan's function and return the output code Inductor wrote."""
     from torch._inductor.graph import GraphLowering
 
-    # A new code object: dynamo caches compiled graphs per code object, and the plan's own one may
-    # already be compiled, which would skip code generation.
-    namespace = dict(plan.eager.__globals__)
-    exec(compile(plan.source, "<flashcompile explain>", "exec"), namespace)
-    fresh = namespace["step"]
+    fresh = fresh_step(plan)
     codes: list[str] = []
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
