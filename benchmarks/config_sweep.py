@@ -1,0 +1,110 @@
+"""Launch-config landscape of each rule's one kernel: compile the plan, then time it at DRAM scale
+for a grid of (XBLOCK, num_warps), next to the configs Inductor's own tuning picked. Uses Inductor
+internals (CachingAutotuner), so it is a probe, not library code.
+
+Usage: python benchmarks/config_sweep.py [N params, default 2^27] [Rule ...]"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from torch._inductor.runtime import triton_heuristics as th
+
+import flashcompile as fc
+from flashcompile.codecs import GROUP
+from flashcompile.explain import fresh_step, plan_of, sample_inputs
+from flashcompile.plan import COMPILE_OPTIONS, CUDA_COMPILE_OPTIONS
+
+GRID = [(xb, w) for xb in (8, 16, 32, 64, 128) for w in (1, 2, 4, 8)]
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def compile_capturing(plan, options, sample):
+    made: list = []
+    init = th.CachingAutotuner.__init__
+
+    def record(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    th.CachingAutotuner.__init__ = record
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
+            with torch.no_grad():
+                fn(*sample_inputs(plan, sample, "cuda"))
+    finally:
+        th.CachingAutotuner.__init__ = init
+    return fn, made
+
+
+def describe(cfg) -> str:
+    return f"XBLOCK={cfg.kwargs.get('XBLOCK')} warps={cfg.num_warps} stages={cfg.num_stages}"
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2**27
+    names = sys.argv[2:] or ["AdamW", "SGD", "NAdam", "Adadelta", "Adan"]
+    summary = []
+    for name in names:
+        kw = {"momentum": 0.9} if name == "SGD" else {}
+        opt = getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16,
+                                                                device="cuda"))], **kw)
+        plan = plan_of(opt)
+        moved = plan.bytes_moved_per_param(2.0) * n
+        src = torch.empty(int(moved // 2), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = time_ms(lambda: dst.copy_(src))
+        del src, dst
+        args = sample_inputs(plan, n // GROUP, "cuda")
+        fn, made = compile_capturing(plan, CUDA_COMPILE_OPTIONS, 2**16)
+        with torch.no_grad():
+            ms = time_ms(lambda: fn(*args))
+        picked = describe(made[0].launchers[0].config) if made and made[0].launchers else "?"
+        summary.append((name, f"Inductor tuned on 2^16 ({picked})", ms, 100 * copy_ms / ms))
+        print(summary[-1], flush=True)
+        fn, made = compile_capturing(plan, COMPILE_OPTIONS, 2**16)
+        tuner = made[0]
+        best = None
+        for xb, w in GRID:
+            cfg = triton.Config({"XBLOCK": xb}, num_warps=w, num_stages=1)
+            try:
+                launcher, exc = tuner._make_launcher(tuner._precompile_config(cfg))
+            except Exception as e:  # noqa: BLE001 - a config the kernel cannot take
+                print(name, xb, w, "failed", type(e).__name__, flush=True)
+                continue
+            if launcher is None:
+                print(name, xb, w, "no launcher", exc, flush=True)
+                continue
+            tuner.launchers = [launcher]
+            with torch.no_grad():
+                t = time_ms(lambda: fn(*args))
+            print(name, xb, w, f"{t:.3f} ms {100 * copy_ms / t:.1f}%", flush=True)
+            if best is None or t < best[0]:
+                best = (t, xb, w)
+        if best:
+            summary.append((name, f"best of grid (XBLOCK={best[1]} warps={best[2]})", best[0],
+                            100 * copy_ms / best[0]))
+        del args
+        torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}, {n} params")
+    print("| rule | config | ms | % of copy |\n|---|---|---|---|")
+    for r in summary:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
