@@ -6,6 +6,7 @@ Usage: python benchmarks/config_sweep.py [N params, default 2^27] [Rule ...]"""
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch
@@ -17,7 +18,7 @@ from flashcompile.codecs import GROUP
 from flashcompile.explain import fresh_step, plan_of, sample_inputs
 from flashcompile.plan import CUDA_COMPILE_OPTIONS
 
-GRID = [(xb, w) for xb in (8, 16, 32, 64, 128) for w in (1, 2, 4, 8)]
+GRID = [(xb, w) for xb in (4, 8, 16, 32, 64, 128) for w in (1, 2, 4, 8)]
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -32,23 +33,29 @@ def time_ms(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
+def autotuners() -> set:
+    return {id(o): o for o in gc.get_objects() if isinstance(o, th.CachingAutotuner)}
+
+
 def compile_capturing(plan, options, sample):
-    made: list = []
-    init = th.CachingAutotuner.__init__
+    """Compile and first-call the plan; return the function and the autotuners that appeared (found
+    through gc: kernels compiled in worker processes arrive unpickled, without __init__)."""
+    before = autotuners()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
+        with torch.no_grad():
+            fn(*sample_inputs(plan, sample, "cuda"))
+    return fn, [o for k, o in autotuners().items() if k not in before]
 
-    def record(self, *a, **k):
-        init(self, *a, **k)
-        made.append(self)
 
-    th.CachingAutotuner.__init__ = record
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
-            with torch.no_grad():
-                fn(*sample_inputs(plan, sample, "cuda"))
-    finally:
-        th.CachingAutotuner.__init__ = init
-    return fn, made
+def make_launcher(tuner, cfg):
+    result = tuner._precompile_config(cfg)
+    if hasattr(tuner, "_make_launcher"):
+        launcher, exc = tuner._make_launcher(result)
+        if launcher is None:
+            raise RuntimeError(exc)
+        return launcher
+    return result.make_launcher()
 
 
 def describe(cfg) -> str:
@@ -76,18 +83,16 @@ def main() -> None:
         picked = describe(made[0].launchers[0].config) if made and made[0].launchers else "?"
         summary.append((name, f"Inductor tuned on 2^16 ({picked})", ms, 100 * copy_ms / ms))
         print(summary[-1], flush=True)
+        print(name, "autotuners", len(made), flush=True)
         tuner = made[0]  # sweep the same kernel; marked as tuned so it is not tuned again
         best = None
         for xb, w in GRID:
             cfg = triton.Config({"XBLOCK": xb}, num_warps=w, num_stages=1)
             cfg.found_by_coordesc = True
             try:
-                launcher, exc = tuner._make_launcher(tuner._precompile_config(cfg))
+                launcher = make_launcher(tuner, cfg)
             except Exception as e:  # noqa: BLE001 - a config the kernel cannot take
-                print(name, xb, w, "failed", type(e).__name__, flush=True)
-                continue
-            if launcher is None:
-                print(name, xb, w, "no launcher", exc, flush=True)
+                print(name, xb, w, "failed", type(e).__name__, e, flush=True)
                 continue
             tuner.launchers = [launcher]
             with torch.no_grad():
