@@ -34,7 +34,8 @@ def time_ms(fn, reps: int = 20) -> float:
 
 
 def autotuners() -> set:
-    return {id(o): o for o in gc.get_objects() if isinstance(o, th.CachingAutotuner)}
+    # type() rather than isinstance(): gc also holds dead weak proxies, which raise on isinstance
+    return {id(o): o for o in gc.get_objects() if issubclass(type(o), th.CachingAutotuner)}
 
 
 def compile_capturing(plan, options, sample):
