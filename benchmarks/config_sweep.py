@@ -6,17 +6,16 @@ Usage: python benchmarks/config_sweep.py [N params, default 2^27] [Rule ...]"""
 
 from __future__ import annotations
 
-import gc
 import sys
 
 import torch
 import triton
-from torch._inductor.runtime import triton_heuristics as th
 
 import flashcompile as fc
 from flashcompile.codecs import GROUP
 from flashcompile.explain import fresh_step, plan_of, sample_inputs
-from flashcompile.plan import CUDA_COMPILE_OPTIONS
+from flashcompile.launch import _launcher, live_autotuners
+from flashcompile.plan import INDUCTOR_TUNED_OPTIONS
 
 GRID = [(xb, w) for xb in (4, 8, 16, 32, 64, 128) for w in (1, 2, 4, 8)]
 
@@ -33,30 +32,14 @@ def time_ms(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
-def autotuners() -> set:
-    # type() rather than isinstance(): gc also holds dead weak proxies, which raise on isinstance
-    return {id(o): o for o in gc.get_objects() if issubclass(type(o), th.CachingAutotuner)}
-
-
 def compile_capturing(plan, options, sample):
-    """Compile and first-call the plan; return the function and the autotuners that appeared (found
-    through gc: kernels compiled in worker processes arrive unpickled, without __init__)."""
-    before = autotuners()
+    """Compile and first-call the plan; return the function and the kernels that appeared."""
+    before = live_autotuners()
     with torch._inductor.config.patch(force_disable_caches=True):
         fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
         with torch.no_grad():
             fn(*sample_inputs(plan, sample, "cuda"))
-    return fn, [o for k, o in autotuners().items() if k not in before]
-
-
-def make_launcher(tuner, cfg):
-    result = tuner._precompile_config(cfg)
-    if hasattr(tuner, "_make_launcher"):
-        launcher, exc = tuner._make_launcher(result)
-        if launcher is None:
-            raise RuntimeError(exc)
-        return launcher
-    return result.make_launcher()
+    return fn, [o for k, o in live_autotuners().items() if k not in before]
 
 
 def describe(cfg) -> str:
@@ -78,7 +61,7 @@ def main() -> None:
         copy_ms = time_ms(lambda: dst.copy_(src))
         del src, dst
         args = sample_inputs(plan, n // GROUP, "cuda")
-        fn, made = compile_capturing(plan, CUDA_COMPILE_OPTIONS, 2**16)
+        fn, made = compile_capturing(plan, INDUCTOR_TUNED_OPTIONS, 2**16)
         with torch.no_grad():
             ms = time_ms(lambda: fn(*args))
         picked = describe(made[0].launchers[0].config) if made and made[0].launchers else "?"
@@ -91,7 +74,7 @@ def main() -> None:
             cfg = triton.Config({"XBLOCK": xb}, num_warps=w, num_stages=1)
             cfg.found_by_coordesc = True
             try:
-                launcher = make_launcher(tuner, cfg)
+                launcher = _launcher(tuner, cfg)
             except Exception as e:  # noqa: BLE001 - a config the kernel cannot take
                 print(name, xb, w, "failed", type(e).__name__, e, flush=True)
                 continue

@@ -19,13 +19,13 @@ import flashcompile as fc
 from flashcompile.bench import FAMILY
 from flashcompile.codecs import GROUP
 from flashcompile.explain import count_kernels, fresh_step, plan_of, sample_inputs
-from flashcompile.plan import COMPILE_OPTIONS, CUDA_COMPILE_OPTIONS
+from flashcompile.launch import live_autotuners, pin_group_kernels
+from flashcompile.plan import COMPILE_OPTIONS, INDUCTOR_TUNED_OPTIONS
 
-# (label, groups of the first (compiling, tuning) call, Inductor options)
+# (label, groups of the first (compiling, tuning) call, Inductor options, pin the launch config)
 VARIANTS = [
-    ("tuned on 2^16 groups", 2**16, CUDA_COMPILE_OPTIONS),
-    ("tuned on 2^20 groups", 2**20, CUDA_COMPILE_OPTIONS),
-    ("untuned", 2**20, COMPILE_OPTIONS),
+    ("Inductor-tuned on 2^16 groups (plans before)", 2**16, INDUCTOR_TUNED_OPTIONS, False),
+    ("pinned XBLOCK=16, 2 warps (plans now)", 2**16, COMPILE_OPTIONS, True),
 ]
 
 
@@ -41,13 +41,17 @@ def time_ms(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
-def compiled(plan, sample_groups: int, options: dict, code_path: Path | None):
+def compiled(plan, sample_groups: int, options: dict, pin: bool, code_path: Path | None):
     codes: list[str] = []
+    before = live_autotuners()
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
         fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
         with torch.no_grad():
             fn(*sample_inputs(plan, sample_groups, "cuda"))
+    if pin:
+        print(pin_group_kernels(t for k, t in live_autotuners().items()
+                                if k not in before).describe(), flush=True)
     if code_path is not None:
         code_path.write_text("\n".join(codes))
     return fn, "\n".join(codes)
@@ -71,8 +75,8 @@ def main() -> None:
         dst = torch.empty_like(src)
         copy_ms = time_ms(lambda: dst.copy_(src))
         del src, dst
-        for i, (label, sample, options) in enumerate(VARIANTS):
-            fn, code = compiled(plan, sample, options, out / f"{name}.py" if i == 0 else None)
+        for i, (label, sample, options, pin) in enumerate(VARIANTS):
+            fn, code = compiled(plan, sample, options, pin, out / f"{name}.py" if i == 0 else None)
             args = sample_inputs(plan, n // GROUP, "cuda")
             with torch.no_grad():
                 ms = time_ms(lambda: fn(*args))

@@ -101,6 +101,7 @@ def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = Fal
         "\n# generated torch function (torch.compile(fullgraph=True, dynamic=True, options="
         f"{plan.compile_options()}))",
         plan.source,
+        *([f"# CUDA launch: {plan.launch.describe()}"] if plan.launch is not None else []),
         "# scalar prologue: host, float64, once per step; its values are _s[1:]",
         plan.lowered.prologue_source,
     ]

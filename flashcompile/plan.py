@@ -35,8 +35,9 @@ PARAM = "param"  # the master weight's name in codec mappings and state keys
 # Codecs round on purpose (x.to(bf16) is the weight split's high half). By default Inductor may keep
 # such intermediate casts in fp32, which silently zeroes the residual; make it round as eager does.
 COMPILE_OPTIONS = {"emulate_precision_casts": True}
-# On CUDA, let Inductor tune block sizes and warps of the one kernel (a few seconds, once per plan).
-CUDA_COMPILE_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
+# Inductor's coordinate-descent tuning of the group kernel, which plans no longer use: it tunes on
+# an L2-resident sample and lands on slow configs (flashcompile/launch.py pins one instead).
+INDUCTOR_TUNED_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
 
 
 def state_key(state: str, field: Field) -> str:
@@ -78,6 +79,7 @@ class Plan:
         # would compile a second copy of the same kernel.
         self.fn = torch.no_grad()(fn)
         self._verified = not key.compiled
+        self.launch = None  # on CUDA, after verify(): the launch config (flashcompile.launch.Pin)
 
     def compare_compiled(self, device: torch.device | str, groups: int = 4,
                          seed: int = 0) -> str | None:
@@ -116,8 +118,12 @@ class Plan:
             # configs for 4 rows, 5x slower. Compile on a realistic size first (output discarded);
             # the check below then runs the same kernel.
             from flashcompile.explain import sample_inputs
+            from flashcompile.launch import live_autotuners, pin_group_kernels
 
+            before = live_autotuners()
             self.fn(*sample_inputs(self, 65536, device))
+            self.launch = pin_group_kernels(
+                t for key, t in live_autotuners().items() if key not in before)
         mismatch = self.compare_compiled(device)
         if mismatch is not None:
             warnings.warn(
@@ -127,9 +133,7 @@ class Plan:
             self.fn = torch.no_grad()(self.eager)
 
     def compile_options(self) -> dict:
-        reduces = self.reduces or any(f.per_group for c in self.codecs.values() for f in c.fields)
-        # Tuning pays for the one reduction kernel; a plain element-wise plan gains nothing from it.
-        return CUDA_COMPILE_OPTIONS if self.key.device_type == "cuda" and reduces else COMPILE_OPTIONS
+        return COMPILE_OPTIONS
 
     @property
     def owned_fields(self) -> dict[str, Field]:

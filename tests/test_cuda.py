@@ -61,6 +61,19 @@ def test_one_parameter_flash_adamw_update_is_one_triton_kernel():
     assert count_kernels(code) == 1, code
 
 
+@pytest.mark.parametrize("name", ["AdamW", "NAdam", "Adamax", "Adan"])
+def test_cuda_group_kernel_launches_with_the_pinned_config_and_stays_correct(name):
+    """flashcompile.launch: Inductor's own tuning lands on slow launch configs, so each plan pins
+    XBLOCK=16 with 2 warps on its group kernel (Adamax: the masked per-tensor plan)."""
+    p = torch.nn.Parameter(torch.randn(4099 * 32 + 5, device="cuda").to(torch.bfloat16))
+    opt = getattr(fc, name)([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    plan = plan_of(opt)
+    assert plan.launch is not None and plan.launch.pinned >= 1, plan.launch
+    assert plan.compare_compiled("cuda", 4099, seed=1) is None
+
+
 def test_cuda_gradient_release_is_bit_identical_to_flat_stepping():
     """Release steps each param with its own launches (per tensor); the default CUDA path steps
     one flat bucket through a CUDA graph. Element-wise math: the results must not differ."""
