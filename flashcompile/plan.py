@@ -87,6 +87,8 @@ class Plan:
         value further apart than one code step (plus a few fp32 ulps), or return None."""
         from flashcompile.explain import decode_inputs, describe_mismatch, sample_inputs
 
+        if not self._verified:  # compile (and pin the launch config) on a realistic size first
+            self.verify(device)
         torch.manual_seed(seed)
         args = sample_inputs(self, groups, device)
         eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
