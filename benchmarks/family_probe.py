@@ -20,12 +20,12 @@ from flashcompile.bench import FAMILY
 from flashcompile.codecs import GROUP
 from flashcompile.explain import count_kernels, fresh_step, plan_of, sample_inputs
 from flashcompile.launch import live_autotuners, pin_group_kernels
-from flashcompile.plan import COMPILE_OPTIONS, INDUCTOR_TUNED_OPTIONS
+from flashcompile.plan import INDUCTOR_TUNED_OPTIONS
 
 # (label, groups of the first (compiling, tuning) call, Inductor options, pin the launch config)
 VARIANTS = [
     ("Inductor-tuned on 2^16 groups (plans before)", 2**16, INDUCTOR_TUNED_OPTIONS, False),
-    ("pinned XBLOCK=16, 2 warps (plans now)", 2**16, COMPILE_OPTIONS, True),
+    ("pinned XBLOCK=16, 2 warps (plans now)", 2**16, None, True),  # None: the plan's options
 ]
 
 
@@ -46,7 +46,8 @@ def compiled(plan, sample_groups: int, options: dict, pin: bool, code_path: Path
     before = live_autotuners()
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
-        fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
+        fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True,
+                           options=options or plan.compile_options())
         with torch.no_grad():
             fn(*sample_inputs(plan, sample_groups, "cuda"))
     if pin:

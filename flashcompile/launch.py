@@ -59,6 +59,8 @@ def _is_group_kernel(tuner) -> bool:
 
 
 def _launcher(tuner, config):
+    if getattr(tuner, "fn", None) is None:
+        raise RuntimeError("the kernel was compiled in a worker process (no Triton function here)")
     result = tuner._precompile_config(config)
     if hasattr(tuner, "_make_launcher"):  # torch >= 2.12
         launcher, exc = tuner._make_launcher(result)

@@ -139,6 +139,10 @@ class Plan:
             self.fn = torch.no_grad()(self.eager)
 
     def compile_options(self) -> dict:
+        if self.key.device_type == "cuda":
+            # Compile the kernel in this process: a kernel built in a worker arrives without its
+            # Triton function, so flashcompile.launch could not build the pinned config for it.
+            return {**COMPILE_OPTIONS, "compile_threads": 1}
         return COMPILE_OPTIONS
 
     @property
