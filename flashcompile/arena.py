@@ -35,6 +35,7 @@ class Bucket:
                  init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
         self.params = list(params)
         self.plan = plan
+        self.steps_flat = plan.steps_flat_over(p.numel() for p in self.params)
         self.state = state
         first = params[0]
         counts = [-(-p.numel() // GROUP) for p in params]
@@ -96,7 +97,7 @@ class Bucket:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param: some grad is None, or the params' step counts (or scalar states)
         differ."""
-        if not self.plan.steps_flat:  # pads need masks, or a reduction spans each param: the
+        if not self.steps_flat:  # pads need masks, or a reduction spans each param: the
             return False  # buffers still hold the states, but each param steps alone
         fresh = []
         for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):

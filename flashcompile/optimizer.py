@@ -247,7 +247,11 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                       and (p.dtype, p.device, is_dtensor(p)) == kind]
             plan = self._plan(params[0], flags)
             if not plan.steps_flat:
-                continue  # padding lanes would need masks, or a reduction spans each param
+                # padding lanes would need masks, or a reduction spans each param: only params
+                # that fill whole groups (no padding lanes) may share a launch
+                params = [p for p in params if not kind[2] and plan.steps_flat_over([p.numel()])]
+                if not params:
+                    continue
             key = (index, *kind)
             bucket = self._buckets.get(key)
             if (bucket is None or bucket.plan is not plan or bucket.params != params

@@ -171,6 +171,14 @@ class Plan:
         padding lanes between them provably stay zero, and no reduction spans a parameter."""
         return self.pads_stay_zero and not self.reduces
 
+    def steps_flat_over(self, numels) -> bool:
+        """Whether one call may step params of these sizes laid end to end: as :attr:`steps_flat`,
+        or, for a lane-local rule whose padding lanes might not stay zero (Adagrad's initial
+        accumulator, Adamax's eps, Rprop's step sizes), where every param fills whole groups, so
+        the flat buffer has no padding lanes at all."""
+        numels = list(numels)
+        return self.steps_flat or (not self.reduces and all(n % GROUP == 0 for n in numels))
+
     def bytes_moved_per_param(self, grad_bytes: float) -> float:
         """Bytes one step must read and write per parameter: every field read, written fields
         written back, and the gradient read."""

@@ -48,6 +48,33 @@ def test_flat_steps_equal_per_tensor_steps(make):
         assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_b.state[q])
 
 
+@pytest.mark.parametrize("name,kw", [
+    ("Adagrad", {"initial_accumulator_value": 0.1}), ("Adamax", {}), ("Rprop", {}),
+])
+def test_rules_whose_pads_may_not_stay_zero_step_whole_group_params_flat_and_equal(name, kw):
+    """Such rules keep params with a tail group out of the bucket (their pads need masks) and step
+    the params that fill whole groups in one launch, exactly as stepping each."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (96,), *SHAPES]
+    ps = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in shapes]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt_a = getattr(fc, name)(ps, flat=True, compile=False, **kw)
+    opt_b = getattr(fc, name)(qs, flat=False, compile=False, **kw)
+    for _ in range(4):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape).to(torch.bfloat16)
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            q.grad = g.clone()
+        opt_a.step()
+        opt_b.step()
+    (bucket,) = opt_a._buckets.values()
+    whole = [id(p) for p in ps if p.numel() % 32 == 0]
+    assert [id(p) for p in bucket.params] == whole and len(whole) == 3 and bucket.steps_flat
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_b.state[q])
+
+
 def test_params_and_grads_live_in_one_buffer_and_grads_accumulate_in_place():
     model = _model()
     opt = fc.AdamW(model.parameters(), flat=True, compile=False)
