@@ -22,6 +22,6 @@ def adadelta(p, g, square_avg, acc_delta, *, step, lr, rho, eps, weight_decay, m
     g = -g if maximize else g
     g = g + weight_decay * p
     square_avg = rho * square_avg + (1 - rho) * g * g
-    delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
+    delta = sqrt((acc_delta + eps) / (square_avg + eps)) * g  # one root: fewer instructions/byte
     acc_delta = rho * acc_delta + (1 - rho) * delta * delta
     return p - lr * delta, square_avg, acc_delta
