@@ -6,7 +6,6 @@ Usage: python benchmarks/sgd_stability.py [recipe|parts] [steps]"""
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 
@@ -42,8 +41,11 @@ def make_model(base: torch.nn.Module, init: str) -> torch.nn.Module:
     if init == "autocast":
         base.forward = torch.autocast("cuda", dtype=torch.bfloat16)(base.forward)
         return base
-    return {"fp32": base, "bf16": base.to(torch.bfloat16),
-            "rounded": copy.deepcopy(base).to(torch.bfloat16).float()}[init]
+    if init == "bf16":
+        return base.to(torch.bfloat16)
+    if init == "rounded":
+        return base.to(torch.bfloat16).float()
+    return base  # "fp32" (a dict of all three would cast base in place before picking)
 
 
 def make_optimizer(params, kind: str, lr: float, on_cuda: bool):

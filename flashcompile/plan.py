@@ -176,7 +176,6 @@ class Plan:
         or, for a lane-local rule whose padding lanes might not stay zero (Adagrad's initial
         accumulator, Adamax's eps, Rprop's step sizes), where every param fills whole groups, so
         the flat buffer has no padding lanes at all."""
-        numels = list(numels)
         return self.steps_flat or (not self.reduces and all(n % GROUP == 0 for n in numels))
 
     def bytes_moved_per_param(self, grad_bytes: float) -> float:

@@ -14,12 +14,10 @@ recipes do). Hyperparameters (:data:`HYPER`) were set once from the fp32 runs.
   master weight, 8-bit states); AdamW also with the paper's codecs (softsign_int8 + sqrt_uint8) and,
   as the ablation, with linear_int8 for both moments.
 
-Why the twins compute in bf16 and chars clips (measured on an H200, ``benchmarks/sgd_stability.py``):
-unclipped SGD at lr 0.2 spikes at the end of warmup and then either escapes the unigram plateau
-(loss ~2.4) or stalls there, decided by perturbations as small as rounding the initial weights to
-bf16 (fp32 SGD from the rounded start stalled on 1 of 3 seeds). With clipping every seed escapes,
-and fp32 compute overfits less than bf16 compute at the same fp32 optimizer (train loss 0.38 against
-0.21), which an fp32-compute twin would have charged to the codecs.
+Why chars clips (measured on an H200, ``benchmarks/sgd_stability.py``): unclipped SGD at lr 0.2
+spikes at the end of warmup and then either escapes the unigram plateau (loss ~2.4) or stalls there,
+decided by perturbations as small as rounding the initial weights to bf16 (fp32 SGD from the rounded
+start stalled on 1 of 3 seeds). With clipping every seed of every variant escaped.
 
 Reported per task and run: final training loss (mean over the last 10% of steps), held-out loss and
 accuracy, mean +- std over seeds, and each flash run's gap to its twin against the seed noise (twice
