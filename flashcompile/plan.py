@@ -140,9 +140,10 @@ class Plan:
 
     def compile_options(self) -> dict:
         if self.key.device_type == "cuda":
-            # Compile the kernel in this process: a kernel built in a worker arrives without its
-            # Triton function, so flashcompile.launch could not build the pinned config for it.
-            return {**COMPILE_OPTIONS, "compile_threads": 1}
+            # Compile the kernel here and now: one built in a worker process, or loaded from
+            # Inductor's on-disk graph cache, arrives without a usable Triton function, so
+            # flashcompile.launch could not build the pinned config for it.
+            return {**COMPILE_OPTIONS, "compile_threads": 1, "fx_graph_cache": False}
         return COMPILE_OPTIONS
 
     @property
