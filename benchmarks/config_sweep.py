@@ -11,25 +11,14 @@ import sys
 import torch
 import triton
 
-import flashcompile as fc
+from family_probe import copy_ms, flash_plan, time_ms  # this folder: one timing method
+
 from flashcompile.codecs import GROUP
-from flashcompile.explain import fresh_step, plan_of, sample_inputs
+from flashcompile.explain import fresh_step, sample_inputs
 from flashcompile.launch import _launcher, live_autotuners
 from flashcompile.plan import INDUCTOR_TUNED_OPTIONS
 
 GRID = [(xb, w) for xb in (4, 8, 16, 32, 64, 128) for w in (1, 2, 4, 8)]
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def compile_capturing(plan, options, sample):
@@ -51,21 +40,14 @@ def main() -> None:
     names = sys.argv[2:] or ["AdamW", "SGD", "NAdam", "Adadelta", "Adan"]
     summary = []
     for name in names:
-        kw = {"momentum": 0.9} if name == "SGD" else {}
-        opt = getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16,
-                                                                device="cuda"))], **kw)
-        plan = plan_of(opt)
-        moved = plan.bytes_moved_per_param(2.0) * n
-        src = torch.empty(int(moved // 2), dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        copy_ms = time_ms(lambda: dst.copy_(src))
-        del src, dst
+        plan = flash_plan(name)
+        ceiling = copy_ms(plan.bytes_moved_per_param(2.0) * n)
         args = sample_inputs(plan, n // GROUP, "cuda")
         fn, made = compile_capturing(plan, INDUCTOR_TUNED_OPTIONS, 2**16)
         with torch.no_grad():
             ms = time_ms(lambda: fn(*args))
         picked = describe(made[0].launchers[0].config) if made and made[0].launchers else "?"
-        summary.append((name, f"Inductor tuned on 2^16 ({picked})", ms, 100 * copy_ms / ms))
+        summary.append((name, f"Inductor tuned on 2^16 ({picked})", ms, 100 * ceiling / ms))
         print(summary[-1], flush=True)
         print(name, "autotuners", len(made), flush=True)
         tuner = made[0]  # sweep the same kernel; marked as tuned so it is not tuned again
@@ -81,12 +63,12 @@ def main() -> None:
             tuner.launchers = [launcher]
             with torch.no_grad():
                 t = time_ms(lambda: fn(*args))
-            print(name, xb, w, f"{t:.3f} ms {100 * copy_ms / t:.1f}%", flush=True)
+            print(name, xb, w, f"{t:.3f} ms {100 * ceiling / t:.1f}%", flush=True)
             if best is None or t < best[0]:
                 best = (t, xb, w)
         if best:
             summary.append((name, f"best of grid (XBLOCK={best[1]} warps={best[2]})", best[0],
-                            100 * copy_ms / best[0]))
+                            100 * ceiling / best[0]))
         del args
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, {n} params")

@@ -7,7 +7,6 @@ Usage: python benchmarks/family_probe.py [N params, default 2^27] [Rule ...]"""
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -41,6 +40,21 @@ def time_ms(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
+def copy_ms(nbytes: float) -> float:
+    """A device copy that reads and writes ``nbytes`` in all (the bandwidth ceiling)."""
+    src = torch.empty(int(nbytes // 2), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src))
+
+
+def flash_plan(name: str):
+    """The plan flashcompile's optimizer ``name`` runs for a bf16 CUDA param (SGD with momentum)."""
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    opt = getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16,
+                                                            device="cuda"))], **kw)
+    return plan_of(opt)
+
+
 def compiled(plan, sample_groups: int, options: dict, pin: bool, code_path: Path | None):
     codes: list[str] = []
     before = live_autotuners()
@@ -65,24 +79,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        kw = {"momentum": 0.9} if name == "SGD" else {}
-        opt = getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16,
-                                                                device="cuda"))], **kw)
-        plan = plan_of(opt)
+        plan = flash_plan(name)
         if plan.reduces:
             continue  # LAMB / LARS: per-tensor reductions, timed by the bench
-        moved = plan.bytes_moved_per_param(2.0) * n
-        src = torch.empty(int(moved // 2), dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        copy_ms = time_ms(lambda: dst.copy_(src))
-        del src, dst
+        ceiling = copy_ms(plan.bytes_moved_per_param(2.0) * n)
         for i, (label, sample, options, pin) in enumerate(VARIANTS):
             fn, code = compiled(plan, sample, options, pin, out / f"{name}.py" if i == 0 else None)
             args = sample_inputs(plan, n // GROUP, "cuda")
             with torch.no_grad():
                 ms = time_ms(lambda: fn(*args))
             rows.append((name, label, count_kernels(code), plan.bytes_moved_per_param(2.0), ms,
-                         100 * copy_ms / ms))
+                         100 * ceiling / ms))
             print(rows[-1], flush=True)
             del args
             torch.cuda.empty_cache()
