@@ -80,8 +80,6 @@ def main() -> None:
     rows = []
     for name in names:
         plan = flash_plan(name)
-        if plan.reduces:
-            continue  # LAMB / LARS: per-tensor reductions, timed by the bench
         ceiling = copy_ms(plan.bytes_moved_per_param(2.0) * n)
         for i, (label, sample, options, pin) in enumerate(VARIANTS):
             fn, code = compiled(plan, sample, options, pin, out / f"{name}.py" if i == 0 else None)

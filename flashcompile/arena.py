@@ -3,7 +3,8 @@
 A :class:`Bucket` owns one flat buffer per stored field, plus one for the weights and one for the
 gradients. Each parameter's ``.data`` and ``.grad`` become views into those buffers, and each state
 entry a view into its field's buffer, every parameter starting at a group boundary (so a group of 32
-never straddles two parameters; the padding lanes hold zeros that the rule provably keeps zero).
+never straddles two parameters; the padding lanes hold zeros that the rule provably keeps zero, and
+that add nothing to a rule's sums over each parameter).
 Gradients then accumulate in place and one compiled call steps the whole bucket.
 
 On CUDA the bucket's launch is captured in a CUDA graph after its first step: later steps upload the
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import Plan, groups, scalar_tensor
+from flashcompile.plan import Plan, groups, scalar_tensor, segment_ends
 
 
 class Bucket:
@@ -76,6 +77,8 @@ class Bucket:
             groups(self.weights, False, 0, self.groups),
             {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
              for k, v in self.fields.items()},
+            # where each param's groups end, for rules that reduce over each param (LAMB's norms)
+            segment_ends(counts, first.device) if plan.reduces else None,
         )
 
     def _range(self, i: int) -> slice:
@@ -97,8 +100,8 @@ class Bucket:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param: some grad is None, or the params' step counts (or scalar states)
         differ."""
-        if not self.steps_flat:  # pads need masks, or a reduction spans each param: the
-            return False  # buffers still hold the states, but each param steps alone
+        if not self.steps_flat:  # pads would need masks: the buffers still hold the states,
+            return False  # but each param steps alone
         fresh = []
         for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
             grad = p.grad
@@ -116,9 +119,9 @@ class Bucket:
             p.grad = self.grads[self._range(i)].view_as(p)
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
-        grads, weights, fields = self._args
+        grads, weights, fields, ends = self._args
         if not self.weights.is_cuda:
-            self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields)
+            self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields, ends)
             return True
         if self._scalars is None:
             self._scalars = _ScalarUpload(len(values), self.weights.device)
@@ -126,11 +129,11 @@ class Bucket:
         if self._graph is not None:
             self._graph.replay()
             return True
-        self.plan.call(s, grads, weights, fields)  # compiles and tunes on first use
+        self.plan.call(s, grads, weights, fields, ends)  # compiles and tunes on first use
         if self.plan.key.compiled:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
-                self.plan.call(s, grads, weights, fields)
+                self.plan.call(s, grads, weights, fields, ends)
         return True
 
     def zero_grad(self) -> None:

@@ -9,7 +9,7 @@ from unittest import mock
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import PARAM, Plan
+from flashcompile.plan import PARAM, Plan, segment_ends
 from flashcompile.trace import math_text
 
 
@@ -34,6 +34,8 @@ def sample_inputs(plan: Plan, groups: int, device: torch.device | str) -> list[t
         args += [t.contiguous() for t in codec.encode(x)]
     for a in args[1:]:
         torch._dynamo.mark_static(a, 1)
+    if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
+        args.append(segment_ends([n for n in (groups // 2, groups - groups // 2) if n], device))
     return args
 
 

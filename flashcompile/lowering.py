@@ -7,8 +7,10 @@ its results reach the kernel as one small fp32 vector ``_s``, so changing a hype
 recompiles. ``_s[0]`` is reserved for the number of valid lanes in the last group (the tail mask).
 
 A reduction over the parameter (``sum_all``) is one more tensor expression: its argument computed
-over all ``(G, 32)`` lanes, padding lanes replaced by zeros through the mask ``_valid``, then summed.
-It is never hoisted, even when its argument is scalar (``sum_all(1)`` counts the elements).
+over all ``(G, 32)`` lanes, padding lanes replaced by zeros through the mask ``_valid``, then summed
+over each parameter's groups (``_segment_sums``: one call may hold several parameters end to end,
+their last groups listed in ``_ends``) and broadcast back as ``(G, 1)``. It is never hoisted, even
+when its argument is scalar (``sum_all(1)`` counts the elements).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class _TorchPrinter:
         if type(e) in _FUNCTIONS:
             return f"{_FUNCTIONS[type(e)]}({self(e.args[0])})"
         if isinstance(e, SumAll):
-            return f"torch.where(_valid, {self._tensor_arg(e.args[0])}, 0.0).sum()"
+            return f"_segment_sums(torch.where(_valid, {self._tensor_arg(e.args[0])}, 0.0), _ends)"
         raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")
 
     def _tensor_arg(self, e: sympy.Basic) -> str:

@@ -247,8 +247,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                       and (p.dtype, p.device, is_dtensor(p)) == kind]
             plan = self._plan(params[0], flags)
             if not plan.steps_flat:
-                # padding lanes would need masks, or a reduction spans each param: only params
-                # that fill whole groups (no padding lanes) may share a launch
+                # padding lanes would need masks (or would add to a reduction): only params that
+                # fill whole groups (no padding lanes) may share a launch
                 params = [p for p in params if not kind[2] and plan.steps_flat_over([p.numel()])]
                 if not params:
                     continue

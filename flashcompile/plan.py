@@ -9,15 +9,17 @@ Layout: every tensor is seen in groups of 32, per-element fields as ``(G, 32)`` 
 ``(G, 1)``; dim 1 is marked static so Inductor emits one persistent reduction over exactly 32 lanes. A parameter whose size is not a multiple of 32 runs in two calls: its whole groups in
 place, then its tail copied into one zero-padded group with ``_s[0]`` lanes valid.
 
-A rule with a reduction over the parameter (``sum_all``, ``norm``) needs every element in one call:
-such a plan steps each parameter in one call over all its groups (a tail is padded by copying the
-weight and gradient into whole groups; ``_s[0]`` lanes of the last group are valid) and never steps
-several parameters laid end to end in one flat buffer (:attr:`Plan.steps_flat`).
+A rule with a reduction over the parameter (``sum_all``, ``norm``) sees every element of a parameter
+in one call: alone (a tail is padded by copying the weight and gradient into whole groups; ``_s[0]``
+lanes of the last group are valid), or laid end to end with others in a flat buffer, where the
+reduction sums each parameter's own groups (``_ends``: the group index after each parameter's last)
+and the padding lanes between parameters provably add nothing (:attr:`Plan.steps_flat`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
@@ -28,7 +30,7 @@ import torch
 from flashcompile.codecs import GROUP, Codec, Field
 from flashcompile.dsl import Rule, SumAll
 from flashcompile.lowering import Lowered, lower
-from flashcompile.trace import Traced, check_facts, keeps_zero, trace
+from flashcompile.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
 
 PARAM = "param"  # the master weight's name in codec mappings and state keys
 
@@ -64,7 +66,7 @@ class Plan:
         self.lowered: Lowered = lower(self.traced)
         self.codecs: dict[str, Codec] = dict(key.codecs)
         self.source = _generate(self.traced, self.lowered, self.codecs)
-        namespace = {"torch": torch, "math": math}
+        namespace = {"torch": torch, "math": math, "_segment_sums": segment_sums}
         namespace.update({f"_codec_{name}": c for name, c in self.codecs.items()})
         exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
@@ -95,7 +97,8 @@ class Plan:
         args = sample_inputs(self, groups, device)
         eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
         for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
-            torch._dynamo.mark_static(a, 1)  # symbolic, into a looped two-pass reduction (5x slower)
+            if a.dim() == 2:  # symbolic, into a looped two-pass reduction (5x slower)
+                torch._dynamo.mark_static(a, 1)
         with torch.no_grad():
             self.eager(*eager)
         self.fn(*compiled)
@@ -166,18 +169,26 @@ class Plan:
         """Whether the rule reduces over the whole parameter (``sum_all``, ``norm``)."""
         return any(out.has(SumAll) for out in self.traced.outputs)
 
+    @functools.cached_property
+    def reductions_skip_pads(self) -> bool:
+        """Whether every reduced expression is provably 0 on zero lanes, so padding lanes between
+        parameters in a flat buffer add nothing to any parameter's sums (LAMB's ``||u||``)."""
+        args = [r.args[0] for out in self.traced.outputs for r in out.atoms(SumAll)]
+        return all(keeps_zero_expr(self.traced, a) for a in args)
+
     @property
     def steps_flat(self) -> bool:
         """Whether one call may step several parameters laid end to end in one flat buffer: the
-        padding lanes between them provably stay zero, and no reduction spans a parameter."""
-        return self.pads_stay_zero and not self.reduces
+        padding lanes between them provably stay zero and add nothing to any reduction (each
+        reduction sums its own parameter's groups)."""
+        return self.pads_stay_zero and self.reductions_skip_pads
 
     def steps_flat_over(self, numels) -> bool:
         """Whether one call may step params of these sizes laid end to end: as :attr:`steps_flat`,
-        or, for a lane-local rule whose padding lanes might not stay zero (Adagrad's initial
-        accumulator, Adamax's eps, Rprop's step sizes), where every param fills whole groups, so
-        the flat buffer has no padding lanes at all."""
-        return self.steps_flat or (not self.reduces and all(n % GROUP == 0 for n in numels))
+        or, for a rule whose padding lanes might not stay zero (Adagrad's initial accumulator,
+        Adamax's eps, Rprop's step sizes), where every param fills whole groups, so the flat
+        buffer has no padding lanes at all."""
+        return self.steps_flat or all(n % GROUP == 0 for n in numels)
 
     def bytes_moved_per_param(self, grad_bytes: float) -> float:
         """Bytes one step must read and write per parameter: every field read, written fields
@@ -247,14 +258,18 @@ class Plan:
             flat_p.view(-1)[whole * GROUP:] = pad_p[:tail]
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-             stored: Mapping[str, torch.Tensor]) -> None:
-        """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views them."""
+             stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None) -> None:
+        """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views
+        them. For a reducing rule, ``ends`` (int64) lists the group index after each parameter's
+        last group; None: the call holds one parameter."""
         if not self._verified:
             self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
+        if self.reduces:
+            args.append(ends if ends is not None else segment_ends([grad.shape[0]], grad.device))
         self.fn(s, grad, *args)
 
 
@@ -268,6 +283,30 @@ def _allow_plan_variants() -> None:
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), 64))
+
+
+def segment_sums(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Sums of ``x`` ``(G, 32)`` over each parameter's groups (parameter ``i`` holds the groups
+    ``[ends[i-1], ends[i])``), broadcast back to its groups as ``(G, 1)``.
+
+    Rows sum in fp32 (32 lanes), then one float64 prefix sum over the rows gives every parameter's
+    sum as a difference of two prefixes: a fixed number of launches for any number of parameters,
+    deterministic (no atomics), and its rounding (a float64 ulp of the prefix) stays below fp32's
+    unless one parameter's sum is 1e-8 of everything before it.
+    """
+    prefix = torch.nn.functional.pad(torch.cumsum(x.sum(1).double(), 0), (1, 0))
+    starts = torch.nn.functional.pad(ends[:-1], (1, 0))
+    totals = (prefix[ends] - prefix[starts]).float()
+    owner = torch.bucketize(torch.arange(x.shape[0], device=x.device), ends, right=True)
+    return totals[owner][:, None]
+
+
+def segment_ends(counts, device: torch.device | str) -> torch.Tensor:
+    """The ``ends`` of :func:`segment_sums` for parameters of ``counts`` groups laid end to end,
+    plus one empty parameter at the end: ``ends`` never has size 1, which dynamo would compile
+    as a separate specialisation (one parameter alone vs a bucket)."""
+    ends = list(itertools.accumulate(counts))
+    return torch.tensor([*ends, ends[-1]], dtype=torch.int64, device=device)
 
 
 def scalar_tensor(values: list[float], device: torch.device) -> torch.Tensor:
@@ -330,6 +369,8 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
             rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
             valid = f"({rows}) | ({valid})"
         lines.insert(0, f"    _valid = {valid}")
+    if any(out.has(SumAll) for out in traced.outputs):
+        args.append("_ends")
     header = f"def step({', '.join(args)}):"
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'

@@ -172,10 +172,15 @@ def keeps_zero(traced: Traced, index: int) -> bool:
     """
     if index and traced.rule.states[list(traced.rule.states)[index - 1]] == "scalar":
         return True  # one number per parameter, no lanes
-    out = traced.outputs[index]
-    out = out.xreplace({r: sympy.Dummy(real=True) for r in out.atoms(SumAll)})
+    return keeps_zero_expr(traced, traced.outputs[index])
+
+
+def keeps_zero_expr(traced: Traced, expr: sympy.Expr) -> bool:
+    """Whether ``expr`` is provably 0 on a lane where the param, gradient and every state are 0
+    (whatever any reduction in it sums to)."""
+    expr = expr.xreplace({r: sympy.Dummy(real=True) for r in expr.atoms(SumAll)})
     zeros = {s: 0 for s in traced.tensors}
-    return sympy.simplify(out.xreplace(zeros)) == 0
+    return sympy.simplify(expr.xreplace(zeros)) == 0
 
 
 def math_text(traced: Traced, latex: bool = False) -> str:

@@ -15,6 +15,9 @@ CASES = {
     "adamw": (lambda p: fc.AdamW(p, lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False)),
     "sgd": (lambda p: fc.SGD(p, lr=1e-2, momentum=0.9),
             lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=False)),
+    # per-param norms: a flat bucket sums each param's own groups (no torch.optim twin)
+    "lamb": (lambda p: fc.LAMB(p, lr=1e-3), None),
+    "lars": (lambda p: fc.LARS(p, lr=1e-2, momentum=0.9), None),
 }
 
 
