@@ -181,6 +181,7 @@ class Rule:
     defaults: Mapping[str, Any]
     states: Mapping[str, str]
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    flash_codecs: Mapping[str, str] = field(default_factory=dict)  # state -> codec name
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -215,6 +216,7 @@ def rule(
     defaults: Mapping[str, Any],
     states: Mapping[str, str],
     ranges: Mapping[str, tuple[float, float]] | None = None,
+    flash_codecs: Mapping[str, str] | None = None,
 ) -> Callable[[Callable], Rule]:
     """Declare an optimizer update rule.
 
@@ -230,19 +232,27 @@ def rule(
             Every state starts at zero; a nonzero start is ``where(step == 1, start, state)``.
         ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
             every other float in [0, inf). Values outside raise at optimizer construction and step.
+        flash_codecs: optional state -> codec name the "flash" preset stores that state with, where
+            the rule's math makes another codec the better default than its fact's (Adam guards
+            its own step, so it keeps FlashOptim's ``sqrt_uint8`` for v).
 
     The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>)``
     and returns ``(p, <states in declared order>)``.
     """
 
     def wrap(fn: Callable) -> Rule:
-        r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}))
+        r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
+                 dict(flash_codecs or {}))
         _check_signature(r)
         for name, fact in r.states.items():
             if fact not in STATE_FACTS:
                 raise ValueError(
                     f"rule {r.name}: state {name!r} declares fact {fact!r}; use one of {STATE_FACTS}"
                 )
+        if r.flash_codecs:
+            from flashcompile.presets import check_codec_spec  # names, scalar states, domains
+
+            check_codec_spec(r.flash_codecs, r)
         from flashcompile.trace import trace  # a trace with default flags checks the output arity
 
         trace(r, {k: r.defaults[k] for k in r.flags})

@@ -21,7 +21,9 @@ def default_codec(fact: str, preset: str) -> Codec:
     "flash": ``softsign_int8`` for signed states (FlashOptim's momentum codec) and
     ``sqrt_uint8_nonzero`` for nonnegative ones: FlashOptim's ``sqrt_uint8`` except that a nonzero
     value never decodes to 0, so a second moment drowned by a louder neighbour in its group of 32
-    cannot turn an Adam step into ``m / eps`` (``python -m flashcompile study collapse``).
+    cannot turn a step into ``m / eps``. A rule may name its own (``rule(flash_codecs=...)``):
+    Adam clips its step at its own bound instead and keeps ``sqrt_uint8``, which the collapse
+    study (``python -m flashcompile study collapse``) finds closer to fp32 Adam.
     """
     if preset == "fp32":
         return _codecs.fp32
@@ -43,7 +45,10 @@ def resolve_codecs(rule: Rule, spec: str | Mapping[str, Codec], dtype: torch.dty
     param = overrides.get(PARAM, default_param_codec(dtype, preset)).for_param(dtype)
     out = [(PARAM, param)]
     for name in live:
-        codec = overrides.get(name, default_codec(rule.states[name], preset))
+        default = default_codec(rule.states[name], preset)
+        if preset == "flash" and name in rule.flash_codecs:
+            default = _codecs.get(rule.flash_codecs[name])
+        codec = overrides.get(name, default)
         out.append((name, codec))
     return tuple(out)
 

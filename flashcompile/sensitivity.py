@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 import sympy
 from sympy.core.relational import Relational
-from sympy.logic.boolalg import And, BooleanFalse, BooleanTrue, Not, Or
+from sympy.logic.boolalg import ITE, And, BooleanFalse, BooleanTrue, Not, Or
 
 from flashcompile.trace import STEP, Traced
 
@@ -294,6 +294,12 @@ def _not(e, args):
     return args[0][1], args[0][0]
 
 
+def _ite(e, args):
+    """``ITE(c, a, b)`` over booleans (sympy's form of a condition on conditions)."""
+    (c_true, c_false), (a_true, a_false), (b_true, b_false) = args
+    return (c_true & a_true) | (c_false & b_true), (c_true & a_false) | (c_false & b_false)
+
+
 def _piecewise(e, args):
     """Union of the branches that can be taken (a branch needs its condition possibly true and
     every earlier one possibly false); ``args`` alternate value, condition."""
@@ -313,5 +319,5 @@ _RULES = [
     (sympy.sign, _monotone(np.sign)), (sympy.exp, _monotone(np.exp)),
     (sympy.log, _monotone(np.log)), (sympy.Max, _max), (sympy.Min, _min),
     (sympy.Heaviside, _heaviside), (Relational, _relational), (And, _and), (Or, _or),
-    (Not, _not), (sympy.Piecewise, _piecewise),
+    (Not, _not), (ITE, _ite), (sympy.Piecewise, _piecewise),
 ]

@@ -305,7 +305,7 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
             continue  # (flat buckets give it a zero gradient, as zero_grad(set_to_none=False))
         _assert_same(p, r, name, "flat vs release per unit")
         local = p.to_local()
-        stored = sum(t.nbytes for k, t in opt.state[p].items() if k != "step")
+        stored = sum(t.nbytes for t in opt.state[p].values() if t.dim())  # not step, bound_sq
         groups = -(-local.numel() // GROUP)
         plan = opt._plan(local, opt._flags(opt.param_groups[0]))
         assert stored == groups * GROUP * (plan.bytes_per_param - p.element_size()), (name, stored)
@@ -348,7 +348,7 @@ def _fp32_step(opt, p):
     q = nn.Parameter(master.clone())
     ref = fc.AdamW([q], codecs="fp32", compile=False, **LR)
     if opt.state.get(p):
-        state = {"step": opt.state[p]["step"].clone(),
+        state = {"step": opt.state[p]["step"].clone(), "bound_sq": opt.state[p]["bound_sq"].clone(),
                  **{k: _full(opt.state_value(p, k)) for k in ("exp_avg", "exp_avg_sq")}}
         ref.load_state_dict({"state": {0: state}, "param_groups": [{**group, "params": [0]}]})
     q.grad = grad.float()
@@ -519,9 +519,10 @@ def _check_checkpoint_bytes(path: Path) -> None:
     model = _uneven("cpu")
     for name, p in model.named_parameters():
         fields = {k: v for k, v in meta.items() if k.startswith(f"optim.state.{name}.")}
+        # per-element fields only: step and the step guard's bound_sq are one fp32 each
         total = sum(v.size.numel() * v.properties.dtype.itemsize for v in fields.values()
-                    if hasattr(v, "size"))
-        per_value = (total - 4) / p.numel()  # step: one fp32
+                    if hasattr(v, "size") and len(v.size))
+        per_value = total / p.numel()
         residual = 1 if p.dtype == torch.bfloat16 else 0
         scale = 2 / GROUP if groups_per_row(p) is not None else 2
         assert per_value == pytest.approx(residual + 2 * (1 + scale)), name

@@ -36,13 +36,17 @@ def test_scalar_subexpressions_are_hoisted_out_of_elementwise_code(rule):
 
 
 def test_bias_corrections_are_computed_once_in_the_prologue():
-    lowered = lower(trace(adam, dict(amsgrad=False, maximize=False, decoupled_weight_decay=True)))
+    lowered = lower(trace(adam, dict(amsgrad=False, maximize=False, decoupled_weight_decay=True,
+                                     step_guard=True)))
     assert "betas_0**step" in lowered.prologue_source
     assert "betas_1**step" in lowered.prologue_source
     namespace: dict = {"math": __import__("math")}
     exec(lowered.prologue_source, namespace)
-    values = namespace["prologue"](3, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    values = namespace["prologue"](3, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                   bound_sq=0.1)
     assert pytest.approx(-0.1 / (1 - 0.9**3)) in values
+    # the scalar state's new value comes last: Q <- beta1^2 / beta2 * Q + (1 - beta1)^2 / (1 - beta2)
+    assert values[-1] == pytest.approx(0.81 / 0.999 * 0.1 + 0.01 / 0.001)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)

@@ -33,19 +33,20 @@ def test_weight_split_meets_the_papers_numbers_on_bf16():
 
 def test_adam_bound_is_never_exceeded_by_exact_adam():
     grads = collapse.loud_case(300.0, "noisy", steps=40, groups=4)
-    moves, _, _ = collapse.run(grads, "fp32")
+    moves, _, _ = collapse.run(grads, "fp32", guard=False)
     assert moves.abs().max() <= collapse.adam_bound(40)
 
 
-def test_default_codecs_keep_steps_near_adams_bound_where_the_papers_collapse():
+def test_default_adam_keeps_its_steps_within_its_bound_where_the_papers_collapse():
     """One mean-zero lane 1000x louder per group of 32: the paper's sqrt_uint8 stores the quiet second
-    moments as 0 while their first moments survive, and Adam steps by m / eps."""
+    moments as 0 while their first moments survive, and plain Adam steps by m / eps; the default
+    (same codecs, Adam's step guard) stores the same zeros but never steps beyond Adam's bound."""
     grads = collapse.loud_case(1000.0, "noisy", steps=100, groups=8)
     bound = collapse.adam_bound(100)
-    paper, _, v_paper = collapse.run(grads, collapse.PAPER)
+    paper, _, v_paper = collapse.run(grads, collapse.PAPER, guard=False)
     default, _, v_default = collapse.run(grads, {})
     assert paper.abs().max() > 10 * bound and (v_paper == 0).any()
-    assert default.abs().max() <= 1.1 * bound and not (v_default == 0).any()
+    assert default.abs().max() <= bound * collapse.MEASURED and (v_default == 0).any()
 
 
 def test_state_error_rows_cover_every_codec_and_the_nonzero_codec_drops_no_v():
