@@ -6,11 +6,11 @@ hoisted out of the element-wise code into a prologue that runs once per step on 
 its results reach the kernel as one small fp32 vector ``_s``, so changing a hyperparameter never
 recompiles. ``_s[0]`` is reserved for the number of valid lanes in the last group (the tail mask).
 
-A reduction over the parameter (``sum_all``) is one more tensor expression: its argument computed
-over all ``(G, 32)`` lanes, padding lanes replaced by zeros through the mask ``_valid``, then summed
-over each parameter's groups (``_segment_sums``: one call may hold several parameters end to end,
-their last groups listed in ``_ends``) and broadcast back as ``(G, 1)``. It is never hoisted, even
-when its argument is scalar (``sum_all(1)`` counts the elements).
+A reduction over the parameter (``sum_all``) is a phase of its own: its argument is lowered like
+the outputs (computed over all ``(G, 32)`` lanes; the plan masks padding lanes and sums each
+parameter's groups), and the update reads the result as ``_sum0``, ``_sum1``, ... (one value per
+group). A sum whose argument uses another sum runs in a later phase. A reduction is never hoisted,
+even when its argument is scalar (``sum_all(1)`` counts the elements).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class Lowered:
     outputs: tuple[str | None, ...]  # expression per output; None = unchanged (passthrough)
     hoisted: tuple[sympy.Expr, ...]  # _s[1 + i] = hoisted[i]
     prologue_source: str
+    # reductions, one phase per nesting depth: (statements, the summed expressions); the sums are
+    # numbered _sum0, _sum1, ... across phases in order, and the statements above read them
+    phases: tuple[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], ...] = ()
 
 
 def _is_boolean(e: sympy.Basic) -> bool:
@@ -95,8 +98,6 @@ class _TorchPrinter:
             return out
         if type(e) in _FUNCTIONS:
             return f"{_FUNCTIONS[type(e)]}({self(e.args[0])})"
-        if isinstance(e, SumAll):
-            return f"_segment_sums(torch.where(_valid, {self._tensor_arg(e.args[0])}, 0.0), _ends)"
         raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")
 
     def _tensor_arg(self, e: sympy.Basic) -> str:
@@ -187,10 +188,52 @@ def lower(traced: Traced) -> Lowered:
     names = [traced.param.name, *traced.rule.states]
     inputs = (traced.param, *traced.states)
     scalar_states = traced.rule.scalar_states  # updated by the prologue, not the kernel
-    live = [(i, _split_scalar_powers(traced, o)) for i, o in enumerate(traced.outputs)
+    sums = _reductions(traced)
+    named = {r: sympy.Symbol(f"_sum{i}", real=True) for i, r in enumerate(sums)}
+    live = [(i, _split_scalar_powers(traced, o.xreplace(named)))
+            for i, o in enumerate(traced.outputs)
             if o != inputs[i] and names[i] not in scalar_states]
-    temps, reduced = sympy.cse([o for _, o in live], symbols=sympy.numbered_symbols("_t"))
     printer = _TorchPrinter(traced.scalars)
+    phases = []
+    for depth in sorted({d for d in sums.values()}):
+        args = [_split_scalar_powers(traced, r.args[0].xreplace(named))
+                for r, d in sums.items() if d == depth]
+        statements, codes = _lower_exprs(printer, args)
+        phases.append((statements, tuple(codes)))
+    statements, codes = _lower_exprs(printer, [o for _, o in live])
+    outputs: list[str | None] = [None] * len(names)
+    lane_free = traced.scalars | set(named.values())
+    for (i, expr), code in zip(live, codes):
+        if expr.free_symbols <= lane_free:  # a constant or a reduction: broadcast over the group
+            code = f"({code} + torch.zeros_like({traced.grad.name}))"
+        outputs[i] = code
+    hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
+    updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
+    return Lowered(tuple(statements), tuple(outputs), hoisted,
+                   _prologue(traced, hoisted + updates), tuple(phases))
+
+
+def _reductions(traced: Traced) -> dict[SumAll, int]:
+    """Every ``sum_all`` in the outputs (nested ones too) with its depth: 1 sums element-wise
+    terms only, ``d`` sums terms that use sums of depth below ``d``. Ordered by depth."""
+    depth: dict[SumAll, int] = {}
+
+    def visit(r: SumAll) -> int:
+        if r not in depth:
+            depth[r] = 1 + max((visit(q) for q in r.args[0].atoms(SumAll)), default=0)
+        return depth[r]
+
+    for out in traced.outputs:
+        for r in out.atoms(SumAll):  # atoms() finds nested sums too
+            visit(r)
+    return dict(sorted(depth.items(), key=lambda kv: (kv[1], str(kv[0]))))
+
+
+def _lower_exprs(printer: _TorchPrinter, exprs: list[sympy.Expr]
+                 ) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """Statements (named common subexpressions) and one torch expression per ``exprs`` entry;
+    scalar-only subexpressions are hoisted into ``printer``'s scalar vector."""
+    temps, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("_t"))
     scalar_temps: dict[sympy.Symbol, sympy.Expr] = {}
     statements = []
     for sym, expr in temps:
@@ -199,22 +242,7 @@ def lower(traced: Traced) -> Lowered:
             scalar_temps[sym] = expr  # inline: it becomes (part of) a hoisted scalar
         else:
             statements.append((sym.name, printer(expr)))
-    outputs: list[str | None] = [None] * len(names)
-    for (i, original), expr in zip(live, reduced):
-        expr = expr.xreplace(scalar_temps)
-        code = printer(expr)
-        if _lane_free(traced, original):  # a constant or a reduction: broadcast it over the group
-            code = f"({code} + torch.zeros_like({traced.grad.name}))"
-        outputs[i] = code
-    hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
-    updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
-    return Lowered(tuple(statements), tuple(outputs), hoisted, _prologue(traced, hoisted + updates))
-
-
-def _lane_free(traced: Traced, expr: sympy.Expr) -> bool:
-    """Whether ``expr`` has no per-element term outside reductions (its torch value is 0-d)."""
-    reductions = {r: sympy.Dummy() for r in expr.atoms(SumAll)}
-    return expr.xreplace(reductions).free_symbols <= traced.scalars | set(reductions.values())
+    return tuple(statements), [printer(e.xreplace(scalar_temps)) for e in reduced]
 
 
 def _prologue(traced: Traced, hoisted: tuple[sympy.Expr, ...]) -> str:

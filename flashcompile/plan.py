@@ -66,17 +66,28 @@ class Plan:
         self.lowered: Lowered = lower(self.traced)
         self.codecs: dict[str, Codec] = dict(key.codecs)
         self.source = _generate(self.traced, self.lowered, self.codecs)
-        namespace = {"torch": torch, "math": math, "_segment_sums": segment_sums}
+        namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
         namespace.update({f"_codec_{name}": c for name, c in self.codecs.items()})
         exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
-        self.eager = namespace["step"]
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
-        fn = self.eager
         if key.compiled:
             _allow_plan_variants()
-            fn = torch.compile(fn, fullgraph=True, dynamic=True, options=self.compile_options())
+        compiled = functools.partial(torch.compile, fullgraph=True, dynamic=True,
+                                     options=self.compile_options())
+        if "step" in namespace:
+            self.eager = fn = namespace["step"]
+            if key.compiled:
+                fn = compiled(fn)
+        else:
+            # Each reduction phase and the update compile to graphs of their own: in one graph
+            # Inductor stored the update (4 B/param) between the sums and the step; apart, the
+            # update is one fused kernel like any rule's and the sums only read their inputs.
+            phases = [namespace[f"_sums{k}"] for k in range(1, len(self.lowered.phases) + 1)]
+            self.eager = _chain(phases, namespace["_update"])
+            fn = (_chain([compiled(f) for f in phases], compiled(namespace["_update"]))
+                  if key.compiled else self.eager)
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
         # would compile a second copy of the same kernel.
         self.fn = torch.no_grad()(fn)
@@ -273,6 +284,18 @@ class Plan:
         self.fn(s, grad, *args)
 
 
+def _chain(phases, update):
+    """``step(*args)`` for a reducing rule: every phase's sums, then the update that reads them."""
+
+    def step(*args):
+        totals = phases[0](*args)
+        for phase in phases[1:]:
+            totals = phase(*args, totals)
+        update(*args, totals)
+
+    return step
+
+
 def _allow_plan_variants() -> None:
     """Raise dynamo's per-code-object recompile limit (8) to 64.
 
@@ -285,9 +308,9 @@ def _allow_plan_variants() -> None:
     setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
-def segment_sums(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Sums of ``x`` ``(G, 32)`` over each parameter's groups (parameter ``i`` holds the groups
-    ``[ends[i-1], ends[i])``), broadcast back to its groups as ``(G, 1)``.
+def segment_totals(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` ``(G, 32)`` over each parameter's groups (parameter ``i`` holds groups
+    ``[ends[i-1], ends[i])``), one fp32 per parameter.
 
     Rows sum in fp32 (32 lanes), then one float64 prefix sum over the rows gives every parameter's
     sum as a difference of two prefixes: a fixed number of launches for any number of parameters,
@@ -296,9 +319,7 @@ def segment_sums(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """
     prefix = torch.nn.functional.pad(torch.cumsum(x.sum(1).double(), 0), (1, 0))
     starts = torch.nn.functional.pad(ends[:-1], (1, 0))
-    totals = (prefix[ends] - prefix[starts]).float()
-    owner = torch.bucketize(torch.arange(x.shape[0], device=x.device), ends, right=True)
-    return totals[owner][:, None]
+    return (prefix[ends] - prefix[starts]).float()
 
 
 def segment_ends(counts, device: torch.device | str) -> torch.Tensor:
@@ -332,17 +353,51 @@ def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Te
 
 
 def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
+    """Source of ``step(_s, _grad, *fields[, _ends])``; for a reducing rule, of one function per
+    reduction phase (``_sums1``, ...) and ``_update``, which :class:`Plan` chains into ``step``."""
     names = [traced.param.name, *traced.rule.states]
-    args, lines = ["_s", "_grad"], []
-    lines.append(f"    {traced.grad.name} = _grad.float()")
+    args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
     for name, codec in codecs.items():
         var = names[0] if name == PARAM else name
         fields = [f"{name}__{f.name}" for f in codec.fields]
         args += fields
-        lines.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
-    lines.append("    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)")
-    for target, expr in lowered.statements:
-        lines.append(f"    {target} = {expr}")
+        decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+    doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
+        f"{k}={c.name}" for k, c in codecs.items()) + '"""'
+    reduces = bool(lowered.phases)
+    if not reduces:
+        return _function("step", args, doc, decode, _update_lines(traced, lowered, codecs), False)
+    args.append("_ends")
+    sources, known = [], 0
+    for k, (statements, sums) in enumerate(lowered.phases, 1):
+        body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]
+        terms = ", ".join(f"_segment_totals(torch.where(_valid, {e}, 0.0), _ends)" for e in sums)
+        new = f"torch.stack([{terms}])"
+        body.append(f"    return torch.cat([_totals, {new}])" if known else f"    return {new}")
+        sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
+                                 body, True))
+        known += len(sums)
+    update = _read_sums(known) + _update_lines(traced, lowered, codecs)
+    sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
+    return "\n".join(sources)
+
+
+def _read_sums(count: int) -> list[str]:
+    """Lines giving each group its parameter's sums ``_sum0 .. _sum{count-1}`` (``(G, 1)``) from
+    ``_totals`` (one row per sum, one column per parameter)."""
+    if not count:
+        return []
+    groups = "torch.arange(_grad.shape[0], device=_grad.device)"
+    lines = [f"    _owner = torch.bucketize({groups}, _ends, right=True)"]
+    lines += [f"    _sum{i} = _totals[{i}][_owner][:, None]" for i in range(count)]
+    return lines
+
+
+def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> list[str]:
+    """The rule's math, then every output encoded and stored in place."""
+    names = [traced.param.name, *traced.rule.states]
+    lines = ["    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)"]
+    lines += [f"    {target} = {expr}" for target, expr in lowered.statements]
     # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
     # later output may still read it (ASGD's average reads the param it was computed from).
     stores = []
@@ -360,21 +415,21 @@ def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> 
         for j, f in enumerate(codec.fields):
             # straight into the input (G, 32): the store fuses into the reduction kernel
             stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
-    lines += stores
+    return lines + stores
+
+
+def _function(name: str, args: list[str], doc: str, decode: list[str], body: list[str],
+              reduces: bool) -> str:
+    lines = decode + body
     if any("_valid" in line for line in lines):
         # the first _s[0] lanes of the last group are valid; earlier groups are whole
         valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
-        if any(out.has(SumAll) for out in traced.outputs):
-            # a reduction spans every group of the call: the mask covers all of them
+        if reduces:
+            # a reducing rule steps a param with a tail in one call: the mask spans every group
             rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
             valid = f"({rows}) | ({valid})"
         lines.insert(0, f"    _valid = {valid}")
-    if any(out.has(SumAll) for out in traced.outputs):
-        args.append("_ends")
-    header = f"def step({', '.join(args)}):"
-    doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
-        f"{k}={c.name}" for k, c in codecs.items()) + '"""'
-    return "\n".join([header, doc, *lines]) + "\n"
+    return "\n".join([f"def {name}({', '.join(args)}):", doc, *lines]) + "\n"
 
 
 @functools.lru_cache(maxsize=None)

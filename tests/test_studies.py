@@ -53,5 +53,10 @@ def test_state_error_rows_cover_every_codec_and_the_nonzero_codec_drops_no_v():
     m = torch.randn(3, 50) * torch.logspace(-6, 0, 50)
     rows = state_error.snapshot_rows("synthetic", 10, [(m, m * m)])
     v_rows = {r["codec"]: r for r in rows if r["quantity"] == "v"}
-    assert v_rows["sqrt_uint8_nonzero (default)"]["zero_frac"] == 0
-    assert v_rows["linear_int8"]["zero_frac"] > v_rows["sqrt_uint8 (paper)"]["zero_frac"]
+    assert v_rows["sqrt_uint8_nonzero (default without a guard)"]["zero_frac"] == 0
+    assert v_rows["linear_int8"]["zero_frac"] > v_rows["sqrt_uint8 (paper, Adam's default)"]["zero_frac"]
+    # where v decodes to 0, the guard caps the direction: never inflated more often than the paper's
+    u_rows = {r["codec"]: r for r in rows if r["quantity"] == "update"}
+    assert (u_rows["default (paper codecs + step guard)"]["inflated_frac"]
+            <= u_rows["paper"]["inflated_frac"])
+    assert u_rows["default (paper codecs + step guard)"]["nmse"] <= u_rows["paper"]["nmse"]

@@ -6,7 +6,8 @@ laid out as the optimizer stores it (flat, zero-padded groups of 32 per paramete
 
 * NMSE ``sum (decoded - x)^2 / sum x^2`` over all parameters, for m, v and Adam's direction
   ``u = m_hat / (sqrt(v_hat) + eps)`` (m and v decoded together: linear/linear, the paper's
-  softsign/sqrt, and the defaults softsign/sqrt-nonzero);
+  softsign/sqrt, the default (the paper's codecs under Adam's step guard, ``rules/adam.py``) and
+  softsign/sqrt-nonzero, the default of rules without a guard);
 * for v, the share of non-zero values stored as exactly 0 (the paper: 18% with linear codes, 0.02%
   with sqrt companding on synthetic data);
 * for u, the share of coordinates whose decoded direction exceeds the true one by more than 2x.
@@ -20,15 +21,22 @@ import torch
 
 from flashcompile import codecs
 from flashcompile.presets import default_codec
+from flashcompile.rules import adam
 from flashcompile.studies import tasks
 from flashcompile.studies.report import pyplot, save_figure, table, write_csv, write_summary
 from flashcompile.testing import padded
 
-M_CODECS = {"linear_int8": "linear_int8", "softsign_int8 (paper, default)": "softsign_int8"}
-V_CODECS = {"linear_int8": "linear_int8", "sqrt_uint8 (paper)": "sqrt_uint8",
-            "sqrt_uint8_nonzero (default)": "sqrt_uint8_nonzero"}
-PAIRS = {"linear": ("linear_int8", "linear_int8"), "paper": ("softsign_int8", "sqrt_uint8"),
-         "default": (default_codec("signed", "flash").name, default_codec("nonnegative", "flash").name)}
+ADAM_M = default_codec("signed", "flash").name
+ADAM_V = adam.flash_codecs["exp_avg_sq"]
+M_CODECS = {"linear_int8": "linear_int8", f"{ADAM_M} (paper, default)": ADAM_M}
+V_CODECS = {"linear_int8": "linear_int8", f"{ADAM_V} (paper, Adam's default)": ADAM_V,
+            "sqrt_uint8_nonzero (default without a guard)": "sqrt_uint8_nonzero"}
+PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
+    "linear": ("linear_int8", "linear_int8", False),
+    "paper": ("softsign_int8", "sqrt_uint8", False),
+    "default (paper codecs + step guard)": (ADAM_M, ADAM_V, True),
+    "sqrt_uint8_nonzero, no guard": ("softsign_int8", "sqrt_uint8_nonzero", False),
+}
 LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
 
 
@@ -55,13 +63,18 @@ def snapshot_rows(task: str, step: int, states: list[tuple[torch.Tensor, torch.T
         dropped = sum(((q == 0) & (v > 0)).sum().item() for q, v in qs)
         rows.append({"task": task, "step": step, "quantity": "v", "codec": label, "nmse": nmse(qs),
                      "zero_frac": dropped / max(nonzero, 1), "inflated_frac": ""})
-    c1, c2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
-    for label, (mc, vc) in PAIRS.items():
+    (b1, b2), c1, c2 = BETAS, 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
+    # the guard's Q after `step` steps of constant betas (rules/adam.py's recurrence, summed)
+    q = sum((1 - b1) ** 2 / (1 - b2) * (b1 * b1 / b2) ** j for j in range(step))
+    for label, (mc, vc, guard) in PAIRS.items():
         pairs = []
         for m, v in states:
             u = (m / c1) / ((v / c2).sqrt() + EPS)
-            uq = (quantize(mc, m) / c1) / ((quantize(vc, v) / c2).sqrt() + EPS)
-            pairs.append((uq, u))
+            mq = quantize(mc, m)
+            denom = (quantize(vc, v) / c2).sqrt() + EPS
+            if guard:
+                denom = torch.maximum(denom, mq.abs() / (q * c2) ** 0.5)
+            pairs.append((mq / c1 / denom, u))
         total = sum(u.numel() for _, u in pairs)
         inflated = sum((uq.abs() > 2 * u.abs()).sum().item() for uq, u in pairs) / total
         rows.append({"task": task, "step": step, "quantity": "update", "codec": label,
