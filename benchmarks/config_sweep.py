@@ -6,6 +6,7 @@ Usage: python benchmarks/config_sweep.py [N params, default 2^27] [Rule ...]"""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -25,7 +26,8 @@ def compile_capturing(plan, options, sample):
     """Compile and first-call the plan; return the function and the kernels that appeared."""
     before = live_autotuners()
     with torch._inductor.config.patch(force_disable_caches=True):
-        fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True, options=options)
+        fn = fresh_step(plan, functools.partial(torch.compile, fullgraph=True, dynamic=True,
+                                                options=options))
         with torch.no_grad():
             fn(*sample_inputs(plan, sample, "cuda"))
     return fn, [o for k, o in live_autotuners().items() if k not in before]

@@ -6,6 +6,7 @@ Usage: python benchmarks/family_probe.py [N params, default 2^27] [Rule ...]"""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -60,8 +61,8 @@ def compiled(plan, sample_groups: int, options: dict, pin: bool, code_path: Path
     before = live_autotuners()
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
-        fn = torch.compile(fresh_step(plan), fullgraph=True, dynamic=True,
-                           options=options or plan.compile_options())
+        fn = fresh_step(plan, functools.partial(torch.compile, fullgraph=True, dynamic=True,
+                                                options=options or plan.compile_options()))
         with torch.no_grad():
             fn(*sample_inputs(plan, sample_groups, "cuda"))
     if pin:

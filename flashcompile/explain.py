@@ -3,13 +3,15 @@ the hoisted scalar prologue and, on request, the kernel source Inductor generate
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from unittest import mock
 
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import PARAM, Plan, segment_ends
+from flashcompile.plan import PARAM, Plan, assemble, segment_ends, segment_totals
 from flashcompile.trace import math_text
 
 
@@ -63,23 +65,25 @@ def describe_mismatch(plan: Plan, key: str, want_args, got_args, want, got, tol)
             f"fields (eager, compiled): {fields}")
 
 
-def fresh_step(plan: Plan):
-    """The plan's eager step function as a new code object: dynamo caches compiled graphs per code
-    object, and the plan's own one may already be compiled (which would skip code generation)."""
-    namespace = dict(plan.eager.__globals__)
+def fresh_step(plan: Plan, wrap=lambda fn: fn):
+    """The plan's step function from new code objects, each generated function passed through
+    ``wrap`` (``torch.compile``): dynamo caches compiled graphs per code object, and the plan's own
+    ones may already be compiled (which would skip code generation)."""
+    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
+    namespace.update({f"_codec_{name}": c for name, c in plan.codecs.items()})
     exec(compile(plan.source, "<flashcompile explain>", "exec"), namespace)
-    return namespace["step"]
+    return assemble(namespace, wrap)
 
 
 def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int = 256) -> list[str]:
     """Compile a fresh copy of the plan's function and return the output code Inductor wrote."""
     from torch._inductor.graph import GraphLowering
 
-    fresh = fresh_step(plan)
     codes: list[str] = []
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
-        compiled = torch.compile(fresh, fullgraph=True, dynamic=True, options=plan.compile_options())
+        compiled = fresh_step(plan, functools.partial(
+            torch.compile, fullgraph=True, dynamic=True, options=plan.compile_options()))
         with torch.no_grad():
             compiled(*sample_inputs(plan, groups, device))
     return codes

@@ -74,20 +74,10 @@ class Plan:
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         if key.compiled:
             _allow_plan_variants()
-        compiled = functools.partial(torch.compile, fullgraph=True, dynamic=True,
-                                     options=self.compile_options())
-        if "step" in namespace:
-            self.eager = fn = namespace["step"]
-            if key.compiled:
-                fn = compiled(fn)
-        else:
-            # Each reduction phase and the update compile to graphs of their own: in one graph
-            # Inductor stored the update (4 B/param) between the sums and the step; apart, the
-            # update is one fused kernel like any rule's and the sums only read their inputs.
-            phases = [namespace[f"_sums{k}"] for k in range(1, len(self.lowered.phases) + 1)]
-            self.eager = _chain(phases, namespace["_update"])
-            fn = (_chain([compiled(f) for f in phases], compiled(namespace["_update"]))
-                  if key.compiled else self.eager)
+        self.eager = fn = assemble(namespace)
+        if key.compiled:
+            fn = assemble(namespace, functools.partial(
+                torch.compile, fullgraph=True, dynamic=True, options=self.compile_options()))
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
         # would compile a second copy of the same kernel.
         self.fn = torch.no_grad()(fn)
@@ -282,6 +272,21 @@ class Plan:
         if self.reduces:
             args.append(ends if ends is not None else segment_ends([grad.shape[0]], grad.device))
         self.fn(s, grad, *args)
+
+
+def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
+    """The step function of an executed plan source, each generated function passed through
+    ``wrap`` (``torch.compile``): ``step`` itself, or a reducing rule's phases chained with its
+    update. Each compiles to a graph of its own: in one graph Inductor stored LAMB's update
+    (4 B/param) between the sums and the step; apart, the update is one fused kernel like any
+    rule's and the sums only read their inputs."""
+    if "step" in namespace:
+        return wrap(namespace["step"])
+    phases, k = [], 1
+    while f"_sums{k}" in namespace:
+        phases.append(wrap(namespace[f"_sums{k}"]))
+        k += 1
+    return _chain(phases, wrap(namespace["_update"]))
 
 
 def _chain(phases, update):

@@ -1,0 +1,40 @@
+"""Where a flash plan's step time goes: each rule's plan (as the optimizer compiles and pins it) over
+one flat arena of N params, its kernels timed by the profiler, with the copy ceiling of its bytes.
+
+Usage: python benchmarks/kernel_profile.py [N params, default 2^27] [Rule ...]"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from family_probe import copy_ms, flash_plan, time_ms
+from flashcompile.codecs import GROUP
+from flashcompile.explain import sample_inputs
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2**27
+    for name in sys.argv[2:] or ["AdamW", "LAMB", "LARS"]:
+        plan = flash_plan(name)
+        args = sample_inputs(plan, n // GROUP, "cuda")
+        plan.verify(torch.device("cuda"))  # compile and pin as the optimizer does
+        ms = time_ms(lambda: plan.fn(*args))
+        ceiling = copy_ms(plan.bytes_moved_per_param(2.0) * n)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                plan.fn(*args)
+            torch.cuda.synchronize()
+        print(f"\n{name}: {ms:.3f} ms per step, {100 * ceiling / ms:.1f}% of copy "
+              f"({plan.bytes_moved_per_param(2.0):.4g} B/param once); {plan.launch.describe()}")
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+            print(f"  {e.self_device_time_total / 10 / 1000:7.3f} ms x{e.count // 10}  {e.key[:110]}")
+        del args
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
