@@ -313,18 +313,30 @@ def _allow_plan_variants() -> None:
     setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
+SCAN_BLOCK = 1024  # groups per block of segment_totals' prefix sum
+
+
 def segment_totals(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """The sum of ``x`` ``(G, 32)`` over each parameter's groups (parameter ``i`` holds groups
     ``[ends[i-1], ends[i])``), one fp32 per parameter.
 
-    Rows sum in fp32 (32 lanes), then one float64 prefix sum over the rows gives every parameter's
-    sum as a difference of two prefixes: a fixed number of launches for any number of parameters,
-    deterministic (no atomics), and its rounding (a float64 ulp of the prefix) stays below fp32's
-    unless one parameter's sum is 1e-8 of everything before it.
+    Rows sum in fp32 (32 lanes), blocks of :data:`SCAN_BLOCK` rows in float64, and a prefix sum over
+    the blocks plus the rows of each end's own block give the sum before every end: a parameter's
+    sum is the difference of two such prefixes. A fixed number of launches for any number of
+    parameters, deterministic (no atomics); the rounding (a float64 ulp of the prefix) stays below
+    fp32's unless one parameter's sum is 1e-8 of everything before it. (A scan over every row was
+    3x slower than the whole update on an H200: 0.19 ms per sum for 134M params.)
     """
-    prefix = torch.nn.functional.pad(torch.cumsum(x.sum(1).double(), 0), (1, 0))
-    starts = torch.nn.functional.pad(ends[:-1], (1, 0))
-    return (prefix[ends] - prefix[starts]).float()
+    rows = x.sum(1).double()
+    blocks = -(-rows.shape[0] // SCAN_BLOCK)
+    rows = torch.nn.functional.pad(rows, (0, blocks * SCAN_BLOCK - rows.shape[0]))
+    before_block = torch.nn.functional.pad(torch.cumsum(rows.view(blocks, SCAN_BLOCK).sum(1), 0),
+                                           (1, 0))
+    block = ends // SCAN_BLOCK
+    window = block[:, None] * SCAN_BLOCK + torch.arange(SCAN_BLOCK, device=x.device)
+    inside = torch.where(window < ends[:, None], rows[window.clamp(max=rows.shape[0] - 1)], 0.0)
+    prefix = before_block[block] + inside.sum(1)  # the sum of every row before each end
+    return (prefix - torch.nn.functional.pad(prefix[:-1], (1, 0))).float()
 
 
 def segment_ends(counts, device: torch.device | str) -> torch.Tensor:

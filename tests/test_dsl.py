@@ -11,10 +11,13 @@ import pytest
 import sympy
 import torch
 from flashcompile.rules import adam, lion, sgd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import seeds
 
 import flashcompile as fc
-from flashcompile.explain import plan_of
 from flashcompile.codecs import Codec, Field
+from flashcompile.explain import plan_of
 from flashcompile.lowering import lower
 from flashcompile.trace import check_facts, keeps_zero, math_text, trace
 
@@ -320,3 +323,20 @@ def test_a_quotient_of_nonnegatives_is_proven_nonnegative():
         return p - lr * g, rho * v + (1 - rho) * (v + eps) / (v + g * g + eps) * g * g
 
     check_facts(trace(ratio, {}))
+
+
+@settings(max_examples=40, deadline=None)
+@given(groups=st.integers(1, 3000), cuts=st.lists(st.floats(0, 1), max_size=6), seed=seeds)
+def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts, seed):
+    from flashcompile.plan import SCAN_BLOCK, segment_ends, segment_totals
+
+    assert SCAN_BLOCK < 3000  # the draws straddle block boundaries
+    x = torch.randn(groups, 32, generator=torch.Generator().manual_seed(seed))
+    bounds = sorted({0, groups, *(int(c * groups) for c in cuts)})
+    pieces = list(zip(bounds, bounds[1:]))
+    got = segment_totals(x, segment_ends([b - a for a, b in pieces], "cpu"))
+    want = torch.tensor([x[a:b].double().sum() for a, b in pieces] + [0.0], dtype=torch.float64)
+    scale = torch.tensor([x[a:b].double().abs().sum() for a, b in pieces] + [0.0])
+    # fp32 row sums of 32 lanes (31 roundings), then float64, then one rounding to fp32
+    tol = 31 * 2.0**-24 * scale + 2.0**-24 * want.abs()
+    assert torch.all((got.double() - want).abs() <= tol)
