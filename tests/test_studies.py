@@ -60,3 +60,12 @@ def test_state_error_rows_cover_every_codec_and_the_nonzero_codec_drops_no_v():
     assert (u_rows["default (paper codecs + step guard)"]["inflated_frac"]
             <= u_rows["paper"]["inflated_frac"])
     assert u_rows["default (paper codecs + step guard)"]["nmse"] <= u_rows["paper"]["nmse"]
+
+
+def test_convergence_run_filter_takes_words_or_exact_names_and_adds_twins():
+    from flashcompile.studies.convergence import selected
+
+    assert list(selected("chars", False, "=adamw flash")) == ["adamw fp32 (torch)", "adamw flash"]
+    assert len(selected("chars", False, "adamw flash")) == 4  # paper and linear rows contain it
+    with pytest.raises(ValueError, match="match no run"):
+        selected("chars", False, "=adamw")

@@ -46,4 +46,4 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", dest="tasks_", default="digits,chars", help="convergence: tasks")
     p.add_argument("--runs", dest="runs_", default="",
                    help="convergence: only runs whose names contain one of these comma-separated "
-                        "words (and their twins), e.g. 'sgd'")
+                        "words (and their twins), e.g. 'sgd'; '=NAME' selects that run alone")

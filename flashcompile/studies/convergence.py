@@ -114,16 +114,20 @@ def train(task: tasks.Task, model: torch.nn.Module, opt, steps: int, seed: int,
 
 
 def selected(task: str, compile_: bool, only: str = "") -> dict[str, tuple]:
-    """The runs whose names contain one of the comma-separated words of ``only`` (all if empty),
-    plus the twins they are compared to."""
+    """The runs whose names contain one of the comma-separated words of ``only`` (all if empty;
+    ``=NAME`` matches that name only), plus the twins they are compared to."""
     every = runs(task, compile_)
     words = [w.strip() for w in only.split(",") if w.strip()]
     if not words:
         return every
-    unknown = [w for w in words if not any(w in name for name in every)]
+
+    def matches(word: str, name: str) -> bool:
+        return word[1:] == name if word.startswith("=") else word in name
+
+    unknown = [w for w in words if not any(matches(w, name) for name in every)]
     if unknown:
         raise ValueError(f"--runs {unknown} match no run; runs are {list(every)}")
-    keep = {name for name in every if any(w in name for w in words)}
+    keep = {name for name in every if any(matches(w, name) for w in words)}
     keep |= {every[name][0] for name in keep if every[name][0]}
     return {name: v for name, v in every.items() if name in keep}
 
