@@ -72,10 +72,9 @@ class Plan:
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
-        if key.compiled:
-            _allow_plan_variants()
         self.eager = fn = assemble(namespace)
         if key.compiled:
+            _allow_plan_variants()
             fn = assemble(namespace, functools.partial(
                 torch.compile, fullgraph=True, dynamic=True, options=self.compile_options()))
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
@@ -356,16 +355,20 @@ def segment_ends(counts, device: torch.device | str) -> torch.Tensor:
     plus one empty parameter at the end: ``ends`` never has size 1, which dynamo would compile
     as a separate specialisation (one parameter alone vs a bucket)."""
     ends = list(itertools.accumulate(counts))
-    return torch.tensor([*ends, ends[-1]], dtype=torch.int64, device=device)
+    return _upload([*ends, ends[-1]], torch.int64, torch.device(device))
 
 
 def scalar_tensor(values: list[float], device: torch.device) -> torch.Tensor:
-    """The kernel's scalar vector on ``device``. On CUDA it goes through pinned memory without
-    blocking: a pageable copy would make the host wait for all queued GPU work every step."""
+    """The kernel's scalar vector on ``device``."""
+    return _upload(values, torch.float32, device)
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``. On CUDA through pinned memory without blocking: a
+    pageable copy would make the host wait for all queued GPU work at every call."""
     if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.float32, device=device)
-    host = torch.tensor(values, dtype=torch.float32, pin_memory=True)
-    return host.to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
