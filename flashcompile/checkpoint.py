@@ -103,14 +103,18 @@ class Checkpoints:
         if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
             return distributed.import_state(p, plan, saved, pid, self.rule.states)
         host = {"step", *self.rule.scalar_states}
-        if set(saved) != set(expected) | host:
+        # A scalar state may be missing (saved before the rule had it, as Adam's bound_sq): it
+        # loads as 0, which such a state must read as "history unknown" after step 1.
+        required = set(expected) | {"step"}
+        if not required <= set(saved) <= required | host:
             raise ValueError(
                 f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
                 f"{self.rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
                 "saved by a different optimizer or with different codecs"
             )
         groups = -(-p.numel() // GROUP)
-        out = {k: torch.as_tensor(saved[k], dtype=torch.float32).detach().clone().cpu() for k in host}
+        out = {k: torch.as_tensor(saved[k], dtype=torch.float32).detach().clone().cpu()
+               for k in host if k in saved}
         for key, f in expected.items():
             t = saved[key]
             numel = groups * (1 if f.per_group else GROUP)

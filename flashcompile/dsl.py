@@ -229,7 +229,9 @@ def rule(
             a step size set from the previous step's lr). Its update may depend only on step,
             hyperparameters and scalar states; it is computed on the host in float64 and kept as a
             0-d fp32 tensor in the parameter's state, as torch.optim keeps such values.
-            Every state starts at zero; a nonzero start is ``where(step == 1, start, state)``.
+            Every state starts at zero; a nonzero start is ``where(step == 1, start, state)``. A
+            scalar state missing from a loaded state dict (torch.optim's, or one saved before the
+            rule had it) also loads as zero: after step 1 the rule must read that as "unknown".
         ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
             every other float in [0, inf). Values outside raise at optimizer construction and step.
         flash_codecs: optional state -> codec name the "flash" preset stores that state with, where

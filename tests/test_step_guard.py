@@ -87,3 +87,22 @@ def test_the_guard_caps_a_step_whose_second_moment_decoded_to_zero():
     assert plain > 10 * bound  # measured: 65x
     # measured as a difference of fp32 weights of at most 30 bounded steps: a few ulps of those
     assert guarded <= bound * (1 + 1e-4)
+
+
+def test_a_checkpoint_saved_before_the_guard_loads_and_steps_without_it():
+    # Saved by flashcompile before Adam had bound_sq and step_guard: the flag takes this
+    # optimizer's value, the missing scalar state loads as 0 (history unknown: no floor).
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    old = fc.AdamW([p], compile=False)
+    p.grad = torch.randn(64).bfloat16()
+    old.step()
+    sd = old.state_dict()
+    del sd["param_groups"][0]["step_guard"]
+    for state in sd["state"].values():
+        del state["bound_sq"]
+    q = torch.nn.Parameter(p.detach().clone())
+    new = fc.AdamW([q], compile=False)
+    new.load_state_dict(sd)
+    q.grad = p.grad.clone()
+    new.step()
+    assert float(new.state[q]["bound_sq"]) == 0 and torch.isfinite(q).all()
