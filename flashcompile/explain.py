@@ -105,7 +105,9 @@ def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = Fal
         f"\n# codecs ({plan.bytes_per_param:.4g} bytes per parameter, gradient excluded)",
         codecs,
         "\n# generated torch function (torch.compile(fullgraph=True, dynamic=True, options="
-        f"{plan.compile_options()}))",
+        f"{plan.compile_options()}))" + (
+            "; each reduction phase (_sums) and the update compile apart, the update reading the "
+            "per-parameter sums" if plan.reduces else ""),
         plan.source,
         *([f"# CUDA launch: {plan.launch.describe()}"] if plan.launch is not None else []),
         "# scalar prologue: host, float64, once per step; its values are _s[1:]",
