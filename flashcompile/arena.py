@@ -164,7 +164,7 @@ class _ScalarUpload:
     def upload(self, values: list[float]) -> torch.Tensor:
         i = self.turn = 1 - self.turn
         self.done[i].synchronize()  # the copy that last read this buffer has finished
-        self.host[i].numpy()[:] = values
+        self.host[i].copy_(torch.tensor(values, dtype=torch.float64))  # beyond fp32: inf, no warning
         self.device_values.copy_(self.host[i], non_blocking=True)
         self.done[i].record()
         return self.device_values

@@ -219,10 +219,13 @@ class Plan:
         fp32 CPU tensors like torch.optim's."""
         names = self.key.rule.scalar_states
         for name, value in zip(names, scalars[len(scalars) - len(names):]):
+            # beyond fp32's range it stores inf (Adam's bound_sq where beta1^2 > beta2: no bound);
+            # fill_ with a Python float that large would raise
+            value = torch.tensor(value, dtype=torch.float64).float()
             if name in state:
-                state[name].fill_(value)
+                state[name].copy_(value)
             else:
-                state[name] = torch.tensor(value)
+                state[name] = value
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
             scalars: list[float]) -> None:

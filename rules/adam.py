@@ -4,11 +4,10 @@
     Q <- beta1^2 / beta2 Q + (1 - beta1)^2 / (1 - beta2)              (one number per param)
     d <- max(sqrt(v^ / (1 - beta2^t)) + eps, |m| / sqrt(Q (1 - beta2^t)));  p <- p - lr m^ / d
 
-The guard (``step_guard=False``: FlashOptim, arXiv 2602.23349): Cauchy-Schwarz on m = sum a_k g_k,
-v = sum c_k g_k^2 gives |m| <= sqrt(Q v), Q = sum a_k^2 / c_k under any beta schedule; exact Adam
-never reaches the floor, a v quantised to 0 is capped at Adam's own bound. Q = 0 after step 1
-(state from torch.optim): no floor. Adam 1412.6980, AdamW 1711.05101, AMSGrad 1904.09237.
-"""
+Guard (off: FlashOptim, 2602.23349): Cauchy-Schwarz on m = sum a_k g_k, v = sum c_k g_k^2 gives
+|m| <= sqrt(Q v), Q = sum a_k^2 / c_k for any betas: exact Adam never reaches the floor, a v
+quantised to 0 is capped at Adam's bound; Q = 0 after step 1 (history unknown): no floor. arXiv:
+Adam 1412.6980, AdamW 1711.05101, AMSGrad 1904.09237."""
 
 from flashcompile.dsl import abs, maximum, rule, sqrt, where
 
@@ -32,8 +31,10 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, bound_sq, *, step, lr, betas
     c1, c2 = 1 - beta1**step, 1 - beta2**step
     denom = sqrt((max_exp_avg_sq if amsgrad else exp_avg_sq) / c2) + eps
     if step_guard:
-        known = ((step == 1) | (bound_sq > 0)) & (beta2 > 0)  # beta2 = 0: v forgets, m does not
-        bound_sq = where(known, where(step == 1, 0.0, bound_sq) * beta1 * beta1 / beta2
-                         + (1 - beta1) * (1 - beta1) / (1 - beta2), 0.0)
-        denom = maximum(denom, abs(exp_avg) * where(bound_sq > 0, 1 / sqrt(bound_sq * c2), 0.0))
+        # beta2 = 0: v forgets, m does not. Plain floats evaluate both branches: maxima keep finite
+        known = ((step == 1) | (bound_sq > 0)) & (beta2 > 0)
+        bound_sq = where(known, where(step == 1, 0.0, bound_sq) * beta1 * beta1
+                         / maximum(beta2, 1e-300) + (1 - beta1) * (1 - beta1) / (1 - beta2), 0.0)
+        floor = where(bound_sq > 0, 1 / sqrt(maximum(bound_sq * c2, 1e-300)), 0.0)
+        denom = maximum(denom, abs(exp_avg) * floor)
     return p - lr / c1 * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq, bound_sq

@@ -106,3 +106,16 @@ def test_a_checkpoint_saved_before_the_guard_loads_and_steps_without_it():
     q.grad = p.grad.clone()
     new.step()
     assert float(new.state[q]["bound_sq"]) == 0 and torch.isfinite(q).all()
+
+
+def test_edge_betas_keep_the_guard_finite_or_off():
+    # beta2 = 0: v forgets and m does not, so there is no bound (Q stays 0). beta1^2 > beta2: Q grows
+    # without limit and leaves fp32's range; it is stored as inf (no bound), never an error.
+    for betas, steps in (((0.9, 0.0), 3), ((0.99, 1e-6), 40)):
+        gen = torch.Generator().manual_seed(0)
+        grads = torch.randn(steps, 64, generator=gen)
+        guarded, state, _ = _run(True, [betas] * steps, grads)
+        plain, _, _ = _run(False, [betas] * steps, grads)
+        q = float(state["bound_sq"])
+        assert q == 0 if betas[1] == 0 else q == float("inf")
+        torch.testing.assert_close(guarded, plain, rtol=4e-7, atol=1e-2 * 1e-6 * steps)
