@@ -197,8 +197,8 @@ def plot(curves: list[dict], path: Path) -> None:
     plt = pyplot()
     task_names = list(dict.fromkeys(r["task"] for r in curves))
     groups = [g for g in ("adamw", "sgd", "lion") if any(r["run"].startswith(g) for r in curves)]
-    fig, axes = plt.subplots(len(task_names), 3, figsize=(15, 3.8 * len(task_names)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(task_names), len(groups),
+                             figsize=(5 * len(groups), 3.8 * len(task_names)), squeeze=False)
     for row, name in zip(axes, task_names):
         for ax, group in zip(row, groups):
             for run in dict.fromkeys(r["run"] for r in curves if r["task"] == name):
