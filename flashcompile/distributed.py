@@ -23,7 +23,9 @@ group never straddles two parameters or two ranks. FSDP2 all-gathers only the 16
 residual and the 8-bit states never leave their rank. Ranks with an empty shard still count steps.
 FSDP2 needs one dtype per ``fully_shard`` unit: cast the whole model (``cast_model(model,
 keep_fp32=None)``) or give fp32-kept norm layers their own unit. Rules that reduce over the whole
-parameter (LAMB, LARS: ``norm``, ``sum_all``) are refused for sharded params.
+parameter (LAMB, LARS: ``norm``, ``sum_all``) sum over each local shard, then all-reduce those sums
+over the sharding ranks (:func:`shard_sums`) before any weight moves; ranks with an empty shard
+still take part.
 
 DTensor parameters never go in :class:`flashcompile.arena.Bucket` (it re-points ``p.data``, and
 FSDP2 all-gathers from its own storage); :mod:`flashcompile.shards` steps them in one launch per
@@ -92,18 +94,36 @@ def initialising_state() -> bool:
 
 
 def check_sharded(p: torch.Tensor, traced) -> None:
-    """Refuse a rule that reduces over the whole parameter (``norm``, ``sum_all``) for a sharded
-    DTensor: each rank would reduce over its own shard only."""
+    """A rule that reduces over the whole parameter (``norm``, ``sum_all``) needs one sharded mesh
+    dimension to all-reduce its sums over (:func:`shard_sums`); refuse other layouts."""
     from flashcompile.dsl import SumAll
 
-    if (is_dtensor(p) and any(pl.is_shard() for pl in p.placements)
-            and any(out.has(SumAll) for out in traced.outputs)):
+    if not (is_dtensor(p) and any(out.has(SumAll) for out in traced.outputs)):
+        return
+    sharded = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(sharded) > 1 or any(pl.is_partial() for pl in p.placements):
         raise ValueError(
-            f"{traced.rule.name} reduces over the whole parameter (norm or sum_all), but the param "
-            f"of shape {tuple(p.shape)} is a DTensor sharded over ranks (FSDP2): each rank would "
-            "reduce over its shard only. Use an element-wise optimizer (AdamW, Lion, SGD, ...) "
-            "under FSDP2, or keep such params out of fully_shard"
+            f"{traced.rule.name} reduces over the whole parameter (norm or sum_all); the param of "
+            f"shape {tuple(p.shape)} is placed {p.placements}: only one sharded mesh dimension "
+            "(FSDP2's, or HSDP's shard dimension) is supported"
         )
+
+
+def shard_sums(p: torch.Tensor):
+    """For a DTensor sharded over one mesh dimension: a function that all-reduces per-parameter
+    sums (in place) over that dimension's ranks, so each rank's norm covers the whole parameter.
+    None for anything else (a plain tensor, or a replicated DTensor already holds it all)."""
+    if not is_dtensor(p):
+        return None
+    sharded = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if not sharded:
+        return None
+    group = p.device_mesh.get_group(sharded[0])
+
+    def combine(totals: torch.Tensor) -> None:
+        torch.distributed.all_reduce(totals, group=group)
+
+    return combine
 
 
 def to_local(t: torch.Tensor) -> torch.Tensor:

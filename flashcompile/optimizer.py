@@ -214,6 +214,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
+        combine = distributed.shard_sums(p)  # norms over a sharded param: sum over the ranks
         if is_dtensor(p):  # FSDP2: this rank's shard, a view of FSDP2's storage; grad likewise
             p, grad = p.to_local(), grad.to_local()
         plan = self._plan(p, flags)
@@ -221,7 +222,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         state["step"] += 1
         values = scalars(plan, int(state["step"].item()), (state,))
         target = p if p.is_contiguous() else p.contiguous()
-        plan.run(target, grad.contiguous(), self._stored(plan, state), values)
+        plan.run(target, grad.contiguous(), self._stored(plan, state), values, combine)
         if target is not p:
             p.copy_(target)
 

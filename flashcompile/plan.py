@@ -228,9 +228,14 @@ class Plan:
                 state[name] = value
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
-            scalars: list[float]) -> None:
-        """Update ``p`` and its stored fields in place. ``p`` and ``grad`` must be contiguous."""
+            scalars: list[float], combine=None) -> None:
+        """Update ``p`` and its stored fields in place. ``p`` and ``grad`` must be contiguous.
+        ``combine``: see :meth:`call` (an empty ``p`` still takes part in it)."""
         n = p.numel()
+        if not n:
+            if combine is not None and self.reduces:
+                self.combine_nothing(combine, p.device)
+            return
         whole = n // GROUP
         tail = n - whole * GROUP
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
@@ -243,13 +248,15 @@ class Plan:
             pad_g[:n] = flat_g.reshape(-1)
             s = scalar_tensor([tail, *scalars], p.device)
             fields = {k: groups(v, self.per_group[k], 0, count) for k, v in stored.items()}
-            self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields)
+            self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
+                      combine=combine)
             flat_p.view(-1).copy_(pad_p[:n])
             return
         if whole:
             s = scalar_tensor([GROUP, *scalars], p.device)
             main = {k: groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
-            self.call(s, groups(flat_g, False, 0, whole), groups(flat_p, False, 0, whole), main)
+            self.call(s, groups(flat_g, False, 0, whole), groups(flat_p, False, 0, whole), main,
+                      combine=combine)
         if tail:
             s = scalar_tensor([tail, *scalars], p.device)
             pad_p = flat_p.new_zeros(GROUP)
@@ -261,19 +268,30 @@ class Plan:
             flat_p.view(-1)[whole * GROUP:] = pad_p[:tail]
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-             stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None) -> None:
+             stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,
+             combine=None) -> None:
         """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views
         them. For a reducing rule, ``ends`` (int64) lists the group index after each parameter's
-        last group; None: the call holds one parameter."""
+        last group (None: the call holds one parameter), and ``combine(totals)``, if given,
+        completes each phase's per-parameter sums in place before they are used: an all-reduce
+        where each rank holds a shard of every parameter (FSDP2)."""
         if not self._verified:
             self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
-        if self.reduces:
-            args.append(ends if ends is not None else segment_ends([grad.shape[0]], grad.device))
-        self.fn(s, grad, *args)
+        if not self.reduces:
+            self.fn(s, grad, *args)
+            return
+        args.append(ends if ends is not None else segment_ends([grad.shape[0]], grad.device))
+        self.fn(s, grad, *args, combine=combine)
+
+    def combine_nothing(self, combine, device: torch.device, params: int = 1) -> None:
+        """Take part in ``combine`` with zero sums for ``params`` parameters and nothing to step
+        (an empty shard: the other ranks' all-reduces wait for this one)."""
+        for _, sums in self.lowered.phases:
+            combine(torch.zeros(len(sums), params + 1, device=device))
 
 
 def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
@@ -292,12 +310,19 @@ def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
 
 
 def _chain(phases, update):
-    """``step(*args)`` for a reducing rule: every phase's sums, then the update that reads them."""
+    """``step(*args, combine=None)`` for a reducing rule: every phase's sums, then the update that
+    reads them. ``combine`` (in place) completes each phase's new sums, e.g. an all-reduce over the
+    ranks that each hold a shard of the parameters."""
 
-    def step(*args):
+    def step(*args, combine=None):
         totals = phases[0](*args)
+        if combine is not None:
+            combine(totals)
         for phase in phases[1:]:
+            known = totals.shape[0]
             totals = phase(*args, totals)
+            if combine is not None:
+                combine(totals[known:])  # rows in place; the earlier rows are already complete
         update(*args, totals)
 
     return step

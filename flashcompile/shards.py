@@ -18,8 +18,8 @@ import torch
 
 from flashcompile.arena import steps_agree
 from flashcompile.codecs import GROUP
-from flashcompile.distributed import like
-from flashcompile.plan import Plan, groups, scalar_tensor
+from flashcompile.distributed import like, shard_sums
+from flashcompile.plan import Plan, groups, scalar_tensor, segment_ends
 
 
 class ShardBucket:
@@ -69,6 +69,12 @@ class ShardBucket:
         self.uniform_steps: bool | None = None
         self._fields = {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
                         for k, v in self.fields.items()}
+        # a reducing rule (LAMB's norms): each shard's sums, all-reduced over the sharding ranks;
+        # one launch needs one such group for every param here
+        self._ends = segment_ends(counts, self.device) if plan.reduces else None
+        meshes = {(id(p.device_mesh), tuple(pl.is_shard() for pl in p.placements))
+                  for p in self.params}
+        self._combine = shard_sums(self.params[0]) if len(meshes) == 1 else False
 
     def _adopt_grad(self, i: int, shard: torch.Tensor) -> None:
         p, view = self.params[i], self.grads[self.ranges[i]].view(shard.shape)
@@ -91,7 +97,7 @@ class ShardBucket:
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every shard in one launch; False (nothing done) where that would differ from
         stepping each: a grad is None, or step counts (or scalar states) differ."""
-        if not self.plan.steps_flat:
+        if not self.plan.steps_flat or (self.plan.reduces and self._combine is False):
             return False
         if any(p.grad is None for p in self.params):
             return False
@@ -110,10 +116,13 @@ class ShardBucket:
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
         if not self.groups:  # every shard here is empty: the steps still count
+            if self.plan.reduces and self._combine is not None:
+                self.plan.combine_nothing(self._combine, self.device, len(self.params))
             return True
         weights, staged = self._staged(shards)
         self.plan.call(scalar_tensor(values, self.device), groups(grads, False, 0, self.groups),
-                       groups(weights, False, 0, self.groups), self._fields)
+                       groups(weights, False, 0, self.groups), self._fields, self._ends,
+                       self._combine if self.plan.reduces else None)
         _copy(shards, staged)
         return True
 

@@ -317,8 +317,45 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
     if rank == 1:
         assert model.gain.to_local().numel() == 0
     _torch_interop(model, opt)
-    with pytest.raises(ValueError, match="reduces over the whole parameter"):
-        fc.LAMB(model.parameters())  # its trust ratio's norms would cover one shard each
+
+
+def _fsdp_trust_ratio(rank, world_size, tmp_path, device):
+    # fp32 model and states: sharded and one-process runs differ only in the order of the sums
+    def fp32_uneven():
+        torch.manual_seed(0)
+        return Uneven().to(device)
+
+    def batch_loss(model, step, rank):
+        gen = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        return F.cross_entropy(model(x.to(device)), y.to(device))
+
+    for make in (fc.LAMB, fc.LARS):
+        kw = {"lr": 1e-2, "codecs": "fp32", "compile": False}
+        runs = []
+        for mode in ("flat", "per tensor", "release"):
+            model = _shard(fp32_uneven())
+            opt = make(model.parameters(), flat=mode == "flat", **kw)
+            if mode == "release":
+                fc.enable_gradient_release(model, opt)
+            runs.append((mode, model, opt))
+        ref = fp32_uneven()
+        ref_opt = make(ref.parameters(), flat=False, **kw)
+        start = [q.detach().clone() for q in ref.parameters()]
+        for step in range(3):
+            for _, model, opt in runs:
+                batch_loss(model, step, rank).backward()
+                opt.step()
+                opt.zero_grad()
+            _reference_step(ref, ref_opt, batch_loss, step, world_size)
+        assert len(runs[0][2]._buckets) >= 1  # the flat run stepped shard buckets
+        for mode, model, _ in runs:
+            for (name, p), q, q0 in zip(model.named_parameters(), ref.parameters(), start):
+                # each rank sums its shard, the all-reduce adds the ranks' sums: fp32 rounding of
+                # the norms, a few ulps of the trust ratio, relative to the distance travelled
+                moved = (q.detach() - q0).abs().max().item()
+                diff = (p.full_tensor() - q.detach()).abs().max().item()
+                assert diff <= 1e-5 * moved + 1e-7, (make.__name__, mode, name, diff, moved)
 
 
 def _torch_interop(model, opt):
@@ -365,6 +402,14 @@ def test_fsdp2_uneven_shards_step_within_codec_bounds(tmp_path, device):
     state is allocated for the local shard only; flat launches and gradient release are
     bit-identical to each other; training tracks one process."""
     _launch(_fsdp_uneven, 2, tmp_path, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_trust_ratio_rules_take_norms_over_the_whole_param(tmp_path, device):
+    """LAMB and LARS under FSDP2 (shards starting mid-group, an empty shard): each rank sums its
+    shard and the sums are all-reduced before any weight moves, so flat shard buckets, per-tensor
+    steps and gradient release all match one process stepping the whole model."""
+    _launch(_fsdp_trust_ratio, 2, tmp_path, device)
 
 
 # ---- DCP ------------------------------------------------------------------------------------------
