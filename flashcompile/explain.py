@@ -4,14 +4,13 @@ the hoisted scalar prologue and, on request, the kernel source Inductor generate
 from __future__ import annotations
 
 import functools
-import math
 import re
 from unittest import mock
 
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import PARAM, Plan, assemble, segment_ends, segment_totals
+from flashcompile.plan import PARAM, Plan, assemble, segment_ends, source_namespace
 from flashcompile.trace import math_text
 
 
@@ -69,8 +68,7 @@ def fresh_step(plan: Plan, wrap=lambda fn: fn):
     """The plan's step function from new code objects, each generated function passed through
     ``wrap`` (``torch.compile``): dynamo caches compiled graphs per code object, and the plan's own
     ones may already be compiled (which would skip code generation)."""
-    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
-    namespace.update({f"_codec_{name}": c for name, c in plan.codecs.items()})
+    namespace = source_namespace(plan.codecs)
     exec(compile(plan.source, "<flashcompile explain>", "exec"), namespace)
     return assemble(namespace, wrap)
 

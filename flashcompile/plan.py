@@ -28,11 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from flashcompile.codecs import GROUP, Codec, Field
+from flashcompile.codegen import PARAM, generate
 from flashcompile.dsl import Rule, SumAll
 from flashcompile.lowering import Lowered, lower
+from flashcompile.segments import segment_totals
 from flashcompile.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
 
-PARAM = "param"  # the master weight's name in codec mappings and state keys
+FP32_MAX = torch.finfo(torch.float32).max
 
 # Codecs round on purpose (x.to(bf16) is the weight split's high half). By default Inductor may keep
 # such intermediate casts in fp32, which silently zeroes the residual; make it round as eager does.
@@ -65,9 +67,8 @@ class Plan:
         check_facts(self.traced)
         self.lowered: Lowered = lower(self.traced)
         self.codecs: dict[str, Codec] = dict(key.codecs)
-        self.source = _generate(self.traced, self.lowered, self.codecs)
-        namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
-        namespace.update({f"_codec_{name}": c for name, c in self.codecs.items()})
+        self.source = generate(self.traced, self.lowered, self.codecs)
+        namespace = source_namespace(self.codecs)
         exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
         self.prologue = namespace["prologue"]
@@ -220,12 +221,13 @@ class Plan:
         names = self.key.rule.scalar_states
         for name, value in zip(names, scalars[len(scalars) - len(names):]):
             # beyond fp32's range it stores inf (Adam's bound_sq where beta1^2 > beta2: no bound);
-            # fill_ with a Python float that large would raise
-            value = torch.tensor(value, dtype=torch.float64).float()
+            # fill_ with a finite Python float that large would raise. NaN stays NaN.
+            if abs(value) > FP32_MAX:
+                value = math.copysign(math.inf, value)
             if name in state:
-                state[name].copy_(value)
+                state[name].fill_(value)
             else:
-                state[name] = value
+                state[name] = torch.tensor(value)
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
             scalars: list[float], combine=None) -> None:
@@ -294,6 +296,13 @@ class Plan:
             combine(torch.zeros(len(sums), params + 1, device=device))
 
 
+def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
+    """The globals a plan's generated source runs in."""
+    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
+    namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
+    return namespace
+
+
 def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
     """The step function of an executed plan source, each generated function passed through
     ``wrap`` (``torch.compile``): ``step`` itself, or a reducing rule's phases chained with its
@@ -340,46 +349,8 @@ def _allow_plan_variants() -> None:
     setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
-SCAN_BLOCK = 1024  # rows per block, blocks per superblock in segment_totals
-
-
-def segment_totals(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` ``(G, 32)`` over each parameter's groups (parameter ``i`` holds groups
-    ``[ends[i-1], ends[i])``), one fp32 per parameter.
-
-    Rows sum in fp32 (32 lanes), then in float64 blocks of :data:`SCAN_BLOCK` rows and superblocks
-    of as many blocks. The sum of all rows before an end is three short masked sums: the
-    superblocks before its own, the blocks before its own in that superblock, the rows before it
-    in its block. A parameter's sum is the difference of two such prefixes. A fixed number of
-    launches for any number of parameters (each masked sum is short up to 2^30 groups), no scan
-    (Inductor's scan over every row took 0.19 ms per sum for 134M params on an H200, its scan
-    over the blocks 0.07 ms), deterministic (no atomics); the rounding (a float64 ulp of the
-    prefix) stays below fp32's unless one parameter's sum is 1e-8 of everything before it.
-    """
-    b = SCAN_BLOCK
-    rows = _pad_to_blocks(x.sum(1).double())
-    blocks = _pad_to_blocks(rows.view(-1, b).sum(1))
-    supers = blocks.view(-1, b).sum(1)
-    earlier = torch.arange(supers.shape[0], device=x.device) < (ends // (b * b))[:, None]
-    prefix = (torch.where(earlier, supers, 0.0).sum(1) + _sum_before_in_block(blocks, ends // b)
-              + _sum_before_in_block(rows, ends))
-    return (prefix - torch.nn.functional.pad(prefix[:-1], (1, 0))).float()
-
-
-def _pad_to_blocks(v: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(v, (0, -(-v.shape[0] // SCAN_BLOCK) * SCAN_BLOCK - v.shape[0]))
-
-
-def _sum_before_in_block(v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """For each ``i`` in ``index``: the sum of ``v[j]`` over ``j < i`` in ``i``'s block."""
-    window = (index // SCAN_BLOCK)[:, None] * SCAN_BLOCK + torch.arange(SCAN_BLOCK,
-                                                                        device=v.device)
-    inside = window < index[:, None]
-    return torch.where(inside, v[window.clamp(max=v.shape[0] - 1)], 0.0).sum(1)
-
-
 def segment_ends(counts, device: torch.device | str) -> torch.Tensor:
-    """The ``ends`` of :func:`segment_sums` for parameters of ``counts`` groups laid end to end,
+    """The ``ends`` of :func:`~flashcompile.segments.segment_totals` for parameters of ``counts`` groups laid end to end,
     plus one empty parameter at the end: ``ends`` never has size 1, which dynamo would compile
     as a separate specialisation (one parameter alone vs a bucket)."""
     ends = list(itertools.accumulate(counts))
@@ -410,86 +381,6 @@ def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Te
     out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count, width), (width, 1))
     torch._dynamo.mark_static(out, 1)  # the group size is a constant of the kernel; only G varies
     return out
-
-
-def _generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
-    """Source of ``step(_s, _grad, *fields[, _ends])``; for a reducing rule, of one function per
-    reduction phase (``_sums1``, ...) and ``_update``, which :class:`Plan` chains into ``step``."""
-    names = [traced.param.name, *traced.rule.states]
-    args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
-    for name, codec in codecs.items():
-        var = names[0] if name == PARAM else name
-        fields = [f"{name}__{f.name}" for f in codec.fields]
-        args += fields
-        decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
-    doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
-        f"{k}={c.name}" for k, c in codecs.items()) + '"""'
-    reduces = bool(lowered.phases)
-    if not reduces:
-        return _function("step", args, doc, decode, _update_lines(traced, lowered, codecs), False)
-    args.append("_ends")
-    sources, known = [], 0
-    for k, (statements, sums) in enumerate(lowered.phases, 1):
-        body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]
-        terms = ", ".join(f"_segment_totals(torch.where(_valid, {e}, 0.0), _ends)" for e in sums)
-        new = f"torch.stack([{terms}])"
-        body.append(f"    return torch.cat([_totals, {new}])" if known else f"    return {new}")
-        sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
-                                 body, True))
-        known += len(sums)
-    update = _read_sums(known) + _update_lines(traced, lowered, codecs)
-    sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
-    return "\n".join(sources)
-
-
-def _read_sums(count: int) -> list[str]:
-    """Lines giving each group its parameter's sums ``_sum0 .. _sum{count-1}`` (``(G, 1)``) from
-    ``_totals`` (one row per sum, one column per parameter)."""
-    if not count:
-        return []
-    groups = "torch.arange(_grad.shape[0], device=_grad.device)"
-    lines = [f"    _owner = torch.bucketize({groups}, _ends, right=True)"]
-    lines += [f"    _sum{i} = _totals[{i}][_owner][:, None]" for i in range(count)]
-    return lines
-
-
-def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> list[str]:
-    """The rule's math, then every output encoded and stored in place."""
-    names = [traced.param.name, *traced.rule.states]
-    lines = ["    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)"]
-    lines += [f"    {target} = {expr}" for target, expr in lowered.statements]
-    # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
-    # later output may still read it (ASGD's average reads the param it was computed from).
-    stores = []
-    for name, codec in codecs.items():
-        out = lowered.outputs[0 if name == PARAM else names.index(name)]
-        if out is None:
-            continue  # passthrough: decoded for reading, never re-encoded
-        index = 0 if name == PARAM else names.index(name)
-        if out in names:  # an input passed on as it is: copy it before its storage is written
-            out = f"{out}.clone()"
-        if name != PARAM and not keeps_zero(traced, index):
-            # padding lanes must stay zero so they never enlarge a group's scale
-            out = f"torch.where(_valid, {out}, 0.0)"
-        lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
-        for j, f in enumerate(codec.fields):
-            # straight into the input (G, 32): the store fuses into the reduction kernel
-            stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
-    return lines + stores
-
-
-def _function(name: str, args: list[str], doc: str, decode: list[str], body: list[str],
-              reduces: bool) -> str:
-    lines = decode + body
-    if any("_valid" in line for line in lines):
-        # the first _s[0] lanes of the last group are valid; earlier groups are whole
-        valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
-        if reduces:
-            # a reducing rule steps a param with a tail in one call: the mask spans every group
-            rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
-            valid = f"({rows}) | ({valid})"
-        lines.insert(0, f"    _valid = {valid}")
-    return "\n".join([f"def {name}({', '.join(args)}):", doc, *lines]) + "\n"
 
 
 @functools.lru_cache(maxsize=None)

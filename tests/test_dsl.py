@@ -331,13 +331,14 @@ def test_a_quotient_of_nonnegatives_is_proven_nonnegative():
 def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts, seed, block):
     from unittest import mock
 
-    from flashcompile import plan
+    from flashcompile import segments
+    from flashcompile.plan import segment_ends
     # blocks of 4 rows: superblocks of 16, so rows, blocks and superblocks all take part
     x = torch.randn(groups, 32, generator=torch.Generator().manual_seed(seed))
     bounds = sorted({0, groups, *(int(c * groups) for c in cuts)})
     pieces = list(zip(bounds, bounds[1:]))
-    with mock.patch.object(plan, "SCAN_BLOCK", block):
-        got = plan.segment_totals(x, plan.segment_ends([b - a for a, b in pieces], "cpu"))
+    with mock.patch.object(segments, "SCAN_BLOCK", block):
+        got = segments.segment_totals(x, segment_ends([b - a for a, b in pieces], "cpu"))
     want = torch.tensor([x[a:b].double().sum() for a, b in pieces] + [0.0], dtype=torch.float64)
     scale = torch.tensor([x[a:b].double().abs().sum() for a, b in pieces] + [0.0])
     # fp32 row sums of 32 lanes (31 roundings), then float64, then one rounding to fp32

@@ -1,0 +1,92 @@
+"""Source of a plan's torch function(s): decode every stored field, the rule's fp32 math, encode
+and store every output in place (:class:`flashcompile.plan.Plan` compiles and calls it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flashcompile.codecs import GROUP, Codec
+from flashcompile.lowering import Lowered
+from flashcompile.trace import Traced, keeps_zero
+
+PARAM = "param"  # the master weight's name in codec mappings and state keys
+
+
+def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
+    """Source of ``step(_s, _grad, *fields[, _ends])``; for a reducing rule, of one function per
+    reduction phase (``_sums1``, ...) and ``_update``, which :class:`Plan` chains into ``step``."""
+    names = [traced.param.name, *traced.rule.states]
+    args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
+    for name, codec in codecs.items():
+        var = names[0] if name == PARAM else name
+        fields = [f"{name}__{f.name}" for f in codec.fields]
+        args += fields
+        decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+    doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
+        f"{k}={c.name}" for k, c in codecs.items()) + '"""'
+    reduces = bool(lowered.phases)
+    if not reduces:
+        return _function("step", args, doc, decode, _update_lines(traced, lowered, codecs), False)
+    args.append("_ends")
+    sources, known = [], 0
+    for k, (statements, sums) in enumerate(lowered.phases, 1):
+        body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]
+        terms = ", ".join(f"_segment_totals(torch.where(_valid, {e}, 0.0), _ends)" for e in sums)
+        new = f"torch.stack([{terms}])"
+        body.append(f"    return torch.cat([_totals, {new}])" if known else f"    return {new}")
+        sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
+                                 body, True))
+        known += len(sums)
+    update = _read_sums(known) + _update_lines(traced, lowered, codecs)
+    sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
+    return "\n".join(sources)
+
+
+def _read_sums(count: int) -> list[str]:
+    """Lines giving each group its parameter's sums ``_sum0 .. _sum{count-1}`` (``(G, 1)``) from
+    ``_totals`` (one row per sum, one column per parameter)."""
+    if not count:
+        return []
+    groups = "torch.arange(_grad.shape[0], device=_grad.device)"
+    lines = [f"    _owner = torch.bucketize({groups}, _ends, right=True)"]
+    lines += [f"    _sum{i} = _totals[{i}][_owner][:, None]" for i in range(count)]
+    return lines
+
+
+def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> list[str]:
+    """The rule's math, then every output encoded and stored in place."""
+    names = [traced.param.name, *traced.rule.states]
+    lines = ["    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)"]
+    lines += [f"    {target} = {expr}" for target, expr in lowered.statements]
+    # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
+    # later output may still read it (ASGD's average reads the param it was computed from).
+    stores = []
+    for name, codec in codecs.items():
+        out = lowered.outputs[0 if name == PARAM else names.index(name)]
+        if out is None:
+            continue  # passthrough: decoded for reading, never re-encoded
+        index = 0 if name == PARAM else names.index(name)
+        if out in names:  # an input passed on as it is: copy it before its storage is written
+            out = f"{out}.clone()"
+        if name != PARAM and not keeps_zero(traced, index):
+            # padding lanes must stay zero so they never enlarge a group's scale
+            out = f"torch.where(_valid, {out}, 0.0)"
+        lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
+        for j, f in enumerate(codec.fields):
+            # straight into the input (G, 32): the store fuses into the reduction kernel
+            stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
+    return lines + stores
+
+
+def _function(name: str, args: list[str], doc: str, decode: list[str], body: list[str],
+              reduces: bool) -> str:
+    lines = decode + body
+    if any("_valid" in line for line in lines):
+        # the first _s[0] lanes of the last group are valid; earlier groups are whole
+        valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
+        if reduces:
+            # a reducing rule steps a param with a tail in one call: the mask spans every group
+            rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
+            valid = f"({rows}) | ({valid})"
+        lines.insert(0, f"    _valid = {valid}")
+    return "\n".join([f"def {name}({', '.join(args)}):", doc, *lines]) + "\n"
