@@ -24,9 +24,7 @@ from flashcompile.explain import sample_inputs
 
 
 def triton_cache_entries() -> set[Path]:
-    from triton.runtime.cache import default_cache_dir
-
-    root = Path(os.environ.get("TRITON_CACHE_DIR") or default_cache_dir())
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
     return set(root.iterdir()) if root.is_dir() else set()
 
 
