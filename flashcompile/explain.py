@@ -3,12 +3,12 @@ the hoisted scalar prologue and, on request, the kernel source Inductor generate
 
 from __future__ import annotations
 
-import functools
 import re
 from unittest import mock
 
 import torch
 
+from flashcompile import fast_math
 from flashcompile.codecs import GROUP
 from flashcompile.plan import PARAM, Plan, assemble, segment_ends, source_namespace
 from flashcompile.trace import math_text
@@ -80,8 +80,7 @@ def inductor_source(plan: Plan, device: torch.device | str = "cpu", groups: int 
     codes: list[str] = []
     with mock.patch.object(GraphLowering, "save_output_code", codes.append), \
             torch._inductor.config.patch(force_disable_caches=True):
-        compiled = fresh_step(plan, functools.partial(
-            torch.compile, fullgraph=True, dynamic=True, options=plan.compile_options()))
+        compiled = fresh_step(plan, plan.compiler())
         with torch.no_grad():
             compiled(*sample_inputs(plan, groups, device))
     return codes
@@ -103,7 +102,9 @@ def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = Fal
         f"\n# codecs ({plan.bytes_per_param:.4g} bytes per parameter, gradient excluded)",
         codecs,
         "\n# generated torch function (torch.compile(fullgraph=True, dynamic=True, options="
-        f"{plan.compile_options()}))" + (
+        f"{plan.compile_options()})" + (
+            "; CUDA: hardware division and square root, see flashcompile.fast_math"
+            if plan.key.device_type == "cuda" and fast_math.enabled() else "") + ")" + (
             "; each reduction phase (_sums) and the update compile apart, the update reading the "
             "per-parameter sums" if plan.reduces else ""),
         plan.source,

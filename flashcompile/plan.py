@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashcompile import fast_math
 from flashcompile.codecs import GROUP, Codec, Field
 from flashcompile.codegen import PARAM, generate
 from flashcompile.dsl import Rule, SumAll
@@ -76,8 +77,7 @@ class Plan:
         self.eager = fn = assemble(namespace)
         if key.compiled:
             _allow_plan_variants()
-            fn = assemble(namespace, functools.partial(
-                torch.compile, fullgraph=True, dynamic=True, options=self.compile_options()))
+            fn = assemble(namespace, self.compiler())
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
         # would compile a second copy of the same kernel.
         self.fn = torch.no_grad()(fn)
@@ -141,6 +141,15 @@ class Plan:
                 f"function on torch {torch.__version__} ({torch.device(device).type}); running it "
                 f"eagerly. {mismatch}", RuntimeWarning, stacklevel=3)
             self.fn = torch.no_grad()(self.eager)
+
+    def compiler(self):
+        """``torch.compile`` as this plan applies it to each generated function. CUDA plans generate
+        their Triton code with hardware division and square root (flashcompile.fast_math)."""
+        if self.key.device_type == "cuda" and fast_math.enabled():
+            backend = fast_math.inductor_backend(self.compile_options())
+            return functools.partial(torch.compile, fullgraph=True, dynamic=True, backend=backend)
+        return functools.partial(torch.compile, fullgraph=True, dynamic=True,
+                                 options=self.compile_options())
 
     def compile_options(self) -> dict:
         if self.key.device_type == "cuda":

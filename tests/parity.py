@@ -19,18 +19,18 @@ def scheduler(kind: str, opt):
 
 
 def assert_tracks(make_ours, make_theirs, shapes, seed, scheduler_kind="step", steps=STEPS,
-                  states=False, theirs_as=None):
+                  states=False, theirs_as=None, device="cpu"):
     """``states``: also compare each state the twin keeps under the same name (ours decoded);
     ``theirs_as``: state name -> what ours keeps of the twin's (Rprop: only the sign of prev)."""
-    gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=gen) for s in shapes]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    init = [torch.randn(s, generator=gen, device=device) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     opt_a, opt_b = make_ours(ours), make_theirs(theirs)
     sched_a, sched_b = scheduler(scheduler_kind, opt_a), scheduler(scheduler_kind, opt_b)
     for _ in range(steps):
         for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen)
+            g = torch.randn(a.shape, generator=gen, device=device)
             a.grad, b.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()

@@ -3,10 +3,16 @@ against the eager generated function and the fp32 reference, and Inductor's kern
 
 from __future__ import annotations
 
+import re
+from unittest import mock
+
 import pytest
 import torch
+from parity import assert_tracks
 
 import flashcompile as fc
+from flashcompile import fast_math
+from flashcompile.codecs.base import FP32_SLACK
 from flashcompile.explain import count_kernels, inductor_source, plan_of
 
 pytestmark = pytest.mark.cuda
@@ -62,6 +68,55 @@ def test_one_parameter_flash_adamw_update_is_one_triton_kernel():
     opt = fc.AdamW([torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16, device="cuda"))])
     code = "\n".join(inductor_source(plan_of(opt), "cuda"))
     assert count_kernels(code) == 1, code
+
+
+def test_cuda_plans_generate_hardware_division_and_square_root():
+    opt = fc.AdamW([torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16, device="cuda"))])
+    code = "\n".join(inductor_source(plan_of(opt), "cuda"))
+    assert "libdevice.fast_dividef(" in code and "tl.sqrt(" in code, code
+    assert "tl.sqrt_rn(" not in code and not re.search(r"\(tmp\d+ / tmp\d+\)", code), code
+
+
+def test_hardware_division_and_square_root_stay_within_the_codecs_fp32_slack():
+    """Every codec's error bound grants its fp32 arithmetic FP32_SLACK (relative) on top of the
+    code step; the approximate division and square root must fit in it (measured against fp64)."""
+    from torch._inductor.graph import GraphLowering
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.exp(torch.empty(1 << 22, device="cuda").uniform_(-80, 80, generator=gen))
+    y = torch.exp(torch.empty(1 << 22, device="cuda").uniform_(-80, 80, generator=gen))
+    y = torch.where(torch.rand(y.shape, device="cuda", generator=gen) < 0.5, -y, y)
+    codes = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        fn = torch.compile(lambda a, b: (a / b, torch.sqrt(a)), dynamic=False,
+                           backend=fast_math.inductor_backend({"force_disable_caches": True}))
+        quotient, root = fn(x, y)
+    assert "fast_dividef" in "".join(codes) and "tl.sqrt(" in "".join(codes)
+    for got, want in ((quotient, x.double() / y.double()), (root, x.double().sqrt())):
+        err = ((got.double() - want) / want).abs().max().item()
+        print(f"largest relative error {err:.3g} (FP32_SLACK {FP32_SLACK:.3g})")
+        assert err <= FP32_SLACK
+
+
+TWINS = {  # hyperparameters inside the CPU parity tests' well-conditioned ranges
+    "AdamW": dict(lr=1e-3, weight_decay=0.01), "NAdam": dict(lr=1e-3),
+    "RAdam": dict(lr=1e-3, decoupled_weight_decay=True, weight_decay=0.1),
+    "RMSprop": dict(lr=1e-3, momentum=0.9, centered=True), "Adagrad": dict(lr=1e-2),
+    "Adadelta": dict(lr=1.0), "Adamax": dict(lr=2e-3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_compiled_fp32_plans_on_cuda_match_torch_optim(name):
+    """The approximate division and square root do not move fp32 plans off torch.optim: params and
+    states within the parity tests' rtol 1e-5 over 12 steps, one flat bucket replayed from a CUDA
+    graph, OneCycleLR changing lr (and momentum) every step."""
+    kw = TWINS[name]
+    cycles = "betas" in kw or "momentum" in kw or name in ("AdamW", "NAdam", "RAdam", "Adamax")
+    assert_tracks(lambda p: getattr(fc, name)(p, codecs="fp32", **kw),
+                  lambda p: getattr(torch.optim, name)(p, foreach=False, **kw),
+                  [(256, 96), (1000,), (7, 3)], seed=0, states=True, device="cuda",
+                  scheduler_kind="onecycle" if cycles else "exponential")
 
 
 @pytest.mark.parametrize("name", ["AdamW", "NAdam", "Adamax", "Adan"])
