@@ -1,19 +1,20 @@
-"""Write the Inductor output code of the flash AdamW and SGD plans to $OUT and list their kernels."""
+"""Write the Inductor output code of the named rules' flash plans (CUDA, as the optimizer compiles
+them) to $OUT/<rule>_inductor.py and list their kernels. Usage: python benchmarks/dump_kernels.py
+[Rule ...] (default AdamW SGD)."""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
-import torch
+from family_probe import flash_plan
 
-import flashcompile as fc
-from flashcompile.explain import count_kernels, inductor_source, plan_of
+from flashcompile.explain import count_kernels, inductor_source
 
 out = Path(os.environ.get("OUT", "."))
-for name, make in {"adamw": fc.AdamW, "sgd": lambda p: fc.SGD(p, momentum=0.9)}.items():
-    opt = make([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16, device="cuda"))])
-    code = "\n".join(inductor_source(plan_of(opt), "cuda", groups=2**16))
+for name in sys.argv[1:] or ["AdamW", "SGD"]:
+    code = "\n".join(inductor_source(flash_plan(name), "cuda", groups=2**16))
     (out / f"{name}_inductor.py").write_text(code)
-    print(name, count_kernels(code), re.findall(r"def (triton_\w{0,20})", code))
+    print(name, count_kernels(code), re.findall(r"def (triton_\w{0,40})", code))
