@@ -145,19 +145,11 @@ class Plan:
     def compiler(self):
         """``torch.compile`` as this plan applies it to each generated function. CUDA plans generate
         their Triton code with hardware division and square root (flashcompile.fast_math)."""
-
-        def compile_one(fn):
-            options = self.compile_options()
-            if fn.__name__.startswith("_sums"):
-                # LARS sums the weight and the grad: Inductor fuses only kernels that share a
-                # buffer, so without this each sum reads its input in a kernel of its own
-                options = {**options, "aggressive_fusion": True}
-            if self.key.device_type == "cuda" and fast_math.enabled():
-                return torch.compile(fn, fullgraph=True, dynamic=True,
-                                     backend=fast_math.inductor_backend(options))
-            return torch.compile(fn, fullgraph=True, dynamic=True, options=options)
-
-        return compile_one
+        if self.key.device_type == "cuda" and fast_math.enabled():
+            backend = fast_math.inductor_backend(self.compile_options())
+            return functools.partial(torch.compile, fullgraph=True, dynamic=True, backend=backend)
+        return functools.partial(torch.compile, fullgraph=True, dynamic=True,
+                                 options=self.compile_options())
 
     def compile_options(self) -> dict:
         if self.key.device_type == "cuda":
