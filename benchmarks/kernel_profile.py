@@ -50,7 +50,7 @@ def main() -> None:
         torch.cuda.nvtx.range_pop()
         torch.cuda.synchronize()
         print(f"\n{name}: {ms:.3f} ms per step, {100 * ceiling / ms:.1f}% of copy "
-              f"({plan.bytes_moved_per_param(2.0):.4g} B/param once); {plan.launch.describe()}")
+              f"({plan.bytes_moved_per_param(2.0):.4g} B/param); {plan.launch.describe()}")
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
             print(f"  {e.self_device_time_total / 10 / 1000:7.3f} ms x{e.count // 10}  {e.key[:110]}")

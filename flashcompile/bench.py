@@ -2,7 +2,8 @@
 
 Workloads are JSON shape lists (``flashcompile/workloads/*.json`` or any path). For each optimizer it
 reports resident bytes per parameter (params + grads + optimizer state), the median step time, the
-effective bandwidth (bytes the step must move / time), that bandwidth as a share of a device copy
+effective bandwidth (bytes the step must move / time; LAMB and LARS read the inputs of their norms
+twice, see ``Plan.bytes_moved_per_param``), that bandwidth as a share of a device copy
 measured in the same run, the speed against torch's fused AdamW, the first step's time (compile
 included) and the host time of ``step()``.
 """

@@ -43,6 +43,8 @@ class Lowered:
     # reductions, one phase per nesting depth: (statements, the summed expressions); the sums are
     # numbered _sum0, _sum1, ... across phases in order, and the statements above read them
     phases: tuple[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], ...] = ()
+    # per phase, the inputs (param, grad, state names) its sums read
+    phase_reads: tuple[frozenset[str], ...] = ()
 
 
 def _is_boolean(e: sympy.Basic) -> bool:
@@ -194,12 +196,14 @@ def lower(traced: Traced) -> Lowered:
             for i, o in enumerate(traced.outputs)
             if o != inputs[i] and names[i] not in scalar_states]
     printer = _TorchPrinter(traced.scalars)
-    phases = []
+    phases, phase_reads = [], []
     for depth in sorted({d for d in sums.values()}):
         args = [_split_scalar_powers(traced, r.args[0].xreplace(named))
                 for r, d in sums.items() if d == depth]
         statements, codes = _lower_exprs(printer, args)
         phases.append((statements, tuple(codes)))
+        read = {str(s) for a in args for s in a.free_symbols}
+        phase_reads.append(frozenset(read & {*names, traced.grad.name}))
     statements, codes = _lower_exprs(printer, [o for _, o in live])
     outputs: list[str | None] = [None] * len(names)
     lane_free = traced.scalars | set(named.values())
@@ -210,7 +214,7 @@ def lower(traced: Traced) -> Lowered:
     hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
     updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
     return Lowered(tuple(statements), tuple(outputs), hoisted,
-                   _prologue(traced, hoisted + updates), tuple(phases))
+                   _prologue(traced, hoisted + updates), tuple(phases), tuple(phase_reads))
 
 
 def _reductions(traced: Traced) -> dict[SumAll, int]:

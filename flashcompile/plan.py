@@ -202,12 +202,19 @@ class Plan:
 
     def bytes_moved_per_param(self, grad_bytes: float) -> float:
         """Bytes one step must read and write per parameter: every field read, written fields
-        written back, and the gradient read."""
+        written back, and the gradient read. A reducing rule reads the inputs of its sums once
+        more per phase: LAMB's norm of the update must be complete before any weight moves, so
+        the update cannot be applied in the pass that sums it (short of storing it, 4 B/param)."""
         moved = grad_bytes
         names = [PARAM, *self.key.rule.states]
         for name, codec in self.codecs.items():
             written = self.lowered.outputs[names.index(name)] is not None
             moved += codec.bytes_per_value * (2 if written else 1)
+        variables = {self.traced.param.name: PARAM, **{s: s for s in self.key.rule.states}}
+        for reads in self.lowered.phase_reads:
+            moved += grad_bytes if self.traced.grad.name in reads else 0.0
+            moved += sum(self.codecs[variables[v]].bytes_per_value for v in reads
+                         if v in variables and variables[v] in self.codecs)
         return moved
 
     @property

@@ -231,3 +231,14 @@ def test_gradient_release_steps_trust_ratio_rules_like_stepping_after_backward()
 
     for a, b in zip(train(False), train(True)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make, one_pass, sums_read", [
+    # LAMB's norms read the weight (3), the grad (2) and both 8-bit states (1.0625 each)
+    (lambda p: fc.LAMB(p), 12.25, 3 + 2 + 2 * 1.0625),
+    (lambda p: fc.LARS(p), 10.125, 3 + 2),  # ||p|| and ||g||; the momentum is not summed
+    (lambda p: fc.AdamW(p), 12.25, 0.0),
+])
+def test_bytes_moved_count_what_the_sums_read_a_second_time(make, one_pass, sums_read):
+    plan = plan_of(make([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))]))
+    assert plan.bytes_moved_per_param(2.0) == pytest.approx(one_pass + sums_read)
