@@ -120,10 +120,12 @@ def test_compiled_fp32_plans_on_cuda_match_torch_optim(name):
                   scheduler_kind="onecycle" if cycles else "exponential")
 
 
-@pytest.mark.parametrize("name", ["AdamW", "NAdam", "Adamax", "Adan"])
+@pytest.mark.parametrize("name", ["AdamW", "NAdam", "Adamax", "Adan", "RAdam", "RMSprop",
+                                  "Adagrad", "Adadelta", "ASGD", "Rprop", "AdEMAMix", "Lion"])
 def test_cuda_group_kernel_launches_with_the_pinned_config_and_stays_correct(name):
     """flashcompile.launch: Inductor's own tuning lands on slow launch configs, so each plan pins
-    XBLOCK=16 with 2 warps on its group kernel (Adamax: the masked per-tensor plan)."""
+    XBLOCK=16 with 2 warps on its group kernel (an odd size: the masked per-tensor plan), compiled
+    with fast math, and stays within one code step of its IEEE eager function."""
     p = torch.nn.Parameter(torch.randn(4099 * 32 + 5, device="cuda").to(torch.bfloat16))
     opt = getattr(fc, name)([p])
     p.grad = torch.randn_like(p)
