@@ -3,7 +3,7 @@
 A flash step moves few bytes per element, so on an H200 its group kernel runs out of instruction
 issue slots before it runs out of memory bandwidth (ncu: issue slots 80-87% busy, DRAM 75-85%).
 Much of the issue goes to the IEEE forms of two operations Inductor emits. Counted in the sm_90
-SASS of AdamW's group kernel (Triton 3.6, ``benchmarks/sass_histogram.py``), per element:
+SASS of AdamW's group kernel (Triton 3.6, ``benchmarks/sass_offline.py``), per element:
 
 ============================  ====  =============================================  ====
 Inductor emits                SASS  CUDA plans emit                                SASS
