@@ -16,6 +16,8 @@ All primitives are element-wise except :func:`sum_all`, the sum over every eleme
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -188,7 +190,7 @@ class Rule:
         """Bool hyperparameters: static, each value selects a traced branch."""
         return tuple(k for k, v in self.defaults.items() if isinstance(v, bool))
 
-    @property
+    @functools.cached_property  # read per param per step by flat buckets' host path
     def scalar_states(self) -> tuple[str, ...]:
         """States of one number per parameter, updated on the host (see :func:`rule`)."""
         return tuple(k for k, fact in self.states.items() if fact == "scalar")

@@ -363,8 +363,8 @@ class _ScalarCache:
         key = (id(plan), step, *(float(states[0][k]) for k in names if states))
         if key not in self.values:
             self.values[key] = plan.scalars(step, self.hyper, states[0] if states else None)
-        for state in states if names else ():
-            plan.advance(state, self.values[key])
+        if names and states:
+            plan.advance(states, self.values[key])
         return self.values[key]
 
 

@@ -22,7 +22,7 @@ import functools
 import itertools
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -231,19 +231,21 @@ class Plan:
                for k in self.key.rule.scalar_states}
         return self.prologue(step, **{k: hyper[k] for k in self.traced.hyper}, **old)
 
-    def advance(self, state: dict[str, object], scalars: list[float]) -> None:
-        """Store the scalar states' new values (the tail of :meth:`scalars`) in ``state``, as 0-d
-        fp32 CPU tensors like torch.optim's."""
+    def advance(self, states: Sequence[dict[str, object]], scalars: list[float]) -> None:
+        """Store the scalar states' new values (the tail of :meth:`scalars`) in each of ``states``
+        (params stepped together share them), as 0-d fp32 CPU tensors like torch.optim's."""
         names = self.key.rule.scalar_states
         for name, value in zip(names, scalars[len(scalars) - len(names):]):
             # beyond fp32's range it stores inf (Adam's bound_sq where beta1^2 > beta2: no bound);
             # fill_ with a finite Python float that large would raise. NaN stays NaN.
             if abs(value) > FP32_MAX:
                 value = math.copysign(math.inf, value)
-            if name in state:
-                state[name].fill_(value)
-            else:
-                state[name] = torch.tensor(value)
+            held = [state[name] for state in states if name in state]
+            if held:  # one call for a bucket's params (148 fill_ calls took 0.1 ms of host time)
+                torch._foreach_copy_(held, [torch.tensor(value)] * len(held))
+            for state in states:
+                if name not in state:
+                    state[name] = torch.tensor(value)
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
             scalars: list[float], combine=None) -> None:
