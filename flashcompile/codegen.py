@@ -1,12 +1,17 @@
 """Source of a plan's torch function(s): decode every stored field, the rule's fp32 math, encode
-and store every output in place (:class:`flashcompile.plan.Plan` compiles and calls it)."""
+and store every output in place; and the step function assembled from that source once executed
+(:class:`flashcompile.plan.Plan` compiles and calls it)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+
+import torch
 
 from flashcompile.codecs import GROUP, Codec
 from flashcompile.lowering import Lowered
+from flashcompile.segments import segment_totals
 from flashcompile.trace import Traced, keeps_zero
 
 PARAM = "param"  # the master weight's name in codec mappings and state keys
@@ -90,3 +95,44 @@ def _function(name: str, args: list[str], doc: str, decode: list[str], body: lis
             valid = f"({rows}) | ({valid})"
         lines.insert(0, f"    _valid = {valid}")
     return "\n".join([f"def {name}({', '.join(args)}):", doc, *lines]) + "\n"
+
+
+def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
+    """The globals a plan's generated source runs in."""
+    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
+    namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
+    return namespace
+
+
+def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
+    """The step function of an executed plan source, each generated function passed through
+    ``wrap`` (``torch.compile``): ``step`` itself, or a reducing rule's phases chained with its
+    update. Each compiles to a graph of its own: in one graph Inductor stored LAMB's update
+    (4 B/param) between the sums and the step; apart, the update is one fused kernel like any
+    rule's and the sums only read their inputs."""
+    if "step" in namespace:
+        return wrap(namespace["step"])
+    phases, k = [], 1
+    while f"_sums{k}" in namespace:
+        phases.append(wrap(namespace[f"_sums{k}"]))
+        k += 1
+    return _chain(phases, wrap(namespace["_update"]))
+
+
+def _chain(phases, update):
+    """``step(*args, combine=None)`` for a reducing rule: every phase's sums, then the update that
+    reads them. ``combine`` (in place) completes each phase's new sums, e.g. an all-reduce over the
+    ranks that each hold a shard of the parameters."""
+
+    def step(*args, combine=None):
+        totals = phases[0](*args)
+        if combine is not None:
+            combine(totals)
+        for phase in phases[1:]:
+            known = totals.shape[0]
+            totals = phase(*args, totals)
+            if combine is not None:
+                combine(totals[known:])  # rows in place; the earlier rows are already complete
+        update(*args, totals)
+
+    return step

@@ -17,7 +17,6 @@ All primitives are element-wise except :func:`sum_all`, the sum over every eleme
 from __future__ import annotations
 
 import functools
-
 import inspect
 import math
 from collections.abc import Callable, Mapping

@@ -10,7 +10,8 @@ import torch
 
 from flashcompile import fast_math
 from flashcompile.codecs import GROUP
-from flashcompile.plan import PARAM, Plan, assemble, segment_ends, source_namespace
+from flashcompile.codegen import assemble, source_namespace
+from flashcompile.plan import PARAM, Plan, segment_ends
 from flashcompile.trace import math_text
 
 

@@ -29,10 +29,9 @@ import torch
 
 from flashcompile import fast_math
 from flashcompile.codecs import GROUP, Codec, Field
-from flashcompile.codegen import PARAM, generate
+from flashcompile.codegen import PARAM, assemble, generate, source_namespace
 from flashcompile.dsl import Rule, SumAll
 from flashcompile.lowering import Lowered, lower
-from flashcompile.segments import segment_totals
 from flashcompile.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -314,47 +313,6 @@ class Plan:
             combine(torch.zeros(len(sums), params + 1, device=device))
 
 
-def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
-    """The globals a plan's generated source runs in."""
-    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
-    namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
-    return namespace
-
-
-def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
-    """The step function of an executed plan source, each generated function passed through
-    ``wrap`` (``torch.compile``): ``step`` itself, or a reducing rule's phases chained with its
-    update. Each compiles to a graph of its own: in one graph Inductor stored LAMB's update
-    (4 B/param) between the sums and the step; apart, the update is one fused kernel like any
-    rule's and the sums only read their inputs."""
-    if "step" in namespace:
-        return wrap(namespace["step"])
-    phases, k = [], 1
-    while f"_sums{k}" in namespace:
-        phases.append(wrap(namespace[f"_sums{k}"]))
-        k += 1
-    return _chain(phases, wrap(namespace["_update"]))
-
-
-def _chain(phases, update):
-    """``step(*args, combine=None)`` for a reducing rule: every phase's sums, then the update that
-    reads them. ``combine`` (in place) completes each phase's new sums, e.g. an all-reduce over the
-    ranks that each hold a shard of the parameters."""
-
-    def step(*args, combine=None):
-        totals = phases[0](*args)
-        if combine is not None:
-            combine(totals)
-        for phase in phases[1:]:
-            known = totals.shape[0]
-            totals = phase(*args, totals)
-            if combine is not None:
-                combine(totals[known:])  # rows in place; the earlier rows are already complete
-        update(*args, totals)
-
-    return step
-
-
 def _allow_plan_variants() -> None:
     """Raise dynamo's per-code-object recompile limit (8) to 64.
 
@@ -368,9 +326,9 @@ def _allow_plan_variants() -> None:
 
 
 def segment_ends(counts, device: torch.device | str) -> torch.Tensor:
-    """The ``ends`` of :func:`~flashcompile.segments.segment_totals` for parameters of ``counts`` groups laid end to end,
-    plus one empty parameter at the end: ``ends`` never has size 1, which dynamo would compile
-    as a separate specialisation (one parameter alone vs a bucket)."""
+    """The ``ends`` of :func:`~flashcompile.segments.segment_totals` for parameters of ``counts``
+    groups laid end to end, plus one empty parameter at the end: ``ends`` never has size 1, which
+    dynamo would compile as a separate specialisation (one parameter alone vs a bucket)."""
     ends = list(itertools.accumulate(counts))
     return _upload([*ends, ends[-1]], torch.int64, torch.device(device))
 
