@@ -24,7 +24,9 @@ from flashcompile.dsl import (  # noqa: E402
     abs, exp, log, maximum, minimum, norm, rule, sign, sqrt, sum_all, where,
 )
 from flashcompile.explain import explain  # noqa: E402
-from flashcompile.model import cast_model, fp32_state_dict, load_fp32_state_dict  # noqa: E402
+from flashcompile.model import (  # noqa: E402
+    BATCH_NORMS, NORM_LAYERS, cast_model, fp32_state_dict, load_fp32_state_dict,
+)
 from flashcompile.optimizer import Optimizer  # noqa: E402
 from flashcompile.optimizers import (  # noqa: E402
     ASGD, LAMB, LARS, SGD, SGDW, Adadelta, Adagrad, Adam, Adamax, AdamW, AdEMAMix, Adan, Lion,
@@ -37,6 +39,7 @@ __all__ = [
     "Optimizer", "SGD", "SGDW", "Adam", "AdamW", "Lion", "codecs", "explain",
     "LAMB", "LARS", "AdEMAMix", "Adan",
     "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop",
-    "cast_model", "enable_gradient_release", "fp32_state_dict", "load_fp32_state_dict",
+    "cast_model", "BATCH_NORMS", "NORM_LAYERS", "enable_gradient_release", "fp32_state_dict",
+    "load_fp32_state_dict",
 ]
 __version__ = "0.1.0"

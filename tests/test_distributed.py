@@ -112,7 +112,7 @@ class Uneven(nn.Module):
 
 def _uneven(device: str, seed: int = 0, spare: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    return fc.cast_model(Uneven(spare).to(device))  # bf16, LayerNorm fp32
+    return fc.cast_model(Uneven(spare).to(device), keep_fp32=fc.NORM_LAYERS)  # 2 dtypes
 
 
 def _uneven_loss(model: nn.Module, step: int, rank: int) -> torch.Tensor:

@@ -32,23 +32,60 @@ def _net(seed=0):
     return Net()
 
 
-def test_cast_model_keeps_normalisation_layers_in_fp32_and_runs_in_16_bits():
+def test_cast_model_keeps_batch_norm_in_fp32_and_runs_in_16_bits():
     model = fc.cast_model(_net())
     assert model.conv.weight.dtype == model.fc.weight.dtype == torch.bfloat16
-    assert all(t.dtype == torch.float32 for t in [*model.bn.parameters(), *model.ln.parameters()])
+    assert model.ln.weight.dtype == torch.bfloat16  # exact enough under the weight split
+    assert all(t.dtype == torch.float32 for t in model.bn.parameters())
     assert model.bn.running_var.dtype == torch.float32
     assert model.bn.num_batches_tracked.dtype == torch.int64
     out = model(torch.randn(2, 1, 8, 8).bfloat16())
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
-    assert model.fc.weight.grad.dtype == torch.bfloat16 and model.ln.weight.grad.dtype == torch.float32
+    assert model.fc.weight.grad.dtype == model.ln.weight.grad.dtype == torch.bfloat16
+    assert model.bn.weight.grad.dtype == torch.float32
+
+
+def _saved_fp32_activations(model, x):
+    """Shapes of the activations (batch-sized tensors) autograd saves for backward in fp32."""
+    saved = []
+
+    def pack(t):
+        if t.dtype == torch.float32 and t.dim() >= 2 and t.shape[0] == x.shape[0]:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).float().sum().backward()
+    return saved
+
+
+def test_batch_norm_kept_in_fp32_has_no_casts_and_saves_no_fp32_activation():
+    model = fc.cast_model(_net())
+    assert not model.bn._forward_hooks and not model.bn._forward_pre_hooks
+    seen = []
+    model.bn.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    x = torch.randn(8, 1, 8, 8).bfloat16()
+    assert _saved_fp32_activations(model, x) == []
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    # the former default, every norm layer in fp32 behind casts, saves fp32 copies
+    old = fc.cast_model(_net(), keep_fp32=fc.NORM_LAYERS)
+    assert old.ln.weight.dtype == torch.float32 and old.ln._forward_pre_hooks
+    assert _saved_fp32_activations(old, x)
+
+
+def test_batch_norm_kept_in_fp32_keeps_the_channels_last_format():
+    model = fc.cast_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    model = model.to(memory_format=torch.channels_last)
+    y = model(torch.randn(2, 3, 9, 9).bfloat16().to(memory_format=torch.channels_last))
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_cast_model_keeps_what_a_predicate_or_type_selects():
     model = fc.cast_model(_net(), torch.float16, keep_fp32=lambda m: m is not None and isinstance(m, nn.Linear))
     assert model.fc.weight.dtype == torch.float32 and model.conv.weight.dtype == torch.float16
     assert model.bn.weight.dtype == torch.float16
-    assert fc.cast_model(_net(), keep_fp32=None).ln.weight.dtype == torch.bfloat16
+    assert fc.cast_model(_net(), keep_fp32=None).bn.weight.dtype == torch.bfloat16
     assert fc.cast_model(_net(), keep_fp32=nn.Conv2d).conv.weight.dtype == torch.float32
 
 

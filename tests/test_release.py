@@ -14,7 +14,8 @@ STEPS = 4
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(10, 33), nn.LayerNorm(33), nn.GELU(), nn.Linear(33, 3))
-    return fc.cast_model(model)  # bf16 linears (weight split), fp32 LayerNorm: two dtypes
+    # bf16 linears (weight split), fp32 LayerNorm behind casts: two dtypes
+    return fc.cast_model(model, keep_fp32=fc.NORM_LAYERS)
 
 
 def _batch(step: int):
