@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.plan import Plan, groups, scalar_tensor, segment_ends
+from flashcompile.layout import groups, scalar_tensor, segment_ends
+from flashcompile.plan import Plan
 
 
 class Bucket:

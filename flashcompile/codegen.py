@@ -5,7 +5,7 @@ and store every output in place; and the step function assembled from that sourc
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -18,20 +18,17 @@ PARAM = "param"  # the master weight's name in codec mappings and state keys
 
 
 def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
-    """Source of ``step(_s, _grad, *fields[, _ends])``; for a reducing rule, of one function per
-    reduction phase (``_sums1``, ...) and ``_update``, which :class:`Plan` chains into ``step``."""
-    names = [traced.param.name, *traced.rule.states]
-    args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
-    for name, codec in codecs.items():
-        var = names[0] if name == PARAM else name
-        fields = [f"{name}__{f.name}" for f in codec.fields]
-        args += fields
-        decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+    """Source of ``step(_s, _grad, *fields[, _ends])`` over whole groups; for a reducing rule, of one
+    function per reduction phase (``_sums1``, ...) and ``_update``, which :class:`Plan` chains into
+    ``step``. A non-reducing rule also gets ``step_one`` (:func:`_padded`)."""
+    args, decode = _arguments(traced, codecs)
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'
     reduces = bool(lowered.phases)
     if not reduces:
-        return _function("step", args, doc, decode, _update_lines(traced, lowered, codecs), False)
+        update = _update_lines(traced, lowered, codecs)
+        return "\n".join([_function("step", args, doc, decode, update, False),
+                          _padded(args, doc, decode, update)])
     args.append("_ends")
     sources, known = [], 0
     for k, (statements, sums) in enumerate(lowered.phases, 1):
@@ -45,6 +42,36 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> s
     update = _read_sums(known) + _update_lines(traced, lowered, codecs)
     sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
     return "\n".join(sources)
+
+
+def _arguments(traced: Traced, codecs: Mapping[str, Codec]) -> tuple[list[str], list[str]]:
+    """The step function's arguments (scalars, gradient, every stored field) and the lines that
+    decode them."""
+    names = [traced.param.name, *traced.rule.states]
+    args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
+    for name, codec in codecs.items():
+        var = names[0] if name == PARAM else name
+        fields = [f"{name}__{f.name}" for f in codec.fields]
+        args += fields
+        decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+    return args, decode
+
+
+def _padded(args: list[str], doc: str, decode: list[str], update: list[str]) -> str:
+    """``step_one``: one parameter in one call, its gradient and weight given flat (``n`` values,
+    contiguous: the parameter's own storage) and its other fields padded to whole groups (``G``
+    rows). Both are padded to ``(G, 32)`` inside the graph, so Inductor reads them with a mask
+    instead of the caller copying a tail group in and out (the per-tensor path's host cost)."""
+    value = f"{PARAM}__value"
+    flat = {"_grad": "_grad_flat", value: f"{value}_flat"}
+    rows = next((a for a in args[2:] if a != value), None)
+    pad = f"{rows}.shape[0] * {GROUP} - _n" if rows else f"-_n % {GROUP}"
+    lines = ["    _n = _grad_flat.shape[0]", f"    _pad = {pad}"]
+    lines += [f"    {name} = torch.nn.functional.pad({flat[name]}, (0, _pad)).view(-1, {GROUP})"
+              for name in ("_grad", value)]
+    signature = [flat.get(a, a) for a in args]
+    return _function("step_one", signature, doc, decode,
+                     update + [f"    {value}_flat.copy_({value}.view(-1)[:_n])"], True, lines)
 
 
 def _read_sums(count: int) -> list[str]:
@@ -84,17 +111,19 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
 
 
 def _function(name: str, args: list[str], doc: str, decode: list[str], body: list[str],
-              reduces: bool) -> str:
+              whole_param: bool, prelude: Sequence[str] = ()) -> str:
+    """One generated function: ``prelude``, the lane mask where the body uses it, ``decode`` and
+    ``body``. ``whole_param``: the call holds one whole parameter, so only its last group may be
+    partial (else each call is whole groups, or one tail group)."""
     lines = decode + body
     if any("_valid" in line for line in lines):
         # the first _s[0] lanes of the last group are valid; earlier groups are whole
         valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
-        if reduces:
-            # a reducing rule steps a param with a tail in one call: the mask spans every group
+        if whole_param:
             rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
             valid = f"({rows}) | ({valid})"
         lines.insert(0, f"    _valid = {valid}")
-    return "\n".join([f"def {name}({', '.join(args)}):", doc, *lines]) + "\n"
+    return "\n".join([f"def {name}({', '.join(args)}):", doc, *prelude, *lines]) + "\n"
 
 
 def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:

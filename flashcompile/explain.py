@@ -11,7 +11,8 @@ import torch
 from flashcompile import fast_math
 from flashcompile.codecs import GROUP
 from flashcompile.codegen import assemble, source_namespace
-from flashcompile.plan import PARAM, Plan, segment_ends
+from flashcompile.layout import segment_ends
+from flashcompile.plan import PARAM, Plan
 from flashcompile.trace import math_text
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flashcompile import distributed
+from flashcompile import distributed, layout
 from flashcompile.arena import Bucket
 from flashcompile.checkpoint import Checkpoints
 from flashcompile.codecs import GROUP
@@ -66,6 +66,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         self._buckets_of_group: dict[int, tuple] = {}
         self._gradient_release = None  # set by flashcompile.enable_gradient_release
         self._plans: dict[tuple, Plan] = {}
+        self._per_tensor: dict[int, _PerTensor] = {}  # by id(param), see _step_one
         super().__init__(params, {**rule.defaults, **hyperparameters})
 
     # ---- construction-time checks -------------------------------------------------------------
@@ -123,27 +124,24 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         return tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
 
     def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> None:
-        """Allocate missing fields by encoding the initial values (zeros; the param for 'param')."""
+        """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
+        in the param's memory order (flashcompile.layout)."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
             state.setdefault(name, torch.tensor(0.0))
-        groups = -(-p.numel() // GROUP)
         for name, codec in plan.codecs.items():
             missing = [f for f in codec.fields if state_key(name, f) in plan.owned_fields
                        and state_key(name, f) not in state]
             if not missing:
                 continue
-            x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
             if name == PARAM:
-                x[: p.numel()] = p.detach().reshape(-1).float()
-            encoded = codec.encode(x.view(groups, GROUP))
-            for f, t in zip(codec.fields, encoded):
+                x = layout.flat(p.detach(), layout.memory_order(p))
+            else:
+                x = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            for f, t in zip(codec.fields, layout.encode_flat(codec, x)):
                 if f in missing:
-                    state[state_key(name, f)] = t.reshape(-1).contiguous()
-
-    def _stored(self, plan: Plan, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {k: state[k] for k in plan.owned_fields}
+                    state[state_key(name, f)] = t
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -209,22 +207,31 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                 return g
         raise KeyError(f"the parameter of shape {tuple(p.shape)} is not in this optimizer")
 
-    def _step_one(self, p: torch.Tensor, flags, scalars) -> None:
+    def _step_one(self, p: torch.Tensor, flags, scalars: _ScalarCache) -> None:
+        """Step one param in one launch of its plan's ``step_one`` (per-tensor path)."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
-        combine = distributed.shard_sums(p)  # norms over a sharded param: sum over the ranks
+        key, combine = id(p), None
         if is_dtensor(p):  # FSDP2: this rank's shard, a view of FSDP2's storage; grad likewise
+            combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
             p, grad = p.to_local(), grad.to_local()
         plan = self._plan(p, flags)
-        self._init_state(p, plan, state)
+        ready = self._per_tensor.get(key)
+        if ready is None or not ready.holds(p, plan, state):
+            self._init_state(p, plan, state)
+            ready = self._per_tensor[key] = _PerTensor(p, plan, state)
         state["step"] += 1
         values = scalars(plan, int(state["step"].item()), (state,))
-        target = p if p.is_contiguous() else p.contiguous()
-        plan.run(target, grad.contiguous(), self._stored(plan, state), values, combine)
-        if target is not p:
-            p.copy_(target)
+        grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
+        if plan.reduces:
+            plan.run(ready.weight, grad, ready.stored, values, combine)
+        else:
+            s = scalars.tensor(values, ready.tail, p.device)
+            plan.call_one(s, grad, ready.weight, ready.fields)
+        if ready.copies:  # a param with gaps in its storage: its values were copied out
+            p.copy_(ready.weight.view(p.shape))
 
     def _flat_buckets(self, index: int, group: Mapping[str, Any], flags) -> list[Bucket]:
         """The group's buckets (one per dtype and device), built or rebuilt as needed.
@@ -296,17 +303,13 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         plan = self._plan(p, self._flags(self._group_of(p)))
         codec = plan.codecs[name]
         local = to_local(p).detach()
-        groups = -(-local.numel() // GROUP)
-        tensors = []
-        for f in codec.fields:
-            if name == PARAM and f.name == "value":
-                t = torch.zeros(groups * GROUP, dtype=p.dtype, device=local.device)
-                t[: local.numel()] = local.reshape(-1)
-            else:
-                t = self.state[p][state_key(name, f)]
-            tensors.append(t.view(groups, 1 if f.per_group else GROUP))
-        decoded = codec.decode(*tensors).reshape(-1)[: local.numel()].view(local.shape)
-        return distributed.like(p, decoded)
+        order = layout.memory_order(local)
+        fields = [layout.flat(local, order) if name == PARAM and f.name == "value"
+                  else self.state[p][state_key(name, f)] for f in codec.fields]
+        if name == PARAM:  # the weight itself is not padded: pad it as the other fields are
+            fields[0] = layout.padded(fields[0]).view(-1)
+        decoded = layout.decode_flat(codec, fields, local.numel())
+        return distributed.like(p, layout.unflat(decoded, local, order))
 
     def master_weight(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master weight of ``p``, reconstructed from its codec (e.g. bf16 + residual); for
@@ -326,14 +329,12 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         state = self.state[p]
         value, p = distributed.local_part(value.detach(), p), to_local(p)
         self._init_state(p, plan, state)
-        groups = -(-p.numel() // GROUP)
-        x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
-        x[: p.numel()] = value.reshape(-1).to(device=p.device, dtype=torch.float32)
+        order = layout.memory_order(p)
+        x = layout.flat(value.to(device=p.device, dtype=torch.float32), order)
         codec = plan.codecs[PARAM]
-        for f, t in zip(codec.fields, codec.encode(x.view(groups, GROUP))):
-            t = t.reshape(-1)
+        for f, t in zip(codec.fields, layout.encode_flat(codec, x)):
             if f.name == "value":
-                p.copy_(t[: p.numel()].view_as(p))
+                p.copy_(layout.unflat(t[: p.numel()], p, order))
             else:
                 state[state_key(PARAM, f)].copy_(t)
 
@@ -351,12 +352,13 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
 
 class _ScalarCache:
     """A group's scalar prologue, evaluated once per (plan, step, scalar states) rather than once
-    per param. ``states``: the states of the params stepped with these values (a bucket's agree
-    on their scalar states); their scalar states advance."""
+    per param, and its device vectors. ``states``: the states of the params stepped with these
+    values (a bucket's agree on their scalar states); their scalar states advance."""
 
     def __init__(self, hyper: Mapping[str, Any]):
         self.hyper = hyper
         self.values: dict[tuple, list[float]] = {}
+        self.tensors: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, plan: Plan, step: int, states: Sequence[dict[str, Any]] = ()) -> list[float]:
         names = plan.key.rule.scalar_states
@@ -366,6 +368,37 @@ class _ScalarCache:
         if names and states:
             plan.advance(states, self.values[key])
         return self.values[key]
+
+    def tensor(self, values: list[float], tail: int, device: torch.device) -> torch.Tensor:
+        """``[tail, *values]`` on ``device``: uploaded once per step for the params that share
+        them (``values`` as this cache returned them)."""
+        key = (id(values), tail, device)
+        if key not in self.tensors:
+            self.tensors[key] = layout.scalar_tensor([tail, *values], device)
+        return self.tensors[key]
+
+
+class _PerTensor:
+    """What the per-tensor path reuses between steps of one param: its fields as the plan takes
+    them, its memory order and tail. Valid while the param's state holds the same tensors."""
+
+    def __init__(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]):
+        self.plan, self.state = plan, state
+        self.stored = {k: state[k] for k in plan.owned_fields}
+        count = layout.group_count(p.numel())
+        self.fields = plan.field_args(self.stored, 0, count)
+        self.order = layout.memory_order(p)
+        self.weight = layout.flat(p.detach(), self.order)  # a view of p, or a copy (`copies`)
+        self.copies = self.weight.data_ptr() != p.data_ptr()
+        self.tail = p.numel() - (count - 1) * GROUP
+        self.numel, self.ptr = p.numel(), p.data_ptr()
+
+    def holds(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> bool:
+        if plan is not self.plan or state is not self.state or p.data_ptr() != self.ptr:
+            return False
+        if self.copies:  # the copy must hold the param's current values
+            self.weight = layout.flat(p.detach(), self.order)
+        return p.numel() == self.numel and all(state.get(k) is t for k, t in self.stored.items())
 
 
 def _check_param(p: torch.Tensor) -> None:

@@ -19,7 +19,6 @@ and the padding lanes between parameters provably add nothing (:attr:`Plan.steps
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,9 @@ import torch
 from flashcompile import fast_math
 from flashcompile.codecs import GROUP, Codec, Field
 from flashcompile.codegen import PARAM, assemble, generate, source_namespace
+from flashcompile.direct import DirectFunction
 from flashcompile.dsl import Rule, SumAll
+from flashcompile.layout import groups, padded, scalar_tensor, segment_ends
 from flashcompile.lowering import Lowered, lower
 from flashcompile.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
 
@@ -74,36 +75,57 @@ class Plan:
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         self.eager = fn = assemble(namespace)
+        # one whole parameter per call, its weight and gradient unpadded (non-reducing rules)
+        self.eager_one = one = namespace.get("step_one")
         if key.compiled:
             _allow_plan_variants()
-            fn = assemble(namespace, self.compiler())
+            wrap = self.compiler()
+            fn = assemble(namespace, wrap)
+            one = one and wrap(one)
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
-        # would compile a second copy of the same kernel.
-        self.fn = torch.no_grad()(fn)
-        self._verified = not key.compiled
+        # would compile a second copy of the same kernel (DirectFunction sees to it itself).
+        self.fn = fn if isinstance(fn, DirectFunction) else torch.no_grad()(fn)
+        self.fn_one = one if one is None or isinstance(one, DirectFunction) else torch.no_grad()(one)
+        self._verified = {"groups": not key.compiled, "one": not key.compiled}
         self.launch = None  # on CUDA, after verify(): the launch config (flashcompile.launch.Pin)
 
-    def compare_compiled(self, device: torch.device | str, groups: int = 4,
-                         seed: int = 0) -> str | None:
+    def compare_compiled(self, device: torch.device | str, groups: int = 4, seed: int = 0,
+                         variant: str = "groups") -> str | None:
         """Run the compiled and the eager function on the same random inputs; describe the worst
         value further apart than one code step (plus a few fp32 ulps of the values the update
         combined: where a step nearly cancels a weight, fp32 rounding in the two evaluation orders
-        differs by ulps of the old weight, not of the small result), or return None."""
+        differs by ulps of the old weight, not of the small result), or return None.
+
+        ``variant``: ``"groups"`` (:attr:`fn`, whole groups) or ``"one"`` (:attr:`fn_one`, one
+        parameter of ``groups * 32 - 5`` values). The inputs come from a generator of their own:
+        the global (and CUDA) RNG states are as they were."""
         from flashcompile.explain import decode_inputs, describe_mismatch, sample_inputs
 
-        if not self._verified:  # compile (and pin the launch config) on a realistic size first
-            self.verify(device)
-        torch.manual_seed(seed)
-        args = sample_inputs(self, groups, device)
+        if not self._verified[variant]:  # compile (and pin the launch config) at size first
+            self.verify(device, variant)
+        with torch.random.fork_rng(devices=[torch.device(device)] if _is_cuda(device) else []):
+            torch.manual_seed(seed)
+            args = sample_inputs(self, groups, device)
+        n = max(2, groups * GROUP - 5)
+        run_eager, run_compiled = (self.eager, self.fn) if variant == "groups" else (
+            self.eager_one, self.fn_one)
         eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
         for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
             if a.dim() == 2:  # symbolic, into a looped two-pass reduction (5x slower)
                 torch._dynamo.mark_static(a, 1)
+        if variant == "one":  # the weight and gradient as one parameter's flat storage: n values
+            args = _as_one(self, args, n)
+            eager, compiled = _as_one(self, eager, n), _as_one(self, compiled, n)
         with torch.no_grad():
-            self.eager(*eager)
-        self.fn(*compiled)
+            run_eager(*eager)
+        run_compiled(*compiled)
+        if variant == "one":
+            args, eager, compiled = (_as_groups(self, a) for a in (args, eager, compiled))
         want, got = decode_inputs(self, eager), decode_inputs(self, compiled)
         before = decode_inputs(self, args)
+        if variant == "one":  # the weight's padding lanes are never stored back: not compared
+            for d in (want, got, before):
+                d[PARAM] = d[PARAM].reshape(-1)[:n]
         for name, codec in self.codecs.items():
             scale = want[name].abs() + before[name].abs()
             tol = codec.code_step(want[name]) + 1e-6 * scale
@@ -113,15 +135,15 @@ class Plan:
             return "the scalar vector was written to"
         return None
 
-    def verify(self, device: torch.device) -> None:
+    def verify(self, device: torch.device, variant: str = "groups") -> None:
         """Before first use, check the compiled kernel against the eager function on random data.
 
         A backend that drops a rounding the codecs rely on would otherwise lose precision silently
         (seen: Inductor's CPU backend in torch 2.11 folds fp32 -> fp16 -> fp32, zeroing the fp16
         weight split's residual). On disagreement beyond one code step, warn and run eagerly.
         """
-        self._verified = True
-        if torch.device(device).type == "cuda":
+        self._verified[variant] = True
+        if _is_cuda(device):
             # Inductor derives launch configs (and the reduction strategy) from the sizes of the
             # first call it compiles for: after a 4-group first call every later launch ran with
             # configs for 4 rows, 5x slower. Compile on a realistic size first (output discarded);
@@ -130,25 +152,43 @@ class Plan:
             from flashcompile.launch import live_autotuners, pin_group_kernels
 
             before = live_autotuners()
-            self.fn(*sample_inputs(self, 65536, device))
-            self.launch = pin_group_kernels(
-                t for key, t in live_autotuners().items() if key not in before)
-        mismatch = self.compare_compiled(device)
+            with torch.random.fork_rng(devices=[torch.device(device)]):
+                args = sample_inputs(self, 65536, device)
+            if variant == "groups":
+                self.fn(*args)
+            else:
+                self.fn_one(*_as_one(self, args, 65536 * GROUP - 5))
+            pin = pin_group_kernels(t for key, t in live_autotuners().items() if key not in before)
+            if self.launch is None or variant == "groups":
+                self.launch = pin
+        mismatch = self.compare_compiled(device, variant=variant)
         if mismatch is not None:
             warnings.warn(
-                f"flashcompile: the compiled {self.key.rule.name} plan disagrees with its eager "
-                f"function on torch {torch.__version__} ({torch.device(device).type}); running it "
-                f"eagerly. {mismatch}", RuntimeWarning, stacklevel=3)
-            self.fn = torch.no_grad()(self.eager)
+                f"flashcompile: the compiled {self.key.rule.name} plan ({variant}) disagrees with "
+                f"its eager function on torch {torch.__version__} ({torch.device(device).type}); "
+                f"running it eagerly. {mismatch}", RuntimeWarning, stacklevel=3)
+            if variant == "groups":
+                self.fn = torch.no_grad()(self.eager)
+            else:
+                self.fn_one = torch.no_grad()(self.eager_one)
 
     def compiler(self):
-        """``torch.compile`` as this plan applies it to each generated function. CUDA plans generate
-        their Triton code with hardware division and square root (flashcompile.fast_math)."""
+        """How this plan compiles each generated function: ``torch.compile`` through Inductor
+        (CUDA: with hardware division and square root, flashcompile.fast_math), called directly
+        where a compiled graph fits (flashcompile.direct)."""
+        options = self.compile_options()
         if self.key.device_type == "cuda" and fast_math.enabled():
-            backend = fast_math.inductor_backend(self.compile_options())
-            return functools.partial(torch.compile, fullgraph=True, dynamic=True, backend=backend)
-        return functools.partial(torch.compile, fullgraph=True, dynamic=True,
-                                 options=self.compile_options())
+            inner = fast_math.inductor_backend(options)
+        else:
+            def inner(gm, example_inputs):
+                from torch._inductor.compile_fx import compile_fx
+
+                return compile_fx(gm, example_inputs, config_patches=options)
+
+        def compile_with(fn, backend):
+            return torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
+
+        return lambda fn: DirectFunction(fn, compile_with, inner)
 
     def compile_options(self) -> dict:
         if self.key.device_type == "cuda":
@@ -240,51 +280,54 @@ class Plan:
             if abs(value) > FP32_MAX:
                 value = math.copysign(math.inf, value)
             held = [state[name] for state in states if name in state]
-            if held:  # one call for a bucket's params (148 fill_ calls took 0.1 ms of host time)
+            if len(held) == 1:
+                held[0].fill_(value)
+            elif held:  # one call for a bucket's params (148 fill_ calls took 0.1 ms of host time)
                 torch._foreach_copy_(held, [torch.tensor(value)] * len(held))
             for state in states:
                 if name not in state:
                     state[name] = torch.tensor(value)
 
+    def field_args(self, stored: Mapping[str, torch.Tensor], first: int,
+                   count: int) -> list[torch.Tensor]:
+        """Groups [first, first + count) of ``stored`` (flat fields by state key), in the order of
+        the step function's arguments after the weight."""
+        return [groups(stored[state_key(name, f)], f.per_group, first, count)
+                for name, codec in self.codecs.items() for f in codec.fields
+                if not (name == PARAM and f.name == "value")]
+
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
             scalars: list[float], combine=None) -> None:
-        """Update ``p`` and its stored fields in place. ``p`` and ``grad`` must be contiguous.
-        ``combine``: see :meth:`call` (an empty ``p`` still takes part in it)."""
+        """Update ``p`` and its stored fields in place. ``p`` and ``grad``: the parameter's values
+        and gradient, flat (1-D) or in its shape, both contiguous. ``combine``: see :meth:`call`
+        (an empty ``p`` still takes part in it)."""
         n = p.numel()
         if not n:
             if combine is not None and self.reduces:
                 self.combine_nothing(combine, p.device)
             return
-        whole = n // GROUP
-        tail = n - whole * GROUP
+        count = -(-n // GROUP)
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
-        flat_p, flat_g = p.detach(), grad.detach()
-        if self.reduces and tail:  # one call sees the whole parameter: pad weight and gradient
-            count = whole + 1
-            pad_p = flat_p.new_zeros(count * GROUP)
-            pad_p[:n] = flat_p.reshape(-1)
-            pad_g = flat_g.new_zeros(count * GROUP)
-            pad_g[:n] = flat_g.reshape(-1)
-            s = scalar_tensor([tail, *scalars], p.device)
-            fields = {k: groups(v, self.per_group[k], 0, count) for k, v in stored.items()}
-            self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
-                      combine=combine)
-            flat_p.view(-1).copy_(pad_p[:n])
+        flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
+        s = scalar_tensor([n - (count - 1) * GROUP, *scalars], p.device)
+        if not self.reduces:
+            self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count))
             return
-        if whole:
-            s = scalar_tensor([GROUP, *scalars], p.device)
-            main = {k: groups(v, self.per_group[k], 0, whole) for k, v in stored.items()}
-            self.call(s, groups(flat_g, False, 0, whole), groups(flat_p, False, 0, whole), main,
-                      combine=combine)
-        if tail:
-            s = scalar_tensor([tail, *scalars], p.device)
-            pad_p = flat_p.new_zeros(GROUP)
-            pad_p[:tail] = flat_p.reshape(-1)[whole * GROUP:]
-            pad_g = flat_g.new_zeros(GROUP)
-            pad_g[:tail] = flat_g.reshape(-1)[whole * GROUP:]
-            rest = {k: groups(v, self.per_group[k], whole, 1) for k, v in stored.items()}
-            self.call(s, groups(pad_g, False, 0, 1), groups(pad_p, False, 0, 1), rest)
-            flat_p.view(-1)[whole * GROUP:] = pad_p[:tail]
+        # a reducing rule sees the whole parameter in one call: pad weight and gradient
+        pad_p, pad_g = padded(flat_p), padded(flat_g)
+        fields = {k: groups(v, self.per_group[k], 0, count) for k, v in stored.items()}
+        self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
+                  combine=combine)
+        flat_p.copy_(pad_p.view(-1)[:n])
+
+    def call_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
+                 fields: Sequence[torch.Tensor]) -> None:
+        """One launch over one whole parameter (non-reducing rules): ``grad`` and ``value`` flat
+        and contiguous (``n`` values), ``fields`` as :meth:`field_args` gives them, ``s[0]`` the
+        valid lanes of the last group."""
+        if not self._verified["one"]:
+            self.verify(grad.device, "one")
+        self.fn_one(s, grad, value, *fields)
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,
@@ -294,7 +337,7 @@ class Plan:
         last group (None: the call holds one parameter), and ``combine(totals)``, if given,
         completes each phase's per-parameter sums in place before they are used: an all-reduce
         where each rank holds a shard of every parameter (FSDP2)."""
-        if not self._verified:
+        if not self._verified["groups"]:
             self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
@@ -325,38 +368,30 @@ def _allow_plan_variants() -> None:
     setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
-def segment_ends(counts, device: torch.device | str) -> torch.Tensor:
-    """The ``ends`` of :func:`~flashcompile.segments.segment_totals` for parameters of ``counts``
-    groups laid end to end, plus one empty parameter at the end: ``ends`` never has size 1, which
-    dynamo would compile as a separate specialisation (one parameter alone vs a bucket)."""
-    ends = list(itertools.accumulate(counts))
-    return _upload([*ends, ends[-1]], torch.int64, torch.device(device))
+def _is_cuda(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda"
 
 
-def scalar_tensor(values: list[float], device: torch.device) -> torch.Tensor:
-    """The kernel's scalar vector on ``device``."""
-    return _upload(values, torch.float32, device)
+def _as_one(plan: Plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """Arguments of :attr:`Plan.fn` (whole groups) as :attr:`Plan.fn_one` takes them for one
+    parameter of ``n`` values: weight and gradient flat, the valid lanes of the last group in
+    ``s[0]``, and the weight's padding lanes zero in every field (as a padded parameter's are)."""
+    s = args[0].clone()
+    s[0] = n - (-(-n // GROUP) - 1) * GROUP
+    codec = plan.codecs[PARAM]
+    k = len(codec.fields)
+    x = codec.decode(*args[2:2 + k]).reshape(-1)
+    x[n:] = 0
+    weight, *rest = [t.contiguous() for t in codec.encode(x.view(-1, GROUP))]
+    for t in rest:
+        torch._dynamo.mark_static(t, 1)
+    return [s, args[1].reshape(-1)[:n].clone(), weight.reshape(-1)[:n].clone(), *rest,
+            *args[2 + k:]]
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a tensor on ``device``. On CUDA through pinned memory without blocking: a
-    pageable copy would make the host wait for all queued GPU work at every call."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
-def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
-    """Groups [first, first + count) of a contiguous field as a flat tensor over the same memory.
-
-    Not a view: dynamo guards a view's base, whose shape differs from param to param, and would
-    recompile for each new base shape. A fresh tensor set to the same storage has no base.
-    """
-    width = 1 if per_group else GROUP
-    out = t.new_empty(0)
-    out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count, width), (width, 1))
-    torch._dynamo.mark_static(out, 1)  # the group size is a constant of the kernel; only G varies
-    return out
+def _as_groups(plan: Plan, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`_as_one`: weight and gradient zero-padded to whole groups."""
+    return [args[0], padded(args[1]), padded(args[2]), *args[3:]]
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,7 +2,7 @@
 
 A reducing rule (LAMB's and LARS's norms, ``sum_all``) needs one sum per parameter; a flat bucket
 holds many parameters, each from a group boundary, and a call lists where each one's groups end
-(:func:`flashcompile.plan.segment_ends`).
+(:func:`flashcompile.layout.segment_ends`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import torch
 from flashcompile.arena import steps_agree
 from flashcompile.codecs import GROUP
 from flashcompile.distributed import like, shard_sums
-from flashcompile.plan import Plan, groups, scalar_tensor, segment_ends
+from flashcompile.layout import groups, scalar_tensor, segment_ends
+from flashcompile.plan import Plan
 
 
 class ShardBucket:

@@ -113,3 +113,25 @@ def test_a_plan_compiles_once_for_every_group_count():
     opt.step()
     opt.step()
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PLANS if not _plan(n).reduces))
+@settings(max_examples=4)
+@given(groups=st.sampled_from([1, 2, 5]), seed=st.integers(0, 2**16))
+def test_one_parameter_variant_equals_eager_up_to_one_code_step(name, groups, seed):
+    # step_one: a whole parameter of groups * 32 - 5 values (its tail padded inside the graph)
+    assert _plan(name).compare_compiled("cpu", groups, seed, variant="one") is None
+
+
+def test_per_tensor_steps_call_the_compiled_graph_without_dynamo():
+    sizes = (1000, 64, 7, 4096)  # tails, whole groups, one group
+    params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in sizes]
+    opt = fc.AdamW(params, flat=False)
+    plan = plan_of(opt)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # compiles (and verifies) what these sizes need
+    before = plan.fn_one.direct_calls
+    for _ in range(3):
+        opt.step()
+    assert plan.fn_one.direct_calls - before == 3 * len(sizes)

@@ -332,7 +332,7 @@ def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts
     from unittest import mock
 
     from flashcompile import segments
-    from flashcompile.plan import segment_ends
+    from flashcompile.layout import segment_ends
     # blocks of 4 rows: superblocks of 16, so rows, blocks and superblocks all take part
     x = torch.randn(groups, 32, generator=torch.Generator().manual_seed(seed))
     bounds = sorted({0, groups, *(int(c * groups) for c in cuts)})

@@ -1,0 +1,167 @@
+"""Calling a plan's compiled graphs without dynamo on every call.
+
+``torch.compile`` sends each call through dynamo: its frame machinery and guards, then the compiled
+graph. Measured on CPU (torch 2.13) for a plan-sized function: about 30-50 us per call through
+dynamo against 7-12 us for the compiled graph itself (skipping guard evaluation with
+``set_stance(skip_guard_eval_unsafe=True)`` saved nothing). A plan called once per parameter (the
+per-tensor path: parameters that cannot go flat, FSDP2's fallback) paid that every call.
+
+A plan's arguments are tensors whose dtypes, devices and group layout the plan fixes; only their
+sizes vary. So the backend records, for each graph Inductor compiles, where each graph input comes
+from (an argument, or one of its sizes, strides or offsets) and the shape guards under which that
+graph is valid (the ShapeEnv's own guard expression, static sizes included). A later call takes the
+first recorded graph whose guards hold for its arguments and calls it directly; Inductor's generated
+code still asserts every input's size and stride. A call no recorded graph fits goes through
+``torch.compile`` as before: dynamo compiles a graph for it, which is recorded too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+class _Graph:
+    """One compiled graph: how to gather its inputs from the function's arguments, and when it is
+    valid."""
+
+    def __init__(self, readers: tuple, guard: Callable[[list], bool] | None, device: int,
+                 compiled: Callable, outputs: int):
+        self.readers = readers  # per graph input: (argument index, None) or (index, accessor)
+        self.guard = guard
+        self.device = device  # get_device() of the inputs (CUDA code has the index baked in)
+        self.compiled = compiled
+        self.outputs = outputs  # the graph's outputs (the function's return value is rebuilt
+        # from them by dynamo's bytecode: called directly, only None or one tensor is kept)
+
+    def inputs(self, args: Sequence[Any]) -> list:
+        return [args[i] if read is None else read(args[i]) for i, read in self.readers]
+
+
+class Capture:
+    """A ``torch.compile`` backend: compiles with ``inner`` and records each graph (see module)."""
+
+    def __init__(self, inner: Callable, argnames: Sequence[str]):
+        self.inner = inner
+        self.argnames = list(argnames)
+        self.graphs: list[_Graph] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        readers = [_reader(n.meta.get("grapharg"), self.argnames) for n in placeholders]
+        # the traced values: fake tensors with symbolic sizes, SymInts (example_inputs are hints)
+        traced = [n.meta.get("example_value") for n in placeholders]
+        compiled = self.inner(gm, example_inputs)
+        if None not in readers:
+            guard = _guard(traced)
+            if guard is not False:
+                device = next(t.get_device() for t in traced if isinstance(t, torch.Tensor))
+                out = gm.graph.output_node().args[0]
+                outputs = len(out) if isinstance(out, (tuple, list)) else 1
+                self.graphs.append(_Graph(tuple(readers), guard, device, compiled, outputs))
+        return compiled
+
+
+class DirectFunction:
+    """``fn`` compiled through ``torch.compile(..., backend=Capture(...))``, called directly where
+    a recorded graph fits the arguments. Positional arguments only, the first a tensor on the
+    device of the call (a plan's scalar vector); dynamo runs under ``no_grad`` (grad mode is one
+    of its guards; a compiled graph does not track gradients)."""
+
+    def __init__(self, fn: Callable, compile_with: Callable[[Callable, Callable], Callable],
+                 inner_backend: Callable):
+        self.capture = Capture(inner_backend, inspect.signature(fn).parameters)
+        self.dynamo = compile_with(fn, self.capture)
+        self.returns: str | None = None  # "none" or "tensor" once a call through dynamo showed it
+        self.direct_calls = 0  # calls that skipped dynamo (tests read it)
+
+    def __call__(self, *args):
+        if self.returns is not None:
+            device = args[0].get_device()
+            for graph in self.capture.graphs:
+                if graph.device != device or (self.returns == "tensor" and graph.outputs != 1):
+                    continue
+                inputs = graph.inputs(args)
+                if graph.guard is None or graph.guard(inputs):
+                    self.direct_calls += 1
+                    out = graph.compiled(*inputs)
+                    return None if self.returns == "none" else out[0]
+        with torch.no_grad():
+            out = self.dynamo(*args)
+        if self.returns is None:
+            self.returns = ("none" if out is None else "tensor" if isinstance(out, torch.Tensor)
+                            else "other")
+        return out
+
+
+def _reader(grapharg, argnames: list[str]):
+    """(argument index, accessor or None) for a graph input, or None where its source is not an
+    argument or a size, stride or storage offset of one."""
+    if grapharg is None:
+        return None
+    src = grapharg.source
+    prop = None
+    if type(src).__name__ == "TensorPropertySource":
+        prop, src = (src.prop, src.idx), src.base
+    if type(src).__name__ != "LocalSource" or src.local_name not in argnames:
+        return None
+    index = argnames.index(src.local_name)
+    if prop is None:
+        return index, None
+    kind, dim = prop
+    name = getattr(kind, "name", str(kind))
+    if name == "SIZE":
+        return index, lambda t, d=dim: t.shape[d]
+    if name == "STRIDE":
+        return index, lambda t, d=dim: t.stride(d)
+    if name == "STORAGE_OFFSET":
+        return index, lambda t: t.storage_offset()
+    return None
+
+
+def _guard(traced: list):
+    """A predicate on a graph's inputs that holds where the graph is valid: every static size of
+    its tensor inputs, every symbolic size equal to the graph input that carries its symbol
+    (dynamo gives equal sizes one symbol), and the ShapeEnv's guards over the symbols (as
+    Inductor's own graph cache checks them). None: no constraints; False: not expressible here."""
+    if any(v is None for v in traced):
+        return False
+    carrier = {t.node.expr: i for i, t in enumerate(traced) if isinstance(t, torch.SymInt)}
+    static, same = [], []
+    for i, t in enumerate(traced):
+        if not isinstance(t, torch.Tensor):
+            continue
+        for d, size in enumerate(t.shape):
+            if isinstance(size, int):
+                static.append((i, d, size))
+            elif size.node.expr in carrier:
+                same.append((i, d, carrier[size.node.expr]))
+            else:
+                return False  # a size derived from others: leave the graph to dynamo
+    symbols = sorted(carrier.values())
+    fake_mode = torch._guards.detect_fake_mode(traced)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    check = None
+    if symbols and shape_env is not None:
+        try:
+            from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+            code = shape_env.produce_guards_expression([traced[i] for i in symbols])
+            if code is not None:
+                check = eval(compile(f"lambda L: {code}", "<flashcompile graph guard>", "eval"),
+                             dict(SYMPY_INTERP))
+        except Exception:  # noqa: BLE001 - another torch version: such graphs run through dynamo
+            return False
+    names = [f"t{k}" for k in range(len(symbols))]
+
+    def holds(inputs: list) -> bool:
+        if any(inputs[i].shape[d] != size for i, d, size in static):
+            return False
+        if any(inputs[i].shape[d] != inputs[j] for i, d, j in same):
+            return False
+        return check is None or bool(check(dict(zip(names, [inputs[i] for i in symbols]))))
+
+    return holds

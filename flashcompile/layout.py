@@ -1,0 +1,106 @@
+"""The storage layout every plan reads: values in groups of :data:`GROUP`, a parameter padded to
+whole groups, fields seen as ``(G, 32)`` (per element) or ``(G, 1)`` (per group).
+
+A parameter's values are laid out in its memory order: the order of its storage for a dense
+tensor (a channels_last weight keeps its format in flat buffers, and its gradient, which autograd
+makes with the weight's strides, reads in place), the logical order otherwise. Element-wise rules
+see the same values in any order; per-parameter sums are sums.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from flashcompile.codecs import GROUP
+
+
+def group_count(numel: int) -> int:
+    """Groups of :data:`GROUP` that hold ``numel`` values (the last one padded)."""
+    return -(-numel // GROUP)
+
+
+def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The dims of ``t`` from outermost to innermost in memory, or None where ``t`` is contiguous
+    or not dense (a view with gaps or overlaps: its values go in logical order)."""
+    if t.is_contiguous() or t.dim() < 2:
+        return None
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
+    expected = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return None  # gaps or overlaps
+        expected *= t.shape[d]
+    return order
+
+
+def flat(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """``t``'s values as one dim in ``order`` (:func:`memory_order` of its param): a view where
+    ``t`` is laid out like the param, a copy otherwise."""
+    return (t if order is None else t.permute(order)).reshape(-1)
+
+
+def unflat(values: torch.Tensor, like: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """Inverse of :func:`flat`: ``values`` (``like.numel()`` of them) shaped like ``like``, with
+    ``like``'s strides where ``order`` is its memory order."""
+    if order is None:
+        return values.view(like.shape)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return values.view([like.shape[d] for d in order]).permute(inverse)
+
+
+def padded(values: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Flat ``values`` zero-padded to whole groups, as ``(G, GROUP)`` (a copy, in ``dtype``)."""
+    n = values.numel()
+    out = values.new_zeros(group_count(n) * GROUP, dtype=dtype or values.dtype)
+    out[:n] = values.reshape(-1)
+    return out.view(-1, GROUP)
+
+
+def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
+    """Groups [first, first + count) of a contiguous field as a flat tensor over the same memory.
+
+    Not a view: dynamo guards a view's base, whose shape differs from param to param, and would
+    recompile for each new base shape. A fresh tensor set to the same storage has no base.
+    """
+    width = 1 if per_group else GROUP
+    out = t.new_empty(0)
+    out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count, width), (width, 1))
+    torch._dynamo.mark_static(out, 1)  # the group size is a constant of the kernel; only G varies
+    return out
+
+
+def segment_ends(counts: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """The ``ends`` of :func:`~flashcompile.segments.segment_totals` for parameters of ``counts``
+    groups laid end to end, plus one empty parameter at the end: ``ends`` never has size 1, which
+    dynamo would compile as a separate specialisation (one parameter alone vs a bucket)."""
+    ends = list(itertools.accumulate(counts))
+    return _upload([*ends, ends[-1]], torch.int64, torch.device(device))
+
+
+def scalar_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """The kernel's scalar vector on ``device``."""
+    return _upload(values, torch.float32, device)
+
+
+def _upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``. On CUDA through pinned memory without blocking: a
+    pageable copy would make the host wait for all queued GPU work at every call."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def encode_flat(codec, values: torch.Tensor) -> list[torch.Tensor]:
+    """One parameter's flat ``values`` (in its memory order) zero-padded to whole groups and
+    encoded by ``codec``: one flat, padded tensor per field."""
+    return [t.reshape(-1).contiguous() for t in codec.encode(padded(values, torch.float32))]
+
+
+def decode_flat(codec, fields: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
+    """Inverse of :func:`encode_flat`: the first ``numel`` decoded values, flat (fp32)."""
+    count = group_count(numel)
+    views = [t.view(count, 1 if f.per_group else GROUP) for f, t in zip(codec.fields, fields)]
+    return codec.decode(*views).reshape(-1)[:numel]

@@ -1,0 +1,44 @@
+"""flashcompile.layout: groups of 32, padding, and a parameter's memory order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashcompile import codecs, layout
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 6, 3, 5),
+    lambda: torch.randn(4, 6, 3, 5).to(memory_format=torch.channels_last),
+    lambda: torch.randn(7, 9).t(),
+    lambda: torch.randn(2, 3, 4, 5, 6).permute(0, 3, 1, 4, 2),
+])
+def test_flat_views_a_dense_tensor_in_memory_order_and_unflat_inverts_it(make):
+    t = make()
+    order = layout.memory_order(t)
+    flat = layout.flat(t, order)
+    assert flat.data_ptr() == t.data_ptr() and flat.is_contiguous()  # a view, no copy
+    back = layout.unflat(flat, t, order)
+    assert torch.equal(back, t) and back.stride() == t.stride()
+    like = torch.randn(t.shape)  # a contiguous tensor of the same shape flattens to the same order
+    assert torch.equal(layout.unflat(layout.flat(like, order), t, order), like)
+
+
+def test_a_tensor_with_gaps_flattens_in_logical_order():
+    t = torch.randn(6, 8)[:, ::2]
+    assert layout.memory_order(t) is None
+    assert torch.equal(layout.flat(t, None), t.reshape(-1))
+
+
+@pytest.mark.parametrize("numel", [1, 31, 32, 33, 100])
+def test_encode_flat_then_decode_flat_is_within_the_codec_bound(numel):
+    x = torch.randn(numel)
+    for codec in (codecs.fp32, codecs.softsign_int8, codecs.get("linear_int8")):
+        fields = layout.encode_flat(codec, x)
+        assert all(t.numel() == layout.group_count(numel) * (1 if f.per_group else 32)
+                   for f, t in zip(codec.fields, fields))
+        err = (layout.decode_flat(codec, fields, numel) - x).abs()
+        groups = layout.padded(x)
+        bound = codec.error_bound(groups).expand(groups.shape).reshape(-1)[:numel]
+        assert (err <= bound).all(), codec.name
