@@ -24,28 +24,37 @@ from typing import Any
 
 import torch
 
+from flashcompile import layout
 from flashcompile.codecs import GROUP
 from flashcompile.layout import groups, scalar_tensor, segment_ends
 from flashcompile.plan import Plan
 
 
 class Bucket:
-    """Flat buffers for ``params`` (same group, dtype and device) stepped by ``plan``."""
+    """Flat buffers for ``params`` (same group, dtype and device) stepped by ``plan``.
+
+    ``keep_grads=False`` (gradient release): no gradient buffer; each step copies the params'
+    gradients into a buffer that lives for that step only, so gradients never all exist at once.
+    """
 
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None]):
+                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
+                 keep_grads: bool = True):
         self.params = list(params)
         self.plan = plan
         self.steps_flat = plan.steps_flat_over(p.numel() for p in self.params)
         self.state = state
+        self.keep_grads = keep_grads
         first = params[0]
-        counts = [-(-p.numel() // GROUP) for p in params]
+        counts = [layout.group_count(p.numel()) for p in params]
         self.offsets = [0, *itertools.accumulate(counts)][:-1]
         self.groups = sum(counts)
+        self.orders = [layout.memory_order(p) for p in params]  # channels_last stays so
         total = self.groups * GROUP
         self.weights = torch.zeros(total, dtype=first.dtype, device=first.device)
-        self.grads = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.grads = torch.zeros(total if keep_grads else 0, dtype=first.dtype,
+                                 device=first.device)
         self.fields = {
             key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
                              device=first.device)
@@ -62,19 +71,19 @@ class Bucket:
                     view = self._slice(self.fields[key], i, f.per_group)
                     view.copy_(st[key])
                     st[key] = view
-                self.weights[self._range(i)].copy_(p.detach().reshape(-1))
-                p.data = self.weights[self._range(i)].view_as(p)
-                if p.grad is not None:
-                    self.grads[self._range(i)].copy_(p.grad.reshape(-1))
-                p.grad = self.grads[self._range(i)].view_as(p)
+                self.weights[self._range(i)].copy_(layout.flat(p.detach(), self.orders[i]))
+                p.data = self._as_param(self.weights, i)
+                if keep_grads:
+                    self._adopt_grad(i)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._scalars: _ScalarUpload | None = None
         # None: not yet checked (loaded or per-tensor steps may differ between params)
         self.uniform_steps: bool | None = None
         self._weight_ptrs = [p.data_ptr() for p in self.params]
-        self._grad_ptrs = [self.grads[self._range(i)].data_ptr() for i in range(len(params))]
+        self._grad_ptrs = ([self.grads[self._range(i)].data_ptr() for i in range(len(params))]
+                           if keep_grads else [])
         self._args = (
-            groups(self.grads, False, 0, self.groups),
+            groups(self.grads, False, 0, self.groups) if keep_grads else None,
             groups(self.weights, False, 0, self.groups),
             {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
              for k, v in self.fields.items()},
@@ -88,39 +97,54 @@ class Bucket:
 
     def _slice(self, buffer: torch.Tensor, i: int, per_group: bool) -> torch.Tensor:
         width = 1 if per_group else GROUP
-        count = -(-self.params[i].numel() // GROUP)
+        count = layout.group_count(self.params[i].numel())
         return buffer[self.offsets[i] * width:(self.offsets[i] + count) * width]
+
+    def _as_param(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        """Param ``i``'s values in ``buffer``, shaped (and strided) like the param."""
+        return layout.unflat(buffer[self._range(i)], self.params[i], self.orders[i])
+
+    def _adopt_grad(self, i: int) -> None:
+        """Point param ``i``'s ``.grad`` into the gradient buffer (copying a gradient it has)."""
+        p = self.params[i]
+        if p.grad is not None:
+            self.grads[self._range(i)].copy_(layout.flat(p.grad, self.orders[i]))
+        p.grad = self._as_param(self.grads, i)
 
     def intact(self) -> bool:
         """Params still live in the buffer (else the bucket must be rebuilt). State the optimizer
         replaces (load_state_dict) drops the bucket there."""
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._weight_ptrs))
 
+    def ready(self) -> bool:
+        """Every param has a gradient, and one launch with one set of scalars steps them as
+        stepping each would (their step counts and scalar states agree)."""
+        if not self.steps_flat or any(p.grad is None for p in self.params):
+            return False
+        if self.uniform_steps is None:
+            self.uniform_steps = steps_agree(self.steps, self.params, self.state, self.plan)
+        return self.uniform_steps
+
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
-        from stepping each param: some grad is None, or the params' step counts (or scalar states)
-        differ."""
-        if not self.steps_flat:  # pads would need masks: the buffers still hold the states,
-            return False  # but each param steps alone
-        fresh = []
-        for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
-            grad = p.grad
-            if grad is None:
-                return False
-            if grad.data_ptr() != ptr:
-                fresh.append(i)
-        if self.uniform_steps is None:  # one launch, one set of scalars: steps and scalar states
-            self.uniform_steps = steps_agree(self.steps, self.params, self.state, self.plan)
-        if not self.uniform_steps:
+        from stepping each param (see :meth:`ready`); pads that would need masks leave the states
+        in the buffers, but each param steps alone."""
+        if not self.ready():
             return False
-        for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again
-            p = self.params[i]
-            self.grads[self._range(i)].copy_(p.grad.reshape(-1))
-            p.grad = self.grads[self._range(i)].view_as(p)
+        grads, weights, fields, ends = self._args
+        if self.keep_grads:
+            for i, (p, ptr) in enumerate(zip(self.params, self._grad_ptrs)):
+                if p.grad.data_ptr() != ptr:  # a new gradient (set_to_none): accumulate into ours
+                    self._adopt_grad(i)
+        else:  # gradient release: this bucket's gradients, for this step only
+            staged = torch.zeros(self.groups * GROUP, dtype=self.weights.dtype,
+                                 device=self.weights.device)
+            torch._foreach_copy_([staged[self._range(i)] for i in range(len(self.params))],
+                                 [layout.flat(p.grad, o) for p, o in zip(self.params, self.orders)])
+            grads = groups(staged, False, 0, self.groups)
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
-        grads, weights, fields, ends = self._args
         if not self.weights.is_cuda:
             self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields, ends)
             return True
@@ -131,17 +155,19 @@ class Bucket:
             self._graph.replay()
             return True
         self.plan.call(s, grads, weights, fields, ends)  # compiles and tunes on first use
-        if self.plan.key.compiled:
+        if self.plan.key.compiled and self.keep_grads:  # staged gradients move: no graph
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
                 self.plan.call(s, grads, weights, fields, ends)
         return True
 
     def zero_grad(self) -> None:
+        if not self.keep_grads:
+            return
         self.grads.zero_()
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
-                p.grad = self.grads[self._range(i)].view_as(p)
+                p.grad = self._as_param(self.grads, i)
 
 
 def steps_agree(steps: torch.Tensor, params: Sequence[torch.Tensor],

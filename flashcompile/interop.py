@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import GROUP
+from flashcompile import layout
 from flashcompile.plan import PARAM, Plan, state_key
 
 
@@ -41,7 +41,6 @@ def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
 
 def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
     """Encode a torch.optim state for ``p`` into ``plan``'s fields (checked before use)."""
-    groups = -(-p.numel() // GROUP)
     values = {PARAM: p.detach().float()}
     for name in plan.codecs:
         if name == PARAM:
@@ -62,13 +61,12 @@ def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> 
     out: dict[str, Any] = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone().cpu()}
     for name in plan.key.rule.scalar_states:  # NAdam's mu_product, ASGD's eta and mu: 0-d tensors
         out[name] = torch.as_tensor(saved.get(name, 0.0), dtype=torch.float32).detach().clone().cpu()
+    order = layout.memory_order(p)  # states follow the param's memory order
     for name, codec in plan.codecs.items():
-        x = torch.zeros(groups * GROUP, dtype=torch.float32, device=p.device)
-        x[: p.numel()] = values[name].reshape(-1)
-        for f, t in zip(codec.fields, codec.encode(x.view(groups, GROUP))):
+        for f, t in zip(codec.fields, layout.encode_flat(codec, layout.flat(values[name], order))):
             key = state_key(name, f)
             if key in plan.owned_fields:
-                out[key] = t.reshape(-1).contiguous()
+                out[key] = t
     return out
 
 

@@ -42,23 +42,27 @@ _original_clip = torch.nn.utils.clip_grad_norm_
 class GradientRelease:
     """The handle :func:`enable_gradient_release` returns; ``remove()`` restores normal stepping."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: Optimizer):
+    def __init__(self, model: torch.nn.Module, optimizer: Optimizer, bucket_mb: float = 25.0):
         self.optimizer = optimizer
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._params = {id(p) for p in model.parameters()} & set(self._group_of)
-        self._stepped_params: set[int] = set()
         self._backwards_since_step = 0  # finished backward passes that stepped, since step()
         self._in_backward = False
+        self._cap = bucket_mb * 2**20
+        self._arrivals: list[torch.Tensor] | None = []  # the first backward's order, then None
         optimizer._release_flat_grads()
         self._hooks = []
-        sharded = []  # FSDP2 shards: stepped (and their states packed) per FSDP2 unit
+        sharded, plain = [], []  # FSDP2 shards: stepped (and their states packed) per FSDP2 unit
         for g in optimizer.param_groups:
             released = [p for p in g["params"] if id(p) in self._params and p.requires_grad]
             sharded += [p for p in released if is_dtensor(p)]
-            _pack_states(optimizer, g, [p for p in released if not is_dtensor(p)])
+            plain += [p for p in released if not is_dtensor(p)]
             for p in released:
                 p.grad = None
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+        # gradients arrive roughly in reverse registration order (as DDP assumes): the first
+        # buckets fill first; after the first backward they follow the order seen
+        self._buckets = _ReleaseBuckets(optimizer, self._group_of, plain[::-1], self._cap)
         self._units = UnitRelease(optimizer, model, sharded, self._group_of) if sharded else None
         optimizer._gradient_release = self
         _active.append(self)
@@ -82,15 +86,20 @@ class GradientRelease:
                 )
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        if self._arrivals is not None:
+            self._arrivals.append(p)
         if self._units is not None and self._units.owns(p):
             self._units.ready(p)  # the unit's last shard steps them all, frees their grads
             return
-        self.optimizer.step_param(p, self._group_of[id(p)])
-        p.grad = None
+        self._buckets.ready(p)
 
     def _backward_done(self) -> None:
         if self._units is not None:
             self._units.flush()
+        self._buckets.flush()
+        if self._arrivals is not None:  # rebuild the buckets in the order gradients came
+            self._buckets.reorder(self._arrivals)
+            self._arrivals = None
         self._in_backward = False
         self._backwards_since_step += 1
 
@@ -121,24 +130,113 @@ class GradientRelease:
             _unpatch_clipping()
 
 
-def _pack_states(optimizer: Optimizer, group, params: list[torch.Tensor]) -> None:
-    """Allocate the params' states now, packed in one flat buffer per field (a flat bucket whose
-    gradient buffer is dropped right away). Allocated one by one inside backward, between freed
-    activations, ~5 tensors per param would fragment memory, and round up in the allocator (+3.8%
-    resident bytes measured on GPT-2 small)."""
-    flags = optimizer._flags(group)
+class _ReleaseBuckets:
+    """Released params stepped in buckets: a bucket (one param group, dtype and device, about
+    ``cap`` bytes of weights, params in the order their gradients arrive) steps in one launch once
+    its last gradient is in, and frees their gradients (:class:`flashcompile.arena.Bucket` with
+    ``keep_grads=False``). Params no bucket takes (per-tensor optimizers, padding a rule cannot
+    keep zero) step one by one as their gradients arrive."""
+
+    def __init__(self, optimizer: Optimizer, group_of, params: list[torch.Tensor], cap: float):
+        self.optimizer, self.group_of, self.cap = optimizer, group_of, cap
+        self._build([params])
+
+    def _build(self, runs: list[list[torch.Tensor]]) -> None:
+        opt = self.optimizer
+        self.bucket_of: dict[int, list] = {}  # id(param) -> [group, Bucket, gradients in]
+        self.buckets: list[list] = []
+        parts, singles = self._partition(runs)
+        for members in parts:
+            group = self.group_of[id(members[0])]
+            plan = opt._plan(members[0], opt._flags(group))
+            entry = [group, Bucket(members, plan, opt.state, opt._init_state, keep_grads=False), 0]
+            self.buckets.append(entry)
+            self.bucket_of.update((id(q), entry) for q in members)
+        if singles:
+            _pack_states(opt, singles, self.group_of)
+
+    def _partition(self, runs: list[list[torch.Tensor]]):
+        """The buckets' params (a bucket never spans two runs, nor two param groups, dtypes or
+        devices), and the params no bucket can take."""
+        opt, parts, singles = self.optimizer, [], []
+        for params in runs:
+            open_: dict[tuple, tuple[list[torch.Tensor], float]] = {}
+            for p in params:
+                group = self.group_of[id(p)]
+                flat = opt.flat if opt.flat is not None else p.device.type == "cuda"
+                if not flat or not opt._plan(p, opt._flags(group)).steps_flat_over([p.numel()]):
+                    singles.append(p)
+                    continue
+                kind = (id(group), p.dtype, p.device)
+                members, size = open_.get(kind, ([], 0.0))
+                members.append(p)
+                open_[kind] = (members, size + p.numel() * p.element_size())
+                if open_[kind][1] >= self.cap:
+                    parts.append(open_.pop(kind)[0])
+            parts += [members for members, _ in open_.values()]
+        return parts, singles
+
+    def ready(self, p: torch.Tensor) -> None:
+        """``p``'s gradient is complete: step its bucket if it was the last one to wait."""
+        entry = self.bucket_of.get(id(p))
+        if entry is None:
+            self.optimizer.step_param(p, self.group_of[id(p)])
+            p.grad = None
+            return
+        entry[2] += 1
+        if entry[2] == len(entry[1].params):
+            self._step(entry)
+
+    def flush(self) -> None:
+        """At the end of backward: buckets some of whose params got no gradient step the rest."""
+        for entry in self.buckets:
+            if entry[2]:
+                self._step(entry)
+
+    def _step(self, entry: list) -> None:
+        group, bucket, _ = entry
+        opt = self.optimizer
+        stepped = [p for p in bucket.params if p.grad is not None]
+        if len(stepped) < len(bucket.params) or not opt._step_bucket(bucket, group):
+            for p in stepped:
+                opt.step_param(p, group)
+        for p in stepped:
+            p.grad = None
+        entry[2] = 0
+
+    def reorder(self, arrivals: list[torch.Tensor]) -> None:
+        """Rebuild the buckets in the order gradients arrived, params that got none in buckets of
+        their own (a bucket waiting for a gradient that never comes steps param by param)."""
+        now = [entry[1].params for entry in self.buckets]
+        seen = {id(p) for p in arrivals}
+        runs = [[p for p in arrivals if id(p) in self.bucket_of],
+                [p for members in now for p in members if id(p) not in seen]]
+        if [list(map(id, m)) for m in self._partition(runs)[0]] != [list(map(id, m)) for m in now]:
+            self._build(runs)
+
+
+def _pack_states(optimizer: Optimizer, params: list[torch.Tensor], group_of) -> None:
+    """Allocate the params' states now, packed in one flat buffer per field (a flat bucket without
+    gradient buffer). Allocated one by one inside backward, between freed activations, ~5 tensors
+    per param would fragment memory, and round up in the allocator (+3.8% resident bytes measured
+    on GPT-2 small)."""
     by_kind: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
-        by_kind.setdefault((p.dtype, p.device), []).append(p)
+        by_kind.setdefault((id(group_of[id(p)]), p.dtype, p.device), []).append(p)
     for same in by_kind.values():
-        Bucket(same, optimizer._plan(same[0], flags), optimizer.state, optimizer._init_state)
+        group = group_of[id(same[0])]
+        Bucket(same, optimizer._plan(same[0], optimizer._flags(group)), optimizer.state,
+               optimizer._init_state, keep_grads=False)
 
 
-def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer) -> GradientRelease:
+def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer,
+                            bucket_mb: float = 25.0) -> GradientRelease:
     """Step each of ``model``'s parameters in ``optimizer`` inside backward and free its gradient.
 
     Bit-identical to stepping after backward. Keep calling ``optimizer.step()`` once per iteration.
-    Returns a handle; ``handle.remove()`` restores normal stepping.
+    With flat storage (the CUDA default) params step in buckets of about ``bucket_mb`` MiB of
+    weights, one launch each, as soon as a bucket's last gradient is in: at most a bucket's
+    gradients wait at a time. Returns a handle; ``handle.remove()`` restores normal stepping.
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
@@ -153,7 +251,7 @@ def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer) -> Gra
         )
     if optimizer._gradient_release is not None:
         raise RuntimeError("this optimizer already has gradient release enabled; .remove() it first")
-    return GradientRelease(model, optimizer)
+    return GradientRelease(model, optimizer, bucket_mb)
 
 
 def _clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, *args, **kwargs):

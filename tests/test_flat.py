@@ -166,3 +166,33 @@ def test_a_param_that_never_had_a_gradient_is_never_stepped():
         used.grad = torch.randn_like(used)
         opt.step()
     assert torch.equal(unused, before) and unused.grad is None and not opt.state.get(unused)
+
+
+def _conv_run(flat: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.Conv2d(8, 5, 1))
+    model = fc.cast_model(model).to(memory_format=torch.channels_last)
+    opt = fc.AdamW(model.parameters(), lr=1e-2, compile=False, flat=flat)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(4, 3, 9, 9, generator=gen).bfloat16().to(memory_format=torch.channels_last)
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_channels_last_params_keep_their_format_in_flat_buffers_and_step_as_per_tensor():
+    flat_model, flat_opt = _conv_run(True)
+    ref_model, ref_opt = _conv_run(False)
+    weight = flat_model[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert weight.grad.is_contiguous(memory_format=torch.channels_last)  # a view, in place
+    bucket = next(iter(flat_opt._buckets.values()))
+    assert weight.untyped_storage().data_ptr() == bucket.weights.untyped_storage().data_ptr()
+    for p, q in zip(flat_model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(flat_opt.state_value(p, name), ref_opt.state_value(q, name))
+        assert torch.equal(flat_opt.master_weight(p), ref_opt.master_weight(q))

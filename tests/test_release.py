@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,61 @@ def test_release_frees_the_flat_gradient_buffer():
     handle = fc.enable_gradient_release(model, opt)
     assert not opt._buckets and all(p.grad is None for p in model.parameters())
     handle.remove()
+
+
+class _Tied(nn.Module):
+    """Gradients arrive out of registration order: a tied embedding/head, and a param unused in
+    the forward (no gradient, never stepped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 24)
+        self.mid = nn.Linear(24, 24)
+        self.norm = nn.LayerNorm(24)
+        self.unused = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        h = self.norm(torch.relu(self.mid(self.embed(x))))
+        return h @ self.embed.weight.t()
+
+
+def _tied_run(release: bool, bucket_mb: float, steps: int = 3):
+    torch.manual_seed(0)
+    model = fc.cast_model(_Tied())
+    opt = fc.AdamW(model.parameters(), lr=1e-2, compile=False, flat=True)
+    handle = fc.enable_gradient_release(model, opt, bucket_mb=bucket_mb) if release else None
+    launches = 0
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randint(0, 40, (6, 5), generator=gen)
+        loss = nn.functional.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        with mock.patch.object(fc.optimizer.Optimizer, "step_param",
+                               autospec=True, side_effect=fc.optimizer.Optimizer.step_param) as one:
+            loss.backward()
+            if step:  # the first backward shows the order gradients come in and which never do
+                launches += one.call_count
+        opt.step()
+        opt.zero_grad()
+    return model, opt, handle, launches
+
+
+@pytest.mark.parametrize("bucket_mb", [2e-4, 25.0], ids=["small_buckets", "one_bucket"])
+def test_bucketed_release_is_bit_identical_to_stepping_after_backward(bucket_mb):
+    base, opt_base, _, _ = _tied_run(False, bucket_mb)
+    released, opt_rel, handle, singles = _tied_run(True, bucket_mb)
+    for p, q in zip(base.parameters(), released.parameters()):
+        assert torch.equal(p, q) and q.grad is None
+        assert all(torch.equal(opt_base.state[p][k], opt_rel.state[q][k]) for k in opt_base.state[p])
+    # no gradient: never stepped, as without release (its state is allocated up front, packed)
+    assert opt_rel.state[released.unused]["step"] == 0
+    assert singles == 0  # every stepped param stepped with its bucket, in one launch
+    buckets = handle._buckets.buckets
+    assert (len(buckets) > 2) == (bucket_mb < 1) and all(not b[1].keep_grads for b in buckets)
+
+
+def test_release_buckets_follow_the_order_gradients_arrived():
+    model, opt, handle, _ = _tied_run(True, 2e-4, steps=1)
+    order = [p for entry in handle._buckets.buckets for p in entry[1].params]
+    # the tied embedding is registered first but its gradient is complete last
+    assert order[-2] is model.embed.weight and order[-1] is model.unused
+    assert order[0] is model.norm.bias or order[0] is model.norm.weight
