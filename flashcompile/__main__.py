@@ -1,5 +1,5 @@
 """Command line: ``python -m flashcompile explain adamw --dtype bfloat16 [--kernels]``,
-``bench``, ``memory``, ``study weight-split|state-error|collapse|convergence [--out DIR]``."""
+``bench``, ``memory``, ``train-bench``, ``study weight-split|state-error|collapse|convergence [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--csv")
     mem.add_argument("--json")
     mem.add_argument("--png")
+    tb = sub.add_parser("train-bench", help="train real models end to end per optimizer setup: "
+                        "iteration time and its split, throughput, peak memory, loss")
+    tb.add_argument("--models", default="gpt2,resnet50,vit_b_16",
+                    help="comma-separated: gpt2, resnet50, vit_b_16 (GPU); tiny_gpt2, tiny_cnn")
+    tb.add_argument("--setups", default="", help="comma-separated (default: all)")
+    tb.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    tb.add_argument("--steps", type=int, default=15, help="measured iterations")
+    tb.add_argument("--warmup", type=int, default=5)
+    tb.add_argument("--batch", type=int, default=0, help="default: the model's")
+    tb.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    tb.add_argument("--csv")
+    tb.add_argument("--json")
+    tb.add_argument("--png")
     from flashcompile.studies import add_parser as add_study_parser
 
     add_study_parser(sub)
@@ -62,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         from flashcompile.memory import main as memory_main
 
         memory_main(args)
+        return
+    if args.command == "train-bench":
+        from flashcompile.train_bench import main as train_bench_main
+
+        train_bench_main(args)
         return
     if args.command == "bench":
         from flashcompile.bench import main as bench_main
