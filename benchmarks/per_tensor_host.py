@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the flash fp32 setup's host time goes (cProfile)")
     args = parser.parse_args()
     setups = ["torch AdamW (foreach=False)", "flash AdamW (fp32 codecs)",
               "flash AdamW (bf16 params)"]
@@ -66,6 +68,13 @@ def main() -> None:
             host[s].append(round_ms(opt, args.steps, False))
             if cuda:
                 synced[s].append(round_ms(opt, args.steps, True))
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(round_ms, opts[setups[1]], args.steps, False)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
     base = statistics.median(host[setups[0]])
     where = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{where}, torch {torch.__version__}: {args.params} params of {args.numel} elements, "

@@ -158,12 +158,11 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             flags = self._flags(group)
             scalars = _ScalarCache(self._hyperparameters(group))
-            done: set[int] = set()
-            for bucket in self._flat_buckets(index, group, flags):
-                if self._step_bucket(bucket, group, scalars):
-                    done.update(map(id, bucket.params))
-            if len(done) == len(group["params"]):
-                continue
+            stepped = [b for b in self._flat_buckets(index, group, flags)
+                       if self._step_bucket(b, group, scalars)]
+            if sum(len(b.params) for b in stepped) == len(group["params"]):
+                continue  # the common case: every param in a bucket (checked without a loop)
+            done = {id(p) for b in stepped for p in b.params}
             for p in group["params"]:
                 if p.grad is not None and id(p) not in done:
                     self._step_one(p, flags, scalars)

@@ -55,6 +55,7 @@ HYPER = {  # per task: AdamW, SGD and Lion hyperparameters
 }
 CLIP = {"digits": None, "chars": 1.0}  # gradient-norm clipping per task, for every run
 MIXED = "mixed"  # model "dtype" of the twins: fp32 weights, bf16 autocast compute
+FP32_NORMS = "fp32 norms"  # bf16 model with every norm layer in fp32 (cast_model(NORM_LAYERS))
 
 
 def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callable]]:
@@ -67,6 +68,9 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
     return {
         "adamw fp32 (torch)": ("", MIXED, lambda p: torch.optim.AdamW(p, **h["adamw"])),
         "adamw flash": ("adamw fp32 (torch)", torch.bfloat16, flash(fc.AdamW, **h["adamw"])),
+        # cast_model's former default: every norm layer fp32 behind casts (LayerNorm on chars)
+        "adamw flash (fp32 norms)": ("adamw fp32 (torch)", FP32_NORMS,
+                                     flash(fc.AdamW, **h["adamw"])),
         # FlashOptim exactly: the paper's codecs without Adam's step guard
         "adamw flash, paper (no guard)": ("adamw fp32 (torch)", torch.bfloat16,
                                           flash(fc.AdamW, PAPER, step_guard=False, **h["adamw"])),
@@ -133,8 +137,13 @@ def selected(task: str, compile_: bool, only: str = "") -> dict[str, tuple]:
 
 
 def prepare(model: torch.nn.Module, dtype, device: str) -> torch.nn.Module:
-    """The model a run trains: cast to ``dtype``, or for MIXED kept in fp32 with its forward under
-    bf16 autocast."""
+    """The model a run trains: cast as users cast it (``fc.cast_model``: bf16, BatchNorm kept
+    fp32), with every norm layer fp32 for FP32_NORMS, or for MIXED kept in fp32 with its forward
+    under bf16 autocast."""
+    if dtype == FP32_NORMS:
+        return fc.cast_model(model, keep_fp32=fc.NORM_LAYERS)
+    if dtype == torch.bfloat16:
+        return fc.cast_model(model)
     if dtype != MIXED:
         return model.to(dtype)
     model.forward = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(model.forward)
