@@ -108,6 +108,7 @@ class Row:
     first_iteration_s: float = float("nan")
     final_loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
+    iterations_ms: list[float] = field(default_factory=list)
     error: str = ""
 
 
@@ -191,6 +192,7 @@ def measure(model_name: str, setup_name: str, device: str = "cuda", steps: int =
     starts = [m[0] for m in marks] + [end]
     times = [ms(starts[k], starts[k + 1]) for k in range(steps)]
     row.iteration_ms = statistics.median(times) if cuda else wall
+    row.iterations_ms = times
     for j, name in enumerate(("forward_ms", "backward_ms", "clip_ms", "step_ms")):
         setattr(row, name, statistics.median(ms(m[j], m[j + 1]) for m in marks))
     if handle is not None:
@@ -280,6 +282,8 @@ def main(args) -> None:
         return
     rows = []
     print(HEADER, flush=True)
+    meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
+            "warmup": args.warmup}
     for m in models:
         base = None
         for s in setups:
@@ -287,9 +291,11 @@ def main(args) -> None:
             if s == "torch_fused_fp32_autocast":
                 base = rows[-1]
             print(format_row(rows[-1], base), flush=True)
-    meta = {"device": next((r.device for r in rows if r.device), args.device),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "steps": args.steps, "warmup": args.warmup}
+            if args.json:  # as it goes: a run cut short keeps its rows
+                meta["device"] = next((r.device for r in rows if r.device), args.device)
+                Path(args.json).write_text(json.dumps(
+                    {"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    meta["device"] = next((r.device for r in rows if r.device), args.device)
     print(f"\n{meta['device']}; torch {meta['torch']}; {args.steps} iterations after "
           f"{args.warmup} warm-up\n{HEADER}")
     for m in models:
@@ -298,15 +304,13 @@ def main(args) -> None:
         for r in rows:
             if r.model == m:
                 print(format_row(r, base))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]},
-                                              indent=1))
     if args.csv:
         import csv
 
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[k for k in asdict(rows[0]) if k != "losses"])
+            lists = ("losses", "iterations_ms")
+            writer = csv.DictWriter(f, fieldnames=[k for k in asdict(rows[0]) if k not in lists])
             writer.writeheader()
-            writer.writerows({k: v for k, v in asdict(r).items() if k != "losses"} for r in rows)
+            writer.writerows({k: v for k, v in asdict(r).items() if k not in lists} for r in rows)
     if args.png:
         plot(rows, args.png)
