@@ -145,10 +145,11 @@ class Bucket:
         if not self.ready(ptrs):
             return False
         grads, weights, fields, ends = self._args
-        if self.keep_grads and ptrs != self._grad_ptrs:
-            for i, (ptr, ours) in enumerate(zip(ptrs, self._grad_ptrs)):
-                if ptr != ours:  # a new gradient (set_to_none): accumulate into ours again
-                    self._adopt_grad(i)
+        if self.keep_grads:
+            if ptrs != self._grad_ptrs:
+                for i, (ptr, ours) in enumerate(zip(ptrs, self._grad_ptrs)):
+                    if ptr != ours:  # a new gradient (set_to_none): accumulate into ours again
+                        self._adopt_grad(i)
         else:  # gradient release: this bucket's gradients, for this step only
             staged = torch.zeros(self.groups * GROUP, dtype=self.weights.dtype,
                                  device=self.weights.device)

@@ -58,7 +58,8 @@ class Capture:
         if None not in readers:
             guard = _guard(traced)
             if guard is not False:
-                device = next(t.get_device() for t in traced if isinstance(t, torch.Tensor))
+                # a fake tensor's get_device() is its meta storage's (-1): read its device
+                device = next(_index(t.device) for t in traced if isinstance(t, torch.Tensor))
                 out = gm.graph.output_node().args[0]
                 outputs = len(out) if isinstance(out, (tuple, list)) else 1
                 self.graphs.append(_Graph(tuple(readers), guard, device, compiled, outputs))
@@ -95,6 +96,11 @@ class DirectFunction:
             self.returns = ("none" if out is None else "tensor" if isinstance(out, torch.Tensor)
                             else "other")
         return out
+
+
+def _index(device: torch.device) -> int:
+    """``Tensor.get_device()`` of a tensor on ``device``: -1 on CPU, the index elsewhere."""
+    return -1 if device.type == "cpu" else (device.index or 0)
 
 
 def _reader(grapharg, argnames: list[str]):

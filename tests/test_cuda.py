@@ -136,8 +136,9 @@ def test_cuda_group_kernel_launches_with_the_pinned_config_and_stays_correct(nam
 
 
 def test_cuda_gradient_release_is_bit_identical_to_flat_stepping():
-    """Release steps each param with its own launches (per tensor); the default CUDA path steps
-    one flat bucket through a CUDA graph. Element-wise math: the results must not differ."""
+    """Release steps buckets of params inside backward (their gradients staged per step, no
+    graph); the default CUDA path steps one flat bucket through a CUDA graph. The same kernel on
+    the same values: the results must not differ."""
     from flashcompile.bench_models import build
 
     models = []
@@ -160,3 +161,41 @@ def test_cuda_gradient_release_is_bit_identical_to_flat_stepping():
         assert torch.equal(p, q)
         assert all(torch.equal(opt_a.state[p][k], opt_b.state[q][k]) for k in opt_a.state[p])
     handle.remove()
+
+
+def test_cuda_graphs_of_two_buckets_with_channels_last_params_step_as_release_does():
+    """fp32 BatchNorm params and bf16 channels_last convs: two flat buckets, each replayed from
+    its CUDA graph, against release buckets stepping the same kernel without graphs."""
+    runs = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16),
+                                    torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3))
+        model = fc.cast_model(model.cuda()).to(memory_format=torch.channels_last)
+        opt = fc.AdamW(model.parameters(), lr=1e-2)
+        if release:
+            fc.enable_gradient_release(model, opt)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for _ in range(5):
+            x = torch.randn(4, 3, 12, 12, device="cuda", generator=gen).bfloat16()
+            model(x.to(memory_format=torch.channels_last)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((model, opt))
+    (a, opt_a), (b, _) = runs
+    assert len(opt_a._buckets) == 2 and all(bk._graph is not None for bk in opt_a._buckets.values())
+    assert a[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cuda_per_tensor_steps_call_the_compiled_graph_without_dynamo():
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda").bfloat16()) for n in (1000, 4096)]
+    opt = fc.AdamW(params, flat=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    plan = plan_of(opt)
+    before = plan.fn_one.direct_calls
+    opt.step()
+    assert plan.fn_one.direct_calls - before == len(params)

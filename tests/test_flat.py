@@ -4,6 +4,7 @@ users move params and grads around, and keeps gradients accumulating in place.""
 from __future__ import annotations
 
 import io
+from unittest import mock
 
 import pytest
 import torch
@@ -196,3 +197,16 @@ def test_channels_last_params_keep_their_format_in_flat_buffers_and_step_as_per_
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(flat_opt.state_value(p, name), ref_opt.state_value(q, name))
         assert torch.equal(flat_opt.master_weight(p), ref_opt.master_weight(q))
+
+
+def test_a_flat_bucket_steps_from_its_own_gradient_buffer_without_staging_a_copy():
+    params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (40, 64)]
+    opt = fc.SGD(params, lr=0.1, momentum=0.9, compile=False, flat=True)  # no scalar states
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    bucket = next(iter(opt._buckets.values()))
+    assert bucket.keep_grads
+    with mock.patch.object(torch, "_foreach_copy_", wraps=torch._foreach_copy_) as copies:
+        opt.step()
+    assert copies.call_count == 0
