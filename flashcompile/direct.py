@@ -48,6 +48,7 @@ class Capture:
         self.inner = inner
         self.argnames = list(argnames)
         self.graphs: list[_Graph] = []
+        self.rejected: list[str] = []  # why a compiled graph is left to dynamo (for diagnosis)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -55,9 +56,14 @@ class Capture:
         # the traced values: fake tensors with symbolic sizes, SymInts (example_inputs are hints)
         traced = [n.meta.get("example_value") for n in placeholders]
         compiled = self.inner(gm, example_inputs)
-        if None not in readers:
+        if None in readers:
+            sources = [n.meta.get("grapharg") for n, r in zip(placeholders, readers) if r is None]
+            self.rejected.append(f"inputs from {[getattr(g, 'source', g) for g in sources]}")
+        else:
             guard = _guard(traced)
-            if guard is not False:
+            if isinstance(guard, str):
+                self.rejected.append(f"shape guards not checkable: {guard}")
+            else:
                 # a fake tensor's get_device() is its meta storage's (-1): read its device
                 device = next(_index(t.device) for t in traced if isinstance(t, torch.Tensor))
                 out = gm.graph.output_node().args[0]
@@ -112,9 +118,14 @@ def _reader(grapharg, argnames: list[str]):
     prop = None
     if type(src).__name__ == "TensorPropertySource":
         prop, src = (src.prop, src.idx), src.base
-    if type(src).__name__ != "LocalSource" or src.local_name not in argnames:
+    if type(src).__name__ == "GetItemSource" and isinstance(src.index, int) and (
+            type(src.base).__name__ == "LocalSource" and src.base.local_name == "args"
+            and "args" not in argnames):
+        index = src.index  # torch 2.11 traces from a wrapper frame: its *args are the arguments
+    elif type(src).__name__ == "LocalSource" and src.local_name in argnames:
+        index = argnames.index(src.local_name)
+    else:
         return None
-    index = argnames.index(src.local_name)
     if prop is None:
         return index, None
     kind, dim = prop
@@ -132,9 +143,10 @@ def _guard(traced: list):
     """A predicate on a graph's inputs that holds where the graph is valid: every static size of
     its tensor inputs, every symbolic size equal to the graph input that carries its symbol
     (dynamo gives equal sizes one symbol), and the ShapeEnv's guards over the symbols (as
-    Inductor's own graph cache checks them). None: no constraints; False: not expressible here."""
+    Inductor's own graph cache checks them). None: no constraints; a string: why they cannot be
+    checked here (the graph then runs through dynamo)."""
     if any(v is None for v in traced):
-        return False
+        return "a graph input without its traced value"
     carrier = {t.node.expr: i for i, t in enumerate(traced) if isinstance(t, torch.SymInt)}
     static, same = [], []
     for i, t in enumerate(traced):
@@ -146,7 +158,7 @@ def _guard(traced: list):
             elif size.node.expr in carrier:
                 same.append((i, d, carrier[size.node.expr]))
             else:
-                return False  # a size derived from others: leave the graph to dynamo
+                return f"input {i} has a size derived from others: {size}"
     symbols = sorted(carrier.values())
     fake_mode = torch._guards.detect_fake_mode(traced)
     shape_env = getattr(fake_mode, "shape_env", None)
@@ -159,8 +171,8 @@ def _guard(traced: list):
             if code is not None:
                 check = eval(compile(f"lambda L: {code}", "<flashcompile graph guard>", "eval"),
                              dict(SYMPY_INTERP))
-        except Exception:  # noqa: BLE001 - another torch version: such graphs run through dynamo
-            return False
+        except Exception as e:  # noqa: BLE001 - another torch version: such graphs use dynamo
+            return f"{type(e).__name__}: {e}"
     names = [f"t{k}" for k in range(len(symbols))]
 
     def holds(inputs: list) -> bool:
