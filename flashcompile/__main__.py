@@ -7,13 +7,8 @@ import argparse
 
 import torch
 
-from flashcompile import optimizers
 from flashcompile.explain import explain
-from flashcompile.optimizer import Optimizer
-
-# every drop-in class of flashcompile.optimizers, by lower-case name
-OPTIMIZERS = {name.lower(): cls for name, cls in vars(optimizers).items()
-              if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer}
+from flashcompile.optimizers import OPTIMIZERS
 
 
 def main(argv: list[str] | None = None) -> None:
