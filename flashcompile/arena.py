@@ -71,6 +71,9 @@ class Bucket:
         # None: not yet checked (loaded or per-tensor steps may differ between params)
         self.uniform_steps: bool | None = None
         self._weight_ptrs = [p.data_ptr() for p in self.params]
+        # each param's state dict and its step view: a state reset (opt.state.clear(), del
+        # opt.state[p], opt.state[p].clear()) replaces or empties them, and must start fresh state
+        self._states = [(state[p], state[p]["step"]) for p in self.params]
         self._grad_ptrs = [self.grads[self._range(i)].data_ptr() for i in range(len(params))]
         self._args = (
             groups(self.grads, False, 0, self.groups),
@@ -91,9 +94,11 @@ class Bucket:
         return buffer[self.offsets[i] * width:(self.offsets[i] + count) * width]
 
     def intact(self) -> bool:
-        """Params still live in the buffer (else the bucket must be rebuilt). State the optimizer
-        replaces (load_state_dict) drops the bucket there."""
-        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._weight_ptrs))
+        """Params still live in the buffer and their states are the bucket's (else the bucket must
+        be rebuilt). State the optimizer replaces (load_state_dict) drops the bucket there."""
+        return (all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._weight_ptrs))
+                and all(self.state.get(p) is st and st.get("step") is step
+                        for p, (st, step) in zip(self.params, self._states)))
 
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:

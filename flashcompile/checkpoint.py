@@ -140,10 +140,11 @@ class Checkpoints:
                 raise ValueError(f"state dict has state for param id {pid}, which no group lists")
             p, (i, j) = id_map[pid], where[pid]
             plan = self._plan(p, self._flags(new_groups[i]))
+            _check_step(saved.get("step"), pid)
+            checked = self._check_saved_state(p, plan, saved, pid)  # names another optimizer
             encoded = not interop.is_torch_format(self.rule.states, saved, p)
             _check_identity(p, plan, saved_groups[i], j, pid, encoded)
-            _check_step(saved.get("step"), pid)
-            new_state[p] = ParamState(self._check_saved_state(p, plan, saved, pid))
+            new_state[p] = ParamState(checked)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._buckets.clear()  # rebuilt from the loaded tensors at the next step
         self._buckets_of_group.clear()
