@@ -93,8 +93,7 @@ class Plan:
 
         if not self._verified:  # compile (and pin the launch config) on a realistic size first
             self.verify(device)
-        torch.manual_seed(seed)
-        args = sample_inputs(self, groups, device)
+        args = sample_inputs(self, groups, device, seed)  # its own generator: RNG state untouched
         eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
         for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
             if a.dim() == 2:  # symbolic, into a looped two-pass reduction (5x slower)
