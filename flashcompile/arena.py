@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from flashcompile import guards
 from flashcompile.codecs import GROUP
 from flashcompile.plan import Plan, groups, scalar_tensor, segment_ends
 
@@ -120,6 +121,8 @@ class Bucket:
             return False
         for i in fresh:  # a new gradient tensor (e.g. after set_to_none): accumulate into ours again
             p = self.params[i]
+            if p.grad.shape != p.shape:  # copied flat, it would apply element-wise regardless
+                raise guards.wrong_grad_shape(f"the param of shape {tuple(p.shape)}", p.grad)
             self.grads[self._range(i)].copy_(p.grad.reshape(-1))
             p.grad = self.grads[self._range(i)].view_as(p)
         self.steps += 1

@@ -130,7 +130,8 @@ class SumAll(sympy.Function):
 PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "sqrt": (torch.sqrt, sympy.sqrt, math.sqrt),
     "abs": (torch.abs, sympy.Abs, abs),
-    "sign": (torch.sign, sympy.sign, lambda x: float((x > 0) - (x < 0))),
+    "sign": (lambda x: torch.where(torch.isnan(x), x, torch.sign(x)), sympy.sign,
+             lambda x: x if math.isnan(x) else float((x > 0) - (x < 0))),  # NaN stays NaN
     "exp": (torch.exp, sympy.exp, math.exp),
     "log": (torch.log, sympy.log, math.log),
     "maximum": (torch.maximum, sympy.Max, max),

@@ -62,9 +62,13 @@ def check_grad(opt, p: torch.Tensor, grad: torch.Tensor) -> None:
             f"{p.device.type} with its grad on {grad.device.type}; materialise the model first "
             "(model.to_empty(device=...))")
     if grad.shape != p.shape:
-        raise RuntimeError(
-            f"{describe(opt, p)} has a gradient of shape {tuple(grad.shape)}; a gradient must have "
-            "its parameter's shape (one set through .grad.data bypasses torch's check)")
+        raise wrong_grad_shape(describe(opt, p), grad)
+
+
+def wrong_grad_shape(where: str, grad: torch.Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"{where} has a gradient of shape {tuple(grad.shape)}; a gradient must have its "
+        "parameter's shape (one set through .grad.data bypasses torch's check)")
 
 
 def check_step(opt) -> None:

@@ -228,3 +228,14 @@ def test_master_weight_of_a_param_never_stepped_is_the_param():
     (p,) = _params(5)
     assert torch.equal(fc.AdamW([p]).master_weight(p), p.detach().float())
     assert PARAM == "param"
+
+
+@pytest.mark.parametrize("make", [fc.Lion, fc.Rprop], ids=["lion", "rprop"])
+def test_a_nan_gradient_is_visible_in_its_param_when_the_rule_takes_a_sign(make):
+    # torch.sign(nan) == 0: the NaN used to vanish, and Lion's group of 32 stopped moving unseen
+    a, b = _params(64, 64)
+    opt = make([a, b], compile=False)
+    _grads([a, b], 0)
+    a.grad[3] = float("nan")
+    opt.step()
+    assert torch.isnan(a[3]) and torch.isfinite(b).all()
