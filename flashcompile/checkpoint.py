@@ -75,19 +75,18 @@ class Checkpoints:
         state is in the checkpoint layout of :mod:`flashcompile.distributed` (DTensors that DCP
         reshards); others stay flat."""
         sd = super().state_dict()
-        pid = 0  # torch.optim numbers params in group order
         for group, saved in zip(self.param_groups, sd["param_groups"]):
             saved["param_shapes"] = [list(p.shape) for p in group["params"]]
             codecs = saved["codecs"] = {}
-            for p in group["params"]:
+            # torch.optim's ids: in group order, a param listed again keeps its first id
+            for p, pid in zip(group["params"], saved["params"]):
                 if pid in sd["state"]:
                     plan = self._plan(p, self._flags(group))
                     codecs.setdefault(str(p.dtype), codec_names(plan))
                     if is_dtensor(p):
                         sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
-                    else:  # torch.load(weights_only=True) takes plain dicts only
+                    elif type(sd["state"][pid]) is not dict:  # weights_only loads plain dicts
                         sd["state"][pid] = dict(sd["state"][pid])
-                pid += 1
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
