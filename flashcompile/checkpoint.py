@@ -13,13 +13,12 @@ reference, codecs, options, states); flat buffers and plans are rebuilt at the c
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-
-import math
 
 from flashcompile import distributed, interop
 from flashcompile.codecs import GROUP
@@ -54,7 +53,7 @@ class Checkpoints:
     """``state_dict``, ``load_state_dict`` and ``torch_state_dict`` for
     :class:`flashcompile.Optimizer` (a mixin: it uses the optimizer's plans, flags and state)."""
 
-    fixed_hyperparameters: Mapping[str, Any] = {}  # what the class forces (AdamW: decoupled)
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {}  # what the class forces (AdamW: decoupled)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim's keeps defaults, state and param_groups only (hooks are not copied, as in
@@ -193,12 +192,12 @@ def _check_identity(p: torch.Tensor, plan: Plan, group: Mapping[str, Any], index
     """The saved param's shape and (``encoded``: a state not in torch.optim's format) codecs, where
     the state dict records them (torch.optim's and older ones carry neither)."""
     shapes = group.get("param_shapes")
-    if shapes is not None and len(shapes) == len(group["params"]):
-        if tuple(shapes[index]) != tuple(p.shape):
-            raise ValueError(
-                f"state of param {pid} was saved for a param of shape {tuple(shapes[index])}, but "
-                f"this optimizer's param {index} of its group has shape {tuple(p.shape)}: the "
-                "state dict belongs to other parameters")
+    recorded = shapes is not None and len(shapes) == len(group["params"])
+    if recorded and tuple(shapes[index]) != tuple(p.shape):
+        raise ValueError(
+            f"state of param {pid} was saved for a param of shape {tuple(shapes[index])}, but "
+            f"this optimizer's param {index} of its group has shape {tuple(p.shape)}: the "
+            "state dict belongs to other parameters")
     codecs = group.get("codecs") if encoded else None
     if codecs and str(p.dtype) not in codecs:
         raise ValueError(

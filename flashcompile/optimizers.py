@@ -6,8 +6,8 @@ Each takes torch.optim's arguments and defaults plus the options of :class:`flas
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from flashcompile.optimizer import Optimizer
 from flashcompile.rules import (
@@ -20,7 +20,8 @@ class SGD(Optimizer):
     """torch.optim.SGD's update (L2 weight decay) with flash codecs by default."""
 
     decoupled = False
-    fixed_hyperparameters = {"decoupled_weight_decay": False}  # a loaded SGDW dict stays SGD
+    # a loaded SGDW state dict stays SGD
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {"decoupled_weight_decay": False}
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
@@ -36,7 +37,7 @@ class SGDW(SGD):
     """SGD with decoupled weight decay: ``p <- p * (1 - lr * wd)`` (arXiv 1711.05101)."""
 
     decoupled = True
-    fixed_hyperparameters = {"decoupled_weight_decay": True}
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {"decoupled_weight_decay": True}
 
 
 class Adam(Optimizer):
@@ -55,7 +56,8 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """torch.optim.AdamW's update (decoupled weight decay, default 1e-2) with flash codecs."""
 
-    fixed_hyperparameters = {"decoupled_weight_decay": True}  # as torch.optim.AdamW.__setstate__
+    # as torch.optim.AdamW.__setstate__ forces it
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {"decoupled_weight_decay": True}
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,

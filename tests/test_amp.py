@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_contract import assert_same_state_dict, make, set_grads, trained
 
 import flashcompile as fc
 from flashcompile.optimizers import OPTIMIZERS
-
-from test_contract import assert_same_state_dict, make, set_grads, trained
 
 
 @pytest.mark.parametrize("flat", [False, True])

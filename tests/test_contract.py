@@ -22,8 +22,8 @@ from flashcompile.optimizers import OPTIMIZERS
 
 NAMES = sorted(OPTIMIZERS)
 # options under which every state of the optimizer is live (the others' defaults already are)
-LIVE = {"sgd": dict(momentum=0.9), "sgdw": dict(momentum=0.9, weight_decay=0.1),
-        "rmsprop": dict(momentum=0.9, centered=True), "adam": dict(amsgrad=True)}
+LIVE = {"sgd": {"momentum": 0.9}, "sgdw": {"momentum": 0.9, "weight_decay": 0.1},
+        "rmsprop": {"momentum": 0.9, "centered": True}, "adam": {"amsgrad": True}}
 SHAPES = [(30, 20), (7,), (64,)]
 SIBLINGS = {"softsign_int8": "linear_int8", "linear_int8": "softsign_int8",
             "sqrt_uint8": "sqrt_uint8_nonzero", "sqrt_uint8_nonzero": "sqrt_uint8"}
@@ -164,7 +164,7 @@ def _other_codecs(opt):
 def _edit_state(field_edit):
     def edit(sd, opt):
         state = sd["state"][0]
-        key = sorted(k for k in state if k.endswith(".codes"))[-1]  # a state's, not the residual
+        key = max(k for k in state if k.endswith(".codes"))  # a state's, not the residual
         state[key] = field_edit(state[key])
         return key
     return edit
@@ -216,7 +216,7 @@ def test_every_load_that_must_fail_fails_and_changes_nothing(name, case):
         match = "shape|params|expected"
     elif case == "missing_field":
         bad = copy.deepcopy(before)
-        key = sorted(k for k in bad["state"][0] if "." in k)[0]
+        key = min(k for k in bad["state"][0] if "." in k)
         del bad["state"][0][key]
         match = "keys"
     else:

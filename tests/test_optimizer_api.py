@@ -253,8 +253,8 @@ ERRORS = {
     "sparse gradient": (lambda: _step_with_grad(lambda p: torch.eye(3).to_sparse(), sparse=True),
                         "SparseAdam"),
     "gradient of another size": (lambda: _step_with_grad(lambda p: torch.zeros(5)),
-                                 r"param \(group 0, index 0, shape \(3, 3\)\) has a gradient of "
-                                 r"shape \(5,\)"),
+                                 (r"param \(group 0, index 0, shape \(3, 3\)\) has a gradient "
+                                  r"of shape \(5,\)")),
     "gradient on meta": (lambda: _step_with_grad(lambda p: torch.zeros(3, 3, device="meta"),
                                                  device="meta"),
                          "`fused=True` requires all the params to be floating point Tensors"),
@@ -272,9 +272,9 @@ def test_bad_input_raises_a_message_naming_it(case):
         make()
 
 
-@pytest.mark.parametrize("flags", [dict(foreach=False), dict(foreach=True), dict(fused=True),
-                                   dict(fused=None, foreach=None), dict(capturable=True),
-                                   dict(differentiable=True)], ids=str)
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}, {"fused": True},
+                                   {"fused": None, "foreach": None}, {"capturable": True},
+                                   {"differentiable": True}], ids=str)
 def test_torch_implementation_flags_are_taken_where_their_meaning_holds(flags):
     """flashcompile is fused and foreach by construction; a step captured in no CUDA graph and
     differentiated by nobody is the same step: the flags change nothing and are kept as torch's."""

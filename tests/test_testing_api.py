@@ -127,7 +127,7 @@ def test_special_values_include_signed_zeros_subnormals_and_extremes():
     assert {0.0, 1e-40, 1e30, -1e30} <= set(SPECIAL_VALUES)
 
 
-@fc.rule(defaults=dict(lr=1e-2, beta=0.9), states={"buffer": "signed"},
+@fc.rule(defaults={"lr": 1e-2, "beta": 0.9}, states={"buffer": "signed"},
          ranges={"beta": (0.0, 1.0)})
 def warm_started(p, g, buffer, *, step, lr, beta):
     """A buffer that starts empty at step 1, written with the idiom fc.rule's docstring gives."""
