@@ -7,20 +7,15 @@ import argparse
 
 import torch
 
-from flashcompile import optimizers
 from flashcompile.explain import explain
-from flashcompile.optimizer import Optimizer
-
-# every drop-in class of flashcompile.optimizers, by lower-case name
-OPTIMIZERS = {name.lower(): cls for name, cls in vars(optimizers).items()
-              if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer}
+from flashcompile.optimizers import OPTIMIZERS
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="flashcompile")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("explain", help="print an optimizer's math, generated source and kernels")
-    ex.add_argument("optimizer", choices=sorted(OPTIMIZERS))
+    ex.add_argument("optimizer", type=str.lower, choices=sorted(OPTIMIZERS))  # AdamW or adamw
     ex.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ex.add_argument("--codecs", default="flash", choices=["flash", "fp32"])
     ex.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -66,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     add_study_parser(sub)
     args = parser.parse_args(argv)
+    _check_names(parser, args)
     if args.command == "study":
         from flashcompile.studies import run
 
@@ -90,6 +86,39 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"momentum": args.momentum} if args.optimizer.startswith("sgd") else {}
     opt = OPTIMIZERS[args.optimizer]([p], codecs=args.codecs, **extra)
     print(explain(opt, kernels=args.kernels))
+
+
+def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad device, workload, model, setup or optimizer name with the known ones, before
+    anything runs (a usage error, not a traceback from deep inside a run)."""
+    if getattr(args, "device", None) is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            parser.error(f"--device {args.device!r}: {e}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device!r}: no CUDA device here; use --device cpu")
+    if args.command == "bench":
+        from flashcompile import bench
+
+        for w in args.workloads.split(","):
+            try:
+                bench.load_workload(w)
+            except FileNotFoundError as e:
+                parser.error(str(e))
+        if args.optimizers and args.optimizers != "all":
+            known = {**bench.OPTIMIZERS, **bench.EXTRA, **bench._peers()}
+            unknown = [o for o in args.optimizers.split(",") if o not in known]
+            if unknown:
+                parser.error(f"unknown optimizers {unknown}; available: {sorted(known)} or 'all'")
+    if args.command == "memory":
+        from flashcompile.bench_models import CONFIGS
+        from flashcompile.memory import SETUPS
+
+        for kind, names, known in (("models", args.models, CONFIGS), ("setups", args.setups, SETUPS)):
+            unknown = [n for n in names.split(",") if n and n not in known]
+            if unknown:
+                parser.error(f"unknown {kind} {unknown}; known: {sorted(known)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flashcompile import layout
+from flashcompile import guards, layout
 from flashcompile.codecs import GROUP
 from flashcompile.layout import groups, scalar_tensor, segment_ends
 from flashcompile.plan import Plan
@@ -81,6 +81,10 @@ class Bucket:
         # None: not yet checked (loaded or per-tensor steps may differ between params)
         self.uniform_steps: bool | None = None
         self._weight_ptrs = [p.data_ptr() for p in self.params]
+        # each param's state dict and its step view: a state reset (opt.state.clear(), del
+        # opt.state[p], opt.state[p].clear()) replaces or empties them, and must start fresh state
+        self._state_dicts = [state[p] for p in self.params]
+        self._step_views = [st["step"] for st in self._state_dicts]
         self._grad_ptrs = ([self.grads[self._range(i)].data_ptr() for i in range(len(params))]
                            if keep_grads else [])
         self._args = (
@@ -108,15 +112,26 @@ class Bucket:
     def _adopt_grad(self, i: int) -> None:
         """Point param ``i``'s ``.grad`` into the gradient buffer (copying a gradient it has)."""
         p = self.params[i]
+        if p.grad is not None and p.grad.shape != p.shape:  # copied flat, it would apply anyway
+            raise guards.wrong_grad_shape(f"the param of shape {tuple(p.shape)}", p.grad)
         if p.grad is not None:
             self.grads[self._range(i)].copy_(layout.flat(p.grad, self.orders[i]))
         p.grad = self._as_param(self.grads, i)
 
     def intact(self) -> bool:
-        """Params still live in the buffer (else the bucket must be rebuilt). State the optimizer
-        replaces (load_state_dict) drops the bucket there. Checked every step, so in C-level
-        loops: a Python loop cost ~2 us per param (1000 tensors: host-bound)."""
-        return list(map(_data_ptr, self.params)) == self._weight_ptrs
+        """Params still live in the buffer and their states are the bucket's (else the bucket must
+        be rebuilt). State the optimizer replaces (load_state_dict) drops the bucket there. Checked
+        every step, so in C-level loops: a Python loop cost ~2 us per param (1000 tensors:
+        host-bound)."""
+        if list(map(_data_ptr, self.params)) != self._weight_ptrs:
+            return False
+        states = list(map(self.state.get, self.params))
+        if not all(map(operator.is_, states, self._state_dicts)):
+            return False
+        try:
+            return all(map(operator.is_, map(_step, states), self._step_views))
+        except KeyError:  # opt.state[p].clear()
+            return False
 
     def _grad_ptrs_now(self) -> list[int] | None:
         """The params' gradients' data pointers, or None if some param has no gradient."""
@@ -185,6 +200,7 @@ class Bucket:
 
 _data_ptr = torch.Tensor.data_ptr
 _grad = operator.attrgetter("grad")
+_step = operator.itemgetter("step")
 
 
 def steps_agree(steps: torch.Tensor, params: Sequence[torch.Tensor],

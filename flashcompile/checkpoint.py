@@ -3,38 +3,91 @@
 ``state_dict()`` holds the stored fields as they are (int8 codes, fp16 scales, the int8 residual;
 DTensor params' state in :mod:`flashcompile.distributed`'s layout, which DCP reshards).
 ``load_state_dict`` accepts that, or a torch.optim state dict of the same optimizer (encoded with
-this optimizer's codecs), and checks every tensor before anything changes.
+this optimizer's codecs), and checks every tensor before anything changes. Each saved param group
+also records its params' shapes (``param_shapes``) and, per param dtype, the codecs that encoded
+their states (``codecs``): fields of two codecs or two shapes can agree in dtype and size.
+
+Copies (``copy.deepcopy``, ``pickle``, ``torch.save(opt)``) keep what a step needs (the rule by
+reference, codecs, options, states); flat buffers and plans are rebuilt at the copy's next step.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from flashcompile import distributed, interop
 from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor
+from flashcompile.hyperparameters import IMPLEMENTATION_FLAGS
 from flashcompile.plan import Plan
+
+# rebuilt from the state at the next step; a copy of a released optimizer is not released
+_TRANSIENT = ("_buckets", "_buckets_of_group", "_plans", "_gradient_release", "_grad_unscale",
+              "_per_tensor")
+SAVED_METADATA = ("param_shapes", "codecs")  # per saved group, checked on load and not loaded
+
+
+class ParamState(dict):
+    """One param's optimizer state: a dict whose missing keys say where a state lives."""
+
+    def __missing__(self, key):
+        fields = sorted(k for k in self if isinstance(key, str) and k.startswith(f"{key}."))
+        if fields:
+            raise KeyError(
+                f"{key!r} is stored encoded, in {fields}; read it decoded (fp32, shaped like the "
+                f"param) with optimizer.state_value(p, {key!r})")
+        raise KeyError(f"{key!r} is not in this param's state (its keys: {sorted(self)}; a "
+                       "state appears at the param's first step)")
+
+
+def codec_names(plan: Plan) -> str:
+    """The identity of a plan's storage: ``param=weight_split(bf16+int8) exp_avg=softsign_int8``."""
+    return " ".join(f"{name}={codec.name}" for name, codec in plan.codecs.items())
 
 
 class Checkpoints:
     """``state_dict``, ``load_state_dict`` and ``torch_state_dict`` for
     :class:`flashcompile.Optimizer` (a mixin: it uses the optimizer's plans, flags and state)."""
 
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {}  # what the class forces (AdamW: decoupled)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim's keeps defaults, state and param_groups only (hooks are not copied, as in
+        # torch); the rule, codecs and options must travel too or the copy cannot step
+        return {k: v for k, v in self.__dict__.items()
+                if k not in _TRANSIENT and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_buckets", {})
+        self.__dict__.setdefault("_buckets_of_group", {})
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_per_tensor", {})
+        self.__dict__.setdefault("_gradient_release", None)
+        self.__dict__.setdefault("_grad_unscale", None)
+
     def state_dict(self) -> dict[str, Any]:
-        """As torch.optim's. A DTensor param's state is in the checkpoint layout of
-        :mod:`flashcompile.distributed` (DTensors that DCP reshards); others stay flat."""
+        """As torch.optim's, plus each group's ``param_shapes`` and ``codecs``. A DTensor param's
+        state is in the checkpoint layout of :mod:`flashcompile.distributed` (DTensors that DCP
+        reshards); others stay flat."""
         sd = super().state_dict()
-        pid = 0  # torch.optim numbers params in group order
-        for group in self.param_groups:
-            for p in group["params"]:
-                if pid in sd["state"] and is_dtensor(p):
+        for group, saved in zip(self.param_groups, sd["param_groups"]):
+            saved["param_shapes"] = [list(p.shape) for p in group["params"]]
+            codecs = saved["codecs"] = {}
+            # torch.optim's ids: in group order, a param listed again keeps its first id
+            for p, pid in zip(group["params"], saved["params"]):
+                if pid in sd["state"]:
                     plan = self._plan(p, self._flags(group))
-                    sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
-                pid += 1
+                    codecs.setdefault(str(p.dtype), codec_names(plan))
+                    if is_dtensor(p):
+                        sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
+                    elif type(sd["state"][pid]) is not dict:  # weights_only loads plain dicts
+                        sd["state"][pid] = dict(sd["state"][pid])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -61,28 +114,37 @@ class Checkpoints:
                     f"param group {i}: state dict has {len(saved['params'])} params, optimizer "
                     f"has {len(g['params'])}"
                 )
-            # torch.optim's groups lack flags it does not have (SGD's decoupled_weight_decay):
-            # keep ours. A missing float hyperparameter means another optimizer's state dict.
-            flags = {k: g[k] for k in self.rule.flags if k not in saved}
-            saved = {**flags, **saved}
+            # torch.optim's groups lack flags it does not have (SGD's decoupled_weight_decay),
+            # older ones torch's implementation flags: keep ours. A missing float hyperparameter
+            # means another optimizer's state dict. The class's fixed flags win (AdamW stays
+            # AdamW with an Adam state dict, as torch's AdamW.__setstate__ forces).
+            kept = {k: g[k] for k in (*self.rule.flags, *IMPLEMENTATION_FLAGS, "param_names")
+                    if k not in saved and k in g}
+            saved = {**kept, **saved, **self.fixed_hyperparameters}
             missing = sorted(set(self.rule.defaults) - set(saved))
             if missing:
                 raise ValueError(
                     f"param group {i} of the state dict lacks {self.rule.name}'s hyperparameters "
                     f"{missing}: it was saved by a different optimizer"
                 )
-            new = {**saved, "params": g["params"]}
+            new = {k: v for k, v in saved.items() if k not in SAVED_METADATA}
+            new["params"] = g["params"]
             self._hyperparameters(new)
             new_groups.append(new)
             id_map.update(zip(saved["params"], g["params"]))
-        new_state: dict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        where = {pid: (i, j) for i, saved in enumerate(saved_groups)
+                 for j, pid in enumerate(saved["params"])}
+        new_state: dict[torch.Tensor, dict[str, Any]] = defaultdict(ParamState)
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state dict has state for param id {pid}, which no group lists")
-            p = id_map[pid]
-            group = new_groups[next(i for i, g in enumerate(self.param_groups)
-                                    if any(q is p for q in g["params"]))]
-            new_state[p] = self._check_saved_state(p, self._plan(p, self._flags(group)), saved, pid)
+            p, (i, j) = id_map[pid], where[pid]
+            plan = self._plan(p, self._flags(new_groups[i]))
+            _check_step(saved.get("step"), pid)
+            checked = self._check_saved_state(p, plan, saved, pid)  # names another optimizer
+            encoded = not interop.is_torch_format(self.rule.states, saved, p)
+            _check_identity(p, plan, saved_groups[i], j, pid, encoded)
+            new_state[p] = ParamState(checked)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._buckets.clear()  # rebuilt from the loaded tensors at the next step
         self._buckets_of_group.clear()
@@ -125,3 +187,35 @@ class Checkpoints:
                 )
             out[key] = t.detach().to(device=p.device, copy=True).reshape(-1)
         return out
+
+
+def _check_identity(p: torch.Tensor, plan: Plan, group: Mapping[str, Any], index: int, pid,
+                    encoded: bool) -> None:
+    """The saved param's shape and (``encoded``: a state not in torch.optim's format) codecs, where
+    the state dict records them (torch.optim's and older ones carry neither)."""
+    shapes = group.get("param_shapes")
+    recorded = shapes is not None and len(shapes) == len(group["params"])
+    if recorded and tuple(shapes[index]) != tuple(p.shape):
+        raise ValueError(
+            f"state of param {pid} was saved for a param of shape {tuple(shapes[index])}, but "
+            f"this optimizer's param {index} of its group has shape {tuple(p.shape)}: the "
+            "state dict belongs to other parameters")
+    codecs = group.get("codecs") if encoded else None
+    if codecs and str(p.dtype) not in codecs:
+        raise ValueError(
+            f"state of param {pid} ({tuple(p.shape)}) was saved for {sorted(codecs)} params, this "
+            f"one is {p.dtype}: cast the model as it was when saved")
+    if codecs and codecs[str(p.dtype)] != codec_names(plan):
+        raise ValueError(
+            f"state of param {pid} ({tuple(p.shape)}) was saved with codecs "
+            f"{codecs[str(p.dtype)]}; this optimizer stores {codec_names(plan)}. Build it with the "
+            "codecs it was saved with, or load the saver's torch_state_dict() to re-encode")
+
+
+def _check_step(step, pid) -> None:
+    if step is None:
+        return
+    value = float(torch.as_tensor(step, dtype=torch.float64))
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise ValueError(f"state of param {pid} has step {value}; a step count must be a whole "
+                         "number >= 0 (the steps taken)")

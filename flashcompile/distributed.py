@@ -191,12 +191,17 @@ def export_state(p: torch.Tensor, plan: Plan, state: Mapping[str, Any]) -> dict[
 
 
 def is_checkpoint_layout(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any]) -> bool:
-    """Whether a plain param's saved state has the checkpoint layout rather than the flat one."""
+    """Whether a plain param's saved state has the checkpoint layout rather than the flat one: some
+    field is shaped like the param (or its rows of groups) instead of flat. A flat field of the
+    wrong size is a wrong state, which the flat check names, not another layout."""
     fields = plan.owned_fields
     if not set(fields) <= set(saved):
         return False
+    per_row = groups_per_row(p)
+    layouts = {tuple(p.shape)} | ({(p.shape[0], per_row)} if per_row else set())
     flat = [(-(-p.numel() // GROUP)) * (1 if f.per_group else GROUP) for f in fields.values()]
-    return any(tuple(saved[k].shape) != (m,) for k, m in zip(fields, flat))
+    return any(tuple(saved[k].shape) in layouts and tuple(saved[k].shape) != (m,)
+               for k, m in zip(fields, flat))
 
 
 def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid: Any,

@@ -17,8 +17,10 @@ All primitives are element-wise except :func:`sum_all`, the sum over every eleme
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +130,8 @@ class SumAll(sympy.Function):
 PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "sqrt": (torch.sqrt, sympy.sqrt, math.sqrt),
     "abs": (torch.abs, sympy.Abs, abs),
-    "sign": (torch.sign, sympy.sign, lambda x: float((x > 0) - (x < 0))),
+    "sign": (lambda x: torch.where(torch.isnan(x), x, torch.sign(x)), sympy.sign,
+             lambda x: x if math.isnan(x) else float((x > 0) - (x < 0))),  # NaN stays NaN
     "exp": (torch.exp, sympy.exp, math.exp),
     "log": (torch.log, sympy.log, math.log),
     "maximum": (torch.maximum, sympy.Max, max),
@@ -210,6 +213,31 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name}: states {dict(self.states)}>"
+
+    # A rule is code: copies of an optimizer share it (plans are cached per rule), and pickles
+    # name it by module and name, as pickle names functions.
+    def __copy__(self) -> Rule:
+        return self
+
+    def __deepcopy__(self, memo) -> Rule:
+        return self
+
+    def __reduce__(self):
+        module, name = self.fn.__module__, self.fn.__qualname__
+        try:
+            found = functools.reduce(getattr, name.split("."), importlib.import_module(module))
+        except (ImportError, AttributeError):
+            found = None
+        if found is not self:
+            raise pickle.PicklingError(
+                f"rule {self.name} cannot be pickled: it is not the module attribute "
+                f"{module}.{name} (rules defined inside a function cannot be found again); define "
+                "it at module level, or save opt.state_dict() instead of the optimizer")
+        return _import_rule, (module, name)
+
+
+def _import_rule(module: str, name: str) -> Rule:
+    return functools.reduce(getattr, name.split("."), importlib.import_module(module))
 
 
 def rule(

@@ -25,20 +25,40 @@ def plan_of(optimizer, param: torch.Tensor | None = None) -> Plan:
     raise ValueError("param is not in this optimizer")
 
 
-def sample_inputs(plan: Plan, groups: int, device: torch.device | str) -> list[torch.Tensor]:
-    """Random inputs for ``plan.fn``: scalars, grad, then every field encoded from random values."""
+def sample_inputs(plan: Plan, groups: int, device: torch.device | str,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Inputs for ``plan.fn`` at step 4: scalars, a random gradient, then every field holding the
+    state the rule itself reaches from a random weight and zero states in three eager steps on
+    random gradients. Reached states lie in the rule's domain, as independent random states need
+    not (centered RMSprop's ``v >= m**2``: outside it ``g / eps`` overflows the 8-bit codecs' scales
+    to NaN, and the compiled-vs-eager check compares NaN with NaN). Drawn from a generator of their
+    own: the global RNG (dropout masks, data order) is left as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+
+    def randn() -> torch.Tensor:
+        return torch.randn(groups, GROUP, generator=gen).to(device)
+
     hyper = {k: plan.key.rule.defaults[k] for k in plan.traced.hyper}
-    s = torch.tensor([GROUP, *plan.scalars(3, hyper)], dtype=torch.float32, device=device)
     param_dtype = plan.codecs[PARAM].fields[0].dtype
-    args = [s, torch.randn(groups, GROUP, device=device).to(param_dtype)]
+    args = [torch.zeros(0), torch.zeros(0)]  # the scalars and the gradient, set per step below
     for name, codec in plan.codecs.items():
-        x = torch.randn(groups, GROUP, device=device)
-        x = x.abs() if plan.key.rule.states.get(name) == "nonnegative" else x
+        x = randn() if name == PARAM else torch.zeros(groups, GROUP, device=device)
         args += [t.contiguous() for t in codec.encode(x)]
-    for a in args[1:]:
-        torch._dynamo.mark_static(a, 1)
     if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
         args.append(segment_ends([n for n in (groups // 2, groups - groups // 2) if n], device))
+    held: dict[str, torch.Tensor] = {}  # scalar states, as a parameter's state holds them
+    for step in range(1, 5):
+        values = plan.scalars(step, hyper, held)
+        args[0] = torch.tensor([GROUP, *values], dtype=torch.float32, device=device)
+        args[1] = randn().to(param_dtype)
+        if step < 4:
+            with torch.no_grad():
+                plan.eager(*args)
+            plan.advance([held], values)
+    for a in args[1:]:
+        if a.dim() == 2:  # the group size is a constant of the kernel
+            torch._dynamo.mark_static(a, 1)
     return args
 
 

@@ -73,6 +73,8 @@ def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> 
 def torch_state_dict(opt) -> dict[str, Any]:
     """``opt.state_dict()`` in torch.optim's format, for the torch optimizer of the same name."""
     sd = opt.state_dict()
+    for group in sd["param_groups"]:  # fp32 states: the identity of the encoding does not apply
+        group.pop("codecs", None)
     params = [p for g in opt.param_groups for p in g["params"]]
     sd["state"] = {i: export_state(opt, p) for i, p in enumerate(params) if opt.state.get(p)}
     return sd

@@ -98,6 +98,11 @@ class _TorchPrinter:
             for a in e.args[1:]:
                 out = f"{fn}({out}, {self._tensor_arg(a)})"
             return out
+        if isinstance(e, sympy.sign):
+            # torch.sign(nan) is 0: a NaN would vanish (Lion's param never shows it and its group
+            # of 32 stops moving); keep it where it lands, as every other op does
+            x = self(e.args[0])
+            return f"torch.where(torch.isnan({x}), {x}, torch.sign({x}))"
         if type(e) in _FUNCTIONS:
             return f"{_FUNCTIONS[type(e)]}({self(e.args[0])})"
         raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")

@@ -127,23 +127,37 @@ def fp32_state_dict(model: nn.Module, optimizer: Optimizer) -> dict[str, torch.T
 
 @torch.no_grad()
 def load_fp32_state_dict(model: nn.Module, optimizer: Optimizer,
-                         state_dict: Mapping[str, torch.Tensor]) -> None:
+                         state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Load full-precision weights into a 16-bit ``model``: each param the optimizer holds gets its
     16-bit value and its residual from the fp32 value; other entries are cast. Checks every key
-    and shape before changing anything."""
+    and shape before changing anything.
+
+    Args:
+        strict: as ``nn.Module.load_state_dict``: missing or unexpected keys raise. A key whose
+            tensor another key of ``state_dict`` also reaches (a tied head) is not missing.
+
+    Returns:
+        ``missing_keys`` and ``unexpected_keys``, as ``nn.Module.load_state_dict``.
+    """
     own = model.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"state dict does not match the model: missing {missing}, unexpected {unexpected}")
-    for name, t in own.items():
-        if tuple(state_dict[name].shape) != tuple(t.shape):
+    given = {id(own[k]) for k in state_dict if k in own}
+    missing = sorted(k for k in set(own) - set(state_dict) if id(own[k]) not in given)
+    unexpected = sorted(set(state_dict) - set(own))
+    if strict and (missing or unexpected):
+        raise KeyError(f"state dict does not match the model: missing {missing}, unexpected "
+                       f"{unexpected}; pass strict=False to load the keys that match")
+    present = [k for k in own if k in state_dict]
+    for name in present:
+        if tuple(state_dict[name].shape) != tuple(own[name].shape):
             raise ValueError(
                 f"{name}: state dict has shape {tuple(state_dict[name].shape)}, the model "
-                f"{tuple(t.shape)}"
+                f"{tuple(own[name].shape)}"
             )
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for name, t in own.items():
+    for name in present:
+        t = own[name]
         if id(t) in held:
             optimizer.set_master_weight(t, state_dict[name])
         else:
             t.copy_(state_dict[name])
+    return nn.modules.module._IncompatibleKeys(missing, unexpected)

@@ -9,15 +9,16 @@ host and calls the compiled plan per parameter.
 from __future__ import annotations
 
 import functools
-import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from flashcompile import distributed, layout
+from flashcompile import amp, distributed, guards, layout
+from flashcompile import hyperparameters as _hyper
 from flashcompile.arena import Bucket
-from flashcompile.checkpoint import Checkpoints
+from flashcompile.checkpoint import Checkpoints, ParamState
 from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
@@ -26,7 +27,7 @@ from flashcompile.presets import check_codec_spec, resolve_codecs
 from flashcompile.shards import ShardBucket
 from flashcompile.trace import check_facts, trace
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = guards.SUPPORTED_DTYPES
 
 
 class Optimizer(Checkpoints, torch.optim.Optimizer):
@@ -46,18 +47,34 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             their weight shards in FSDP2's storage: only grads and states go flat
             (:class:`flashcompile.distributed.ShardBucket`).
         **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
+            torch.optim's ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are taken
+            too (:mod:`flashcompile.hyperparameters` says what each means here).
     """
+
+    # GradScaler hands fused optimizers grad_scale and found_inf instead of unscaling fp16 grads
+    _step_supports_amp_scaling = True
+    # torch.optim.Adam/AdamW refuse tensor lr or betas with foreach=True (and capturable=False)
+    _refuses_tensor_hyperparameters_with_foreach = False
 
     def __init__(self, params: Iterable, rule: Rule, *, codecs: str | Mapping[str, Any] = "flash",
                  compile: bool = True, flat: bool | None = None, **hyperparameters: Any):
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a flashcompile.rule, got {type(rule).__name__}")
+        owner = type(self).__name__ if type(self) is not Optimizer else f"Optimizer({rule.name})"
+        implementation = _hyper.implementation_flags(hyperparameters, owner)
         unknown = set(hyperparameters) - set(rule.defaults)
         if unknown:
             raise TypeError(
-                f"{rule.name} got unknown hyperparameters {sorted(unknown)}; it takes "
-                f"{sorted(rule.defaults)}"
+                f"{owner} got unknown hyperparameters {sorted(unknown)}; it takes "
+                f"{sorted(rule.defaults)}, torch.optim's {sorted(_hyper.IMPLEMENTATION_FLAGS)} "
+                "and codecs=, compile=, flat="
             )
+        defaults = {**rule.defaults, **hyperparameters}
+        # as torch.optim: every hyperparameter is checked before the params are read
+        _hyper.check_tensor_inputs({k: defaults[k] for k in rule.floats},
+                                   implementation["foreach"], implementation["capturable"],
+                                   self._refuses_tensor_hyperparameters_with_foreach)
+        _hyper.values(rule, defaults)
         self.rule = rule
         self.codecs_spec = check_codec_spec(codecs, rule)
         self.compile = compile
@@ -67,45 +84,34 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         self._gradient_release = None  # set by flashcompile.enable_gradient_release
         self._plans: dict[tuple, Plan] = {}
         self._per_tensor: dict[int, _PerTensor] = {}  # by id(param), see _step_one
-        super().__init__(params, {**rule.defaults, **hyperparameters})
+        self._grad_unscale: float | None = None  # 1 / GradScaler's scale during a step (amp.py)
+        super().__init__(params, {**defaults, **implementation})
+        self.state = defaultdict(ParamState)  # its missing keys say where a state lives
 
     # ---- construction-time checks -------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # warns about duplicate params, as torch.optim
         group = self.param_groups[-1]
+        _drop_duplicates(group)
         try:
             self._hyperparameters(group)
             traced = trace(self.rule, dict(self._flags(group)))
             check_facts(traced)
-            for p in group["params"]:
-                _check_param(p)
+            index = len(self.param_groups) - 1
+            for i, p in enumerate(group["params"]):
+                guards.check_param(p, f"param {i} of group {index} (shape {tuple(p.shape)})")
                 distributed.check_sharded(p, traced)
         except Exception:
             self.param_groups.pop()
             raise
 
     def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters as Python values, each checked against its range."""
-        out = {}
-        for name, default in self.rule.defaults.items():
-            value = group[name]
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise TypeError(f"{name} must be a bool (it selects a compiled branch), got {value!r}")
-                out[name] = value
-                continue
-            lo, hi = self.rule.range_of(name)
-            if isinstance(default, tuple):
-                if not isinstance(value, (tuple, list)) or len(value) != len(default):
-                    raise ValueError(f"{name} must be a tuple of {len(default)} floats, got {value!r}")
-                values = tuple(float(v) for v in value)
-                for i, v in enumerate(values):
-                    _check_range(f"{name}[{i}]", v, lo, hi)
-                out[name] = values
-            else:
-                out[name] = float(value)
-                _check_range(name, out[name], lo, hi)
+        """The group's hyperparameters as Python values, each checked against its range (plus the
+        inverse loss scale while a GradScaler step unscales the gradients)."""
+        out = _hyper.values(self.rule, group)
+        if self._grad_unscale is not None:
+            out[amp.INVERSE_SCALE] = self._grad_unscale
         return out
 
     # ---- plans and storage --------------------------------------------------------------------
@@ -115,13 +121,15 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         # ask once per param per step
         key = (p.dtype, p.device.type, flags, self.compile)
         if key not in self._plans:
-            live = trace(self.rule, dict(flags)).live_states()
-            codecs = resolve_codecs(self.rule, self.codecs_spec, p.dtype, live)
-            self._plans[key] = get_plan(PlanKey(self.rule, flags, codecs, p.device.type, self.compile))
+            rule, flags = amp.rule_and_flags(self.rule, flags)
+            live = trace(rule, dict(flags)).live_states()
+            codecs = resolve_codecs(rule, self.codecs_spec, p.dtype, live)
+            self._plans[key] = get_plan(PlanKey(rule, flags, codecs, p.device.type, self.compile))
         return self._plans[key]
 
     def _flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
-        return tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
+        flags = tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
+        return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
 
     def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> None:
         """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
@@ -145,6 +153,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
 
     # ---- the step -------------------------------------------------------------------------------
 
+    @amp.scaled_step  # guards, then GradScaler's found_inf (skip) and grad_scale (unscale)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if self._gradient_release is not None:  # params were stepped inside backward
@@ -209,8 +218,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
     def _step_one(self, p: torch.Tensor, flags, scalars: _ScalarCache) -> None:
         """Step one param in one launch of its plan's ``step_one`` (per-tensor path)."""
         grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        guards.check_grad(self, p, grad)
         state = self.state[p]
         key, combine = id(p), None
         if is_dtensor(p):  # FSDP2: this rank's shard, a view of FSDP2's storage; grad likewise
@@ -400,21 +408,15 @@ class _PerTensor:
         return p.numel() == self.numel and all(state.get(k) is t for k, t in self.stored.items())
 
 
-def _check_param(p: torch.Tensor) -> None:
-    if p.is_sparse:
-        raise ValueError("sparse parameters are not supported; use dense parameters")
-    if p.is_complex():
-        raise ValueError(
-            "complex parameters are not supported; optimize torch.view_as_real(p) as a real tensor"
-        )
-    if p.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"parameter dtype {p.dtype} is not supported; use float32, bfloat16 or float16 "
-            "(float64 would silently lose precision in the fp32 kernel)"
-        )
-
-
-def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if math.isnan(value) or value < lo or value >= hi:
-        upper = "inf" if hi == math.inf else f"{hi} (exclusive)"
-        raise ValueError(f"Invalid {name} value: {value}; it must lie in [{lo}, {upper}]")
+def _drop_duplicates(group: dict[str, Any]) -> None:
+    """Keep the first of a param listed twice in one group (torch.optim warns and, per tensor,
+    steps it twice; a flat bucket would step it once): each param steps once per step."""
+    params, seen, keep = group["params"], set(), []
+    for i, p in enumerate(params):
+        if id(p) not in seen:
+            seen.add(id(p))
+            keep.append(i)
+    if len(keep) != len(params):
+        group["params"] = [params[i] for i in keep]
+        if "param_names" in group:
+            group["param_names"] = [group["param_names"][i] for i in keep]

@@ -6,8 +6,8 @@ Each takes torch.optim's arguments and defaults plus the options of :class:`flas
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from flashcompile.optimizer import Optimizer
 from flashcompile.rules import (
@@ -20,6 +20,8 @@ class SGD(Optimizer):
     """torch.optim.SGD's update (L2 weight decay) with flash codecs by default."""
 
     decoupled = False
+    # a loaded SGDW state dict stays SGD
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {"decoupled_weight_decay": False}
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
@@ -35,10 +37,13 @@ class SGDW(SGD):
     """SGD with decoupled weight decay: ``p <- p * (1 - lr * wd)`` (arXiv 1711.05101)."""
 
     decoupled = True
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {"decoupled_weight_decay": True}
 
 
 class Adam(Optimizer):
     """torch.optim.Adam's update with flash codecs by default."""
+
+    _refuses_tensor_hyperparameters_with_foreach = True  # as torch.optim.Adam (see hyperparameters)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -50,6 +55,9 @@ class Adam(Optimizer):
 
 class AdamW(Adam):
     """torch.optim.AdamW's update (decoupled weight decay, default 1e-2) with flash codecs."""
+
+    # as torch.optim.AdamW.__setstate__ forces it
+    fixed_hyperparameters: ClassVar[Mapping[str, Any]] = {"decoupled_weight_decay": True}
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
@@ -211,3 +219,9 @@ class Rprop(Optimizer):
                              "0 < etaminus < 1 < etaplus (shrink on a sign flip, grow otherwise)")
         super().__init__(params, rprop, lr=lr, etas=tuple(etas), step_sizes=tuple(step_sizes),
                          maximize=maximize, **options)
+
+
+# Every drop-in class by lower-case name: the command line and the contract tests iterate this.
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in (
+    SGD, SGDW, Adam, AdamW, Lion, LAMB, LARS, AdEMAMix, Adan, Adagrad, RMSprop, Adadelta, Adamax,
+    NAdam, RAdam, ASGD, Rprop)}

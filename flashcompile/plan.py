@@ -103,9 +103,7 @@ class Plan:
 
         if not self._verified[variant]:  # compile (and pin the launch config) at size first
             self.verify(device, variant)
-        with torch.random.fork_rng(devices=[torch.device(device)] if _is_cuda(device) else []):
-            torch.manual_seed(seed)
-            args = sample_inputs(self, groups, device)
+        args = sample_inputs(self, groups, device, seed)  # its own generator: RNG state untouched
         n = max(2, groups * GROUP - 5)
         run_eager, run_compiled = (self.eager, self.fn) if variant == "groups" else (
             self.eager_one, self.fn_one)
@@ -152,8 +150,7 @@ class Plan:
             from flashcompile.launch import live_autotuners, pin_group_kernels
 
             before = live_autotuners()
-            with torch.random.fork_rng(devices=[torch.device(device)]):
-                args = sample_inputs(self, 65536, device)
+            args = sample_inputs(self, 65536, device)
             if variant == "groups":
                 self.fn(*args)
             else:

@@ -37,6 +37,11 @@ from flashcompile.shards import UnitRelease
 
 _active: list[GradientRelease] = []
 _original_clip = torch.nn.utils.clip_grad_norm_
+# clip_grad_norm_ and clip_grad_value_ look these up in their module at each call, so patching them
+# also guards references imported before the release (from torch.nn.utils import clip_grad_norm_)
+_clip_grad = torch.nn.utils.clip_grad
+_original_clip_with_norm = _clip_grad._clip_grads_with_norm_
+_original_group = _clip_grad._group_tensors_by_device_and_dtype
 
 
 class GradientRelease:
@@ -254,22 +259,48 @@ def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer,
     return GradientRelease(model, optimizer, bucket_mb)
 
 
-def _clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, *args, **kwargs):
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+def _refuse_released(params: list[torch.Tensor]) -> None:
     if any(r.releases(p) for r in _active for p in params):
         raise RuntimeError(
             "clip_grad_norm_ on parameters under gradient release: each parameter was stepped and "
             "its gradient freed during backward, so there is no global norm to clip to. Train "
             "without gradient release (handle.remove()) to clip by global norm"
         )
+
+
+def _clip_grad_norm_(parameters: Iterable[torch.Tensor] | torch.Tensor, *args, **kwargs):
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    _refuse_released(params)
     return _original_clip(params, *args, **kwargs)
+
+
+def _clip_grads_with_norm_(parameters, *args, **kwargs):
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    _refuse_released(params)
+    return _original_clip_with_norm(params, *args, **kwargs)
+
+
+def _group_tensors(tensorlistlist, *args, **kwargs):
+    # clip_grad_value_ groups [p.grad for p in parameters if p.grad is not None]; released
+    # parameters have none (torch then fails with a nested-tensor error)
+    if _active and tensorlistlist and not tensorlistlist[0]:
+        raise RuntimeError(
+            "clip_grad_value_ found no gradients: under gradient release each parameter is stepped "
+            "and its gradient freed during backward. Clip each gradient as it arrives instead, "
+            "with p.register_hook(lambda g: g.clamp(-clip_value, clip_value)) on every parameter"
+        )
+    return _original_group(tensorlistlist, *args, **kwargs)
 
 
 def _patch_clipping() -> None:
     torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
-    torch.nn.utils.clip_grad.clip_grad_norm_ = _clip_grad_norm_
+    _clip_grad.clip_grad_norm_ = _clip_grad_norm_
+    _clip_grad._clip_grads_with_norm_ = _clip_grads_with_norm_
+    _clip_grad._group_tensors_by_device_and_dtype = _group_tensors
 
 
 def _unpatch_clipping() -> None:
     torch.nn.utils.clip_grad_norm_ = _original_clip
-    torch.nn.utils.clip_grad.clip_grad_norm_ = _original_clip
+    _clip_grad.clip_grad_norm_ = _original_clip
+    _clip_grad._clip_grads_with_norm_ = _original_clip_with_norm
+    _clip_grad._group_tensors_by_device_and_dtype = _original_group

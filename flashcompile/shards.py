@@ -65,7 +65,7 @@ class ShardBucket:
                     st[key] = view
                 if keep_grads:
                     self._adopt_grad(i, shard)
-        self._states = [state[p] for p in self.params]
+        self._states = [(state[p], state[p]["step"]) for p in self.params]
         self._grad_ptrs = [self.grads[r].data_ptr() for r in self.ranges] if keep_grads else []
         self.uniform_steps: bool | None = None
         self._fields = {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
@@ -84,8 +84,10 @@ class ShardBucket:
         p.grad = like(p, view)
 
     def intact(self) -> bool:
-        """The params' states are still the ones packed here (weights are read at each step)."""
-        return all(self.state.get(p) is st for p, st in zip(self.params, self._states))
+        """The params' states are still the ones packed here (weights are read at each step); a
+        state reset replaces or empties them."""
+        return all(self.state.get(p) is st and st.get("step") is step
+                   for p, (st, step) in zip(self.params, self._states))
 
     def _staged(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``tensors`` (one per shard) copied into one zero-padded flat buffer, and its views."""

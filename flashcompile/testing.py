@@ -270,8 +270,11 @@ def track_fp64(rule: Rule, hyper: Mapping[str, Any], shapes_: list[tuple[int, ..
                 g.reshape(-1).numpy(), {**flat, **host[i]}, [step, *scalars], bounds)
             out = rule.fn(ref[i][PARAM], g, *(host[i][k] if k in scalar_states else ref[i][k]
                                               for k in rule.states), step=step, **values)
-            ref[i] = {PARAM: out[0], **{k: v for k, v in zip(rule.states, out[1:])
-                                        if k not in scalar_states}}
+            # an output may be a number (where(step == 1, 0.0, ...) picks a branch on a Python
+            # step): every element then holds it
+            ref[i] = {PARAM: _elements(out[0], p), **{k: _elements(v, p) for k, v in
+                                                      zip(rule.states, out[1:])
+                                                      if k not in scalar_states}}
             host[i] = {k: float(v) for k, v in zip(rule.states, out[1:]) if k in scalar_states}
             for k in tol[i]:
                 got = (opt.master_weight(p) if k == PARAM else opt.state_value(p, k)).double()
@@ -281,6 +284,11 @@ def track_fp64(rule: Rule, hyper: Mapping[str, Any], shapes_: list[tuple[int, ..
         travel = np.median(np.concatenate([(r[PARAM] - p0).abs().reshape(-1).numpy()
                                            for r, p0 in zip(ref, start)]))
         return Tracking(worst, float(envelope / travel))
+
+
+def _elements(value, p: torch.Tensor) -> torch.Tensor:
+    """A float64 output of the rule as a tensor shaped like ``p``."""
+    return torch.as_tensor(value, dtype=torch.float64).expand(p.shape).clone()
 
 
 @functools.cache

@@ -135,3 +135,59 @@ def test_per_tensor_steps_call_the_compiled_graph_without_dynamo():
     for _ in range(3):
         opt.step()
     assert plan.fn_one.direct_calls - before == 3 * len(sizes)
+
+
+def test_the_compiled_self_check_leaves_the_global_rng_as_it_was():
+    """Plan.verify (run at every new plan's first step) draws its inputs from its own generator:
+    seeded runs keep their own dropout masks and data order."""
+    torch.manual_seed(1234)
+    torch.rand(3)  # a state that is not a fresh seed's
+    state = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    assert _plan("sgd_flash_fp32").compare_compiled("cpu") is None
+    assert torch.initial_seed() == 1234 and torch.equal(torch.get_rng_state(), state)
+    if cuda is not None:
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda))
+
+
+def _every_rule_plan():
+    from flashcompile.optimizers import OPTIMIZERS
+    from flashcompile.plan import PlanKey, get_plan
+    from flashcompile.presets import resolve_codecs
+    from flashcompile.trace import trace
+
+    rules = {cls([torch.nn.Parameter(torch.zeros(1))], compile=False).rule
+             for cls in OPTIMIZERS.values()}
+    for rule in sorted(rules, key=lambda r: r.name):
+        for values in __import__("itertools").product([False, True], repeat=len(rule.flags)):
+            flags = tuple(sorted(zip(rule.flags, values)))
+            live = trace(rule, dict(flags)).live_states()
+            codecs = resolve_codecs(rule, "flash", torch.bfloat16, live)
+            yield pytest.param(get_plan(PlanKey(rule, flags, codecs, "cpu", False)),
+                               id=f"{rule.name}-{'-'.join(k for k, v in flags if v) or 'plain'}")
+
+
+@pytest.mark.parametrize("plan", _every_rule_plan())
+def test_self_check_inputs_are_states_the_rule_reaches_and_stay_finite(plan):
+    """The compiled-vs-eager check runs on states the rule reaches, inside its domain: NaN on both
+    sides would fail the comparison and send a correct kernel to eager."""
+    from flashcompile.explain import decode_inputs, sample_inputs
+
+    args = sample_inputs(plan, 4, "cpu")
+    before = decode_inputs(plan, args)
+    with torch.no_grad():
+        plan.eager(*args)
+    for name, value in {**before, **decode_inputs(plan, args)}.items():
+        assert torch.isfinite(value).all(), name
+
+
+def test_compiled_centered_rmsprop_keeps_its_kernel_on_cpu():
+    """Its self-check once compared NaN with NaN and fell back to eager (27x slower steps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+        opt = fc.RMSprop([p], centered=True, momentum=0.9)
+        p.grad = torch.randn_like(p)
+        opt.step()
+    plan = plan_of(opt)  # per tensor on CPU: the one-parameter variant ran, verified
+    assert plan.fn_one is not plan.eager_one and torch.isfinite(p).all()

@@ -87,6 +87,23 @@ def test_command_line_explain(capsys):
 
     main(["explain", "lion", "--dtype", "float32", "--device", "cpu"])
     assert "def step(" in capsys.readouterr().out
+    main(["explain", "AdamW", "--dtype", "float32", "--device", "cpu"])  # as the class is named
+    assert "rule adam" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["explain", "adamw", "--device", "quux"], "--device 'quux'"),
+    (["bench", "--workloads", "nope", "--device", "cpu"], "no workload 'nope'"),
+    (["bench", "--optimizers", "adamw_flsh", "--device", "cpu"], "unknown optimizers"),
+    (["memory", "--models", "gpt5", "--device", "cpu"], "unknown models ['gpt5']"),
+    (["memory", "--setups", "nope", "--device", "cpu"], "unknown setups ['nope']"),
+])
+def test_command_line_refuses_a_bad_name_with_the_known_ones(argv, named, capsys):
+    from flashcompile.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and named in capsys.readouterr().err
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,33 @@ def test_fp32_state_dict_that_does_not_fit_is_rejected_and_nothing_changes(broke
     assert not opt.state
 
 
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.extra = nn.Linear(8, 8)
+
+
+def test_load_fp32_state_dict_takes_a_tied_key_once_and_strict_false_skips_the_rest():
+    model = fc.cast_model(TiedHead())
+    opt = fc.AdamW(model.parameters(), compile=False)
+    weights = {k: torch.randn(v.shape) for k, v in TiedHead().state_dict().items()
+               if k != "head.weight"}  # a checkpoint that stores the tied weight once
+    assert fc.load_fp32_state_dict(model, opt, weights) == ([], [])
+    split = fc.codecs.weight_split
+    w = weights["embed.weight"]
+    assert torch.all((opt.master_weight(model.head.weight) - w).abs() <= split.error_bound(w))
+    del weights["extra.bias"]
+    weights["unused"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="strict=False"):
+        fc.load_fp32_state_dict(model, opt, weights)
+    missing, unexpected = fc.load_fp32_state_dict(model, opt, weights, strict=False)
+    assert (missing, unexpected) == (["extra.bias"], ["unused"])
+    assert torch.equal(model.extra.weight, weights["extra.weight"].bfloat16())
+
+
 def test_adamw_checkpoint_of_a_bf16_model_is_under_5_2_bytes_per_param():
     model = fc.cast_model(nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 256)))
     opt = fc.AdamW(model.parameters(), compile=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_state_dict_that_does_not_fit_is_rejected_and_nothing_changes(other):
         src = fc.AdamW([q], compile=False)
     q.grad = torch.ones_like(q)
     src.step()
-    with pytest.raises(ValueError, match="different optimizer|shapes"):
+    with pytest.raises(ValueError, match="different optimizer|shape"):
         opt.load_state_dict(src.state_dict())
     assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
 
@@ -180,6 +181,34 @@ def _bad_rule_negative_state():
     return bad
 
 
+def _step_with_grad(grad, device="cpu", grad_scale=None, sparse=False):
+    p = torch.nn.Parameter(torch.zeros(3, 3, device=device))
+    opt = fc.SGD([p], compile=False)
+    if sparse:
+        p.grad = grad(p)
+    else:
+        p.grad = torch.zeros_like(p)
+        p.grad.data = grad(p)  # past torch's own check on .grad
+    if grad_scale is not None:
+        opt.grad_scale = torch.tensor(grad_scale)
+    opt.step()
+
+
+def _differentiable_step():
+    p = torch.randn(3, requires_grad=True).clone()  # a non-leaf, as in meta-learning
+    opt = fc.SGD([p], differentiable=True, compile=False)
+    p.grad = torch.ones(3)
+    opt.step()
+
+
+def _read_encoded_state():
+    (p,) = _params(40)
+    opt = fc.AdamW([p], compile=False)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    return opt.state[p]["exp_avg"]
+
+
 ERRORS = {
     "sparse param": (lambda: fc.SGD([torch.nn.Parameter(torch.eye(3).to_sparse())]), "sparse"),
     "complex param": (lambda: fc.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.cfloat))]),
@@ -200,14 +229,65 @@ ERRORS = {
     "unknown hyperparameter": (lambda: fc.Optimizer(_params(3), fc.rules.lion, momentum=0.9),
                                "momentum"),
     "state going negative": (lambda: fc.Optimizer(_params(3), _bad_rule_negative_state()), "'v'"),
+    # checked before the params are read, with torch.optim's wording first (its own tests match it)
+    "infinite lr": (lambda: fc.AdamW(None, lr=math.inf), "learning rate: inf; lr must be finite"),
+    "lr as a string": (lambda: fc.AdamW(None, lr="1e-3"), "lr must be a float.*str '1e-3'"),
+    "lr as a bool": (lambda: fc.SGD(None, lr=True), "lr must be a float.*bool"),
+    "two-element tensor lr": (lambda: fc.Adagrad(None, lr=torch.tensor([1e-3, 1e-3])),
+                              "Tensor lr must be 1-element"),
+    "float and tensor betas": (lambda: fc.Adam(None, betas=(0.9, torch.tensor(0.99))),
+                               "betas must be either both floats or both Tensors"),
+    "tensor lr with foreach": (lambda: fc.AdamW(None, lr=torch.tensor(1e-3), foreach=True),
+                               "lr as a Tensor is not supported for capturable=False"),
+    "negative integer weight decay": (lambda: fc.Adam(None, weight_decay=-1),
+                                      "Invalid weight_decay value: -1;"),
+    "fused with foreach": (lambda: fc.SGD(_params(3), fused=True, foreach=True), "together"),
+    "fused with differentiable": (lambda: fc.Adam(_params(3), fused=True, differentiable=True),
+                                  "`fused` does not support `differentiable`"),
+    "unknown hyperparameter of a class": (lambda: fc.AdamW(_params(3), momentum=0.9),
+                                          "AdamW got unknown hyperparameters"),
+    "int64 param": (lambda: fc.SGD([torch.zeros(3, dtype=torch.int64)]),
+                    r"param 0 of group 0 \(shape \(3,\)\) has dtype torch.int64.*leave them out"),
+    "float8 param": (lambda: fc.SGD([torch.zeros(3, dtype=torch.float8_e4m3fn)]),
+                     "float8_e4m3fn.*cast_model"),
+    "sparse gradient": (lambda: _step_with_grad(lambda p: torch.eye(3).to_sparse(), sparse=True),
+                        "SparseAdam"),
+    "gradient of another size": (lambda: _step_with_grad(lambda p: torch.zeros(5)),
+                                 (r"param \(group 0, index 0, shape \(3, 3\)\) has a gradient "
+                                  r"of shape \(5,\)")),
+    "gradient on meta": (lambda: _step_with_grad(lambda p: torch.zeros(3, 3, device="meta"),
+                                                 device="meta"),
+                         "`fused=True` requires all the params to be floating point Tensors"),
+    "differentiable step that needs a graph": (_differentiable_step, "differentiable=True"),
+    "zero loss scale": (lambda: _step_with_grad(lambda p: torch.ones(3, 3), grad_scale=0.0),
+                        "loss scale"),
+    "encoded state read by name": (_read_encoded_state, "state_value"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
 def test_bad_input_raises_a_message_naming_it(case):
     make, match = ERRORS[case]
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+    with pytest.raises((ValueError, TypeError, RuntimeError, KeyError), match=match):
         make()
+
+
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"foreach": True}, {"fused": True},
+                                   {"fused": None, "foreach": None}, {"capturable": True},
+                                   {"differentiable": True}], ids=str)
+def test_torch_implementation_flags_are_taken_where_their_meaning_holds(flags):
+    """flashcompile is fused and foreach by construction; a step captured in no CUDA graph and
+    differentiated by nobody is the same step: the flags change nothing and are kept as torch's."""
+    runs = []
+    for extra in ({}, flags):
+        params = _params(40, 7)
+        opt = fc.AdamW(params, compile=False, **extra)
+        for seed in range(3):
+            _grads(params, seed)
+            opt.step()
+        runs.append(params)
+        assert all(opt.param_groups[0][k] == v for k, v in extra.items())
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_rule_returning_the_wrong_number_of_values_is_rejected_at_definition():
@@ -228,3 +308,35 @@ def test_master_weight_of_a_param_never_stepped_is_the_param():
     (p,) = _params(5)
     assert torch.equal(fc.AdamW([p]).master_weight(p), p.detach().float())
     assert PARAM == "param"
+
+
+@pytest.mark.parametrize("make", [fc.Lion, fc.Rprop], ids=["lion", "rprop"])
+def test_a_nan_gradient_is_visible_in_its_param_when_the_rule_takes_a_sign(make):
+    # torch.sign(nan) == 0: the NaN used to vanish, and Lion's group of 32 stopped moving unseen
+    a, b = _params(64, 64)
+    opt = make([a, b], compile=False)
+    _grads([a, b], 0)
+    a.grad[3] = float("nan")
+    opt.step()
+    assert torch.isnan(a[3]) and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_param_listed_twice_in_a_group_warns_and_steps_once(flat):
+    runs = []
+    for twice in (False, True):
+        a, b = _params(40, 7)
+        with pytest.warns(UserWarning, match="duplicate") if twice else _no_warning():
+            opt = fc.AdamW([a, a, b] if twice else [a, b], compile=False, flat=flat)
+        assert len(opt.param_groups[0]["params"]) == 2
+        for seed in range(2):
+            _grads([a, b], seed)
+            opt.step()
+        runs.append((a, b))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

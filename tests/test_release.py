@@ -119,6 +119,21 @@ def test_global_norm_clipping_raises():
     handle.remove()
 
 
+def test_clipping_through_a_reference_imported_before_the_release_raises():
+    from torch.nn.utils import clip_grad_value_
+
+    from flashcompile.release import _original_clip as clip_grad_norm_  # as bound before any release
+
+    assert clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"  # torch's own, not a wrapper
+    model, _opt, handle = _released_model()
+    _loss(model, 0).backward()
+    with pytest.raises(RuntimeError, match="global norm"):
+        clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(RuntimeError, match="register_hook"):
+        clip_grad_value_(model.parameters(), 1.0)
+    handle.remove()
+
+
 def test_ddp_is_refused_with_a_pointer_to_fsdp2():
     model = _model()
     opt = fc.AdamW(model.parameters(), compile=False)

@@ -13,12 +13,14 @@ from flashcompile.rules import adam, lion, sgd
 from hypothesis import given
 from hypothesis import strategies as st
 
+import flashcompile as fc
 from flashcompile.codecs.companded import LinearInt8
 from flashcompile.dsl import Rule
 from flashcompile.sensitivity import _Program
 from flashcompile.testing import (
     SPECIAL_VALUES,
     check_codec,
+    check_rule,
     gradient,
     special_lanes,
     track_fp64,
@@ -123,3 +125,16 @@ def test_special_lanes_land_in_the_gradient_and_stay_in_range(lanes, scale):
 
 def test_special_values_include_signed_zeros_subnormals_and_extremes():
     assert {0.0, 1e-40, 1e30, -1e30} <= set(SPECIAL_VALUES)
+
+
+@fc.rule(defaults={"lr": 1e-2, "beta": 0.9}, states={"buffer": "signed"},
+         ranges={"beta": (0.0, 1.0)})
+def warm_started(p, g, buffer, *, step, lr, beta):
+    """A buffer that starts empty at step 1, written with the idiom fc.rule's docstring gives."""
+    buffer = fc.where(step == 1, 0.0, beta * buffer + (1 - beta) * g)
+    return p - lr * (g + buffer), buffer
+
+
+def test_check_rule_runs_a_rule_whose_state_is_a_number_at_step_one():
+    # the float64 interpretation gets a bare float for the state at step 1
+    check_rule(warm_started, max_examples=3, steps=3, track_steps=4)

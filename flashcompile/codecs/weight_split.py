@@ -10,6 +10,11 @@ bits(hi) << 16`` counts fp32 ULPs between ``w`` and ``hi`` (|d| <= 2**15, half a
 arithmetic, no frexp/ldexp, exact at zero (signs kept) and subnormals, and within 2**15 / (2N) + 1
 fp32 ULPs of ``w`` (the +1 from rounding ``r * 2**15 / N`` in fp32).
 
+A decoded value stays strictly inside ``hi``'s rounding interval (``r = +-N`` decodes one fp32 ULP
+short of the midpoint between two 16-bit values), so encoding it gives back the same ``(hi, r)``: an
+fp32 export of the master weight imports as the pair it came from, and a residual saved with the
+optimizer still belongs to the weight saved with the model.
+
 fp16 weights are not a prefix of fp32, so their ULP comes from ``hi``'s exponent bits and the scaling
 by ``2**-h`` is split into two power-of-two factors, each inside fp32's exponent range.
 """
@@ -63,18 +68,32 @@ class WeightSplit(Codec):
         a = neg_h >> 1  # floor(neg_h / 2): two factors keep each power of two in range
         code = torch.round(err * pow2(a) * pow2(neg_h - a) * n)  # err / half_ulp in [-1, 1]
         code = torch.where(torch.isfinite(code), code, torch.zeros_like(code))
+        # Below a power of two the ULP halves: a residual toward zero past N/2 would decode into
+        # the lower neighbour's rounding interval (and re-encode as another pair).
+        bits = hi.view(torch.int16).to(torch.int32)
+        halved = ((bits & 0x3FF) == 0) & (((bits >> _FP16_MANT) & 0x1F) > 1)
+        toward_zero = (code < 0) != (bits < 0)
+        code = torch.where(halved & toward_zero & (code != 0), code.clamp(-(n // 2), n // 2), code)
         return hi, code.to(self.residual_dtype)
 
     def decode(self, hi, residual):
         n = _CODE_MAX[self.residual_dtype]
         if self.weight_dtype == torch.bfloat16:
             d = torch.round(residual.float() * (2.0**15 / n)).to(torch.int32)
+            d = torch.clamp(d, -(2**15 - 1), 2**15 - 1)  # the midpoint would round to hi's neighbour
             return ((hi.view(torch.int16).to(torch.int32) << 16) + d).view(torch.float32)
         h = self._fp16_half_ulp_exponent(hi)
         a = h >> 1
         low = hi.float()
+        w = low + residual.float() / n * pow2(a) * pow2(h - a)
+        # |r| = N lands on the midpoint to hi's neighbour, and below a power of two (where the ULP
+        # halves) past it: keep w one fp32 ULP inside hi's rounding interval. Bits, not floats, are
+        # compared: some Inductor backends fold w.to(fp16).float() into w.
+        near = w.to(torch.float16).view(torch.int16)
+        edge = (low + near.view(torch.float16).float()) * 0.5  # exact in fp32
+        w = torch.where(near == hi.view(torch.int16), w, torch.nextafter(edge, low))
         # where(): adding a zero correction would turn -0.0 into +0.0
-        return torch.where(residual == 0, low, low + residual.float() / n * pow2(a) * pow2(h - a))
+        return torch.where(residual == 0, low, w)
 
     def _fp16_half_ulp_exponent(self, hi: torch.Tensor) -> torch.Tensor:
         e = (hi.view(torch.int16).to(torch.int32) >> _FP16_MANT) & 0x1F

@@ -1,0 +1,74 @@
+"""Judge a run of PyTorch's test_optim.py against flashcompile: every failure must be a rejection
+listed here, by test name and by the error it raised, or CI fails.
+
+Usage: python .ci/conformance.py RESULTS_DIR CODECS... (reads RESULTS_DIR/junit_<codecs>.xml, as
+../shared/conformance/run.sh writes them).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+# The documented rejections: what flashcompile refuses on purpose, the tests of torch's that feed
+# it exactly that, and the error they must end in (any other error in those tests still fails).
+REJECTIONS = [
+    ("complex parameters", r"^test_complex(_2d)?_",
+     r"complex parameters are not supported",
+     "the fused kernel computes in real fp32; optimize torch.view_as_real(p) instead"),
+    ("sparse gradients", r"^test_rosenbrock_sparse_",
+     r"does not support sparse gradients",
+     "codecs store dense groups of 32; torch.optim.SparseAdam serves sparse embeddings"),
+    ("float64 parameters", r"^test_(foreach|fused)_matches_forloop_.*_float64$",
+     r"has dtype torch\.float64, which is not supported",
+     "the kernel computes in fp32 and would silently lose float64's precision"),
+]
+
+
+def failures(path: Path):
+    """(test name, message) of every failed or errored test case in a junit file."""
+    for case in ET.parse(path).getroot().iter("testcase"):
+        for kind in ("failure", "error"):
+            element = case.find(kind)
+            if element is not None:
+                yield case.get("name"), (element.get("message") or "") + "\n" + (element.text or "")
+
+
+def rejection(name: str, message: str) -> str | None:
+    for label, test, error, _why in REJECTIONS:
+        if re.search(test, name) and re.search(error, message):
+            return label
+    return None
+
+
+def main(results: str, codecs: list[str]) -> int:
+    bad = 0
+    for c in codecs:
+        path = Path(results) / f"junit_{c}.xml"
+        if not path.exists():
+            print(f"conformance codecs={c}: no {path} (the run did not finish); see its log")
+            bad += 1
+            continue
+        root = ET.parse(path).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        documented = collections.Counter()
+        for name, message in failures(path):
+            label = rejection(name, message)
+            if label is None:
+                bad += 1
+                print(f"FAIL codecs={c} {name}: {message.strip().splitlines()[0][:300]}")
+            else:
+                documented[label] += 1
+        print(f"conformance codecs={c}: {counts}; documented rejections {dict(documented)}")
+    for label, _test, _error, why in REJECTIONS:
+        print(f"  rejection '{label}': {why}")
+    print("conformance: ok" if not bad else f"conformance: {bad} failure(s) outside the rejections")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:] or ["fp32", "flash"]))
