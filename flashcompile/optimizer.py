@@ -195,6 +195,16 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         bucket.uniform_steps = None  # re-checked when it next tries
         return False
 
+    def _step_and_free(self, bucket, group: Mapping[str, Any]) -> None:
+        """Gradient release: step the params of ``bucket`` that have a gradient (in one launch
+        when all do) and free their gradients."""
+        stepped = [p for p in bucket.params if p.grad is not None]
+        if len(stepped) < len(bucket.params) or not self._step_bucket(bucket, group):
+            for p in stepped:
+                self.step_param(p, group)
+        for p in stepped:
+            p.grad = None
+
     def _allocate_state(self) -> None:
         """Allocate every param's state as a first step would find it, stepping nothing.
 

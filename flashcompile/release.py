@@ -201,12 +201,11 @@ class _ReleaseBuckets:
     def _step(self, entry: list) -> None:
         group, bucket, _ = entry
         opt = self.optimizer
-        stepped = [p for p in bucket.params if p.grad is not None]
-        if len(stepped) < len(bucket.params) or not opt._step_bucket(bucket, group):
-            for p in stepped:
-                opt.step_param(p, group)
-        for p in stepped:
-            p.grad = None
+        if bucket.state is not opt.state or not bucket.intact():  # a loaded or reset state
+            plan = opt._plan(bucket.params[0], opt._flags(group))
+            entry[1] = bucket = Bucket(bucket.params, plan, opt.state, opt._init_state,
+                                       keep_grads=False)
+        opt._step_and_free(bucket, group)
         entry[2] = 0
 
     def reorder(self, arrivals: list[torch.Tensor]) -> None:

@@ -211,10 +211,5 @@ class UnitRelease:
         if not all(b.state is opt.state and b.intact() for _, b in self.buckets[i]):
             self.buckets[i] = self._pack([p for _, b in self.buckets[i] for p in b.params])
         for group, bucket in self.buckets[i]:
-            stepped = [p for p in bucket.params if p.grad is not None]
-            if len(stepped) < len(bucket.params) or not opt._step_bucket(bucket, group):
-                for p in stepped:
-                    opt.step_param(p, group)
-            for p in stepped:
-                p.grad = None
+            opt._step_and_free(bucket, group)
         self.pending[i] = 0

@@ -215,3 +215,18 @@ def test_release_buckets_follow_the_order_gradients_arrived():
     # the tied embedding is registered first but its gradient is complete last
     assert order[-2] is model.embed.weight and order[-1] is model.unused
     assert order[0] is model.norm.bias or order[0] is model.norm.weight
+
+
+def test_a_state_dict_loaded_under_release_is_the_state_the_buckets_step():
+    model, opt, handle, _ = _tied_run(True, 2e-4, steps=2)
+    saved = opt.state_dict()
+    ref_model, ref_opt, _, _ = _tied_run(True, 2e-4, steps=3)
+    opt.load_state_dict(saved)  # the same state: the next step must continue from it
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 40, (6, 5), generator=gen)
+    nn.functional.cross_entropy(model(x).float().flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+    assert all(torch.equal(opt.state_value(p, "exp_avg"), ref_opt.state_value(q, "exp_avg"))
+               for p, q in zip(model.parameters(), ref_model.parameters()) if opt.state[p]["step"])
