@@ -37,9 +37,9 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def flat(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
-    """``t``'s values as one dim in ``order`` (:func:`memory_order` of its param): a view where
-    ``t`` is laid out like the param, a copy otherwise."""
-    return (t if order is None else t.permute(order)).reshape(-1)
+    """``t``'s values as one contiguous dim in ``order`` (:func:`memory_order` of its param): a
+    view where ``t`` is laid out like the param, a copy otherwise (a strided 1-D ``t`` too)."""
+    return (t if order is None else t.permute(order)).reshape(-1).contiguous()
 
 
 def unflat(values: torch.Tensor, like: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:

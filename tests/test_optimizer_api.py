@@ -340,3 +340,23 @@ def _no_warning():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_params_and_grads_with_gaps_in_their_storage_step_as_contiguous_ones():
+    def run(strided: bool):
+        torch.manual_seed(0)
+        base = [torch.randn(50, 6), torch.randn(100)]
+        params = [torch.nn.Parameter(b[:, ::2] if b.dim() == 2 else b[::2]) if strided
+                  else torch.nn.Parameter(b[:, ::2].contiguous() if b.dim() == 2
+                                          else b[::2].contiguous()) for b in base]
+        opt = fc.AdamW(params, lr=0.1)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                g = torch.randn(p.shape[0], 2 * p.shape[1] if p.dim() == 2 else 2, generator=gen)
+                p.grad = g[:, ::2] if p.dim() == 2 else g.reshape(-1)[: 2 * p.numel()][::2]
+            opt.step()
+        return params
+
+    for p, q in zip(run(True), run(False)):
+        assert torch.equal(p, q)
