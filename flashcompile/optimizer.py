@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,12 +19,12 @@ from flashcompile import amp, distributed, guards, layout
 from flashcompile import hyperparameters as _hyper
 from flashcompile.arena import Bucket
 from flashcompile.checkpoint import Checkpoints, ParamState
-from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
 from flashcompile.presets import check_codec_spec, resolve_codecs
 from flashcompile.shards import ShardBucket
+from flashcompile.stepping import PerTensor, ScalarCache
 from flashcompile.trace import check_facts, trace
 
 SUPPORTED_DTYPES = guards.SUPPORTED_DTYPES
@@ -83,7 +83,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         self._buckets_of_group: dict[int, tuple] = {}
         self._gradient_release = None  # set by flashcompile.enable_gradient_release
         self._plans: dict[tuple, Plan] = {}
-        self._per_tensor: dict[int, _PerTensor] = {}  # by id(param), see _step_one
+        self._per_tensor: dict[int, PerTensor] = {}  # by id(param), see _step_one
         self._grad_unscale: float | None = None  # 1 / GradScaler's scale during a step (amp.py)
         super().__init__(params, {**defaults, **implementation})
         self.state = defaultdict(ParamState)  # its missing keys say where a state lives
@@ -166,7 +166,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             flags = self._flags(group)
-            scalars = _ScalarCache(self._hyperparameters(group))
+            scalars = ScalarCache(self._hyperparameters(group))
             stepped = [b for b in self._flat_buckets(index, group, flags)
                        if self._step_bucket(b, group, scalars)]
             if sum(len(b.params) for b in stepped) == len(group["params"]):
@@ -182,13 +182,13 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         """Step one parameter now from its current ``.grad`` (what gradient release calls from
         each parameter's post-accumulate-grad hook). ``group``: its param group, if known."""
         group = self._group_of(p) if group is None else group
-        self._step_one(p, self._flags(group), _ScalarCache(self._hyperparameters(group)))
+        self._step_one(p, self._flags(group), ScalarCache(self._hyperparameters(group)))
 
     def _step_bucket(self, bucket, group: Mapping[str, Any],
-                     scalars: _ScalarCache | None = None) -> bool:
+                     scalars: ScalarCache | None = None) -> bool:
         """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
         done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
-        scalars = scalars or _ScalarCache(self._hyperparameters(group))
+        scalars = scalars or ScalarCache(self._hyperparameters(group))
         held = [self.state[p] for p in bucket.params] if self.rule.scalar_states else ()
         if bucket.try_step(functools.partial(scalars, bucket.plan, states=held)):
             return True
@@ -225,7 +225,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                 return g
         raise KeyError(f"the parameter of shape {tuple(p.shape)} is not in this optimizer")
 
-    def _step_one(self, p: torch.Tensor, flags, scalars: _ScalarCache) -> None:
+    def _step_one(self, p: torch.Tensor, flags, scalars: ScalarCache) -> None:
         """Step one param in one launch of its plan's ``step_one`` (per-tensor path)."""
         grad = p.grad
         guards.check_grad(self, p, grad)
@@ -238,7 +238,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         ready = self._per_tensor.get(key)
         if ready is None or not ready.holds(p, plan, state):
             self._init_state(p, plan, state)
-            ready = self._per_tensor[key] = _PerTensor(p, plan, state)
+            ready = self._per_tensor[key] = PerTensor(p, plan, state)
         state["step"] += 1
         values = scalars(plan, int(state["step"].item()), (state,))
         grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
@@ -365,57 +365,6 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         if name in self.rule.scalar_states:
             return self.state[p][name].clone()
         return self._decode(p, name)
-
-
-class _ScalarCache:
-    """A group's scalar prologue, evaluated once per (plan, step, scalar states) rather than once
-    per param, and its device vectors. ``states``: the states of the params stepped with these
-    values (a bucket's agree on their scalar states); their scalar states advance."""
-
-    def __init__(self, hyper: Mapping[str, Any]):
-        self.hyper = hyper
-        self.values: dict[tuple, list[float]] = {}
-        self.tensors: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, plan: Plan, step: int, states: Sequence[dict[str, Any]] = ()) -> list[float]:
-        names = plan.key.rule.scalar_states
-        key = (id(plan), step, *(float(states[0][k]) for k in names if states))
-        if key not in self.values:
-            self.values[key] = plan.scalars(step, self.hyper, states[0] if states else None)
-        if names and states:
-            plan.advance(states, self.values[key])
-        return self.values[key]
-
-    def tensor(self, values: list[float], tail: int, device: torch.device) -> torch.Tensor:
-        """``[tail, *values]`` on ``device``: uploaded once per step for the params that share
-        them (``values`` as this cache returned them)."""
-        key = (id(values), tail, device)
-        if key not in self.tensors:
-            self.tensors[key] = layout.scalar_tensor([tail, *values], device)
-        return self.tensors[key]
-
-
-class _PerTensor:
-    """What the per-tensor path reuses between steps of one param: its fields as the plan takes
-    them, its memory order and tail. Valid while the param's state holds the same tensors."""
-
-    def __init__(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]):
-        self.plan, self.state = plan, state
-        self.stored = {k: state[k] for k in plan.owned_fields}
-        count = layout.group_count(p.numel())
-        self.fields = plan.field_args(self.stored, 0, count)
-        self.order = layout.memory_order(p)
-        self.weight = layout.flat(p.detach(), self.order)  # a view of p, or a copy (`copies`)
-        self.copies = self.weight.data_ptr() != p.data_ptr()
-        self.tail = p.numel() - (count - 1) * GROUP
-        self.numel, self.ptr = p.numel(), p.data_ptr()
-
-    def holds(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> bool:
-        if plan is not self.plan or state is not self.state or p.data_ptr() != self.ptr:
-            return False
-        if self.copies:  # the copy must hold the param's current values
-            self.weight = layout.flat(p.detach(), self.order)
-        return p.numel() == self.numel and all(state.get(k) is t for k, t in self.stored.items())
 
 
 def _drop_duplicates(group: dict[str, Any]) -> None:
