@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -172,9 +172,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             if sum(len(b.params) for b in stepped) == len(group["params"]):
                 continue  # the common case: every param in a bucket (checked without a loop)
             done = {id(p) for b in stepped for p in b.params}
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in done:
-                    self._step_one(p, flags, scalars)
+            self._step_each([p for p in group["params"] if p.grad is not None and id(p) not in done],
+                            flags, scalars)
         return loss
 
     @torch.no_grad()
@@ -227,20 +226,39 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
 
     def _step_one(self, p: torch.Tensor, flags, scalars: ScalarCache) -> None:
         """Step one param in one launch of its plan's ``step_one`` (per-tensor path)."""
-        grad = p.grad
-        guards.check_grad(self, p, grad)
+        self._step_each([p], flags, scalars)
+
+    def _step_each(self, params: Sequence[torch.Tensor], flags, scalars: ScalarCache) -> None:
+        """Step each of ``params`` in its own launch (per-tensor path). Their step counts advance
+        in one call, their scalar states in one call per set of values: per param, either cost
+        about as much host time as the launch's own bookkeeping."""
+        if not params:
+            return
+        ready = [self._per_tensor_ready(p, flags) for p in params]
+        torch._foreach_add_([r.state["step"] for r in ready], 1.0)
+        for p, r in zip(params, ready):
+            self._launch_one(p, r, scalars(r.plan, int(r.state["step"].item()), (r.state,),
+                                           defer=True), scalars)
+        scalars.advance_deferred()
+
+    def _per_tensor_ready(self, p: torch.Tensor, flags) -> PerTensor:
+        """``p``'s per-tensor arguments, its state allocated (checked: its gradient fits)."""
+        guards.check_grad(self, p, p.grad)
         state = self.state[p]
-        key, combine = id(p), None
-        if is_dtensor(p):  # FSDP2: this rank's shard, a view of FSDP2's storage; grad likewise
+        local = p.to_local() if is_dtensor(p) else p  # FSDP2: this rank's shard
+        plan = self._plan(local, flags)
+        ready = self._per_tensor.get(id(p))
+        if ready is None or not ready.holds(local, plan, state):
+            self._init_state(local, plan, state)
+            ready = self._per_tensor[id(p)] = PerTensor(local, plan, state)
+        return ready
+
+    def _launch_one(self, p: torch.Tensor, ready: PerTensor, values: list[float],
+                    scalars: ScalarCache) -> None:
+        grad, plan, combine = p.grad, ready.plan, None
+        if is_dtensor(p):  # a view of FSDP2's storage; grad likewise
             combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
             p, grad = p.to_local(), grad.to_local()
-        plan = self._plan(p, flags)
-        ready = self._per_tensor.get(key)
-        if ready is None or not ready.holds(p, plan, state):
-            self._init_state(p, plan, state)
-            ready = self._per_tensor[key] = PerTensor(p, plan, state)
-        state["step"] += 1
-        values = scalars(plan, int(state["step"].item()), (state,))
         grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
         if plan.reduces:
             plan.run(ready.weight, grad, ready.stored, values, combine)

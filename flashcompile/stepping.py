@@ -23,15 +23,27 @@ class ScalarCache:
         self.hyper = hyper
         self.values: dict[tuple, list[float]] = {}
         self.tensors: dict[tuple, torch.Tensor] = {}
+        self.deferred: dict[tuple, tuple[Plan, list[dict[str, Any]]]] = {}
 
-    def __call__(self, plan: Plan, step: int, states: Sequence[dict[str, Any]] = ()) -> list[float]:
+    def __call__(self, plan: Plan, step: int, states: Sequence[dict[str, Any]] = (),
+                 defer: bool = False) -> list[float]:
+        """The scalars for ``step``; ``defer``: advance ``states`` at :meth:`advance_deferred`
+        (with every other state that shares the values, in one call) instead of now."""
         names = plan.key.rule.scalar_states
         key = (id(plan), step, *(float(states[0][k]) for k in names if states))
         if key not in self.values:
             self.values[key] = plan.scalars(step, self.hyper, states[0] if states else None)
         if names and states:
-            plan.advance(states, self.values[key])
+            if defer:
+                self.deferred.setdefault(key, (plan, []))[1].extend(states)
+            else:
+                plan.advance(states, self.values[key])
         return self.values[key]
+
+    def advance_deferred(self) -> None:
+        for key, (plan, states) in self.deferred.items():
+            plan.advance(states, self.values[key])
+        self.deferred.clear()
 
     def tensor(self, values: list[float], tail: int, device: torch.device) -> torch.Tensor:
         """``[tail, *values]`` on ``device``: uploaded once per step for the params that share
