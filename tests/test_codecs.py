@@ -12,7 +12,8 @@ from strategies import value_tensors
 from flashcompile import codecs
 from flashcompile.testing import check_codec
 
-STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8"]
+STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8",
+                "sqrt_e4m4", "e4m3_int8"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
 
 
@@ -184,3 +185,22 @@ def test_group_scales_round_up_so_codes_never_clip():
 def test_unknown_codec_name_is_rejected_with_the_known_names():
     with pytest.raises(ValueError, match="known codecs"):
         codecs.get("int4")
+
+
+@pytest.mark.parametrize("name", ["sqrt_e4m4", "e4m3_int8"])
+def test_relative_codecs_keep_each_values_precision_beside_a_loud_lane(name):
+    """One lane 10^3-10^4 louder than the 31 quiet ones (and states of 1e-30 or 1e6, where an fp16
+    scale goes subnormal or overflows): each quiet value keeps its relative precision."""
+    codec = codecs.get(name)
+    mant = 4 if name == "sqrt_e4m4" else 3
+    for top in (1e-30, 1.0, 1e6):
+        x = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1
+        x[:, 0] = 1e3  # quiet lanes 10-13.3 binades below: inside the codes' 15
+        x = x * top
+        if codec.domain == "real":
+            x = x * torch.where(torch.rand(64, 32) < 0.5, -1.0, 1.0)
+        y = codec.decode(*codec.encode(x))
+        rel = ((y - x).abs() / x.abs())[:, 1:]
+        # sqrt(v) within 2^-(mant+1) of itself: v within twice that, to first order
+        allowed = 2.0 ** -(mant + 1) * (2.02 if name == "sqrt_e4m4" else 1.0001) + 1e-6
+        assert rel.max() <= allowed, (name, top, rel.max().item())

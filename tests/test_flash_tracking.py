@@ -40,3 +40,8 @@ def test_flash_step_is_within_codec_bounds_of_fp32_step(name, dtype, shapes, see
 @pytest.mark.parametrize("rule", [adam, lion, sgd], ids=lambda r: r.name)
 def test_builtin_rules_pass_the_public_property_suite(rule):
     check_rule(rule, max_examples=8)
+
+
+def test_adam_with_the_relative_codecs_passes_the_public_property_suite():
+    # precision relative to each value (codecs/relative.py) for both moments
+    check_rule(adam, codecs={"exp_avg": "e4m3_int8", "exp_avg_sq": "sqrt_e4m4"}, max_examples=8)

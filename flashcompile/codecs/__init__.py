@@ -2,8 +2,9 @@
 
 Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
 ``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8_nonzero``
-(the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment codec), ``linear_int8``; or
-any :class:`Codec` instance. :func:`register` adds a name.
+(the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment codec), ``linear_int8``,
+``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value: ``relative.py``); or any
+:class:`Codec` instance. :func:`register` adds a name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flashcompile.codecs.companded import (
     sqrt_uint8_nonzero,
 )
 from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
+from flashcompile.codecs.relative import E4M3Int8, SqrtE4M4, e4m3_int8, sqrt_e4m4
 from flashcompile.codecs.weight_split import WeightSplit
 
 weight_split = WeightSplit(torch.bfloat16, torch.int8)
@@ -35,6 +37,8 @@ _REGISTRY: dict[str, Codec] = {
     "sqrt_uint8": sqrt_uint8,
     "sqrt_uint8_nonzero": sqrt_uint8_nonzero,
     "linear_int8": linear_int8,
+    "sqrt_e4m4": sqrt_e4m4,
+    "e4m3_int8": e4m3_int8,
 }
 
 
@@ -59,7 +63,7 @@ def names() -> list[str]:
 
 
 __all__ = [
-    "GROUP", "Codec", "Field", "Float", "Fp32Master", "LinearInt8", "SoftsignInt8", "SqrtUint8",
+    "GROUP", "Codec", "E4M3Int8", "Field", "Float", "SqrtE4M4", "e4m3_int8", "sqrt_e4m4", "Fp32Master", "LinearInt8", "SoftsignInt8", "SqrtUint8",
     "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "softsign_int8",
     "sqrt_uint8", "sqrt_uint8_nonzero", "weight_split",
 ]
