@@ -12,7 +12,8 @@ from flashcompile.__main__ import main as cli
 from flashcompile.studies import collapse, state_error, weight_split
 
 
-@pytest.mark.parametrize("name", ["weight-split", "state-error", "collapse", "convergence"])
+@pytest.mark.parametrize("name", ["weight-split", "state-error", "collapse", "convergence",
+                                  "late-training"])
 def test_study_writes_csv_summary_and_plot(name, tmp_path):
     extra = ["--steps", "4", "--tasks", "digits"] if name == "convergence" else []
     cli(["study", name, "--quick", "--out", str(tmp_path), *extra])
@@ -69,3 +70,20 @@ def test_convergence_run_filter_takes_words_or_exact_names_and_adds_twins():
     assert len(selected("chars", False, "adamw flash")) == 5  # paper, linear, fp32 norms rows too
     with pytest.raises(ValueError, match="match no run"):
         selected("chars", False, "=adamw")
+
+
+def test_relative_codecs_keep_the_update_of_outlier_groups_quiet_lanes():
+    """Outlier features (one lane 300x louder, one 10x quieter per group of 32): the paper's codecs
+    under the step guard lose the quiet lanes' updates; codes relative to each value keep them."""
+    grads = collapse.outlier_case(300.0, steps=60, groups=8)
+    ref, _, _ = collapse.run(grads, "fp32", guard=False)
+    quiet = collapse._quiet_lanes("outlier", grads.shape[1])
+    cos = {}
+    for name in ("default (paper codecs + step guard)", "e4m3_int8 + sqrt_e4m4, guard"):
+        codecs, guard = collapse.PAIRS[name]
+        moves, _, _ = collapse.run(grads, codecs, guard)
+        cos[name] = (collapse._cosine(moves[-1], ref[-1]),
+                     collapse._cosine(moves[-1][quiet], ref[-1][quiet]))
+    assert cos["e4m3_int8 + sqrt_e4m4, guard"][0] >= 0.99
+    assert cos["e4m3_int8 + sqrt_e4m4, guard"][1] >= 0.99
+    assert cos["default (paper codecs + step guard)"][1] < 0.9

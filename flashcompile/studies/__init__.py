@@ -7,9 +7,11 @@ README quotes) and ``<out>/<name>.png`` (the plot), and prints the summary.
   {no residual, 16-bit float residual, int8 ULP residual, int16 ULP residual};
 * ``state-error``: quantisation error of Adam's m and v along real training trajectories, per codec;
 * ``collapse``: constructed groups that mix scales, where group-absmax 8-bit codecs drop small second
-  moments and Adam steps by m / eps; the paper's codecs against the defaults;
+  moments and Adam steps by m / eps, and outlier features whose quiet lanes lose their updates; the
+  paper's codecs against the defaults and the codecs relative to each value;
 * ``convergence``: fp32 optimizers against their flashcompile twins on real data (digits MLP,
-  character-level transformer on Python's help text), several seeds, and the linear-int8 ablation.
+  character-level transformer on Python's help text), several seeds, and the linear-int8 ablation;
+* ``late-training``: the loss a long decaying schedule reaches, per codec of Adam's states.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ STUDIES = {
     "state-error": "state_error",
     "collapse": "collapse",
     "convergence": "convergence",
+    "late-training": "late_training",
 }
 
 
@@ -38,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--steps", type=int, help="training / stepping length (default per study)")
-    p.add_argument("--seeds", type=int, help="convergence: seeds per run (default 3)")
+    p.add_argument("--seeds", type=int, help="convergence, late-training: seeds (default 3)")
     p.add_argument("--device", default="cpu", help="convergence: cpu or cuda")
     p.add_argument("--compile", action="store_true", help="convergence: compiled flash kernels")
     p.add_argument("--size", default="cpu", choices=["cpu", "gpu"],

@@ -40,7 +40,12 @@ PAIRS = {  # name -> (codecs, Adam's step guard)
     "sqrt_uint8_nonzero, no guard (earlier default)":
         ({"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8_nonzero"}, False),
     "linear_int8 (ablation)": ({"exp_avg": "linear_int8", "exp_avg_sq": "linear_int8"}, False),
+    # precision relative to each value (codecs/relative.py), under the step guard
+    "softsign_int8 + sqrt_e4m4, guard": ({"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_e4m4"},
+                                         True),
+    "e4m3_int8 + sqrt_e4m4, guard": ({"exp_avg": "e4m3_int8", "exp_avg_sq": "sqrt_e4m4"}, True),
 }
+OUTLIERS = (100, 300, 1000)  # loud / typical lanes of the outlier cases
 LOUDNESS = (1, 10, 100, 300, 1000)
 # Steps are measured as differences of fp32 weights of at most steps * bound * lr: relative error
 # below steps * 2**-23 (3.6e-5 at 300 steps). A step counts as beyond the bound above bound * (1 + 1e-4).
@@ -63,6 +68,19 @@ def loud_case(loudness: float, kind: str, steps: int, groups: int = 64, seed: in
     g = 1 + 0.3 * torch.randn(steps, groups, 32, generator=gen)
     noise = torch.randn(steps, groups, generator=gen)
     g[:, :, 0] = loudness * (noise if kind == "noisy" else 1 + 0.3 * noise)
+    return g.reshape(steps, -1)
+
+
+def outlier_case(loudness: float, steps: int, groups: int = 64, quiet: float = 10.0,
+                 snr: float = 0.5, seed: int = 0):
+    """Outlier features: in every group of 32 lane 0 is ``loudness`` times louder than the typical
+    lanes and lane 1 ``quiet`` times quieter; every lane ``scale * (snr * mu + noise)`` with its own
+    fixed mean ``mu``. Lane 1 is the quiet coordinate whose update group-absmax codes lose."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(groups, 32, generator=gen)
+    g = snr * mu + torch.randn(steps, groups, 32, generator=gen)
+    g[:, :, 0] *= loudness
+    g[:, :, 1] /= quiet
     return g.reshape(steps, -1)
 
 
@@ -95,16 +113,24 @@ def measure(steps: int) -> list[dict]:
                {"case": "rows", "kind": f"n={n} sigma={sigma} snr={snr}", "loudness": ""},
                rows_case(n, sigma, snr, steps))
               for n in (50, 77, 100) for sigma in (1.0, 2.0) for snr in (0.2, 1.0)]
+    cases += [(f"outlier L={loud}", {"case": "outlier", "kind": "outlier", "loudness": loud},
+               outlier_case(loud, steps)) for loud in OUTLIERS]
     bound = adam_bound(steps)
     rows = []
     for label, info, grads in cases:
         ref_moves, ref_disp, ref_v = run(grads, "fp32", guard=False)  # torch.optim's Adam
+        quiet = _quiet_lanes(info["case"], grads.shape[1])
         for name, (codecs, guard) in PAIRS.items():
             moves, disp, v = run(grads, codecs, guard)
             with torch.no_grad():
                 err = disp - ref_disp
                 rows.append({
                     "name": label, **info, "codecs": name, "steps": steps, "adam_bound": bound,
+                    # the last step's update against fp32 Adam's, on every weight and on the
+                    # quiet lanes (the loud cases' 31, the outlier cases' one)
+                    "update_cos": _cosine(moves[-1], ref_moves[-1]),
+                    "quiet_cos": (_cosine(moves[-1][quiet], ref_moves[-1][quiet])
+                                  if quiet is not None else math.nan),
                     "fp32_max_step": ref_moves.abs().max().item(),
                     "max_step": moves.abs().max().item(),
                     "beyond_bound": (moves.abs() > bound * MEASURED).float().mean().item(),
@@ -113,6 +139,20 @@ def measure(steps: int) -> list[dict]:
                     "v_dropped": ((v == 0) & (ref_v > 0)).float().mean().item(),
                 })
     return rows
+
+
+def _quiet_lanes(case: str, n: int) -> torch.Tensor | None:
+    lane = torch.arange(n) % 32
+    if case == "loud":
+        return lane != 0
+    if case == "outlier":
+        return lane == 1
+    return None
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return (a @ b / (a.norm() * b.norm()).clamp_min(1e-300)).item()
 
 
 def headline(rows: list[dict]) -> list[dict]:
@@ -136,6 +176,9 @@ def headline(rows: list[dict]) -> list[dict]:
                 sum(0.99 * paper[r["name"]] <= r["disp_nmse"] <= 1.01 * paper[r["name"]]
                     for r in sel),
                 sum(not r["disp_nmse"] <= 1.01 * paper[r["name"]] for r in sel)),
+            "outlier cases: worst update cosine / on quiet lanes": "{:.4f} / {:.4f}".format(
+                min(r["update_cos"] for r in sel if r["case"] == "outlier"),
+                min(r["quiet_cos"] for r in sel if r["case"] == "outlier")),
         })
     return out
 
@@ -181,7 +224,8 @@ def main(out: str = "docs/results", quick: bool = False, steps: int | None = Non
     rows = measure(steps)
     write_csv(out_dir / "collapse.csv", rows)
     plot(rows, out_dir / "collapse.png")
-    columns = ["name", "codecs", "max_step", "beyond_bound", "disp_nmse", "off_50pct", "v_dropped"]
+    columns = ["name", "codecs", "max_step", "beyond_bound", "disp_nmse", "off_50pct", "v_dropped",
+               "update_cos", "quiet_cos"]
     write_summary(out_dir / "collapse_summary.md", "Collapse of 8-bit states in mixed-scale groups",
                   f"`python -m flashcompile study collapse`: Adam (lr {LR}, betas {BETAS}), {steps} "
                   f"steps; fp32 weights, only the states' codecs differ. Adam's bound on "
