@@ -112,9 +112,9 @@ class Bucket:
     def _adopt_grad(self, i: int) -> None:
         """Point param ``i``'s ``.grad`` into the gradient buffer (copying a gradient it has)."""
         p = self.params[i]
-        if p.grad is not None and p.grad.shape != p.shape:  # copied flat, it would apply anyway
-            raise guards.wrong_grad_shape(f"the param of shape {tuple(p.shape)}", p.grad)
         if p.grad is not None:
+            if p.grad.shape != p.shape:  # copied flat, it would apply element-wise regardless
+                raise guards.wrong_grad_shape(f"the param of shape {tuple(p.shape)}", p.grad)
             self.grads[self._range(i)].copy_(layout.flat(p.grad, self.orders[i]))
         p.grad = self._as_param(self.grads, i)
 

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from flashcompile import codecs as _codecs
 from flashcompile.codecs import GROUP, Codec
 from flashcompile.dsl import Rule
+from flashcompile.layout import padded
 from flashcompile.optimizer import Optimizer
 from flashcompile.plan import PARAM, PlanKey, get_plan, state_key
 from flashcompile.presets import check_codec_spec, resolve_codecs
@@ -94,18 +95,11 @@ def hyperparameters(rule: Rule) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(fields)
 
 
-def padded(x: torch.Tensor) -> torch.Tensor:
-    """``x`` flat, zero-padded to whole groups of 32 (the optimizer's storage layout)."""
-    out = torch.zeros(-(-x.numel() // GROUP) * GROUP, device=x.device)
-    out[: x.numel()] = x.reshape(-1)
-    return out
-
-
 def bound(codec, ref: torch.Tensor, code_step: bool = False) -> torch.Tensor:
     """The codec's error bound (or, with ``code_step``, one code step) for ``ref`` laid out in
     zero-padded groups, as the optimizer stores it."""
     fn = codec.code_step if code_step else codec.error_bound
-    return fn(padded(ref).view(-1, GROUP)).reshape(-1)[: ref.numel()].view_as(ref)
+    return fn(padded(ref, torch.float32)).reshape(-1)[: ref.numel()].view_as(ref)
 
 
 def fp32_step(opt: Optimizer, p: torch.Tensor):
@@ -124,7 +118,8 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     started = bool(opt.state.get(p))
     old = {PARAM: master.clone(),
            **{k: opt.state_value(p, k) if started else torch.zeros_like(master) for k in live}}
-    stored = {state_key(k, c.fields[0]): padded(old[k]) for k, c in plan.codecs.items() if k != PARAM}
+    stored = {state_key(k, c.fields[0]): padded(old[k], torch.float32).view(-1)
+              for k, c in plan.codecs.items() if k != PARAM}
     step = int(opt.state[p]["step"].item()) + 1 if started else 1
     # scalar states (NAdam's mu_product) are read from opt's state, not advanced
     values = plan.scalars(step, opt._hyperparameters(group), opt.state.get(p))

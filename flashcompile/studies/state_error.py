@@ -24,7 +24,7 @@ from flashcompile.presets import default_codec
 from flashcompile.rules import adam
 from flashcompile.studies import tasks
 from flashcompile.studies.report import pyplot, save_figure, table, write_csv, write_summary
-from flashcompile.testing import padded
+from flashcompile.layout import padded
 
 ADAM_M = default_codec("signed", "flash").name
 ADAM_V = adam.flash_codecs["exp_avg_sq"]
@@ -43,7 +43,7 @@ LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
 def quantize(codec, x: torch.Tensor) -> torch.Tensor:
     """``x`` through ``codec`` in the optimizer's layout."""
     codec = codecs.get(codec)
-    y = codec.decode(*codec.encode(padded(x.float()).view(-1, 32)))
+    y = codec.decode(*codec.encode(padded(x, torch.float32)))
     return y.reshape(-1)[: x.numel()].view_as(x)
 
 
