@@ -38,8 +38,10 @@ def main() -> None:
         with autocast:
             loss = spec.loss(model, data)
         loss.backward()
-        if handle is None:
+        if handle is None and setup.torch_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        elif handle is None:
+            opt.clip_grad_norm_(CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -34,8 +34,9 @@ from flashcompile.plan import Plan
 class Bucket:
     """Flat buffers for ``params`` (same group, dtype and device) stepped by ``plan``.
 
-    ``keep_grads=False`` (gradient release): no gradient buffer; each step copies the params'
-    gradients into a buffer that lives for that step only, so gradients never all exist at once.
+    ``keep_grads=False``: no gradient buffer; the params keep the gradients autograd makes, and
+    each step copies them into a buffer that lives for that step only (gradient release: so that
+    gradients never all exist at once; otherwise: see ``Optimizer.grad_views``).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
@@ -76,6 +77,9 @@ class Bucket:
                 p.data = self._as_param(self.weights, i)
                 if keep_grads:
                     self._adopt_grad(i)
+        # the zero lanes that pad each param's gradient to whole groups, when it is staged
+        self._pads = [None if n == c * GROUP else self.weights.new_zeros(c * GROUP - n)
+                      for n, c in zip((p.numel() for p in self.params), counts)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._scalars: _ScalarUpload | None = None
         # None: not yet checked (loaded or per-tensor steps may differ between params)
@@ -165,12 +169,8 @@ class Bucket:
                 for i, (ptr, ours) in enumerate(zip(ptrs, self._grad_ptrs)):
                     if ptr != ours:  # a new gradient (set_to_none): accumulate into ours again
                         self._adopt_grad(i)
-        else:  # gradient release: this bucket's gradients, for this step only
-            staged = torch.zeros(self.groups * GROUP, dtype=self.weights.dtype,
-                                 device=self.weights.device)
-            torch._foreach_copy_([staged[self._range(i)] for i in range(len(self.params))],
-                                 [layout.flat(p.grad, o) for p, o in zip(self.params, self.orders)])
-            grads = groups(staged, False, 0, self.groups)
+        else:  # the gradients autograd made, in one buffer that lives for this step only
+            grads = groups(self._staged_grads(), False, 0, self.groups)
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
         if not self.weights.is_cuda:
@@ -188,6 +188,17 @@ class Bucket:
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
                 self.plan.call(s, grads, weights, fields, ends)
         return True
+
+    def _staged_grads(self) -> torch.Tensor:
+        """The params' gradients laid out as the weights are (zero padding lanes), in one fresh
+        buffer: one concatenation (a few batched copy kernels), where views kept in the buffer
+        would cost autograd one accumulation kernel per param per backward."""
+        pieces = []
+        for p, order, pad in zip(self.params, self.orders, self._pads):
+            pieces.append(layout.flat_view(p.grad, order))
+            if pad is not None:
+                pieces.append(pad)
+        return torch.cat(pieces)
 
     def zero_grad(self) -> None:
         if not self.keep_grads:

@@ -42,6 +42,12 @@ def flat(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
     return (t if order is None else t.permute(order)).reshape(-1).contiguous()
 
 
+def flat_view(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """As :func:`flat`, but a view wherever ``t`` is laid out like the param (no contiguous copy
+    of a 1-D view: for a concatenation, which reads any strides)."""
+    return (t if order is None else t.permute(order)).reshape(-1)
+
+
 def unflat(values: torch.Tensor, like: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
     """Inverse of :func:`flat`: ``values`` (``like.numel()`` of them) shaped like ``like``, with
     ``like``'s strides where ``order`` is its memory order."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flashcompile import amp, distributed, guards, layout
+from flashcompile import amp, clipping, distributed, guards, layout
 from flashcompile import hyperparameters as _hyper
 from flashcompile.arena import Bucket
 from flashcompile.checkpoint import Checkpoints, ParamState
@@ -55,6 +55,9 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     # torch.optim.Adam/AdamW refuse tensor lr or betas with foreach=True (and capturable=False)
     _refuses_tensor_hyperparameters_with_foreach = False
+    # flat buckets: grads as views into one buffer autograd accumulates into (True), or the grads
+    # autograd makes, concatenated into a buffer per step (False); see Bucket
+    grad_views = True
 
     def __init__(self, params: Iterable, rule: Rule, *, codecs: str | Mapping[str, Any] = "flash",
                  compile: bool = True, flat: bool | None = None, **hyperparameters: Any):
@@ -302,7 +305,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                 # FSDP2 shards keep their weights where FSDP2 all-gathers them from: a shard bucket
                 # stages them; a Bucket would re-point p.data
                 make = ShardBucket if kind[2] else Bucket
-                bucket = self._buckets[key] = make(params, plan, self.state, self._init_state)
+                bucket = self._buckets[key] = make(params, plan, self.state, self._init_state,
+                                                   keep_grads=self.grad_views)
             out.append(bucket)
         self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)
         return out
@@ -317,10 +321,16 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         self._buckets.clear()
         self._buckets_of_group.clear()
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's params, one norm and one
+        multiply per flat bucket (:mod:`flashcompile.clipping`); returns the total norm."""
+        return clipping.clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, except that params in flat buffers keep their gradient views, zeroed
         in one memset: autograd then accumulates straight into the buffer."""
-        flat = {id(p) for b in self._buckets.values() for p in b.params}
+        flat = {id(p) for b in self._buckets.values() if b.keep_grads for p in b.params}
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in flat or p.grad is None:

@@ -45,6 +45,7 @@ class Setup:
     prepare: Callable
     release: bool = False
     needs: str = ""  # a peer module it imports
+    torch_clip: bool = True  # False: the optimizer's own clip_grad_norm_ (flashcompile's)
 
 
 def _torch_adamw(model, _release):
@@ -54,6 +55,12 @@ def _torch_adamw(model, _release):
 
 def _flash_adamw(model, release):
     opt = fc.AdamW(model.parameters(), lr=LR)
+    return opt, fc.enable_gradient_release(model, opt) if release else None
+
+
+def _flash_adamw_staged(model, release):
+    opt = fc.AdamW(model.parameters(), lr=LR)
+    opt.grad_views = False
     return opt, fc.enable_gradient_release(model, opt) if release else None
 
 
@@ -79,9 +86,11 @@ def _bnb(model, _release):
 SETUPS: dict[str, Setup] = {
     "torch_fused_fp32_autocast": Setup("fp32", _torch_adamw),
     "torch_fused_bf16": Setup("bf16", _torch_adamw),
-    "flash": Setup("flash", _flash_adamw),
+    "flash": Setup("flash", _flash_adamw, torch_clip=False),
+    "flash_torch_clip": Setup("flash", _flash_adamw),
     "flash_release": Setup("flash", _flash_adamw, release=True),
-    "flash_fp32_norms": Setup("flash_norms", _flash_adamw),
+    "flash_staged_grads": Setup("flash", _flash_adamw_staged, torch_clip=False),
+    "flash_fp32_norms": Setup("flash_norms", _flash_adamw, torch_clip=False),
     "flashoptim": Setup("flashoptim", _flashoptim, needs="flashoptim"),
     "flashoptim_release": Setup("flashoptim", _flashoptim, release=True, needs="flashoptim"),
     "torchao_adamw8bit": Setup("fp32", _torchao, needs="torchao"),
@@ -168,8 +177,10 @@ def measure(model_name: str, setup_name: str, device: str = "cuda", steps: int =
         ev.append(event())
         loss.backward()
         ev.append(event())
-        if handle is None:
+        if handle is None and setup.torch_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        elif handle is None:
+            opt.clip_grad_norm_(CLIP)
         ev.append(event())
         opt.step()
         opt.zero_grad(set_to_none=True)

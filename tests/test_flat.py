@@ -169,12 +169,13 @@ def test_a_param_that_never_had_a_gradient_is_never_stepped():
     assert torch.equal(unused, before) and unused.grad is None and not opt.state.get(unused)
 
 
-def _conv_run(flat: bool, steps: int = 3):
+def _conv_run(flat: bool, steps: int = 3, grad_views: bool = True):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
                                 torch.nn.Conv2d(8, 5, 1))
     model = fc.cast_model(model).to(memory_format=torch.channels_last)
     opt = fc.AdamW(model.parameters(), lr=1e-2, compile=False, flat=flat)
+    opt.grad_views = grad_views
     for step in range(steps):
         gen = torch.Generator().manual_seed(step)
         x = torch.randn(4, 3, 9, 9, generator=gen).bfloat16().to(memory_format=torch.channels_last)
@@ -210,3 +211,16 @@ def test_a_flat_bucket_steps_from_its_own_gradient_buffer_without_staging_a_copy
     with mock.patch.object(torch, "_foreach_copy_", wraps=torch._foreach_copy_) as copies:
         opt.step()
     assert copies.call_count == 0
+
+
+def test_staged_gradients_step_like_gradient_views_and_leave_grads_to_autograd():
+    """``grad_views = False``: autograd's own gradients, concatenated per step (channels_last
+    weights, BatchNorm params padded to whole groups): the same steps, bit for bit, and
+    ``zero_grad`` frees the gradients as torch.optim's does."""
+    views_model, views_opt = _conv_run(True)
+    staged_model, staged_opt = _conv_run(True, grad_views=False)
+    assert all(not b.keep_grads for b in staged_opt._buckets.values())
+    assert all(p.grad is None for p in staged_model.parameters())
+    for p, q in zip(staged_model.parameters(), views_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(staged_opt.master_weight(p), views_opt.master_weight(q))
