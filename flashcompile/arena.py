@@ -39,6 +39,11 @@ class Bucket:
     gradients never all exist at once; otherwise: see ``Optimizer.grad_views``).
     """
 
+    # each scalar state (Adam's bound_sq, NAdam's mu_product) of the params is a view into one
+    # vector per state: a step stores the new value in one call (one copy per param cost about
+    # 1 us of host time each)
+    stores_scalar_states = True
+
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
                  init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
@@ -63,12 +68,17 @@ class Bucket:
             for key, f in plan.owned_fields.items()
         }
         self.steps = torch.zeros(len(params))  # state['step'] of each param is a view into this
+        names = plan.key.rule.scalar_states
+        self.scalar_vectors = {name: torch.zeros(len(params)) for name in names}
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 st = state[p]
                 init_state(p, plan, st)
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
+                for name, vector in self.scalar_vectors.items():
+                    vector[i] = st.get(name, 0.0)  # absent reads as zero (Plan.scalars)
+                    st[name] = vector[i]
                 for key, f in plan.owned_fields.items():
                     view = self._slice(self.fields[key], i, f.per_group)
                     view.copy_(st[key])
@@ -89,6 +99,7 @@ class Bucket:
         # opt.state[p], opt.state[p].clear()) replaces or empties them, and must start fresh state
         self._state_dicts = [state[p] for p in self.params]
         self._step_views = [st["step"] for st in self._state_dicts]
+        self._scalar_views = {name: [st[name] for st in self._state_dicts] for name in names}
         self._grad_ptrs = ([self.grads[self._range(i)].data_ptr() for i in range(len(params))]
                            if keep_grads else [])
         self._args = (
@@ -133,7 +144,9 @@ class Bucket:
         if not all(map(operator.is_, states, self._state_dicts)):
             return False
         try:
-            return all(map(operator.is_, map(_step, states), self._step_views))
+            return (all(map(operator.is_, map(_step, states), self._step_views))
+                    and all(all(map(operator.is_, map(operator.itemgetter(name), states), views))
+                            for name, views in self._scalar_views.items()))
         except KeyError:  # opt.state[p].clear()
             return False
 
@@ -173,6 +186,8 @@ class Bucket:
             grads = groups(self._staged_grads(), False, 0, self.groups)
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
+        for name, value in self.plan.new_scalar_states(values):
+            self.scalar_vectors[name].fill_(value)
         if not self.weights.is_cuda:
             self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields, ends)
             return True
@@ -204,6 +219,8 @@ class Bucket:
         if not self.keep_grads:
             return
         self.grads.zero_()
+        if self._grad_ptrs_now() == self._grad_ptrs:  # the common case, checked without a loop
+            return
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
                 p.grad = self._as_param(self.grads, i)

@@ -28,7 +28,7 @@ from flashcompile.plan import Plan
 
 # rebuilt from the state at the next step; a copy of a released optimizer is not released
 _TRANSIENT = ("_buckets", "_buckets_of_group", "_plans", "_gradient_release", "_grad_unscale",
-              "_per_tensor")
+              "_per_tensor", "_flat_ids")
 SAVED_METADATA = ("param_shapes", "codecs")  # per saved group, checked on load and not loaded
 
 

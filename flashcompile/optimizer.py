@@ -191,8 +191,11 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
         done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
         scalars = scalars or ScalarCache(self._hyperparameters(group))
-        held = [self.state[p] for p in bucket.params] if self.rule.scalar_states else ()
-        if bucket.try_step(functools.partial(scalars, bucket.plan, states=held)):
+        shared = bucket.stores_scalar_states  # one vector per scalar state: read one, store all
+        held = (() if not self.rule.scalar_states else [self.state[bucket.params[0]]] if shared
+                else [self.state[p] for p in bucket.params])
+        if bucket.try_step(functools.partial(scalars, bucket.plan, states=held,
+                                             advance=not shared)):
             return True
         bucket.uniform_steps = None  # re-checked when it next tries
         return False
@@ -330,7 +333,10 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, except that params in flat buffers keep their gradient views, zeroed
         in one memset: autograd then accumulates straight into the buffer."""
-        flat = {id(p) for b in self._buckets.values() if b.keep_grads for p in b.params}
+        buckets = tuple(b for b in self._buckets.values() if b.keep_grads)
+        if getattr(self, "_flat_ids", (None,))[0] != buckets:  # rebuilt only with the buckets
+            self._flat_ids = (buckets, {id(p) for b in buckets for p in b.params})
+        flat = self._flat_ids[1]
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in flat or p.grad is None:

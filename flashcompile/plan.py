@@ -270,12 +270,7 @@ class Plan:
     def advance(self, states: Sequence[dict[str, object]], scalars: list[float]) -> None:
         """Store the scalar states' new values (the tail of :meth:`scalars`) in each of ``states``
         (params stepped together share them), as 0-d fp32 CPU tensors like torch.optim's."""
-        names = self.key.rule.scalar_states
-        for name, value in zip(names, scalars[len(scalars) - len(names):]):
-            # beyond fp32's range it stores inf (Adam's bound_sq where beta1^2 > beta2: no bound);
-            # fill_ with a finite Python float that large would raise. NaN stays NaN.
-            if abs(value) > FP32_MAX:
-                value = math.copysign(math.inf, value)
+        for name, value in self.new_scalar_states(scalars):
             held = [state[name] for state in states if name in state]
             if len(held) == 1:
                 held[0].fill_(value)
@@ -284,6 +279,15 @@ class Plan:
             for state in states:
                 if name not in state:
                     state[name] = torch.tensor(value)
+
+    def new_scalar_states(self, scalars: list[float]) -> list[tuple[str, float]]:
+        """The scalar states' new values in the tail of :meth:`scalars`, as fp32 stores them:
+        beyond fp32's range, inf (Adam's bound_sq where beta1^2 > beta2: no bound; ``fill_`` with
+        a finite Python float that large would raise). NaN stays NaN."""
+        names = self.key.rule.scalar_states
+        tail = scalars[len(scalars) - len(names):] if names else []
+        return [(name, math.copysign(math.inf, v) if abs(v) > FP32_MAX else v)
+                for name, v in zip(names, tail)]
 
     def field_args(self, stored: Mapping[str, torch.Tensor], first: int,
                    count: int) -> list[torch.Tensor]:

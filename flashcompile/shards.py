@@ -35,11 +35,14 @@ class ShardBucket:
     back. The interface of :class:`flashcompile.arena.Bucket`.
     """
 
+    stores_scalar_states = False  # each param's scalar states advance on their own
+
     def __init__(self, params: list[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
                  init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
                  keep_grads: bool = True):
         self.params, self.plan, self.state = list(params), plan, state
+        self.keep_grads = keep_grads
         shards = [p.to_local() for p in self.params]
         counts = [-(-t.numel() // GROUP) for t in shards]
         offsets = [0, *itertools.accumulate(counts)][:-1]
@@ -130,6 +133,8 @@ class ShardBucket:
         return True
 
     def zero_grad(self) -> None:
+        if not self.keep_grads:
+            return
         self.grads.zero_()
         for i, p in enumerate(self.params):
             if p.grad is None or p.grad.to_local().data_ptr() != self._grad_ptrs[i]:

@@ -26,14 +26,15 @@ class ScalarCache:
         self.deferred: dict[tuple, tuple[Plan, list[dict[str, Any]]]] = {}
 
     def __call__(self, plan: Plan, step: int, states: Sequence[dict[str, Any]] = (),
-                 defer: bool = False) -> list[float]:
+                 defer: bool = False, advance: bool = True) -> list[float]:
         """The scalars for ``step``; ``defer``: advance ``states`` at :meth:`advance_deferred`
-        (with every other state that shares the values, in one call) instead of now."""
+        (with every other state that shares the values, in one call) instead of now;
+        ``advance=False``: only read ``states`` (a flat bucket stores its params' new values)."""
         names = plan.key.rule.scalar_states
         key = (id(plan), step, *(float(states[0][k]) for k in names if states))
         if key not in self.values:
             self.values[key] = plan.scalars(step, self.hyper, states[0] if states else None)
-        if names and states:
+        if names and states and advance:
             if defer:
                 self.deferred.setdefault(key, (plan, []))[1].extend(states)
             else:
