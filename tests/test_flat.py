@@ -224,3 +224,30 @@ def test_staged_gradients_step_like_gradient_views_and_leave_grads_to_autograd()
     for p, q in zip(staged_model.parameters(), views_model.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(staged_opt.master_weight(p), views_opt.master_weight(q))
+
+
+@pytest.mark.parametrize("name", ["AdamW", "NAdam"])
+def test_scalar_states_of_a_bucket_are_each_params_own_and_match_per_tensor_steps(name):
+    """A bucket stores its params' scalar states (AdamW's bound_sq, NAdam's mu_product) in one
+    vector; each param still reads its own value, equal to stepping it alone, and replacing
+    one param's value (as a user or a load may) rebuilds the bucket from it."""
+    runs = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (40, 64, 5)]
+        opt = getattr(fc, name)(params, lr=1e-2, compile=False, flat=flat)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 7 + i)).bfloat16()
+            opt.step()
+        runs.append((params, opt))
+    (fp, fo), (tp, to) = runs
+    key = fo.rule.scalar_states[0]
+    views = [fo.state[p][key] for p in fp]
+    assert len({v.data_ptr() for v in views}) == len(views)  # distinct elements of one vector
+    for p, q in zip(fp, tp):
+        assert torch.equal(fo.state[p][key], to.state[q][key])
+        assert torch.equal(p, q)
+    bucket = next(iter(fo._buckets.values()))
+    fo.state[fp[0]][key] = torch.tensor(float(fo.state[fp[0]][key]))
+    assert not bucket.intact()
