@@ -88,7 +88,8 @@ class Bucket:
                 if keep_grads:
                     self._adopt_grad(i)
         # the zero lanes that pad each param's gradient to whole groups, when it is staged
-        self._pads = [None if n == c * GROUP else self.weights.new_zeros(c * GROUP - n)
+        self._pads = [None if keep_grads or n == c * GROUP
+                      else self.weights.new_zeros(c * GROUP - n)
                       for n, c in zip((p.numel() for p in self.params), counts)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._scalars: _ScalarUpload | None = None

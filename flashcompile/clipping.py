@@ -4,9 +4,10 @@
 group's gradients share the dtype of the norm; a model with two gradient dtypes (bf16 weights and
 the fp32 BatchNorm params ``cast_model`` keeps) gets an fp32 clip coefficient, which sends the bf16
 gradients down torch's per-tensor path: two kernels (and their host dispatch) per param. Here a
-flat bucket's gradients are one tensor: one norm and one multiply per bucket, in fp32 like torch's
-per-tensor path, so the clipped gradients equal torch's. The norm is accumulated in fp32 over each
-bucket, where torch rounds each tensor's norm to its gradient's dtype first.
+flat bucket's gradients are one tensor: one norm and one multiply per bucket, the multiply in fp32
+as torch's per-tensor path does it. The norm is accumulated in fp32 over each bucket, where torch
+rounds each tensor's norm to its gradient's dtype first (bf16: within 2^-9 of the fp32 norm), so the
+two clip by coefficients that differ in that rounding.
 """
 
 from __future__ import annotations

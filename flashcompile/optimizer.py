@@ -332,7 +332,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's, except that params in flat buffers keep their gradient views, zeroed
-        in one memset: autograd then accumulates straight into the buffer."""
+        in one memset: autograd then accumulates straight into the buffer (with ``grad_views =
+        False``, flat params' grads are set to None as any other's)."""
         buckets = tuple(b for b in self._buckets.values() if b.keep_grads)
         if getattr(self, "_flat_ids", (None,))[0] != buckets:  # rebuilt only with the buckets
             self._flat_ids = (buckets, {id(p) for b in buckets for p in b.params})

@@ -11,8 +11,9 @@ models are in :mod:`flashcompile.train_models`).
 Setups: torch's fused AdamW on fp32 weights under bf16 autocast (the baseline), torch's fused AdamW
 on a bf16 model, flashcompile's defaults (``cast_model`` + ``AdamW``), with gradient release, with
 every norm layer kept fp32 (the former ``cast_model`` default), and the peers where installed
-(FlashOptim, torchao and bitsandbytes 8-bit AdamW; none is a dependency). Gradient release cannot
-clip by global norm: those rows skip clipping.
+(FlashOptim, torchao and bitsandbytes 8-bit AdamW; none is a dependency). flashcompile rows clip
+with ``opt.clip_grad_norm_`` (``flash_torch_clip``: with torch's, for comparison); gradient release
+cannot clip by global norm: those rows skip clipping.
 """
 
 from __future__ import annotations
