@@ -360,3 +360,26 @@ def test_params_and_grads_with_gaps_in_their_storage_step_as_contiguous_ones():
 
     for p, q in zip(run(True), run(False)):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+def test_a_state_set_before_the_first_step_is_adopted_or_refused_never_misread(flat):
+    """torch.optim lets a step pre-hook initialise states. A value shaped like the param, in a
+    dtype the stored field holds exactly, is encoded as the plan stores it (the step then starts
+    from it); a layout the plan cannot adopt raises instead of being read as padded groups."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(20, 7))
+    start = torch.rand(20, 7).bfloat16()
+    opt = fc.AdamW([p], lr=1e-2, betas=(0.9, 0.999), codecs="fp32", compile=False, flat=flat)
+    p.grad = torch.randn(20, 7)
+    opt.state[p]["step"] = torch.tensor(0.0)
+    opt.state[p]["exp_avg"] = start.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state_value(p, "exp_avg"), 0.9 * start.float() + 0.1 * p.grad,
+                               rtol=2 ** -23, atol=0)  # one fp32 rounding of the EMA
+    bad = torch.nn.Parameter(torch.randn(20, 7))
+    opt = fc.AdamW([bad], codecs="fp32", compile=False, flat=flat)
+    bad.grad = torch.ones_like(bad)
+    opt.state[bad]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="exp_avg.*shape \\(3,\\)"):
+        opt.step()
