@@ -22,7 +22,9 @@ REJECTIONS = [
     ("sparse gradients", r"^test_rosenbrock_sparse_",
      r"does not support sparse gradients",
      "codecs store dense groups of 32; torch.optim.SparseAdam serves sparse embeddings"),
-    ("float64 parameters", r"^test_(foreach|fused)_matches_forloop_.*_float64$",
+    # the last two run on CUDA only (not in CI): they failed so on the H200 run
+    ("float64 parameters", r"^test_((foreach|fused)_matches_forloop|set_default_dtype_works_with"
+     r"_foreach|fused_cpu_matches_cuda)_.*_float64$",
      r"has dtype torch\.float64, which is not supported",
      "the kernel computes in fp32 and would silently lose float64's precision"),
 ]
