@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flashcompile import guards, layout
+from flashcompile import layout
 from flashcompile.codecs import GROUP
 from flashcompile.layout import groups, scalar_tensor, segment_ends
 from flashcompile.plan import Plan
@@ -85,11 +85,8 @@ class Bucket:
                     st[key] = view
                 self.weights[self._range(i)].copy_(layout.flat(p.detach(), self.orders[i]))
                 p.data = self._as_param(self.weights, i)
-                if keep_grads:
-                    self._adopt_grad(i)
         # the zero lanes that pad each param's gradient to whole groups, when it is staged
-        self._pads = [None if keep_grads or n == c * GROUP
-                      else self.weights.new_zeros(c * GROUP - n)
+        self._pads = [None if n == c * GROUP else self.weights.new_zeros(c * GROUP - n)
                       for n, c in zip((p.numel() for p in self.params), counts)]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._scalars: _ScalarUpload | None = None
@@ -125,14 +122,6 @@ class Bucket:
         """Param ``i``'s values in ``buffer``, shaped (and strided) like the param."""
         return layout.unflat(buffer[self._range(i)], self.params[i], self.orders[i])
 
-    def _adopt_grad(self, i: int) -> None:
-        """Point param ``i``'s ``.grad`` into the gradient buffer (copying a gradient it has)."""
-        p = self.params[i]
-        if p.grad is not None:
-            if p.grad.shape != p.shape:  # copied flat, it would apply element-wise regardless
-                raise guards.wrong_grad_shape(f"the param of shape {tuple(p.shape)}", p.grad)
-            self.grads[self._range(i)].copy_(layout.flat(p.grad, self.orders[i]))
-        p.grad = self._as_param(self.grads, i)
 
     def intact(self) -> bool:
         """Params still live in the buffer and their states are the bucket's (else the bucket must
@@ -178,12 +167,12 @@ class Bucket:
         if not self.ready(ptrs):
             return False
         grads, weights, fields, ends = self._args
-        if self.keep_grads:
-            if ptrs != self._grad_ptrs:
-                for i, (ptr, ours) in enumerate(zip(ptrs, self._grad_ptrs)):
-                    if ptr != ours:  # a new gradient (set_to_none): accumulate into ours again
-                        self._adopt_grad(i)
-        else:  # the gradients autograd made, in one buffer that lives for this step only
+        # gradients that are not (all) our views: autograd's own (the first backward, a
+        # set_to_none from outside) or assigned. A step never replaces or writes a param's .grad
+        # (torch.optim's contract): they are copied into a buffer for this step only, and
+        # zero_grad() points .grad back into the gradient buffer
+        staged = not self.keep_grads or ptrs != self._grad_ptrs
+        if staged:
             grads = groups(self._staged_grads(), False, 0, self.groups)
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
@@ -195,11 +184,11 @@ class Bucket:
         if self._scalars is None:
             self._scalars = _ScalarUpload(len(values), self.weights.device)
         s = self._scalars.upload(values)
-        if self._graph is not None:
+        if self._graph is not None and not staged:
             self._graph.replay()
             return True
         self.plan.call(s, grads, weights, fields, ends)  # compiles and tunes on first use
-        if self.plan.key.compiled and self.keep_grads:  # staged gradients move: no graph
+        if self.plan.key.compiled and not staged and self._graph is None:  # staged ones move
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
                 self.plan.call(s, grads, weights, fields, ends)
@@ -222,7 +211,7 @@ class Bucket:
         self.grads.zero_()
         if self._grad_ptrs_now() == self._grad_ptrs:  # the common case, checked without a loop
             return
-        for i, p in enumerate(self.params):
+        for i, p in enumerate(self.params):  # as set_to_none, then a zero view autograd adds to
             if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
                 p.grad = self._as_param(self.grads, i)
 

@@ -55,6 +55,7 @@ def test_clip_reads_each_flat_bucket_whole():
     opt = fc.AdamW(model.parameters(), lr=1e-3, flat=True, compile=False)
     _backward(model, 0)
     opt.step()
+    opt.zero_grad()  # from here on, autograd accumulates into the buckets' gradient buffers
     _backward(model, 1)
     whole, rest = clipping._flat_and_rest(opt, list(model.parameters()))
     assert len(whole) == 2 and rest == []  # one buffer per gradient dtype, nothing left over

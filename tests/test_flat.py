@@ -205,12 +205,30 @@ def test_a_flat_bucket_steps_from_its_own_gradient_buffer_without_staging_a_copy
     opt = fc.SGD(params, lr=0.1, momentum=0.9, compile=False, flat=True)  # no scalar states
     for p in params:
         p.grad = torch.randn_like(p)
-    opt.step()
+    opt.step()  # gradients it did not make: copied for this step
+    opt.zero_grad()  # now views into the bucket's gradient buffer
     bucket = next(iter(opt._buckets.values()))
     assert bucket.keep_grads
-    with mock.patch.object(torch, "_foreach_copy_", wraps=torch._foreach_copy_) as copies:
+    for p in params:
+        p.grad.add_(torch.randn_like(p))  # as autograd accumulates
+    with mock.patch.object(torch, "cat", wraps=torch.cat) as copies:
         opt.step()
     assert copies.call_count == 0
+
+
+def test_a_step_never_replaces_or_writes_a_params_gradient():
+    """torch.optim's contract (its test_grads_are_never_inplaced_into): a flat bucket copies
+    gradients it did not make instead of adopting them; only zero_grad re-points them."""
+    params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (40, 64)]
+    opt = fc.AdamW(params, lr=0.1, compile=False, flat=True)
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    versions = [g._version for g in grads]
+    for _ in range(3):
+        opt.step()
+    assert all(p.grad is g for p, g in zip(params, grads))
+    assert [g._version for g in grads] == versions
 
 
 def test_staged_gradients_step_like_gradient_views_and_leave_grads_to_autograd():
