@@ -42,9 +42,10 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             to a codec or codec name; unnamed states keep the flash default.
         compile: run the plan through ``torch.compile`` (default) or eagerly (for debugging).
         flat: keep each group's params, grads and states in flat buffers and step them in one
-            launch (:mod:`flashcompile.arena`). Default: on for CUDA params. Params and grads then
-            become views into those buffers, and ``zero_grad`` zeroes the gradient buffer in place
-            (grads stay allocated, as with ``set_to_none=False``). FSDP2 (DTensor) params keep
+            launch (:mod:`flashcompile.arena`). Default: on for CUDA params. Params then become
+            views into those buffers, and ``zero_grad`` points grads into the gradient buffer and
+            zeroes it in place (grads stay allocated, as with ``set_to_none=False``); a step
+            copies gradients it did not make, never replacing them. FSDP2 (DTensor) params keep
             their weight shards in FSDP2's storage: only grads and states go flat
             (:class:`flashcompile.distributed.ShardBucket`).
         **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
