@@ -110,3 +110,23 @@ def decode_flat(codec, fields: Sequence[torch.Tensor], numel: int) -> torch.Tens
     count = group_count(numel)
     views = [t.view(count, 1 if f.per_group else GROUP) for f, t in zip(codec.fields, fields)]
     return codec.decode(*views).reshape(-1)[:numel]
+
+
+def adopt_field(p: torch.Tensor, codec, field, key: str, given: torch.Tensor) -> torch.Tensor:
+    """A stored field of ``p`` that someone set before its first step (a step pre-hook
+    initialising states, as torch.optim allows), as the plan stores it: kept when laid out so;
+    a single-field codec's values shaped like ``p``, from a float dtype the field holds exactly
+    (no precision lost), encoded; anything else refused, since the kernel would read it as
+    padded groups."""
+    stored = group_count(p.numel()) * (1 if field.per_group else GROUP)
+    if given.dtype == field.dtype and given.numel() == stored and given.is_contiguous():
+        return given
+    if (len(codec.fields) == 1 and given.shape == p.shape and given.is_floating_point()
+            and torch.promote_types(given.dtype, field.dtype) == field.dtype):
+        return encode_flat(codec, flat(given.detach().to(torch.float32), memory_order(p)))[0]
+    raise ValueError(
+        f"optimizer state {key!r} of the param of shape {tuple(p.shape)} was set to a "
+        f"{given.dtype} tensor of shape {tuple(given.shape)}; this optimizer stores it as "
+        f"{stored} {field.dtype} values (codec {codec.name!r}, padded to groups of {GROUP}). "
+        "Leave it unset, or set it shaped like the param for a single-field codec "
+        "(codecs='fp32')")

@@ -19,7 +19,6 @@ from flashcompile import amp, clipping, distributed, guards, layout
 from flashcompile import hyperparameters as _hyper
 from flashcompile.arena import Bucket
 from flashcompile.checkpoint import Checkpoints, ParamState
-from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
@@ -144,7 +143,10 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
             state.setdefault(name, torch.tensor(0.0))
         for name, codec in plan.codecs.items():
-            self._adopt_given_state(p, plan, state, name, codec)
+            for f in codec.fields:  # set before the first step (a pre-hook): adopt or refuse
+                key = state_key(name, f)
+                if key in plan.owned_fields and isinstance(state.get(key), torch.Tensor):
+                    state[key] = layout.adopt_field(p, codec, f, key, state[key])
             missing = [f for f in codec.fields if state_key(name, f) in plan.owned_fields
                        and state_key(name, f) not in state]
             if not missing:
@@ -156,35 +158,6 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             for f, t in zip(codec.fields, layout.encode_flat(codec, x)):
                 if f in missing:
                     state[state_key(name, f)] = t
-
-    @staticmethod
-    def _adopt_given_state(p: torch.Tensor, plan: Plan, state: dict[str, Any], name: str,
-                           codec) -> None:
-        """A stored field someone put in ``state`` before the param's first step (a step pre-hook
-        initialising states, as torch.optim allows): kept when it is laid out as the plan stores
-        it; a single-field codec's values shaped like the param are encoded as the plan stores
-        them (from a float dtype the plan's holds exactly: no precision lost);
-        anything else is refused, since the kernel would read it as if it were laid out so."""
-        count = layout.group_count(p.numel())
-        for f in codec.fields:
-            key = state_key(name, f)
-            given = state.get(key)
-            if key not in plan.owned_fields or not isinstance(given, torch.Tensor):
-                continue
-            stored = count * (1 if f.per_group else GROUP)
-            if given.dtype == f.dtype and given.numel() == stored and given.is_contiguous():
-                continue
-            if (len(codec.fields) == 1 and given.shape == p.shape and given.is_floating_point()
-                    and torch.promote_types(given.dtype, f.dtype) == f.dtype):
-                values = layout.flat(given.detach().to(torch.float32), layout.memory_order(p))
-                state[key] = layout.encode_flat(codec, values)[0]
-                continue
-            raise ValueError(
-                f"optimizer state {key!r} of the param of shape {tuple(p.shape)} was set to a "
-                f"{given.dtype} tensor of shape {tuple(given.shape)}; this optimizer stores it as "
-                f"{stored} {f.dtype} values (codec {codec.name!r}, padded to groups of {GROUP}). "
-                "Leave it unset, or set it shaped like the param for a single-field codec "
-                "(codecs='fp32')")
 
     # ---- the step -------------------------------------------------------------------------------
 
