@@ -281,9 +281,8 @@ class Plan:
                     state[name] = torch.tensor(value)
 
     def new_scalar_states(self, scalars: list[float]) -> list[tuple[str, float]]:
-        """The scalar states' new values in the tail of :meth:`scalars`, as fp32 stores them:
-        beyond fp32's range, inf (Adam's bound_sq where beta1^2 > beta2: no bound; ``fill_`` with
-        a finite Python float that large would raise). NaN stays NaN."""
+        """The scalar states' new values (the tail of :meth:`scalars`) as fp32 stores them: inf
+        beyond its range (Adam's bound_sq where beta1^2 > beta2; fill_ would raise), NaN kept."""
         names = self.key.rule.scalar_states
         tail = scalars[len(scalars) - len(names):] if names else []
         return [(name, math.copysign(math.inf, v) if abs(v) > FP32_MAX else v)
