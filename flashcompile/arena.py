@@ -147,6 +147,11 @@ class Bucket:
         except TypeError:  # a None gradient
             return None
 
+    def holds_grad_views(self, ptrs: list[int] | None = None) -> bool:
+        """Every param's ``.grad`` is its view into the gradient buffer (``ptrs``: the grads'
+        pointers, if at hand); never so without one (``keep_grads=False``)."""
+        return bool(self._grad_ptrs) and (ptrs or self._grad_ptrs_now()) == self._grad_ptrs
+
     def ready(self, ptrs: list[int] | None = None) -> bool:
         """Every param has a gradient (``ptrs``: their pointers, if at hand), and one launch with
         one set of scalars steps them as stepping each would (step counts, scalar states agree)."""
@@ -171,7 +176,7 @@ class Bucket:
         # set_to_none from outside) or assigned. A step never replaces or writes a param's .grad
         # (torch.optim's contract): they are copied into a buffer for this step only, and
         # zero_grad() points .grad back into the gradient buffer
-        staged = not self.keep_grads or ptrs != self._grad_ptrs
+        staged = not self.holds_grad_views(ptrs)
         if staged:
             grads = groups(self._staged_grads(), False, 0, self.groups)
         self.steps += 1
@@ -209,7 +214,7 @@ class Bucket:
         if not self.keep_grads:
             return
         self.grads.zero_()
-        if self._grad_ptrs_now() == self._grad_ptrs:  # the common case, checked without a loop
+        if self.holds_grad_views():  # the common case, checked without a loop
             return
         for i, p in enumerate(self.params):  # as set_to_none, then a zero view autograd adds to
             if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:

@@ -58,10 +58,7 @@ def _flat_and_rest(optimizer, params: Iterable[torch.Tensor]):
     lanes are zero: they add nothing to a norm), and every other gradient."""
     whole, covered = [], set()
     for bucket in optimizer._buckets.values():
-        ptrs = getattr(bucket, "_grad_ptrs", None)
-        if not getattr(bucket, "keep_grads", False) or not ptrs:
-            continue
-        if bucket._grad_ptrs_now() == ptrs:
+        if bucket.holds_grad_views():
             whole.append(bucket.grads)
             covered.update(map(id, bucket.params))
     return whole, [p.grad for p in params if id(p) not in covered]

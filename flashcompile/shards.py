@@ -132,6 +132,10 @@ class ShardBucket:
         _copy(shards, staged)
         return True
 
+    def holds_grad_views(self, ptrs=None) -> bool:
+        """False: shard gradients are DTensors, which only torch's clip sums over ranks."""
+        return False
+
     def zero_grad(self) -> None:
         if not self.keep_grads:
             return
