@@ -38,7 +38,8 @@ def test_cuda_plan_equals_eager_up_to_one_code_step(name, groups):
 @pytest.mark.parametrize("flat", [True, False], ids=["flat_cuda_graph", "per_tensor"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cuda_flash_steps_stay_within_codec_bounds_of_fp32_steps(name, flat):
-    """Flat buckets replay a captured CUDA graph from step 2 on; OneCycleLR changes lr and beta1
+    """Flat buckets replay a captured CUDA graph once grads are buffer views (after
+    ``opt.zero_grad()``); OneCycleLR changes lr and beta1
     (or momentum) every step, which must reach the replayed kernel through its scalar vector."""
     from flashcompile.testing import assert_within_bounds, fp32_step
 
@@ -50,13 +51,14 @@ def test_cuda_flash_steps_stay_within_codec_bounds_of_fp32_steps(name, flat):
     opt.flat = flat
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
     for step in range(1, 6):
+        opt.zero_grad()
         refs = []
         for p in params:
             g = torch.randn(p.shape, device="cuda", generator=gen).to(torch.bfloat16)
             if p.grad is None:
-                p.grad = g
+                p.grad = g  # first step: a foreign grad, staged into the buffer
             else:
-                p.grad.copy_(g)  # flat: the grad is a view into the bucket's buffer
+                p.grad.copy_(g)  # flat: after opt.zero_grad, a view into the bucket's buffer
             refs.append(fp32_step(opt, p))
         opt.step()
         sched.step()
