@@ -6,7 +6,9 @@ Per param and step: torch.optim.AdamW(foreach=False) (the single-tensor baseline
 flashcompile's AdamW with ``flat=False``: fp32 codecs on fp32 params (torch's math and storage) and
 the default flash codecs on bf16 params. Setups alternate round by round (noisy shared machines);
 the figure is the median over rounds of the mean step time. On CUDA "host" is the time ``step()``
-takes to return (work still queued), "synced" includes waiting for the GPU.
+takes to return (work still queued), "synced" includes waiting for the GPU; flashcompile's steps
+replay one CUDA graph of the launches from the third step on (the gradients stay where they are,
+as in a training loop; flashcompile.tensor_graph), "replayed" says how many did.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def main() -> None:
         line = f"{s:<30} {ms:8.3f} {ms * 1e3 / args.params:9.1f} {ms / base:9.2f}"
         if cuda:
             line += f" {statistics.median(synced[s]) * 1e3 / args.params:16.1f}"
+            graphs = getattr(opts[s], "_tensor_graphs", None)
+            line += f"  replayed {graphs.replays}" if graphs is not None else ""
         print(line)
 
 

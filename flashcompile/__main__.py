@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     tb.add_argument("--steps", type=int, default=15, help="measured iterations")
     tb.add_argument("--warmup", type=int, default=5)
     tb.add_argument("--batch", type=int, default=0, help="default: the model's")
+    tb.add_argument("--rounds", type=int, default=1,
+                    help="run every setup's process this many times, setups interleaved: host "
+                         "speed drifts between processes; ratios are paired by round")
     tb.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     tb.add_argument("--csv")
     tb.add_argument("--json")

@@ -25,10 +25,11 @@ from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor
 from flashcompile.hyperparameters import IMPLEMENTATION_FLAGS
 from flashcompile.plan import Plan
+from flashcompile.tensor_graph import TensorGraphs
 
 # rebuilt from the state at the next step; a copy of a released optimizer is not released
 _TRANSIENT = ("_buckets", "_buckets_of_group", "_plans", "_gradient_release", "_grad_unscale",
-              "_per_tensor", "_flat_ids")
+              "_per_tensor", "_flat_ids", "_tensor_graphs")
 SAVED_METADATA = ("param_shapes", "codecs")  # per saved group, checked on load and not loaded
 
 
@@ -68,6 +69,7 @@ class Checkpoints:
         self.__dict__.setdefault("_buckets_of_group", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_per_tensor", {})
+        self.__dict__.setdefault("_tensor_graphs", TensorGraphs())
         self.__dict__.setdefault("_gradient_release", None)
         self.__dict__.setdefault("_grad_unscale", None)
 

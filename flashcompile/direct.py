@@ -18,6 +18,7 @@ code still asserts every input's size and stride. A call no recorded graph fits 
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,7 +56,10 @@ class Capture:
         readers = [_reader(n.meta.get("grapharg"), self.argnames) for n in placeholders]
         # the traced values: fake tensors with symbolic sizes, SymInts (example_inputs are hints)
         traced = [n.meta.get("example_value") for n in placeholders]
+        start = len(_RECORDED)
         compiled = self.inner(gm, example_inputs)
+        recorded = _RECORDED[start:]
+        del _RECORDED[start:]
         if None in readers:
             sources = [n.meta.get("grapharg") for n, r in zip(placeholders, readers) if r is None]
             self.rejected.append(f"inputs from {[getattr(g, 'source', g) for g in sources]}")
@@ -70,9 +74,11 @@ class Capture:
                 outputs = len(out) if isinstance(out, (tuple, list)) else 1
                 # called from eager code only: skip the wrapper that keeps dynamo from tracing
                 # into the graph (it sets and resets dynamo's frame callback: ~5 us per call)
-                direct = compiled
-                if getattr(direct, "_torchdynamo_disable", False):
-                    direct = getattr(direct, "_torchdynamo_orig_callable", direct)
+                direct = _inductor_callable(recorded, len(placeholders), outputs)
+                if direct is None:
+                    direct = compiled
+                    if getattr(direct, "_torchdynamo_disable", False):
+                        direct = getattr(direct, "_torchdynamo_orig_callable", direct)
                 self.graphs.append(_Graph(tuple(readers), guard, device, direct, outputs))
         return compiled
 
@@ -109,6 +115,107 @@ class DirectFunction:
                             else "other")
         return out
 
+    def bound(self, *args) -> Bound | None:
+        """A callable for later calls whose arguments have these arguments' sizes and strides
+        (see :class:`Bound`); None where no recorded graph fits them yet (the first call) or the
+        return value is neither None nor one tensor."""
+        if self.returns not in ("none", "tensor") or not all(
+                isinstance(a, torch.Tensor) for a in args):
+            return None
+        device = args[0].get_device()
+        for graph in self.capture.graphs:
+            if graph.device != device or (self.returns == "tensor" and graph.outputs != 1):
+                continue
+            if graph.guard is None or graph.guard(graph.inputs(args)):
+                return Bound(self, graph, args)
+        return None
+
+
+class Bound:
+    """A :class:`DirectFunction` bound to one set of argument sizes and strides: calls skip the
+    search for a graph whose guards hold (on the per-tensor path, a param's arguments keep their
+    sizes from step to step). Tensor dtypes and devices are checked per call; sizes and strides
+    are asserted by Inductor's generated code; anything else falls back to the function."""
+
+    def __init__(self, fn: DirectFunction, graph: _Graph, args: Sequence[Any]):
+        self.fn, self.graph = fn, graph
+        self.kinds = _kinds(args)
+        inputs = graph.inputs(args)
+        # per call: the tensors themselves and storage offsets; sizes and strides are fixed
+        self.dynamic = [(k, i, read) for k, (i, read) in enumerate(graph.readers)
+                        if read is None or read is _storage_offset]
+        self.template = [None if any(k == d for d, _, _ in self.dynamic) else v
+                         for k, v in enumerate(inputs)]  # holds no tensor alive
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or _kinds(args) != self.kinds:
+            return self.fn(*args)
+        inputs = self.template.copy()
+        for k, i, read in self.dynamic:
+            inputs[k] = args[i] if read is None else read(args[i])
+        self.fn.direct_calls += 1
+        out = self.graph.compiled(*inputs)
+        return None if self.fn.returns == "none" else out[0]
+
+
+# Inductor graphs compiled by :func:`inductor`, with the graph AOT autograd handed it; each
+# Capture takes those its own compile added
+_RECORDED: list[tuple[torch.fx.GraphModule, Any]] = []
+
+
+def inductor(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None):
+    """``compile_fx(gm, example_inputs, config_patches=options)``, recording the Inductor graph it
+    compiles so that :class:`Capture` can call that graph's generated code without AOT autograd's
+    runtime wrapper and Inductor's call wrapper (about 20 us per call, measured on CPU)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    def recording(aot_gm, inputs, **kwargs):
+        compiled = compile_fx_inner(aot_gm, inputs, **kwargs)
+        _RECORDED.append((aot_gm, compiled))
+        return compiled
+
+    # AOT autograd's cache would hand back its wrapped graph without compiling (nothing
+    # recorded); Inductor's own graph cache still serves the generated code
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=recording,
+                          config_patches=options or {})
+
+
+def _inductor_callable(recorded: list, inputs: int, outputs: int) -> Callable | None:
+    """The generated code of the one Inductor graph a compile recorded, where calling it equals
+    calling the compiled graph: AOT autograd handed Inductor the graph's inputs as they are and
+    takes its outputs as they are (no input mutation applied after the call, no RNG seeds or
+    effect tokens added: those change the counts). None otherwise."""
+    if len(recorded) != 1:
+        return None
+    aot_gm, compiled = recorded[0]
+    out = aot_gm.graph.output_node().args[0]
+    aot_outputs = len(out) if isinstance(out, (tuple, list)) else 1
+    aot_inputs = sum(1 for n in aot_gm.graph.nodes if n.op == "placeholder")
+    if (aot_inputs, aot_outputs) != (inputs, outputs) or not hasattr(compiled, "current_callable"):
+        return None
+    return GeneratedCode(compiled)
+
+
+class GeneratedCode:
+    """Calls an Inductor graph's generated code with the graph's inputs (boxed: one list)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args):
+        # read at each call: Inductor's post-compile steps may replace it
+        return self.compiled.current_callable(list(args))
+
+
+_storage_offset = torch.Tensor.storage_offset
+_dtype = operator.attrgetter("dtype")
+
+
+def _kinds(args: Sequence[torch.Tensor]) -> tuple:
+    """The arguments' dtypes and device indices (C-level maps: this runs on every bound call)."""
+    return (*map(_dtype, args), *map(torch.Tensor.get_device, args))
+
 
 def _index(device: torch.device) -> int:
     """``Tensor.get_device()`` of a tensor on ``device``: -1 on CPU, the index elsewhere."""
@@ -141,12 +248,13 @@ def _reader(grapharg, argnames: list[str]):
     if name == "STRIDE":
         return index, lambda t, d=dim: t.stride(d)
     if name == "STORAGE_OFFSET":
-        return index, lambda t: t.storage_offset()
+        return index, _storage_offset
     return None
 
 
 def _guard(traced: list):
-    """A predicate on a graph's inputs that holds where the graph is valid: every static size of
+    """A predicate on a graph's inputs that holds where the graph is valid: the tensors' dtypes,
+    every static size of
     its tensor inputs, every symbolic size equal to the graph input that carries its symbol
     (dynamo gives equal sizes one symbol), and the ShapeEnv's guards over the symbols (as
     Inductor's own graph cache checks them). None: no constraints; a string: why they cannot be
@@ -155,6 +263,7 @@ def _guard(traced: list):
         return "a graph input without its traced value"
     carrier = {t.node.expr: i for i, t in enumerate(traced) if isinstance(t, torch.SymInt)}
     static, same = [], []
+    dtypes = [(i, t.dtype) for i, t in enumerate(traced) if isinstance(t, torch.Tensor)]
     for i, t in enumerate(traced):
         if not isinstance(t, torch.Tensor):
             continue
@@ -182,6 +291,8 @@ def _guard(traced: list):
     names = [f"t{k}" for k in range(len(symbols))]
 
     def holds(inputs: list) -> bool:
+        if any(inputs[i].dtype != dtype for i, dtype in dtypes):  # the code has them baked in
+            return False
         if any(inputs[i].shape[d] != size for i, d, size in static):
             return False
         if any(inputs[i].shape[d] != inputs[j] for i, d, j in same):

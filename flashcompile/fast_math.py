@@ -98,9 +98,9 @@ def inductor_backend(options: dict):
     :func:`fast_codegen`."""
 
     def inductor_with_fast_math(gm, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
+        from flashcompile.direct import inductor
 
         with fast_codegen():
-            return compile_fx(gm, example_inputs, config_patches=options)
+            return inductor(gm, example_inputs, options)
 
     return inductor_with_fast_math

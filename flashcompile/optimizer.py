@@ -25,6 +25,7 @@ from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
 from flashcompile.presets import check_codec_spec, resolve_codecs
 from flashcompile.shards import ShardBucket
 from flashcompile.stepping import PerTensor, ScalarCache
+from flashcompile.tensor_graph import TensorGraphs
 from flashcompile.trace import check_facts, trace
 
 SUPPORTED_DTYPES = guards.SUPPORTED_DTYPES
@@ -88,6 +89,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         self._gradient_release = None  # set by flashcompile.enable_gradient_release
         self._plans: dict[tuple, Plan] = {}
         self._per_tensor: dict[int, PerTensor] = {}  # by id(param), see _step_one
+        self._tensor_graphs = TensorGraphs()  # CUDA: per-tensor steps replayed (tensor_graph)
         self._grad_unscale: float | None = None  # 1 / GradScaler's scale during a step (amp.py)
         super().__init__(params, {**defaults, **implementation})
         self.state = defaultdict(ParamState)  # its missing keys say where a state lives
@@ -243,14 +245,16 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         """Step each of ``params`` in its own launch (per-tensor path). Their step counts advance
         in one call, their scalar states in one call per set of values: per param, either cost
         about as much host time as the launch's own bookkeeping."""
-        if not params:
+        if not params or self._tensor_graphs.replay(params, flags, self.state, scalars):
             return
         ready = [self._per_tensor_ready(p, flags) for p in params]
         torch._foreach_add_([r.state["step"] for r in ready], 1.0)
-        for p, r in zip(params, ready):
-            self._launch_one(p, r, scalars(r.plan, int(r.state["step"].item()), (r.state,),
-                                           defer=True), scalars)
+        values = [scalars(r.plan, int(r.state["step"].item()), (r.state,), defer=True)
+                  for r in ready]
+        for p, r, v in zip(params, ready, values):
+            self._launch_one(p, r, v, scalars)
         scalars.advance_deferred()
+        self._tensor_graphs.after_eager(params, ready, flags, values)
 
     def _per_tensor_ready(self, p: torch.Tensor, flags) -> PerTensor:
         """``p``'s per-tensor arguments, its state allocated (checked: its gradient fits)."""
@@ -275,7 +279,11 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             plan.run(ready.weight, grad, ready.stored, values, combine)
         else:
             s = scalars.tensor(values, ready.tail, p.device)
-            plan.call_one(s, grad, ready.weight, ready.fields)
+            if ready.launch is not None:
+                ready.launch(s, grad, ready.weight, *ready.fields)
+            else:
+                plan.call_one(s, grad, ready.weight, ready.fields)
+                ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields)
         if ready.copies:  # a param with gaps in its storage: its values were copied out
             p.copy_(ready.weight.view(p.shape))
 

@@ -29,7 +29,7 @@ import torch
 from flashcompile import fast_math
 from flashcompile.codecs import GROUP, Codec, Field
 from flashcompile.codegen import PARAM, assemble, generate, source_namespace
-from flashcompile.direct import DirectFunction
+from flashcompile.direct import DirectFunction, inductor
 from flashcompile.dsl import Rule, SumAll
 from flashcompile.layout import groups, padded, scalar_tensor, segment_ends
 from flashcompile.lowering import Lowered, lower
@@ -178,9 +178,7 @@ class Plan:
             inner = fast_math.inductor_backend(options)
         else:
             def inner(gm, example_inputs):
-                from torch._inductor.compile_fx import compile_fx
-
-                return compile_fx(gm, example_inputs, config_patches=options)
+                return inductor(gm, example_inputs, options)
 
         def compile_with(fn, backend):
             return torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
@@ -328,6 +326,15 @@ class Plan:
         if not self._verified["one"]:
             self.verify(grad.device, "one")
         self.fn_one(s, grad, value, *fields)
+
+    def bind_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
+                 fields: Sequence[torch.Tensor]):
+        """:meth:`call_one` for later calls with arguments of these sizes and strides, taking
+        ``(s, grad, value, *fields)`` (flashcompile.direct.Bound); None where not compiled or
+        not yet called with them."""
+        if self._verified["one"] and isinstance(self.fn_one, DirectFunction):
+            return self.fn_one.bound(s, grad, value, *fields)
+        return None
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,

@@ -31,7 +31,8 @@ class ScalarCache:
         (with every other state that shares the values, in one call) instead of now;
         ``advance=False``: only read ``states`` (a flat bucket stores its params' new values)."""
         names = plan.key.rule.scalar_states
-        key = (id(plan), step, *(float(states[0][k]) for k in names if states))
+        key = (id(plan), step, *(float(states[0][k]) for k in names)) if names and states else (
+            id(plan), step)
         if key not in self.values:
             self.values[key] = plan.scalars(step, self.hyper, states[0] if states else None)
         if names and states and advance:
@@ -69,6 +70,7 @@ class PerTensor:
         self.copies = self.weight.data_ptr() != p.data_ptr()
         self.tail = p.numel() - (count - 1) * GROUP
         self.numel, self.ptr = p.numel(), p.data_ptr()
+        self.launch = None  # the plan's call_one bound to these arguments, after the first call
 
     def holds(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> bool:
         if plan is not self.plan or state is not self.state or p.data_ptr() != self.ptr:

@@ -119,6 +119,7 @@ class Row:
     final_loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
     iterations_ms: list[float] = field(default_factory=list)
+    rounds_ms: list[float] = field(default_factory=list)  # each round's iteration (--rounds)
     error: str = ""
 
 
@@ -242,10 +243,40 @@ HEADER = (f"{'model':<9} {'setup':<26} {'iter ms':>8} {'fwd':>6} {'bwd':>6} {'cl
           f"{'loss':>7} {'1st s':>6}")
 
 
+_MEDIANS = ("iteration_ms", "forward_ms", "backward_ms", "clip_ms", "step_ms", "throughput",
+            "first_iteration_s")
+
+
+def merge_rounds(rounds: list[Row]) -> Row:
+    """One row for a setup measured in several rounds: the median of each timing over rounds,
+    each round's iteration in ``rounds_ms``; the first round's losses; an error if any round
+    failed."""
+    failed = [r for r in rounds if r.error]
+    if failed:
+        return failed[0]
+    row = Row(**asdict(rounds[0]))
+    for name in _MEDIANS:
+        setattr(row, name, statistics.median(getattr(r, name) for r in rounds))
+    row.peak_gib = max(r.peak_gib for r in rounds)
+    row.resident_gib = max(r.resident_gib for r in rounds)
+    row.rounds_ms = [r.iteration_ms for r in rounds]
+    return row
+
+
+def ratio_to(r: Row, base: Row | None) -> float:
+    """``r``'s iteration over the baseline's: the median of the per-round ratios where both ran
+    the same rounds (each round's processes ran close together in time)."""
+    if base is None or base.error or r.error:
+        return float("nan")
+    if len(r.rounds_ms) > 1 and len(r.rounds_ms) == len(base.rounds_ms):
+        return statistics.median(a / b for a, b in zip(r.rounds_ms, base.rounds_ms))
+    return r.iteration_ms / base.iteration_ms
+
+
 def format_row(r: Row, base: Row | None) -> str:
     if r.error:
         return f"{r.model:<9} {r.setup:<26} {r.error}"
-    ratio = r.iteration_ms / base.iteration_ms if base and not base.error else float("nan")
+    ratio = ratio_to(r, base)
     return (f"{r.model:<9} {r.setup:<26} {r.iteration_ms:8.2f} {r.forward_ms:6.1f} "
             f"{r.backward_ms:6.1f} {r.clip_ms:5.2f} {r.step_ms:5.2f} {ratio:7.3f} "
             f"{r.throughput:9.0f} {r.peak_gib:8.2f} {r.resident_gib:9.2f} {r.final_loss:7.3f} "
@@ -294,22 +325,28 @@ def main(args) -> None:
         return
     rows = []
     print(HEADER, flush=True)
+    rounds = max(1, getattr(args, "rounds", 1))
     meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
-            "warmup": args.warmup}
+            "warmup": args.warmup, "rounds": rounds}
     for m in models:
-        base = None
-        for s in setups:
-            rows.append(_one(m, s, args))
-            if s == "torch_fused_fp32_autocast":
-                base = rows[-1]
-            print(format_row(rows[-1], base), flush=True)
-            if args.json:  # as it goes: a run cut short keeps its rows
-                meta["device"] = next((r.device for r in rows if r.device), args.device)
-                Path(args.json).write_text(json.dumps(
-                    {"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+        measured: dict[str, list[Row]] = {s: [] for s in setups}
+        for _ in range(rounds):  # setups interleaved: each round sees the host as it is then
+            base = None
+            for s in setups:
+                measured[s].append(_one(m, s, args))
+                if s == "torch_fused_fp32_autocast":
+                    base = measured[s][-1]
+                print(format_row(measured[s][-1], base), flush=True)
+                if args.json:  # as it goes: a run cut short keeps its rows
+                    done = rows + [merge_rounds(v) for v in measured.values() if v]
+                    meta["device"] = next((r.device for r in done if r.device), args.device)
+                    Path(args.json).write_text(json.dumps(
+                        {"meta": meta, "rows": [asdict(r) for r in done]}, indent=1))
+        rows += [merge_rounds(v) for v in measured.values()]
     meta["device"] = next((r.device for r in rows if r.device), args.device)
     print(f"\n{meta['device']}; torch {meta['torch']}; {args.steps} iterations after "
-          f"{args.warmup} warm-up\n{HEADER}")
+          f"{args.warmup} warm-up" + (f"; median of {rounds} interleaved rounds, ratios paired "
+                                      "by round" if rounds > 1 else "") + f"\n{HEADER}")
     for m in models:
         base = next((r for r in rows if r.model == m and r.setup == "torch_fused_fp32_autocast"),
                     None)
@@ -320,7 +357,7 @@ def main(args) -> None:
         import csv
 
         with open(args.csv, "w", newline="") as f:
-            lists = ("losses", "iterations_ms")
+            lists = ("losses", "iterations_ms", "rounds_ms")
             writer = csv.DictWriter(f, fieldnames=[k for k in asdict(rows[0]) if k not in lists])
             writer.writeheader()
             writer.writerows({k: v for k, v in asdict(r).items() if k not in lists} for r in rows)

@@ -194,6 +194,7 @@ def test_cuda_graphs_of_two_buckets_with_channels_last_params_step_as_release_do
 def test_cuda_per_tensor_steps_call_the_compiled_graph_without_dynamo():
     params = [torch.nn.Parameter(torch.randn(n, device="cuda").bfloat16()) for n in (1000, 4096)]
     opt = fc.AdamW(params, flat=False)
+    opt._tensor_graphs.enabled = False  # each param launched (the second step would record them)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -201,3 +202,38 @@ def test_cuda_per_tensor_steps_call_the_compiled_graph_without_dynamo():
     before = plan.fn_one.direct_calls
     opt.step()
     assert plan.fn_one.direct_calls - before == len(params), plan.fn_one.capture.rejected
+
+
+def test_per_tensor_steps_replayed_as_one_cuda_graph_equal_launching_each_param():
+    """flat=False on CUDA: from the third step on the launches replay from one graph while the
+    gradients stay where they were; a moved gradient steps eagerly; lr changes reach the replay."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(256, 96), (1000,), (7, 3), (33,)]
+    start = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    twins = []
+    for graphs in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = fc.AdamW(params, lr=1e-2, flat=False)
+        opt._tensor_graphs.enabled = graphs
+        grads = [torch.zeros_like(t) for t in start]
+        for p, g in zip(params, grads):
+            p.grad = g
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+        twins.append((params, opt, grads, sched))
+    for step in range(7):
+        new = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+        for params, opt, grads, sched in twins:
+            if step == 4:  # gradients at new addresses: this step cannot replay
+                for p, g in zip(params, new):
+                    p.grad = g.clone()
+            else:
+                for p, g in zip(params, new):
+                    p.grad.copy_(g)
+            opt.step()
+            sched.step()
+        (pa, oa, *_), (pb, ob, *_) = twins
+        for a, b in zip(pa, pb):
+            assert torch.equal(a, b), step
+            for key, value in oa.state[a].items():
+                assert torch.equal(value, ob.state[b][key]), (step, key)
+    assert oa._tensor_graphs.replays >= 3 and ob._tensor_graphs.replays == 0

@@ -49,3 +49,39 @@ def test_a_function_returning_a_tensor_returns_it_when_called_directly():
         x, y = torch.randn(rows, 8), torch.randn(rows)
         torch.testing.assert_close(fn(s, x, y), (x * 3).sum(1) + y)
     assert fn.direct_calls >= 2
+
+
+def _inductor(gm, example_inputs):
+    from flashcompile.direct import inductor
+
+    return inductor(gm, example_inputs)
+
+
+def test_graphs_compiled_through_direct_inductor_call_the_generated_code_and_match_eager():
+    from flashcompile.direct import GeneratedCode
+
+    fn = DirectFunction(scale_rows, _compile, _inductor)
+    s = torch.tensor([2.0])
+    for rows in (5, 7, 5):
+        x, y, out = torch.randn(rows, 3), torch.randn(3), torch.empty(rows, 3)
+        fn(s, x, y, out)
+        assert torch.equal(out, x * 2 + y)
+    assert fn.direct_calls >= 1
+    assert all(isinstance(g.compiled, GeneratedCode) for g in fn.capture.graphs)
+
+
+def test_a_bound_call_matches_eager_and_other_dtypes_fall_back_to_the_function():
+    fn = DirectFunction(scale_rows, _compile, _inductor)
+    s = torch.tensor([3.0])
+    x, y, out = torch.randn(4, 6), torch.randn(6), torch.empty(4, 6)
+    assert fn.bound(s, x, y, out) is None  # nothing compiled yet
+    fn(s, x, y, out)
+    bound = fn.bound(s, x, y, out)
+    before = fn.direct_calls
+    x2, y2 = torch.randn(4, 6), torch.randn(6)
+    bound(s, x2, y2, out)
+    assert torch.equal(out, x2 * 3 + y2) and fn.direct_calls == before + 1
+    # float64 inputs: not what the graph was compiled for; the function compiles its own
+    x3, y3, out3 = x2.double(), y2.double(), torch.empty(4, 6, dtype=torch.float64)
+    bound(s.double(), x3, y3, out3)
+    assert torch.equal(out3, x3 * 3 + y3)

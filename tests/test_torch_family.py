@@ -4,6 +4,8 @@ schedulers; with the flash codecs each rule passes the public property suite. Pl
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from flashcompile.rules import adadelta, adagrad, adamax, asgd, nadam, radam, rmsprop, rprop
@@ -118,8 +120,10 @@ def test_rprop_rejects_etas_that_do_not_shrink_and_grow():
 # exceeds it: the fp32 math then clamps it to 0 and steps g / eps (~1e8), beyond the fp16 scale of
 # the 8-bit codecs (65504), which store NaN. A real limit of these codecs for this rule (see
 # test_centered_rmsprop_stays_within_codec_bounds_at_practical_alpha), not the tolerance model.
+# hypothesis reports two distinct failures of one property as an ExceptionGroup of them
+_GROUPS = (ExceptionGroup,) if sys.version_info >= (3, 11) else ()
 FLASH_RULES = [adagrad, adadelta, adamax, nadam, radam, asgd, rprop, pytest.param(
-    rmsprop, marks=pytest.mark.xfail(raises=AssertionError, strict=False,
+    rmsprop, marks=pytest.mark.xfail(raises=(AssertionError, *_GROUPS), strict=False,
                                      reason="centered, small alpha: v - m^2 cancels in 8 bits"))]
 
 

@@ -30,3 +30,17 @@ def test_flash_keeps_the_channels_last_model_in_its_format():
     opt.step()
     conv = model[0].weight
     assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rounds_merge_to_medians_and_ratios_pair_rounds():
+    def row(setup, ms):
+        return train_bench.Row("m", setup, iteration_ms=ms, forward_ms=ms / 2, backward_ms=1,
+                               clip_ms=0, step_ms=1, throughput=1e3 / ms, first_iteration_s=1,
+                               peak_gib=1, resident_gib=1)
+    # the host slows down in round 2: both setups feel it, the paired ratio does not
+    base = train_bench.merge_rounds([row("base", 10), row("base", 20), row("base", 11)])
+    flash = train_bench.merge_rounds([row("flash", 9), row("flash", 18), row("flash", 9.9)])
+    assert base.iteration_ms == 11 and base.rounds_ms == [10, 20, 11]
+    assert train_bench.ratio_to(flash, base) == pytest.approx(0.9)
+    failed = train_bench.Row("m", "flash", error="exit 1")
+    assert train_bench.merge_rounds([row("flash", 9), failed]).error == "exit 1"
