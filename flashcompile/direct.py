@@ -254,10 +254,9 @@ def _reader(grapharg, argnames: list[str]):
 
 def _guard(traced: list):
     """A predicate on a graph's inputs that holds where the graph is valid: the tensors' dtypes,
-    every static size of
-    its tensor inputs, every symbolic size equal to the graph input that carries its symbol
-    (dynamo gives equal sizes one symbol), and the ShapeEnv's guards over the symbols (as
-    Inductor's own graph cache checks them). None: no constraints; a string: why they cannot be
+    every static size of its tensor inputs, every symbolic size equal to the graph input that
+    carries its symbol (dynamo gives equal sizes one symbol), and the ShapeEnv's guards over the
+    symbols (as Inductor's own graph cache checks them). None: no constraints; a string: why they cannot be
     checked here (the graph then runs through dynamo)."""
     if any(v is None for v in traced):
         return "a graph input without its traced value"

@@ -39,8 +39,8 @@ def test_cuda_plan_equals_eager_up_to_one_code_step(name, groups):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cuda_flash_steps_stay_within_codec_bounds_of_fp32_steps(name, flat):
     """Flat buckets replay a captured CUDA graph once grads are buffer views (after
-    ``opt.zero_grad()``); OneCycleLR changes lr and beta1
-    (or momentum) every step, which must reach the replayed kernel through its scalar vector."""
+    ``opt.zero_grad()``); OneCycleLR changes lr and beta1 (or momentum) every step, which must
+    reach the replayed kernel through its scalar vector."""
     from flashcompile.testing import assert_within_bounds, fp32_step
 
     make, _ = CASES[name]
