@@ -299,7 +299,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:
             flat = self.flat if self.flat is not None else p.device.type == "cuda"
-            if flat and p.grad is not None and not p.grad.is_sparse:
+            # sparse and meta (no data) params take the per-tensor path, whose checks refuse them
+            if flat and p.grad is not None and not p.grad.is_sparse and p.device.type != "meta":
                 by_kind.setdefault((p.dtype, p.device, is_dtensor(p)), []).append(p)
         out = []
         for kind in by_kind:

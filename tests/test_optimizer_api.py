@@ -181,9 +181,9 @@ def _bad_rule_negative_state():
     return bad
 
 
-def _step_with_grad(grad, device="cpu", grad_scale=None, sparse=False):
+def _step_with_grad(grad, device="cpu", grad_scale=None, sparse=False, flat=None):
     p = torch.nn.Parameter(torch.zeros(3, 3, device=device))
-    opt = fc.SGD([p], compile=False)
+    opt = fc.SGD([p], compile=False, flat=flat)
     if sparse:
         p.grad = grad(p)
     else:
@@ -258,6 +258,10 @@ ERRORS = {
     "gradient on meta": (lambda: _step_with_grad(lambda p: torch.zeros(3, 3, device="meta"),
                                                  device="meta"),
                          "`fused=True` requires all the params to be floating point Tensors"),
+    "gradient on meta, flat storage asked for": (
+        lambda: _step_with_grad(lambda p: torch.zeros(3, 3, device="meta"), device="meta",
+                                flat=True),
+        "`fused=True` requires all the params to be floating point Tensors"),
     "differentiable step that needs a graph": (_differentiable_step, "differentiable=True"),
     "zero loss scale": (lambda: _step_with_grad(lambda p: torch.ones(3, 3), grad_scale=0.0),
                         "loss scale"),
