@@ -81,6 +81,9 @@ class Checkpoints:
         for group, saved in zip(self.param_groups, sd["param_groups"]):
             saved["param_shapes"] = [list(p.shape) for p in group["params"]]
             codecs = saved["codecs"] = {}
+            # where torch's fused and capturable optimizers keep it; ours stays on the host, where
+            # the kernel's scalars are computed, and loads back there
+            step_on_device = bool(group.get("fused") or group.get("capturable"))
             # torch.optim's ids: in group order, a param listed again keeps its first id
             for p, pid in zip(group["params"], saved["params"]):
                 if pid in sd["state"]:
@@ -88,8 +91,11 @@ class Checkpoints:
                     codecs.setdefault(str(p.dtype), codec_names(plan))
                     if is_dtensor(p):
                         sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
-                    elif type(sd["state"][pid]) is not dict:  # weights_only loads plain dicts
-                        sd["state"][pid] = dict(sd["state"][pid])
+                        continue
+                    # a copy (weights_only loads plain dicts; the live state stays untouched)
+                    entry = sd["state"][pid] = dict(sd["state"][pid])
+                    if step_on_device and isinstance(entry.get("step"), torch.Tensor):
+                        entry["step"] = entry["step"].to(p.device)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

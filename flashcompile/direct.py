@@ -89,8 +89,11 @@ class DirectFunction:
     device of the call (a plan's scalar vector); dynamo runs under ``no_grad`` (grad mode is one
     of its guards; a compiled graph does not track gradients)."""
 
+    built = 0  # functions made in this process (each may add its variants to one code object)
+
     def __init__(self, fn: Callable, compile_with: Callable[[Callable, Callable], Callable],
                  inner_backend: Callable):
+        DirectFunction.built += 1
         self.capture = Capture(inner_backend, inspect.signature(fn).parameters)
         self.dynamo = compile_with(fn, self.capture)
         self.returns: str | None = None  # "none" or "tensor" once a call through dynamo showed it
@@ -108,7 +111,7 @@ class DirectFunction:
                     self.direct_calls += 1
                     out = graph.compiled(*inputs)
                     return None if self.returns == "none" else out[0]
-        with torch.no_grad():
+        with torch.no_grad(), _room_to_compile():
             out = self.dynamo(*args)
         if self.returns is None:
             self.returns = ("none" if out is None else "tensor" if isinstance(out, torch.Tensor)
@@ -129,6 +132,32 @@ class DirectFunction:
             if graph.guard is None or graph.guard(graph.inputs(args)):
                 return Bound(self, graph, args)
         return None
+
+
+# Graphs one function may compile: dtypes, devices, whole groups or one-group tails (dynamic=True
+# covers the sizes). Dynamo's own limit (8) is made for a user's function that recompiles by mistake.
+VARIANTS = 64
+
+
+def _room_to_compile():
+    """Dynamo's recompile limits raised for this call only (the user's settings are kept outside).
+
+    The per-function limit: a plan's function compiles a few variants, some torch versions count
+    graphs that fail with ``fullgraph=True`` past it. The accumulated limit (256 graphs per code
+    object): torch 2.11 traces every compiled function from one shared wrapper frame, so a process
+    holding many plans (PyTorch's test_optim.py, 11 optimizers with all their flags) reached it.
+    """
+    cfg = torch._dynamo.config
+    patch = {}
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            patch[name] = max(getattr(cfg, name), VARIANTS)
+            break
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            patch[name] = max(getattr(cfg, name), VARIANTS * DirectFunction.built)
+            break
+    return cfg.patch(**patch)
 
 
 class Bound:

@@ -237,3 +237,23 @@ def test_per_tensor_steps_replayed_as_one_cuda_graph_equal_launching_each_param(
             for key, value in oa.state[a].items():
                 assert torch.equal(value, ob.state[b][key]), (step, key)
     assert oa._tensor_graphs.replays >= 3 and ob._tensor_graphs.replays == 0
+
+
+@pytest.mark.parametrize("flag", ["fused", "capturable"])
+def test_a_fused_or_capturable_optimizers_state_dict_keeps_step_on_the_params_device(flag):
+    """As torch's fused and capturable optimizers save it (PyTorch's
+    test_state_dict_with_cuda_params); the live step stays on the host and a load puts it back."""
+    params = [torch.nn.Parameter(torch.randn(40, device="cuda")) for _ in range(2)]
+    opt = fc.AdamW(params, lr=1e-2, **{flag: True})
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert all(st["step"].device.type == "cuda" for st in sd["state"].values())
+    assert all(opt.state[p]["step"].device.type == "cpu" for p in params)
+    other = fc.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2,
+                     **{flag: True})
+    other.load_state_dict(sd)
+    assert all(st["step"].device.type == "cuda" for st in sd["state"].values())  # not moved
+    assert all(other.state[p]["step"].device.type == "cpu" for p in other.param_groups[0]["params"])
+    assert float(other.state_dict()["state"][0]["step"]) == 1.0
