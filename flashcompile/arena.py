@@ -27,7 +27,7 @@ import torch
 
 from flashcompile import layout
 from flashcompile.codecs import GROUP
-from flashcompile.layout import groups, scalar_tensor, segment_ends
+from flashcompile.layout import groups, lane_counts, scalar_tensor, segment_ends
 from flashcompile.plan import Plan
 
 
@@ -107,6 +107,8 @@ class Bucket:
              for k, v in self.fields.items()},
             # where each param's groups end, for rules that reduce over each param (LAMB's norms)
             segment_ends(counts, first.device) if plan.reduces else None,
+            # each group's valid lanes, where the plan masks the padding lanes of its states
+            lane_counts([p.numel() for p in params], first.device) if plan.masks_lanes else None,
         )
 
     def _range(self, i: int) -> slice:
@@ -166,12 +168,11 @@ class Bucket:
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
-        from stepping each param (see :meth:`ready`); pads that would need masks leave the states
-        in the buffers, but each param steps alone."""
+        from stepping each param (see :meth:`ready`)."""
         ptrs = self._grad_ptrs_now()
         if not self.ready(ptrs):
             return False
-        grads, weights, fields, ends = self._args
+        grads, weights, fields, ends, lanes = self._args
         # gradients that are not (all) our views: autograd's own (the first backward, a
         # set_to_none from outside) or assigned. A step never replaces or writes a param's .grad
         # (torch.optim's contract): they are copied into a buffer for this step only, and
@@ -184,7 +185,8 @@ class Bucket:
         for name, value in self.plan.new_scalar_states(values):
             self.scalar_vectors[name].fill_(value)
         if not self.weights.is_cuda:
-            self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields, ends)
+            self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields, ends,
+                           lanes=lanes)
             return True
         if self._scalars is None:
             self._scalars = _ScalarUpload(len(values), self.weights.device)
@@ -192,11 +194,11 @@ class Bucket:
         if self._graph is not None and not staged:
             self._graph.replay()
             return True
-        self.plan.call(s, grads, weights, fields, ends)  # compiles and tunes on first use
+        self.plan.call(s, grads, weights, fields, ends, lanes=lanes)  # compiles, tunes on first use
         if self.plan.key.compiled and not staged and self._graph is None:  # staged ones move
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
-                self.plan.call(s, grads, weights, fields, ends)
+                self.plan.call(s, grads, weights, fields, ends, lanes=lanes)
         return True
 
     def _staged_grads(self) -> torch.Tensor:

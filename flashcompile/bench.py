@@ -144,6 +144,20 @@ def _resident(params, opt, device, baseline: int) -> float:
     return total / sum(p.numel() for p in params)
 
 
+def _as_after_backward(params, opt) -> None:
+    """Put the gradients where a training loop's backward would: ``opt.zero_grad()``, then the
+    same values accumulated into whatever ``.grad`` it left (a flat buffer's views for
+    flashcompile, None for torch and the peers). Assigned gradients are not the optimizer's own:
+    a flat step copies those into a staging buffer first, which no training loop pays."""
+    grads = [p.grad for p in params]
+    opt.zero_grad()
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)
+
+
 def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps: int,
               cold: bool = False) -> Row:
     dtype, make, moved = spec
@@ -161,6 +175,7 @@ def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps
         opt.step()
     _sync(device)
     first = time.perf_counter() - t0
+    _as_after_backward(params, opt)
     resident = _resident(params, opt, device, baseline)
     opt.step()
     ms = _median_ms(opt.step, device, reps)
@@ -184,7 +199,10 @@ def bench_one(workload: str, shapes, name: str, spec, device: torch.device, reps
 
 
 def run(workloads: list[str], optimizers: list[str], device: torch.device, reps: int = 20,
-        cold: bool = False) -> tuple[list[Row], float]:
+        cold: bool = False, on_row: Callable[[list[Row], float], None] | None = None
+        ) -> tuple[list[Row], float]:
+    """Every optimizer on every workload; ``on_row(rows, copy)`` after each row (a long run cut
+    short keeps what it measured)."""
     specs = {**OPTIMIZERS, **EXTRA, **_peers()}
     unknown = [o for o in optimizers if o not in specs]
     if unknown:
@@ -202,8 +220,12 @@ def run(workloads: list[str], optimizers: list[str], device: torch.device, reps:
             row.pct_of_copy = 100 * row.effective_gbps / copy
             if o == "torch_adamw_fused":
                 baseline = row.step_ms
+            if baseline:
+                row.vs_torch_fused = row.step_ms / baseline
             rows.append(row)
             print(_format(row), flush=True)
+            if on_row is not None:
+                on_row(rows, copy)
         for row in rows:
             if row.workload == name and baseline:
                 row.vs_torch_fused = row.step_ms / baseline
@@ -260,12 +282,12 @@ def _plot(rows: list[Row], path: str) -> None:
 
 def main(args) -> None:
     device = torch.device(args.device)
-    if args.optimizers == "all":
-        optimizers = ["torch_adamw_fused", "adamw_flash", "sgd_flash", "lion_flash", *EXTRA]
-    else:
-        optimizers = args.optimizers.split(",") if args.optimizers else [*OPTIMIZERS, *_peers()]
+    family = ["torch_adamw_fused", "adamw_flash", "sgd_flash", "lion_flash", *EXTRA]
+    named = args.optimizers.split(",") if args.optimizers else [*OPTIMIZERS, *_peers()]
+    optimizers = [o for name in named for o in (family if name == "all" else [name])]
     print(HEADER)
-    rows, copy = run(args.workloads.split(","), optimizers, device, args.reps, args.cold)
+    rows, copy = run(args.workloads.split(","), optimizers, device, args.reps, args.cold,
+                     lambda rows, copy: save(rows, copy, args.csv, args.json, None, device))
     print(f"\ncopy bandwidth {copy:.0f} GB/s on {device}; torch {torch.__version__}")
     print(HEADER)
     for r in rows:

@@ -18,16 +18,19 @@ PARAM = "param"  # the master weight's name in codec mappings and state keys
 
 
 def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
-    """Source of ``step(_s, _grad, *fields[, _ends])`` over whole groups; for a reducing rule, of one
-    function per reduction phase (``_sums1``, ...) and ``_update``, which :class:`Plan` chains into
-    ``step``. A non-reducing rule also gets ``step_one`` (:func:`_padded`)."""
+    """Source of ``step(_s, _grad, *fields[, _ends | _lanes])`` over whole groups; for a reducing
+    rule, of one function per reduction phase (``_sums1``, ...) and ``_update``, which
+    :class:`Plan` chains into ``step``. A non-reducing rule also gets ``step_one``
+    (:func:`_padded`); where its states' padding lanes must be masked, its ``step`` takes
+    ``_lanes`` (``(G, 1)``: the valid lanes of each group, so params of any size lie end to end)."""
     args, decode = _arguments(traced, codecs)
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'
     reduces = bool(lowered.phases)
     if not reduces:
         update = _update_lines(traced, lowered, codecs)
-        return "\n".join([_function("step", args, doc, decode, update, False),
+        masked = any("_valid" in line for line in update)
+        return "\n".join([_function("step", args + ["_lanes"] * masked, doc, decode, update, False),
                           _padded(args, doc, decode, update)])
     args.append("_ends")
     sources, known = [], 0
@@ -119,7 +122,9 @@ def _function(name: str, args: list[str], doc: str, decode: list[str], body: lis
     if any("_valid" in line for line in lines):
         # the first _s[0] lanes of the last group are valid; earlier groups are whole
         valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
-        if whole_param:
+        if "_lanes" in args:  # each group's own count
+            valid = f"torch.arange({GROUP}, device=_grad.device) < _lanes"
+        elif whole_param:
             rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
             valid = f"({rows}) | ({valid})"
         lines.insert(0, f"    _valid = {valid}")

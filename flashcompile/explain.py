@@ -11,7 +11,7 @@ import torch
 from flashcompile import fast_math
 from flashcompile.codecs import GROUP
 from flashcompile.codegen import assemble, source_namespace
-from flashcompile.layout import segment_ends
+from flashcompile.layout import lane_counts, segment_ends
 from flashcompile.plan import PARAM, Plan
 from flashcompile.trace import math_text
 
@@ -45,8 +45,11 @@ def sample_inputs(plan: Plan, groups: int, device: torch.device | str,
     for name, codec in plan.codecs.items():
         x = randn() if name == PARAM else torch.zeros(groups, GROUP, device=device)
         args += [t.contiguous() for t in codec.encode(x)]
+    halves = [n for n in (groups // 2, groups - groups // 2) if n]
     if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
-        args.append(segment_ends([n for n in (groups // 2, groups - groups // 2) if n], device))
+        args.append(segment_ends(halves, device))
+    if plan.masks_lanes:  # two parameters laid end to end, each with padding lanes to mask
+        args.append(lane_counts([n * GROUP - 3 - 2 * i for i, n in enumerate(halves)], device))
     held: dict[str, torch.Tensor] = {}  # scalar states, as a parameter's state holds them
     for step in range(1, 5):
         values = plan.scalars(step, hyper, held)

@@ -86,6 +86,18 @@ def segment_ends(counts: Sequence[int], device: torch.device | str) -> torch.Ten
     return _upload([*ends, ends[-1]], torch.int64, torch.device(device))
 
 
+def lane_counts(numels: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """The ``_lanes`` of a masked plan's ``step`` (``(G, 1)``, uint8) for parameters of ``numels``
+    values laid end to end, each from a group boundary: 32 in a whole group, the values of its
+    last group in a parameter's last. 1 byte per 32 values."""
+    counts = [group_count(n) for n in numels]
+    lanes = torch.full((sum(counts),), GROUP, dtype=torch.uint8)
+    for end, n in zip(itertools.accumulate(counts), numels):
+        if n % GROUP:
+            lanes[end - 1] = n % GROUP
+    return groups(lanes.to(device), True, 0, lanes.numel())
+
+
 def scalar_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """The kernel's scalar vector on ``device``."""
     return _upload(values, torch.float32, device)

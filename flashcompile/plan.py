@@ -78,7 +78,6 @@ class Plan:
         # one whole parameter per call, its weight and gradient unpadded (non-reducing rules)
         self.eager_one = one = namespace.get("step_one")
         if key.compiled:
-            _allow_plan_variants()
             wrap = self.compiler()
             fn = assemble(namespace, wrap)
             one = one and wrap(one)
@@ -220,18 +219,24 @@ class Plan:
         args = [r.args[0] for out in self.traced.outputs for r in out.atoms(SumAll)]
         return all(keeps_zero_expr(self.traced, a) for a in args)
 
+    @functools.cached_property
+    def masks_lanes(self) -> bool:
+        """Whether :attr:`fn` takes ``lanes`` (:func:`~flashcompile.layout.lane_counts`): a
+        non-reducing rule whose states' padding lanes might not stay zero (Adagrad's initial
+        accumulator, Adamax's eps, Rprop's step sizes) masks them to zero, group by group."""
+        return not self.reduces and not self.pads_stay_zero
+
     @property
     def steps_flat(self) -> bool:
         """Whether one call may step several parameters laid end to end in one flat buffer: the
-        padding lanes between them provably stay zero and add nothing to any reduction (each
-        reduction sums its own parameter's groups)."""
-        return self.pads_stay_zero and self.reductions_skip_pads
+        padding lanes between them provably stay zero (or are masked, :attr:`masks_lanes`) and
+        add nothing to any reduction (each reduction sums its own parameter's groups)."""
+        return (self.pads_stay_zero or self.masks_lanes) and self.reductions_skip_pads
 
     def steps_flat_over(self, numels) -> bool:
         """Whether one call may step params of these sizes laid end to end: as :attr:`steps_flat`,
-        or, for a rule whose padding lanes might not stay zero (Adagrad's initial accumulator,
-        Adamax's eps, Rprop's step sizes), where every param fills whole groups, so the flat
-        buffer has no padding lanes at all."""
+        or, for a reducing rule whose padding lanes might not stay zero, where every param fills
+        whole groups, so the flat buffer has no padding lanes at all."""
         return self.steps_flat or all(n % GROUP == 0 for n in numels)
 
     def bytes_moved_per_param(self, grad_bytes: float) -> float:
@@ -338,12 +343,13 @@ class Plan:
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,
-             combine=None) -> None:
+             combine=None, lanes: torch.Tensor | None = None) -> None:
         """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views
         them. For a reducing rule, ``ends`` (int64) lists the group index after each parameter's
         last group (None: the call holds one parameter), and ``combine(totals)``, if given,
         completes each phase's per-parameter sums in place before they are used: an all-reduce
-        where each rank holds a shard of every parameter (FSDP2)."""
+        where each rank holds a shard of every parameter (FSDP2). Where :attr:`masks_lanes`,
+        ``lanes`` gives each group's valid lanes (None: ``s[0]`` in every group)."""
         if not self._verified["groups"]:
             self.verify(grad.device)
         args = []
@@ -351,6 +357,10 @@ class Plan:
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
         if not self.reduces:
+            if self.masks_lanes:
+                args.append(lanes if lanes is not None else groups(
+                    s[:1].to(torch.uint8).expand(grad.shape[0]).contiguous(), True, 0,
+                    grad.shape[0]))
             self.fn(s, grad, *args)
             return
         args.append(ends if ends is not None else segment_ends([grad.shape[0]], grad.device))
@@ -361,18 +371,6 @@ class Plan:
         (an empty shard: the other ranks' all-reduces wait for this one)."""
         for _, sums in self.lowered.phases:
             combine(torch.zeros(len(sums), params + 1, device=device))
-
-
-def _allow_plan_variants() -> None:
-    """Raise dynamo's per-code-object recompile limit (8) to 64.
-
-    Every plan compiles a couple of variants (whole groups, one-group tails) and some torch versions
-    (2.11) trace every compiled function through one shared wrapper code object, so a process
-    with a few optimizers, dtypes and flags reaches 8 and, with fullgraph=True, fails.
-    """
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), 64))
 
 
 def _is_cuda(device: torch.device | str) -> bool:
@@ -392,8 +390,8 @@ def _as_one(plan: Plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     weight, *rest = [t.contiguous() for t in codec.encode(x.view(-1, GROUP))]
     for t in rest:
         torch._dynamo.mark_static(t, 1)
-    return [s, args[1].reshape(-1)[:n].clone(), weight.reshape(-1)[:n].clone(), *rest,
-            *args[2 + k:]]
+    fields = args[2 + k:-1] if plan.masks_lanes else args[2 + k:]  # step_one has no lanes
+    return [s, args[1].reshape(-1)[:n].clone(), weight.reshape(-1)[:n].clone(), *rest, *fields]
 
 
 def _as_groups(plan: Plan, args: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from flashcompile.arena import steps_agree
 from flashcompile.codecs import GROUP
 from flashcompile.distributed import like, shard_sums
-from flashcompile.layout import groups, scalar_tensor, segment_ends
+from flashcompile.layout import groups, lane_counts, scalar_tensor, segment_ends
 from flashcompile.plan import Plan
 
 
@@ -76,6 +76,8 @@ class ShardBucket:
         # a reducing rule (LAMB's norms): each shard's sums, all-reduced over the sharding ranks;
         # one launch needs one such group for every param here
         self._ends = segment_ends(counts, self.device) if plan.reduces else None
+        self._lanes = (lane_counts([t.numel() for t in shards], self.device) if plan.masks_lanes
+                       else None)
         meshes = {(id(p.device_mesh), tuple(pl.is_shard() for pl in p.placements))
                   for p in self.params}
         self._combine = shard_sums(self.params[0]) if len(meshes) == 1 else False
@@ -128,7 +130,7 @@ class ShardBucket:
         weights, staged = self._staged(shards)
         self.plan.call(scalar_tensor(values, self.device), groups(grads, False, 0, self.groups),
                        groups(weights, False, 0, self.groups), self._fields, self._ends,
-                       self._combine if self.plan.reduces else None)
+                       self._combine if self.plan.reduces else None, self._lanes)
         _copy(shards, staged)
         return True
 
