@@ -244,7 +244,7 @@ class Plan:
         written back, and the gradient read. A reducing rule reads the inputs of its sums once
         more per phase: LAMB's norm of the update must be complete before any weight moves, so
         the update cannot be applied in the pass that sums it (short of storing it, 4 B/param)."""
-        moved = grad_bytes
+        moved = grad_bytes + (1 / GROUP if self.masks_lanes else 0.0)  # a lane count per group
         names = [PARAM, *self.key.rule.states]
         for name, codec in self.codecs.items():
             written = self.lowered.outputs[names.index(name)] is not None
