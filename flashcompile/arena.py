@@ -18,6 +18,7 @@ back in; anything else rebuilds the bucket from the current tensors.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -93,11 +94,14 @@ class Bucket:
         # None: not yet checked (loaded or per-tensor steps may differ between params)
         self.uniform_steps: bool | None = None
         self._weight_ptrs = [p.data_ptr() for p in self.params]
+        self._indices = list(range(len(self.params)))
         # each param's state dict and its step view: a state reset (opt.state.clear(), del
         # opt.state[p], opt.state[p].clear()) replaces or empties them, and must start fresh state
         self._state_dicts = [state[p] for p in self.params]
         self._step_views = [st["step"] for st in self._state_dicts]
         self._scalar_views = {name: [st[name] for st in self._state_dicts] for name in names}
+        changes = getattr(state, "changes", None)  # flashcompile.state: as of now, intact
+        self._changes_seen = changes.count if changes is not None else None
         self._grad_ptrs = ([self.grads[self._range(i)].data_ptr() for i in range(len(params))]
                            if keep_grads else [])
         self._args = (
@@ -127,11 +131,22 @@ class Bucket:
 
     def intact(self) -> bool:
         """Params still live in the buffer and their states are the bucket's (else the bucket must
-        be rebuilt). State the optimizer replaces (load_state_dict) drops the bucket there. Checked
-        every step, so in C-level loops: a Python loop cost ~2 us per param (1000 tensors:
-        host-bound)."""
-        if list(map(_data_ptr, self.params)) != self._weight_ptrs:
+        be rebuilt). State the optimizer replaces (load_state_dict) drops the bucket there.
+        Checked every step: the weights' pointers in one C call where torch has it, the states
+        only when ``optimizer.state`` counted a change since they were last found intact
+        (:mod:`flashcompile.state`; a Python loop over 1000 params cost about 1 ms)."""
+        if not _same_ptrs(self.params, self._weight_ptrs, self._indices):
             return False
+        changes = getattr(self.state, "changes", None)
+        if changes is not None and getattr(self.state, "tracked", False):
+            if changes.count == self._changes_seen:
+                return True
+        if not self._states_intact():
+            return False
+        self._changes_seen = changes.count if changes is not None else None
+        return True
+
+    def _states_intact(self) -> bool:
         states = list(map(self.state.get, self.params))
         if not all(map(operator.is_, states, self._state_dicts)):
             return False
@@ -142,24 +157,28 @@ class Bucket:
         except KeyError:  # opt.state[p].clear()
             return False
 
-    def _grad_ptrs_now(self) -> list[int] | None:
-        """The params' gradients' data pointers, or None if some param has no gradient."""
-        try:
-            return list(map(_data_ptr, map(_grad, self.params)))
-        except TypeError:  # a None gradient
-            return None
+    def _grads_now(self) -> tuple[bool, bool]:
+        """(every param has a gradient, every gradient is its view into the gradient buffer)."""
+        grads = list(map(_grad, self.params))
+        if self._grad_ptrs:
+            try:
+                if _same_ptrs(grads, self._grad_ptrs, self._indices):
+                    return True, True
+            except (TypeError, RuntimeError):  # a None gradient
+                pass
+        return not any(map(_is_none, grads)), False
 
-    def holds_grad_views(self, ptrs: list[int] | None = None) -> bool:
-        """Every param's ``.grad`` is its view into the gradient buffer (``ptrs``: the grads'
-        pointers, if at hand); never so without one (``keep_grads=False``)."""
-        return bool(self._grad_ptrs) and (ptrs or self._grad_ptrs_now()) == self._grad_ptrs
+    def holds_grad_views(self) -> bool:
+        """Every param's ``.grad`` is its view into the gradient buffer; never so without one
+        (``keep_grads=False``)."""
+        return self._grads_now()[1]
 
-    def ready(self, ptrs: list[int] | None = None) -> bool:
-        """Every param has a gradient (``ptrs``: their pointers, if at hand), and one launch with
-        one set of scalars steps them as stepping each would (step counts, scalar states agree)."""
+    def ready(self, have_grads: bool | None = None) -> bool:
+        """Every param has a gradient (``have_grads``, if known), and one launch with one set of
+        scalars steps them as stepping each would (step counts, scalar states agree)."""
         if not self.steps_flat:
             return False
-        if (ptrs or self._grad_ptrs_now()) is None:
+        if not (self._grads_now()[0] if have_grads is None else have_grads):
             return False
         if self.uniform_steps is None:
             self.uniform_steps = steps_agree(self.steps, self.params, self.state, self.plan)
@@ -169,15 +188,15 @@ class Bucket:
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param (see :meth:`ready`)."""
-        ptrs = self._grad_ptrs_now()
-        if not self.ready(ptrs):
+        have_grads, views = self._grads_now()
+        if not self.ready(have_grads):
             return False
         grads, weights, fields, ends, lanes = self._args
         # gradients that are not (all) our views: autograd's own (the first backward, a
         # set_to_none from outside) or assigned. A step never replaces or writes a param's .grad
         # (torch.optim's contract): they are copied into a buffer for this step only, and
         # zero_grad() points .grad back into the gradient buffer
-        staged = not self.holds_grad_views(ptrs)
+        staged = not views
         if staged:
             grads = groups(self._staged_grads(), False, 0, self.groups)
         self.steps += 1
@@ -226,6 +245,16 @@ class Bucket:
 _data_ptr = torch.Tensor.data_ptr
 _grad = operator.attrgetter("grad")
 _step = operator.itemgetter("step")
+_is_none = functools.partial(operator.is_, None)
+# CUDA builds of torch: compares tensors' data pointers in one C++ loop (CUDA graph trees' check)
+_ptrs_equal_in_c = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+
+def _same_ptrs(tensors: list[torch.Tensor], ptrs: list[int], indices: list[int]) -> bool:
+    """Whether ``tensors`` have the data pointers ``ptrs`` (``indices``: ``range(len(ptrs))``)."""
+    if _ptrs_equal_in_c is not None:
+        return _ptrs_equal_in_c(tensors, ptrs, indices)
+    return list(map(_data_ptr, tensors)) == ptrs
 
 
 def steps_agree(steps: torch.Tensor, params: Sequence[torch.Tensor],

@@ -14,7 +14,6 @@ reference, codecs, options, states); flat buffers and plans are rebuilt at the c
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -25,25 +24,13 @@ from flashcompile.codecs import GROUP
 from flashcompile.distributed import is_dtensor
 from flashcompile.hyperparameters import IMPLEMENTATION_FLAGS
 from flashcompile.plan import Plan
+from flashcompile.state import OptimizerState, ParamState
 from flashcompile.tensor_graph import TensorGraphs
 
 # rebuilt from the state at the next step; a copy of a released optimizer is not released
 _TRANSIENT = ("_buckets", "_buckets_of_group", "_plans", "_gradient_release", "_grad_unscale",
               "_per_tensor", "_flat_ids", "_tensor_graphs")
 SAVED_METADATA = ("param_shapes", "codecs")  # per saved group, checked on load and not loaded
-
-
-class ParamState(dict):
-    """One param's optimizer state: a dict whose missing keys say where a state lives."""
-
-    def __missing__(self, key):
-        fields = sorted(k for k in self if isinstance(key, str) and k.startswith(f"{key}."))
-        if fields:
-            raise KeyError(
-                f"{key!r} is stored encoded, in {fields}; read it decoded (fp32, shaped like the "
-                f"param) with optimizer.state_value(p, {key!r})")
-        raise KeyError(f"{key!r} is not in this param's state (its keys: {sorted(self)}; a "
-                       "state appears at the param's first step)")
 
 
 def codec_names(plan: Plan) -> str:
@@ -65,6 +52,9 @@ class Checkpoints:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if not isinstance(self.state, OptimizerState):  # a mapping set from outside (torch's)
+            self.state = OptimizerState({p: st if isinstance(st, ParamState) else ParamState(st)
+                                         for p, st in self.state.items()})
         self.__dict__.setdefault("_buckets", {})
         self.__dict__.setdefault("_buckets_of_group", {})
         self.__dict__.setdefault("_plans", {})
@@ -142,7 +132,7 @@ class Checkpoints:
             id_map.update(zip(saved["params"], g["params"]))
         where = {pid: (i, j) for i, saved in enumerate(saved_groups)
                  for j, pid in enumerate(saved["params"])}
-        new_state: dict[torch.Tensor, dict[str, Any]] = defaultdict(ParamState)
+        new_state = OptimizerState()
         for pid, saved in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state dict has state for param id {pid}, which no group lists")

@@ -9,7 +9,6 @@ host and calls the compiled plan per parameter.
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,8 @@ import torch
 from flashcompile import amp, clipping, distributed, guards, layout
 from flashcompile import hyperparameters as _hyper
 from flashcompile.arena import Bucket
-from flashcompile.checkpoint import Checkpoints, ParamState
+from flashcompile.checkpoint import Checkpoints
+from flashcompile.state import OptimizerState
 from flashcompile.distributed import is_dtensor, to_local
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM, Plan, PlanKey, get_plan, state_key
@@ -92,7 +92,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         self._tensor_graphs = TensorGraphs()  # CUDA: per-tensor steps replayed (tensor_graph)
         self._grad_unscale: float | None = None  # 1 / GradScaler's scale during a step (amp.py)
         super().__init__(params, {**defaults, **implementation})
-        self.state = defaultdict(ParamState)  # its missing keys say where a state lives
+        self.state = OptimizerState()  # counts its changes; missing keys say where a state lives
 
     # ---- construction-time checks -------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         """
         cached = self._buckets_of_group.get(index)
         if (cached is not None and cached[0] is group["params"] and cached[1] == flags
-                and cached[2] == len(group["params"]) and all(b.intact() for b in cached[3])):
+                and cached[2] == len(group["params"]) and all(b.state is self.state and b.intact() for b in cached[3])):
             return cached[3]
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:
@@ -318,7 +318,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             key = (index, *kind)
             bucket = self._buckets.get(key)
             if (bucket is None or bucket.plan is not plan or bucket.params != params
-                    or not bucket.intact()):
+                    or bucket.state is not self.state or not bucket.intact()):
                 # FSDP2 shards keep their weights where FSDP2 all-gathers them from: a shard bucket
                 # stages them; a Bucket would re-point p.data
                 make = ShardBucket if kind[2] else Bucket

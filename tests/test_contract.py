@@ -9,6 +9,7 @@ momentum), on bf16 params, so the master weight is split into the weight and its
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import math
@@ -99,6 +100,9 @@ RESETS = {
     "clear": lambda opt, params: opt.state.clear(),
     "del": lambda opt, params: [opt.state.pop(p) for p in params],
     "clear_each": lambda opt, params: [opt.state[p].clear() for p in params],
+    "assign_empty": lambda opt, params: [opt.state.__setitem__(p, {}) for p in params],
+    "popitem": lambda opt, params: [opt.state.popitem() for _ in params],
+    "replace_mapping": lambda opt, params: setattr(opt, "state", collections.defaultdict(dict)),
 }
 
 
