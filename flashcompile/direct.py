@@ -142,16 +142,17 @@ VARIANTS = 64
 def _room_to_compile():
     """Dynamo's recompile limits raised for this call only (the user's settings are kept outside).
 
-    The per-function limit: a plan's function compiles a few variants, some torch versions count
-    graphs that fail with ``fullgraph=True`` past it. The accumulated limit (256 graphs per code
-    object): torch 2.11 traces every compiled function from one shared wrapper frame, so a process
-    holding many plans (PyTorch's test_optim.py, 11 optimizers with all their flags) reached it.
+    Both limits count graphs per code object, and torch 2.11 traces every compiled function from
+    one shared wrapper frame: a process holding many plans (PyTorch's test_optim.py, 11 optimizers
+    with all their flags) reached the per-function limit at 64 and the accumulated one at 256, and
+    with ``fullgraph=True`` dynamo raises there instead of falling back. So both allow
+    :data:`VARIANTS` graphs for every function built in this process.
     """
     cfg = torch._dynamo.config
     patch = {}
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
-            patch[name] = max(getattr(cfg, name), VARIANTS)
+            patch[name] = max(getattr(cfg, name), VARIANTS * DirectFunction.built)
             break
     for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(cfg, name):

@@ -88,22 +88,23 @@ def test_a_bound_call_matches_eager_and_other_dtypes_fall_back_to_the_function()
 
 
 def test_a_function_compiles_past_dynamos_recompile_limits_and_leaves_the_users_limits_alone():
-    """Each dtype is one more graph (dynamic=True covers sizes only): 10 of them pass dynamo's
-    per-function limit (8) and a lowered accumulated limit, which with ``fullgraph=True`` raise
-    instead of falling back; the limits outside our calls stay as the user set them."""
+    """Each dtype is one more graph (dynamic=True covers sizes only): 10 of them pass lowered
+    per-function and accumulated limits (torch 2.11 counts every plan's graphs on one frame),
+    which with ``fullgraph=True`` raise instead of falling back; the limits outside our calls
+    stay as the user set them."""
     def eager(gm, example_inputs):
         return gm.forward  # no Inductor: only dynamo's bookkeeping is under test
 
     dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
               torch.int16, torch.int32, torch.int64, torch.uint8, torch.complex64]
     cfg = torch._dynamo.config
-    with cfg.patch(accumulated_recompile_limit=3):
+    with cfg.patch(accumulated_recompile_limit=3, recompile_limit=3):
         fn = DirectFunction(scale_rows, _compile, eager)
         for dtype in dtypes:
             x = torch.ones(3, 2, dtype=dtype)
             out = torch.empty_like(x)
             fn(torch.tensor([2], dtype=dtype), x, x, out)
             assert torch.equal(out, x * 2 + x)
-        assert cfg.accumulated_recompile_limit == 3
+        assert cfg.accumulated_recompile_limit == 3 and cfg.recompile_limit == 3
     assert cfg.recompile_limit == 8
     assert len(fn.capture.graphs) == len(dtypes)
