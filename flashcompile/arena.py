@@ -104,6 +104,8 @@ class Bucket:
         self._changes_seen = changes.count if changes is not None else None
         self._grad_ptrs = ([self.grads[self._range(i)].data_ptr() for i in range(len(params))]
                            if keep_grads else [])
+        self._zeroed_grads: list[torch.Tensor] = []  # see zero_grad
+        self._zeroed_versions: list[int] | None = None
         self._args = (
             groups(self.grads, False, 0, self.groups) if keep_grads else None,
             groups(self.weights, False, 0, self.groups),
@@ -188,6 +190,7 @@ class Bucket:
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param (see :meth:`ready`)."""
+        self.drop_untouched_grads()
         have_grads, views = self._grads_now()
         if not self.ready(have_grads):
             return False
@@ -231,19 +234,49 @@ class Bucket:
                 pieces.append(pad)
         return torch.cat(pieces)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffer and point every ``.grad`` into it. ``set_to_none`` (torch's
+        default): a param that no backward reaches before the next step is skipped by it, as
+        torch.optim skips a None gradient (:meth:`drop_untouched_grads`)."""
         if not self.keep_grads:
             return
         self.grads.zero_()
-        if self.holds_grad_views():  # the common case, checked without a loop
+        if not self.holds_grad_views():  # the common case, checked without a loop
+            for i, p in enumerate(self.params):  # as set_to_none, then a zero view to add to
+                if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
+                    p.grad = self._grad_alias(i)
+        self._zeroed_grads = list(map(_grad, self.params)) if set_to_none else []
+        self._zeroed_versions = list(map(_version, self._zeroed_grads)) if set_to_none else None
+
+    def _grad_alias(self, i: int) -> torch.Tensor:
+        """Param ``i``'s gradient in the buffer: a tensor of its own over the buffer's storage,
+        not a view, so that it has its own version counter, which autograd's in-place
+        accumulation bumps (a view shares the buffer's: every param would look reached)."""
+        view = self._as_param(self.grads, i)
+        alias = view.new_empty(0)
+        alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+        return alias
+
+    def drop_untouched_grads(self) -> None:
+        """After ``zero_grad(set_to_none=True)``: set ``.grad`` to None where no backward has
+        accumulated into it since (a frozen layer, a branch the forward skipped, no backward at
+        all), so the step skips those params as torch.optim does. One version read per param;
+        nothing to do when every param was reached."""
+        zeroed = self._zeroed_versions
+        if zeroed is None:
             return
-        for i, p in enumerate(self.params):  # as set_to_none, then a zero view autograd adds to
-            if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
-                p.grad = self._as_param(self.grads, i)
+        grads = list(map(_grad, self.params))
+        versions = [None if g is None else g._version for g in grads]
+        if all(map(operator.ne, versions, zeroed)):
+            return
+        for p, g, v, z, ours in zip(self.params, grads, versions, zeroed, self._zeroed_grads):
+            if g is ours and v == z:  # the zeroed alias itself, never accumulated into
+                p.grad = None
 
 
 _data_ptr = torch.Tensor.data_ptr
 _grad = operator.attrgetter("grad")
+_version = operator.attrgetter("_version")
 _step = operator.itemgetter("step")
 _is_none = functools.partial(operator.is_, None)
 # CUDA builds of torch: compares tensors' data pointers in one C++ loop (CUDA graph trees' check)

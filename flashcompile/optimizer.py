@@ -345,9 +345,12 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         return clipping.clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim's, except that params in flat buffers keep their gradient views, zeroed
-        in one memset: autograd then accumulates straight into the buffer (with ``grad_views =
-        False``, flat params' grads are set to None as any other's)."""
+        """As torch.optim's, except that params in flat buffers keep their gradients in the buffer,
+        zeroed in one memset: autograd then accumulates straight into it (with ``grad_views =
+        False``, flat params' grads are set to None as any other's). With ``set_to_none`` the next
+        step still skips, and sets to None, the gradients no backward accumulated into (each has
+        its own version counter), as torch.optim skips None gradients; an in-place write from
+        outside (torch's ``clip_grad_norm_`` multiplying every gradient) counts as reaching it."""
         buckets = tuple(b for b in self._buckets.values() if b.keep_grads)
         if getattr(self, "_flat_ids", (None,))[0] != buckets:  # rebuilt only with the buckets
             self._flat_ids = (buckets, {id(p) for b in buckets for p in b.params})
@@ -361,7 +364,7 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                 else:
                     p.grad.detach_().requires_grad_(False).zero_()
         for bucket in self._buckets.values():
-            bucket.zero_grad()
+            bucket.zero_grad(set_to_none)
 
     # ---- reading the state back ---------------------------------------------------------------
 

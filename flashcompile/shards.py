@@ -138,7 +138,9 @@ class ShardBucket:
         """False: shard gradients are DTensors, which only torch's clip sums over ranks."""
         return False
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffer, keeping the DTensor views (``set_to_none`` is not honoured
+        here: FSDP2 reduce-scatters into every shard's gradient each backward)."""
         if not self.keep_grads:
             return
         self.grads.zero_()

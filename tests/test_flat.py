@@ -270,3 +270,31 @@ def test_scalar_states_of_a_bucket_are_each_params_own_and_match_per_tensor_step
     bucket = next(iter(fo._buckets.values()))
     fo.state[fp[0]][key] = torch.tensor(float(fo.state[fp[0]][key]))
     assert not bucket.intact()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_params_no_backward_reaches_after_zero_grad_step_as_torch_steps_their_grads(set_to_none):
+    """zero_grad(set_to_none=True) keeps flat params' gradient buffers, yet a param that no
+    backward then reaches (a frozen layer; a step with no backward at all) is skipped as
+    torch.optim skips a None gradient; with set_to_none=False its zero gradient steps, as in
+    torch. Flat and per-tensor steps (where .grad really is None) agree exactly."""
+    a, b = _model(), _model()
+    opt_a = fc.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1, flat=True, compile=False)
+    opt_b = fc.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, flat=False, compile=False)
+    for step in range(7):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad(set_to_none=set_to_none)
+            model[2].requires_grad_(not 3 <= step < 5)  # frozen for two steps
+            if step != 2:  # one step with no backward at all
+                x, y = _batch(step)
+                ((model(x).float() - y.float()) ** 2).mean().backward()
+            opt.step()
+        assert opt_a._buckets  # the flat path stays in use
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q), step
+            assert (p.grad is None) == (q.grad is None), step
+        for st_a, st_b in zip(opt_a.state_dict()["state"].values(),
+                              opt_b.state_dict()["state"].values()):
+            assert all(torch.equal(st_a[k], st_b[k]) for k in st_b), step
+    steps = [float(opt_a.state[p]["step"]) for p in a.parameters()]
+    assert steps == ([6.0, 6.0, 4.0, 4.0] if set_to_none else [7.0] * 4)
