@@ -159,9 +159,10 @@ class Bucket:
         except KeyError:  # opt.state[p].clear()
             return False
 
-    def _grads_now(self) -> tuple[bool, bool]:
-        """(every param has a gradient, every gradient is its view into the gradient buffer)."""
-        grads = list(map(_grad, self.params))
+    def _grads_now(self, grads: list | None = None) -> tuple[bool, bool]:
+        """(every param has a gradient, every gradient is its view into the gradient buffer);
+        ``grads``: the params' ``.grad``, if at hand."""
+        grads = list(map(_grad, self.params)) if grads is None else grads
         if self._grad_ptrs:
             try:
                 if _same_ptrs(grads, self._grad_ptrs, self._indices):
@@ -190,8 +191,10 @@ class Bucket:
     def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param (see :meth:`ready`)."""
-        self.drop_untouched_grads()
-        have_grads, views = self._grads_now()
+        grads = list(map(_grad, self.params))
+        if self.drop_untouched_grads(grads):
+            grads = list(map(_grad, self.params))
+        have_grads, views = self._grads_now(grads)
         if not self.ready(have_grads):
             return False
         grads, weights, fields, ends, lanes = self._args
@@ -241,8 +244,8 @@ class Bucket:
         if not self.keep_grads:
             return
         self.grads.zero_()
-        if not self.holds_grad_views():  # the common case, checked without a loop
-            for i, p in enumerate(self.params):  # as set_to_none, then a zero view to add to
+        if not self.holds_grad_views():  # else (the common case) nothing to re-point
+            for i, p in enumerate(self.params):  # as set_to_none, then a zero alias to add to
                 if p.grad is None or p.grad.data_ptr() != self._grad_ptrs[i]:
                     p.grad = self._grad_alias(i)
         self._zeroed_grads = list(map(_grad, self.params)) if set_to_none else []
@@ -257,21 +260,26 @@ class Bucket:
         alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
         return alias
 
-    def drop_untouched_grads(self) -> None:
+    def drop_untouched_grads(self, grads: list) -> bool:
         """After ``zero_grad(set_to_none=True)``: set ``.grad`` to None where no backward has
         accumulated into it since (a frozen layer, a branch the forward skipped, no backward at
-        all), so the step skips those params as torch.optim does. One version read per param;
-        nothing to do when every param was reached."""
+        all), so the step skips those params as torch.optim does. ``grads``: the params'
+        ``.grad``. One version read per param; returns whether any was dropped."""
         zeroed = self._zeroed_versions
         if zeroed is None:
-            return
-        grads = list(map(_grad, self.params))
-        versions = [None if g is None else g._version for g in grads]
+            return False
+        try:
+            versions = list(map(_version, grads))
+        except AttributeError:  # a None gradient
+            versions = [None if g is None else g._version for g in grads]
         if all(map(operator.ne, versions, zeroed)):
-            return
+            return False
+        dropped = False
         for p, g, v, z, ours in zip(self.params, grads, versions, zeroed, self._zeroed_grads):
             if g is ours and v == z:  # the zeroed alias itself, never accumulated into
                 p.grad = None
+                dropped = True
+        return dropped
 
 
 _data_ptr = torch.Tensor.data_ptr
