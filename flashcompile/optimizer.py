@@ -294,7 +294,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         """
         cached = self._buckets_of_group.get(index)
         if (cached is not None and cached[0] is group["params"] and cached[1] == flags
-                and cached[2] == len(group["params"]) and all(b.state is self.state and b.intact() for b in cached[3])):
+                and cached[2] == len(group["params"])
+                and all(b.state is self.state and b.intact() for b in cached[3])):
             return cached[3]
         by_kind: dict[tuple, list[torch.Tensor]] = {}
         for p in group["params"]:

@@ -223,15 +223,19 @@ class Plan:
     def masks_lanes(self) -> bool:
         """Whether :attr:`fn` takes ``lanes`` (:func:`~flashcompile.layout.lane_counts`): a
         non-reducing rule whose states' padding lanes might not stay zero (Adagrad's initial
-        accumulator, Adamax's eps, Rprop's step sizes) masks them to zero, group by group."""
-        return not self.reduces and not self.pads_stay_zero
+        accumulator, Adamax's eps, Rprop's step sizes) masks them to zero, group by group (the
+        states codegen masks, ``_valid``)."""
+        states = range(1, len(self.traced.outputs))
+        return not self.reduces and not all(keeps_zero(self.traced, i) for i in states)
 
     @property
     def steps_flat(self) -> bool:
         """Whether one call may step several parameters laid end to end in one flat buffer: the
-        padding lanes between them provably stay zero (or are masked, :attr:`masks_lanes`) and
-        add nothing to any reduction (each reduction sums its own parameter's groups)."""
-        return (self.pads_stay_zero or self.masks_lanes) and self.reductions_skip_pads
+        padding lanes between them provably stay zero (the states' or masked, :attr:`masks_lanes`;
+        the weight's in any case) and add nothing to any reduction (each reduction sums its own
+        parameter's groups)."""
+        pads_zero = self.pads_stay_zero or (self.masks_lanes and keeps_zero(self.traced, 0))
+        return pads_zero and self.reductions_skip_pads
 
     def steps_flat_over(self, numels) -> bool:
         """Whether one call may step params of these sizes laid end to end: as :attr:`steps_flat`,

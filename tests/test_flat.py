@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import flashcompile as fc
+from flashcompile.explain import plan_of
 
 SHAPES = [(33, 7), (64,), (5,), (2, 3, 4)]
 
@@ -298,3 +299,18 @@ def test_params_no_backward_reaches_after_zero_grad_step_as_torch_steps_their_gr
             assert all(torch.equal(st_a[k], st_b[k]) for k in st_b), step
     steps = [float(opt_a.state[p]["step"]) for p in a.parameters()]
     assert steps == ([6.0, 6.0, 4.0, 4.0] if set_to_none else [7.0] * 4)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Lion", "Adagrad", "RMSprop", "Adadelta",
+                                  "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "LAMB", "LARS",
+                                  "AdEMAMix", "Adan"])
+def test_a_plan_passes_lane_counts_exactly_where_its_step_masks_padding_lanes(name):
+    """Plan.masks_lanes (what callers pass) and the generated step's signature (what the kernel
+    takes) come from one predicate; every shipped rule steps flat at any param size."""
+    p = torch.nn.Parameter(torch.zeros(40, dtype=torch.bfloat16))
+    p.grad = torch.zeros_like(p)
+    plan = plan_of(getattr(fc, name)([p], compile=False))
+    step = plan.source.split("def step_one")[0] if not plan.reduces else plan.source
+    assert plan.masks_lanes == ("_lanes" in step)
+    assert plan.steps_flat
+    assert plan.masks_lanes == (name in ("Adagrad", "Adamax", "Rprop"))
