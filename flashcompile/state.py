@@ -25,11 +25,12 @@ class Changes:
 
 class ParamState(dict):
     """One param's optimizer state: a dict whose missing keys say where a state lives, and whose
-    changes (keys set, removed, cleared) are counted in its optimizer's :class:`Changes`."""
+    changes (keys set, removed, cleared) are counted in the :class:`Changes` of every
+    :class:`OptimizerState` that holds it (``copy.copy(opt.state)`` shares the dicts)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.changes = Changes()  # its own until an OptimizerState takes it
+        self.counters: list[Changes] = []
 
     def __missing__(self, key):
         fields = sorted(k for k in self if isinstance(key, str) and k.startswith(f"{key}."))
@@ -41,11 +42,12 @@ class ParamState(dict):
                        "state appears at the param's first step)")
 
     def _changed(self) -> None:
-        self.changes.count += 1
+        for counter in self.counters:
+            counter.count += 1
 
     def __reduce__(self):
-        # dict's reduce sets the items before the attributes: the counter must exist first
-        return (ParamState, (dict(self),), {"changes": self.changes})
+        # dict's reduce sets the items before the attributes: the counters must exist first
+        return (ParamState, (dict(self),), {"counters": self.counters})
 
 
 class OptimizerState(defaultdict):
@@ -68,7 +70,8 @@ class OptimizerState(defaultdict):
     def __setitem__(self, key, value) -> None:
         self.changes.count += 1
         if isinstance(value, ParamState):
-            value.changes = self.changes
+            if not any(c is self.changes for c in value.counters):
+                value.counters.append(self.changes)
         else:
             self.tracked = False
         super().__setitem__(key, value)
@@ -105,6 +108,9 @@ class OptimizerState(defaultdict):
     def __reduce__(self):
         # defaultdict's own reduce would rebuild through __setitem__ before __init__ ran
         return (_rebuild, (list(self.items()),))
+
+    def __copy__(self) -> OptimizerState:  # defaultdict's passes the factory to __init__
+        return OptimizerState(list(self.items()))
 
 
 def _rebuild(items) -> OptimizerState:

@@ -59,3 +59,11 @@ def test_a_plain_dict_assigned_by_hand_turns_tracking_off():
     st = _state()
     st[torch.zeros(1)] = {"step": torch.tensor(0.0)}
     assert not st.tracked
+
+
+def test_a_shallow_copy_shares_the_dicts_and_both_mappings_count_their_changes():
+    st = _state()
+    other = copy.copy(st)
+    before, mine = other.changes.count, st.changes.count
+    st[KEY].clear()
+    assert st.changes.count > mine and other.changes.count > before
