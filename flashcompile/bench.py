@@ -146,7 +146,7 @@ def _resident(params, opt, device, baseline: int) -> float:
 
 def _as_after_backward(params, opt) -> None:
     """Put the gradients where a training loop's backward would: ``opt.zero_grad()``, then the
-    same values accumulated into whatever ``.grad`` it left (a flat buffer's views for
+    same values accumulated into whatever ``.grad`` it left (its gradients in a flat buffer for
     flashcompile, None for torch and the peers). Assigned gradients are not the optimizer's own:
     a flat step copies those into a staging buffer first, which no training loop pays."""
     grads = [p.grad for p in params]
