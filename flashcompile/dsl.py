@@ -28,8 +28,9 @@ from typing import Any
 import sympy
 import torch
 
+# "sign": every value is -1, 0 or +1 (Rprop's previous gradient sign), stored exactly in 1 byte;
 # "scalar": one number per parameter rather than one per element (torch.optim.NAdam's mu_product)
-STATE_FACTS = ("signed", "nonnegative", "scalar")
+STATE_FACTS = ("signed", "nonnegative", "sign", "scalar")
 
 
 class Sym:
@@ -254,6 +255,9 @@ def rule(
             floats (``betas``) are runtime inputs, so changing them never recompiles.
         states: state name -> fact, ``"signed"`` or ``"nonnegative"``. The fact picks the default
             8-bit codec, and a nonnegative state is proven to stay nonnegative when compiled.
+            ``"sign"``: every value is -1, 0 or +1 (its update is a ``sign(...)``, a constant among
+            those, or a ``where`` or product of such; proven when compiled); stored exactly in
+            one byte (``sign_int8``).
             ``"scalar"``: one number per parameter, not per element (a running product over steps,
             a step size set from the previous step's lr). Its update may depend only on step,
             hyperparameters and scalar states; it is computed on the host in float64 and kept as a

@@ -100,9 +100,10 @@ class _TorchPrinter:
             return out
         if isinstance(e, sympy.sign):
             # torch.sign(nan) is 0: a NaN would vanish (Lion's param never shows it and its group
-            # of 32 stops moving); keep it where it lands, as every other op does
+            # of 32 stops moving); keep it where it lands, as every other op does. Two selects on
+            # floats: torch.sign lowers to integer compares, a subtract and a conversion back.
             x = self(e.args[0])
-            return f"torch.where(torch.isnan({x}), {x}, torch.sign({x}))"
+            return f"torch.where(({x}) > 0, 1.0, torch.where(({x}) < 0, -1.0, {x}))"
         if type(e) in _FUNCTIONS:
             return f"{_FUNCTIONS[type(e)]}({self(e.args[0])})"
         raise NotImplementedError(f"cannot lower {type(e).__name__}: {e}")

@@ -27,6 +27,8 @@ def default_codec(fact: str, preset: str) -> Codec:
     """
     if preset == "fp32":
         return _codecs.fp32
+    if fact == "sign":  # exact in one byte: -1, 0 and +1 need no scale
+        return _codecs.sign_int8
     return _codecs.sqrt_uint8_nonzero if fact == "nonnegative" else _codecs.softsign_int8
 
 
@@ -77,6 +79,11 @@ def check_codec_spec(spec: Any, rule: Rule) -> str | dict[str, Codec]:
             raise ValueError(
                 f"codec {c.name} stores only nonnegative values, but state {name!r} of {rule.name} "
                 "is signed; pick a signed codec such as softsign_int8"
+            )
+        if name != PARAM and c.domain == "sign" and rule.states[name] != "sign":
+            raise ValueError(
+                f"codec {c.name} stores only -1, 0 and +1, but state {name!r} of {rule.name} is "
+                f"declared {rule.states[name]!r}; pick a codec for real values such as softsign_int8"
             )
         out[name] = c
     return out

@@ -178,6 +178,8 @@ def representable(codec: Codec, x: torch.Tensor) -> torch.Tensor:
     overflows past 65504, by design to Inf/NaN; nonnegative codecs hold ``|x|``."""
     if any(f.dtype == torch.float16 for f in codec.fields):
         x = x.clamp(-60000, 60000)
+    if codec.domain == "sign":
+        return torch.sign(x)
     return x.abs() if codec.domain == "nonnegative" else x
 
 

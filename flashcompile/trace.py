@@ -143,10 +143,33 @@ def _nonnegative(expr: sympy.Expr) -> bool:
     return bool(sympy.together(sympy.nsimplify(expr)).is_nonnegative)
 
 
+def _sign_valued(expr: sympy.Basic, signs: frozenset[sympy.Symbol]) -> bool:
+    """Whether ``expr`` can only be -1, 0 or +1 (NaN aside): a sign, such a constant, a sign state,
+    or a choice or product of those. Structural on purpose: the codec stores nothing else."""
+    if isinstance(expr, sympy.sign) or expr in signs:
+        return True
+    if expr.is_Number:
+        return float(expr) in (-1.0, 0.0, 1.0)  # sympy's Float(0.0) != Integer(0)
+    if isinstance(expr, sympy.Piecewise):
+        return all(_sign_valued(e, signs) for e, _ in expr.args)
+    if isinstance(expr, sympy.Mul):
+        return all(_sign_valued(a, signs) for a in expr.args)
+    return False
+
+
 def check_facts(traced: Traced) -> None:
-    """Raise if a state declared nonnegative can be updated to a negative value."""
+    """Raise if a state declared nonnegative can be updated to a negative value, or one declared
+    a sign to anything but -1, 0 or +1."""
     subs = _reparametrize(traced)
+    signs = frozenset(sym for sym, fact in zip(traced.states, traced.rule.states.values())
+                      if fact == "sign")
     for i, (name, fact) in enumerate(traced.rule.states.items()):
+        if fact == "sign" and not _sign_valued(traced.outputs[i + 1], signs):
+            raise ValueError(
+                f"rule {traced.rule.name}: state {name!r} is declared a sign (-1, 0 or +1) but its "
+                f"update {traced.outputs[i + 1]} is not a sign(...), a constant among those, or a "
+                f"where() or product of such (flags {dict(traced.flags)}); declare it 'signed'"
+            )
         if fact != "nonnegative":
             continue
         out = traced.outputs[i + 1].subs(subs)

@@ -6,7 +6,7 @@
                  step_size_min, step_size_max)
     g   <- 0 where s < 0                                  (a sign flip skips this element once)
     p   <- p - sign(g) * d
-    prev <- sign(g)          (torch keeps g; only its sign is read, and +-1 / 0 are exact in 8 bits)
+    prev <- sign(g)          (torch keeps g; only its sign is read: a "sign" state, 1 exact byte)
 
 Riedmiller & Braun, IEEE ICNN 1993, "A Direct Adaptive Method for Faster Backpropagation
 Learning: The RPROP Algorithm" (no arXiv version).
@@ -17,7 +17,7 @@ from flashcompile.dsl import maximum, minimum, rule, sign, where
 
 @rule(
     defaults=dict(lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50.0), maximize=False),
-    states={"prev": "signed", "step_size": "nonnegative"},
+    states={"prev": "sign", "step_size": "nonnegative"},
 )
 def rprop(p, g, prev, step_size, *, step, lr, etas, step_sizes, maximize):
     etaminus, etaplus = etas

@@ -13,12 +13,14 @@ from flashcompile import codecs
 from flashcompile.testing import check_codec
 
 STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8",
-                "sqrt_e4m4", "e4m3_int8"]
+                "sqrt_e4m4", "e4m3_int8", "sign_int8"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
 
 
 def _in_range(codec, x):
     """Values the codec's storage can hold: fp16 weights overflow past 65504, scales likewise."""
+    if codec.domain == "sign":
+        return torch.sign(x)
     if isinstance(codec, codecs.WeightSplit) and codec.weight_dtype == torch.float16:
         return x.clamp(-60000, 60000)
     if codec.fields[-1].dtype == torch.float16:  # an fp16 group scale

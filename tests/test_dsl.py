@@ -69,6 +69,36 @@ def test_a_state_that_can_go_negative_fails_the_proof():
         check_facts(trace(leaky, {}))
 
 
+def test_a_sign_state_is_proven_to_hold_only_signs():
+    @fc.rule(defaults=dict(lr=1e-3), states={"s": "sign"})
+    def signs(p, g, s, *, step, lr):  # a where() of signs, a product of signs and constants
+        return p - lr * s, fc.where(step == 1, 0.0, -fc.sign(g) * s)
+
+    check_facts(trace(signs, {}))
+
+    @fc.rule(defaults=dict(lr=1e-3), states={"s": "sign"})
+    def halves(p, g, s, *, step, lr):
+        return p - lr * s, fc.sign(g) / 2
+
+    with pytest.raises(ValueError, match="declared a sign"):
+        check_facts(trace(halves, {}))
+
+
+def test_a_sign_state_is_stored_exactly_in_one_byte():
+    @fc.rule(defaults=dict(lr=1e-2), states={"s": "sign"})
+    def sign_memory(p, g, s, *, step, lr):
+        return p - lr * (fc.sign(g) + s), fc.sign(g)
+
+    p = torch.nn.Parameter(torch.randn(100, dtype=torch.bfloat16))
+    opt = fc.Optimizer([p], sign_memory, compile=False)
+    p.grad = torch.randn(100, dtype=torch.bfloat16)
+    opt.step()
+    assert plan_of(opt).codecs["s"].name == "sign_int8"
+    assert torch.equal(opt.state_value(p, "s"), torch.sign(p.grad.float()))
+    with pytest.raises(ValueError, match="stores only -1, 0 and \\+1"):
+        fc.Optimizer([p], lion, codecs={"exp_avg": "sign_int8"})
+
+
 def test_traced_math_is_readable():
     text = math_text(trace(lion, dict(maximize=False)))
     assert "sign(" in text and text.startswith("p <- ")

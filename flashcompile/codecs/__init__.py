@@ -3,7 +3,8 @@
 Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
 ``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8_nonzero``
 (the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment codec), ``linear_int8``,
-``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value: ``relative.py``); or any
+``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value: ``relative.py``), ``sign_int8``
+(states that are -1, 0 or +1: ``sign.py``); or any
 :class:`Codec` instance. :func:`register` adds a name.
 """
 
@@ -23,6 +24,7 @@ from flashcompile.codecs.companded import (
 )
 from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
 from flashcompile.codecs.relative import E4M3Int8, SqrtE4M4, e4m3_int8, sqrt_e4m4
+from flashcompile.codecs.sign import SignInt8, sign_int8
 from flashcompile.codecs.weight_split import WeightSplit
 
 weight_split = WeightSplit(torch.bfloat16, torch.int8)
@@ -39,6 +41,7 @@ _REGISTRY: dict[str, Codec] = {
     "linear_int8": linear_int8,
     "sqrt_e4m4": sqrt_e4m4,
     "e4m3_int8": e4m3_int8,
+    "sign_int8": sign_int8,
 }
 
 
@@ -64,6 +67,6 @@ def names() -> list[str]:
 
 __all__ = [
     "GROUP", "Codec", "E4M3Int8", "Field", "Float", "SqrtE4M4", "e4m3_int8", "sqrt_e4m4", "Fp32Master", "LinearInt8", "SoftsignInt8", "SqrtUint8",
-    "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "softsign_int8",
+    "SignInt8", "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "sign_int8", "softsign_int8",
     "sqrt_uint8", "sqrt_uint8_nonzero", "weight_split",
 ]

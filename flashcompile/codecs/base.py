@@ -46,7 +46,8 @@ class Codec:
     * ``decode(*stored)``: the fields -> fp32 ``(G, GROUP)``;
     * ``error_bound(x)``: per-element bound on ``|decode(encode(x)) - x|`` for finite ``x``.
 
-    ``domain`` is ``"real"`` or ``"nonnegative"`` (values outside it are not representable).
+    ``domain`` is ``"real"``, ``"nonnegative"`` or ``"sign"`` (-1, 0, +1; values outside it are
+    not representable).
     """
 
     name = "codec"
@@ -98,10 +99,11 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     return ((k + 127) << 23).to(torch.int32).view(torch.float32)
 
 
-def inverse_scale(scale16: torch.Tensor) -> torch.Tensor:
-    """1 / scale per group (0 for all-zero groups, which then encode to zero codes).
+def inverse_scale(scale16: torch.Tensor, codes: float = 1.0) -> torch.Tensor:
+    """``codes / scale`` per group (0 for all-zero groups, which then encode to zero codes).
 
-    One division per group instead of one per value: the kernel is instruction-bound otherwise.
+    One division per group instead of one per value, and the code range folded in with it: the
+    kernel is instruction-bound otherwise.
     """
     s = scale16.float()
-    return torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    return torch.where(s > 0, codes / s, torch.zeros_like(s))

@@ -30,6 +30,9 @@ import torch
 from flashcompile.codecs.base import FP32_SLACK, Codec, Field, inverse_scale, round_up_fp16
 
 
+_TINY = 2.0**-126  # smallest normal fp32: the floor of a quotient's denominator
+
+
 def _group_scale(mag: torch.Tensor) -> torch.Tensor:
     """fp16 scale >= the group's largest magnitude (NaN if the group holds a NaN).
 
@@ -49,13 +52,16 @@ class SoftsignInt8(Codec):
 
     def encode(self, x):
         scale = _group_scale(x.abs())
-        y = x * inverse_scale(scale)  # |y| <= 1: the scale is rounded up, so no clamp is needed
-        z = 2 * y / (1 + y.abs())
-        return torch.round(z * 127).to(torch.int8), scale
+        # 127 z = 127 * 2y / (1 + |y|) with y = x / s, written as one quotient: 254 x / (s + |x|).
+        # |.| <= 127 since s >= |x| (the scale is rounded up, so no clamp is needed); the floor on
+        # s keeps an all-zero group at 0 / tiny = 0.
+        s = torch.clamp_min(scale.float(), _TINY)
+        return torch.round(254 * x / (s + x.abs())).to(torch.int8), scale
 
     def decode(self, codes, scale):
-        z = codes.float() / 127
-        return z / (2 - z.abs()) * scale.float()
+        # z / (2 - |z|) * s with z = c / 127 is c s / (254 - |c|): one multiply fewer per value
+        c = codes.float()
+        return c * scale.float() / (254 - c.abs())
 
     def error_bound(self, x):
         s = _group_scale(x.abs()).float()
@@ -86,13 +92,13 @@ class SqrtUint8(Codec):
     def encode(self, x):
         r = torch.sqrt(x)
         scale = _group_scale(r)
-        code = torch.round(r * inverse_scale(scale) * 255)
+        code = torch.round(r * inverse_scale(scale, 255))
         if self.keep_nonzero:
             code = torch.maximum(code, (r > 0).float())  # NaN: its group decodes to NaN anyway
         return code.to(torch.uint8), scale
 
     def decode(self, codes, scale):
-        r = codes.float() / 255 * scale.float()
+        r = codes.float() * scale.float() / 255  # c * s is exact: code 255 decodes to s itself
         return r * r
 
     def error_bound(self, x):
@@ -118,10 +124,10 @@ class LinearInt8(Codec):
 
     def encode(self, x):
         scale = _group_scale(x.abs())
-        return torch.round(x * inverse_scale(scale) * 127).to(torch.int8), scale
+        return torch.round(x * inverse_scale(scale, 127)).to(torch.int8), scale
 
     def decode(self, codes, scale):
-        return codes.float() / 127 * scale.float()
+        return codes.float() * scale.float() / 127  # exact product: code 127 decodes to s
 
     def error_bound(self, x):
         s = _group_scale(x.abs()).float()
