@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flashcompile.codecs import GROUP, Codec
+from flashcompile.codecs import GROUP, Codec, stochastic
 from flashcompile.lowering import Lowered
 from flashcompile.segments import segment_totals
 from flashcompile.trace import Traced, keeps_zero
@@ -106,6 +106,10 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
         if name != PARAM and not keeps_zero(traced, index):
             # padding lanes must stay zero so they never enlarge a group's scale
             out = f"torch.where(_valid, {out}, 0.0)"
+        if getattr(codec, "stochastic", False):  # noise from position, step and state: in-kernel
+            noise_salt = stochastic.salt(codec.seed, index)
+            lines.append(f"    _u_{name} = _uniform_noise(_s[{lowered.step_slot}], {noise_salt}, _grad)")
+            out = f"{out}, _u_{name}"
         lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
             # straight into the input (G, 32): the store fuses into the reduction kernel
@@ -133,7 +137,8 @@ def _function(name: str, args: list[str], doc: str, decode: list[str], body: lis
 
 def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
     """The globals a plan's generated source runs in."""
-    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals}
+    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals,
+                 "_uniform_noise": stochastic.uniform_noise}
     namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
     return namespace
 

@@ -22,7 +22,7 @@ from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 from sympy.printing.pycode import PythonCodePrinter
 
 from flashcompile.dsl import SumAll
-from flashcompile.trace import Traced, is_nonnegative
+from flashcompile.trace import STEP, Traced, is_nonnegative
 
 _RELATIONS = {
     sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
@@ -45,6 +45,7 @@ class Lowered:
     phases: tuple[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], ...] = ()
     # per phase, the inputs (param, grad, state names) its sums read
     phase_reads: tuple[frozenset[str], ...] = ()
+    step_slot: int = 0  # _s[step_slot] is the step count (stochastic rounding's noise reads it)
 
 
 def _is_boolean(e: sympy.Basic) -> bool:
@@ -217,10 +218,12 @@ def lower(traced: Traced) -> Lowered:
         if expr.free_symbols <= lane_free:  # a constant or a reduction: broadcast over the group
             code = f"({code} + torch.zeros_like({traced.grad.name}))"
         outputs[i] = code
+    step_slot = printer.hoisted.setdefault(STEP, len(printer.hoisted) + 1)  # after the rule's own
     hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
     updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
     return Lowered(tuple(statements), tuple(outputs), hoisted,
-                   _prologue(traced, hoisted + updates), tuple(phases), tuple(phase_reads))
+                   _prologue(traced, hoisted + updates), tuple(phases), tuple(phase_reads),
+                   step_slot)
 
 
 def _reductions(traced: Traced) -> dict[SumAll, int]:

@@ -206,3 +206,54 @@ def test_relative_codecs_keep_each_values_precision_beside_a_loud_lane(name):
         # sqrt(v) within 2^-(mant+1) of itself: v within twice that, to first order
         allowed = 2.0 ** -(mant + 1) * (2.02 if name == "sqrt_e4m4" else 1.0001) + 1e-6
         assert rel.max() <= allowed, (name, top, rel.max().item())
+
+
+SR_CODECS = ["softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt_e4m4_sr",
+             "e4m3_int8_sr"]
+
+
+def _noise(step: int, x: torch.Tensor) -> torch.Tensor:
+    from flashcompile.codecs.stochastic import uniform_noise
+
+    return uniform_noise(torch.tensor(float(step)), 12345, x)
+
+
+@pytest.mark.parametrize("name", SR_CODECS)
+@given(data=st.data(), step=st.integers(1, 10**6))
+def test_stochastic_rounding_stays_within_one_code_step(name, data, step):
+    codec = codecs.get(name)
+    x = _in_range(codec, data.draw(value_tensors(nonnegative=codec.domain == "nonnegative")))
+    y = codec.decode(*codec.encode(x, _noise(step, x)))
+    excess = (y - x).abs() - codec.error_bound(x)
+    assert excess.max() <= 0, f"exceeds the bound by {excess.max().item():.3g}"
+
+
+def test_stochastic_rounding_is_unbiased_between_two_codes():
+    """A value 30% of the way between two codes rounds up on ~30% of the steps: over 4096 steps
+    (one lane each) the mean code lands within 4 standard deviations (0.007 each) of 0.3."""
+    codec = codecs.get("sqrt_uint8_sr")
+    x = torch.zeros(1, 32)
+    x[0, 0] = 1.0  # the group's scale: sqrt 1 = code 255
+    x[0, 1:] = ((100.3 / 255) ** 2)  # sqrt at code 100.3
+    codes = torch.stack([codec.encode(x, _noise(t, x))[0][0, 1:].float() for t in range(1, 4097)])
+    assert abs(codes.mean().item() - 100.3) < 4 * (0.21 / (4096 * 31)) ** 0.5 + 0.01
+    assert set(codes.unique().tolist()) == {100.0, 101.0}
+
+
+@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "sqrt_e4m4", "e4m3_int8"])
+def test_stochastic_rounding_unsticks_a_slow_ema(name):
+    """An 8-bit state decaying by beta = 0.999 per step (Adam's v after its gradients stopped):
+    under round to nearest most steps change nothing (0.1% is below half a code, and below the
+    fp16 scale's own step), so after 1000 steps the state is far from 0.999^1000 = 0.37 of where
+    it began; stochastic rounding follows it on average: in the coded quantity, which for the sqrt
+    codecs is sqrt(v) (the square of an unbiased sqrt is biased up by its variance)."""
+    rn, sr = codecs.get(name), codecs.get(name + "_sr")
+    x0 = torch.linspace(0.05, 1.0, 32)[None, :]
+    a, b = x0.clone(), x0.clone()
+    for t in range(1, 1001):
+        a = rn.decode(*rn.encode(0.999 * a))
+        b = sr.decode(*sr.encode(0.999 * b, _noise(t, b)))
+    coded = torch.sqrt if rn.domain == "nonnegative" else (lambda t: t)
+    want = coded(x0 * 0.999**1000)
+    assert abs(coded(a).sum() / want.sum() - 1) > 0.1  # stalled on the way
+    assert abs(coded(b).sum() / want.sum() - 1) < 0.05  # each lane walks about its 0.999^t

@@ -3,7 +3,8 @@
 Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
 ``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8_nonzero``
 (the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment codec), ``linear_int8``,
-``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value: ``relative.py``), ``sign_int8``
+``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``, ``sqrt_e4m4_sr`` and
+``e4m3_int8_sr`` (stochastic rounding: ``stochastic.py``), ``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value: ``relative.py``), ``sign_int8``
 (states that are -1, 0 or +1: ``sign.py``); or any
 :class:`Codec` instance. :func:`register` adds a name.
 """
@@ -21,9 +22,19 @@ from flashcompile.codecs.companded import (
     softsign_int8,
     sqrt_uint8,
     sqrt_uint8_nonzero,
+    sqrt_uint8_nonzero_sr,
+    sqrt_uint8_sr,
+    softsign_int8_sr,
 )
 from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
-from flashcompile.codecs.relative import E4M3Int8, SqrtE4M4, e4m3_int8, sqrt_e4m4
+from flashcompile.codecs.relative import (
+    E4M3Int8,
+    SqrtE4M4,
+    e4m3_int8,
+    e4m3_int8_sr,
+    sqrt_e4m4,
+    sqrt_e4m4_sr,
+)
 from flashcompile.codecs.sign import SignInt8, sign_int8
 from flashcompile.codecs.weight_split import WeightSplit
 
@@ -42,6 +53,12 @@ _REGISTRY: dict[str, Codec] = {
     "sqrt_e4m4": sqrt_e4m4,
     "e4m3_int8": e4m3_int8,
     "sign_int8": sign_int8,
+    # stochastic rounding (codecs/stochastic.py); SoftsignInt8(stochastic=True, seed=n) for others
+    "softsign_int8_sr": softsign_int8_sr,
+    "sqrt_uint8_sr": sqrt_uint8_sr,
+    "sqrt_uint8_nonzero_sr": sqrt_uint8_nonzero_sr,
+    "sqrt_e4m4_sr": sqrt_e4m4_sr,
+    "e4m3_int8_sr": e4m3_int8_sr,
 }
 
 
@@ -67,6 +84,6 @@ def names() -> list[str]:
 
 __all__ = [
     "GROUP", "Codec", "E4M3Int8", "Field", "Float", "SqrtE4M4", "e4m3_int8", "sqrt_e4m4", "Fp32Master", "LinearInt8", "SoftsignInt8", "SqrtUint8",
-    "SignInt8", "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "sign_int8", "softsign_int8",
+    "SignInt8", "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "sign_int8", "softsign_int8", "softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt_e4m4_sr", "e4m3_int8_sr",
     "sqrt_uint8", "sqrt_uint8_nonzero", "weight_split",
 ]

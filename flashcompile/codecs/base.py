@@ -87,6 +87,13 @@ class Codec:
         return self.name
 
 
+def sr_suffix(codec) -> str:
+    """The name suffix of a stochastically rounded codec: ``_sr``, or ``_sr<seed>``."""
+    if not getattr(codec, "stochastic", False):
+        return ""
+    return "_sr" if codec.seed == 0 else f"_sr{codec.seed}"
+
+
 def round_up_fp16(s: torch.Tensor) -> torch.Tensor:
     """The smallest fp16 value >= s, for s >= 0: a stored scale never makes |x / scale| exceed 1."""
     s16 = s.to(torch.float16)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import FP32_SLACK, Codec, Field, inverse_scale, round_up_fp16
+from flashcompile.codecs.base import FP32_SLACK, Codec, Field, inverse_scale, round_up_fp16, sr_suffix
 
 
 _TINY = 2.0**-126  # smallest normal fp32: the floor of a quotient's denominator
@@ -43,20 +43,38 @@ def _group_scale(mag: torch.Tensor) -> torch.Tensor:
     return round_up_fp16(top)
 
 
+def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tensor:
+    """To nearest, or with ``noise`` (uniform in [0, 1)) stochastically: ``floor(y + u)`` is ``y``
+    on average. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one above):
+    rounding to nearest absorbs that, ``floor(y + u)`` could step past ``top``, so it is clamped."""
+    if noise is None:
+        return torch.round(y)
+    return torch.clamp(torch.floor(y + noise), -top, top)
+
+
+
 @dataclass(frozen=True)
 class SoftsignInt8(Codec):
-    """int8 codes of ``2x / (1 + |x|)`` + fp16 absmax per 32: 1.0625 bytes per value."""
+    """int8 codes of ``2x / (1 + |x|)`` + fp16 absmax per 32: 1.0625 bytes per value.
 
-    name = "softsign_int8"
+    ``stochastic``: codes rounded stochastically (``codecs/stochastic.py``), within one code step
+    instead of half; ``seed`` picks the noise."""
+
+    stochastic: bool = False
+    seed: int = 0
     fields = (Field("codes", torch.int8), Field("scale", torch.float16, per_group=True))
 
-    def encode(self, x):
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "softsign_int8" + sr_suffix(self)
+
+    def encode(self, x, noise=None):
         scale = _group_scale(x.abs())
         # 127 z = 127 * 2y / (1 + |y|) with y = x / s, written as one quotient: 254 x / (s + |x|).
         # |.| <= 127 since s >= |x| (the scale is rounded up, so no clamp is needed); the floor on
         # s keeps an all-zero group at 0 / tiny = 0.
         s = torch.clamp_min(scale.float(), _TINY)
-        return torch.round(254 * x / (s + x.abs())).to(torch.int8), scale
+        return _round(254 * x / (s + x.abs()), noise, 127).to(torch.int8), scale
 
     def decode(self, codes, scale):
         # z / (2 - |z|) * s with z = c / 127 is c s / (254 - |c|): one multiply fewer per value
@@ -67,9 +85,11 @@ class SoftsignInt8(Codec):
         s = _group_scale(x.abs()).float()
         y = (x / torch.where(s > 0, s, 1)).abs()
         z = 2 * y / (1 + y)
-        # |z - z_q| <= 1/254 and d/dz [z / (2 - |z|)] = 2 / (2 - |z|)^2 grows with |z|.
-        z_far = torch.clamp(z + 1 / 254, max=1.0)
-        return s * (2 / (2 - z_far) ** 2 / 254 + FP32_SLACK)
+        # |z - z_q| <= 1/254 (stochastic: 1/127) and d/dz [z / (2 - |z|)] = 2 / (2 - |z|)^2
+        # grows with |z|.
+        dz = 1 / 127 if self.stochastic else 1 / 254
+        z_far = torch.clamp(z + dz, max=1.0)
+        return s * (2 / (2 - z_far) ** 2 * dz + FP32_SLACK)
 
 
 @dataclass(frozen=True)
@@ -79,20 +99,24 @@ class SqrtUint8(Codec):
     With ``keep_nonzero`` a nonzero value whose code would round to 0 gets code 1 instead.
     Error bound: the stored square root is within ``scale / 510`` of ``sqrt(v)`` (``keep_nonzero``:
     within ``scale / 255 - sqrt(v)`` for values below half a step), and ``|a^2 - b^2| = |a - b| (a + b)``.
+    ``stochastic``: the square root's code rounded stochastically (``codecs/stochastic.py``),
+    within ``scale / 255`` of ``sqrt(v)``; ``seed`` picks the noise.
     """
 
     keep_nonzero: bool = False
+    stochastic: bool = False
+    seed: int = 0
     domain = "nonnegative"
     fields = (Field("codes", torch.uint8), Field("scale", torch.float16, per_group=True))
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return "sqrt_uint8_nonzero" if self.keep_nonzero else "sqrt_uint8"
+        return ("sqrt_uint8_nonzero" if self.keep_nonzero else "sqrt_uint8") + sr_suffix(self)
 
-    def encode(self, x):
+    def encode(self, x, noise=None):
         r = torch.sqrt(x)
         scale = _group_scale(r)
-        code = torch.round(r * inverse_scale(scale, 255))
+        code = _round(r * inverse_scale(scale, 255), noise, 255)
         if self.keep_nonzero:
             code = torch.maximum(code, (r > 0).float())  # NaN: its group decodes to NaN anyway
         return code.to(torch.uint8), scale
@@ -104,7 +128,7 @@ class SqrtUint8(Codec):
     def error_bound(self, x):
         r = torch.sqrt(x)
         s = _group_scale(r).float()
-        dr = s * (1 / 510 + FP32_SLACK)  # error of the stored sqrt
+        dr = s * ((1 / 255 if self.stochastic else 1 / 510) + FP32_SLACK)  # of the stored sqrt
         if self.keep_nonzero:  # a value below half a step decodes to one step
             dr = torch.maximum(dr, s * (1 / 255 + FP32_SLACK) - r)
         return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
@@ -137,4 +161,7 @@ class LinearInt8(Codec):
 softsign_int8 = SoftsignInt8()
 sqrt_uint8 = SqrtUint8()
 sqrt_uint8_nonzero = SqrtUint8(keep_nonzero=True)
+softsign_int8_sr = SoftsignInt8(stochastic=True)
+sqrt_uint8_sr = SqrtUint8(stochastic=True)
+sqrt_uint8_nonzero_sr = SqrtUint8(keep_nonzero=True, stochastic=True)
 linear_int8 = LinearInt8()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import FP32_SLACK, Codec, Field, pow2
+from flashcompile.codecs.base import FP32_SLACK, Codec, Field, pow2, sr_suffix
 
 _SPAN = 15  # binades of normal codes under the group's top; a subnormal step below them
 # the group's top exponent field never goes below this (2^-107): the lowest normal code stays a
@@ -53,17 +53,22 @@ def _top_of(scale: torch.Tensor) -> torch.Tensor:
     return (scale.view(torch.int16).to(torch.int32) >> 7) & 0xFF
 
 
-def _encode_magnitude(mag: torch.Tensor, top: torch.Tensor, mant: int) -> torch.Tensor:
+def _encode_magnitude(mag: torch.Tensor, top: torch.Tensor, mant: int,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
     """Codes ``0 .. 2^(4 + mant) - 1`` of ``mag >= 0`` (fp32) under each group's ``top``: exponent
     field ``f`` (1..15: binade ``top - 15 + f``) above ``mant`` mantissa bits; ``f = 0`` holds
-    multiples of the lowest binade's step (as IEEE subnormals), rounding up into it seamlessly."""
+    multiples of the lowest binade's step (as IEEE subnormals), rounding up into it seamlessly.
+    With ``noise`` (uniform in [0, 1)) rounded stochastically: a uniform integer below the dropped
+    bits' weight is added before truncating, unbiased within a binade (codes are linear there)."""
     base = top - _SPAN  # fp32 exponent field of code exponent 0
     drop = 23 - mant
     # normal codes: rebase the exponent and round the mantissa on the bit pattern (a carry moves
     # into the exponent, as it should)
-    normal = (mag.view(torch.int32) - (base << 23) + (1 << (drop - 1))) >> drop
+    carry = (1 << (drop - 1)) if noise is None else (noise * (1 << drop)).to(torch.int32)
+    normal = (mag.view(torch.int32) - (base << 23) + carry) >> drop
     # below the lowest normal binade: multiples of its step 2^(base + 1 - 127 - mant)
-    low = torch.round(mag * pow2(126 + mant - base)).to(torch.int32)
+    low = mag * pow2(126 + mant - base)
+    low = (torch.round(low) if noise is None else torch.floor(low + noise)).to(torch.int32)
     code = torch.where(mag >= pow2(base + 1 - 127), normal, low)
     return torch.clamp(code, max=(1 << (4 + mant)) - 1)
 
@@ -76,28 +81,37 @@ def _decode_magnitude(code: torch.Tensor, top: torch.Tensor, mant: int) -> torch
     return torch.where(f > 0, normal, low)
 
 
-def _bound(mag: torch.Tensor, top: torch.Tensor, mant: int) -> torch.Tensor:
+def _bound(mag: torch.Tensor, top: torch.Tensor, mant: int, stochastic: bool = False
+           ) -> torch.Tensor:
     """Half a code step at ``mag`` (relative 2^-(mant + 1) in normal codes, half the lowest
-    binade's step below them), plus fp32 slack; infinite for a non-finite group."""
+    binade's step below them; stochastic rounding: a whole step), plus fp32 slack; infinite for a
+    non-finite group."""
     base = top - _SPAN
     floor_step = pow2(torch.clamp(base + 1 - 127 - mant, min=-126)).float()
-    rel = mag * 2.0 ** -(mant + 1)
-    out = torch.maximum(rel, floor_step / 2) + mag * FP32_SLACK
+    steps = 1.0 if stochastic else 0.5
+    rel = mag * 2.0 ** -mant * steps
+    out = torch.maximum(rel, floor_step * steps) + mag * FP32_SLACK
     return torch.where(top >= _NAN_TOP, torch.full_like(out, float("inf")), out)
 
 
 @dataclass(frozen=True)
 class SqrtE4M4(Codec):
-    """uint8 E4M4 codes of ``sqrt(v)`` under a power-of-two bf16 scale per 32: 1.0625 B/value."""
+    """uint8 E4M4 codes of ``sqrt(v)`` under a power-of-two bf16 scale per 32: 1.0625 B/value.
+    ``stochastic``: rounded stochastically (``stochastic.py``), ``seed`` picks the noise."""
 
-    name = "sqrt_e4m4"
+    stochastic: bool = False
+    seed: int = 0
     domain = "nonnegative"
     fields = (Field("codes", torch.uint8), Field("scale", torch.bfloat16, per_group=True))
 
-    def encode(self, x):
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "sqrt_e4m4" + sr_suffix(self)
+
+    def encode(self, x, noise=None):
         r = torch.sqrt(x)
         top = _top_exponent(r)
-        return _encode_magnitude(r, top, 4).to(torch.uint8), _scale_of(top)
+        return _encode_magnitude(r, top, 4, noise).to(torch.uint8), _scale_of(top)
 
     def decode(self, codes, scale):
         top = _top_of(scale)
@@ -107,21 +121,27 @@ class SqrtE4M4(Codec):
 
     def error_bound(self, x):
         r = torch.sqrt(x)
-        dr = _bound(r, _top_exponent(r), 4)
+        dr = _bound(r, _top_exponent(r), 4, self.stochastic)
         return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
 
 
 @dataclass(frozen=True)
 class E4M3Int8(Codec):
-    """int8 sign and E4M3 magnitude under a power-of-two bf16 scale per 32: 1.0625 B/value."""
+    """int8 sign and E4M3 magnitude under a power-of-two bf16 scale per 32: 1.0625 B/value.
+    ``stochastic``: the magnitude rounded stochastically (``stochastic.py``)."""
 
-    name = "e4m3_int8"
+    stochastic: bool = False
+    seed: int = 0
     fields = (Field("codes", torch.int8), Field("scale", torch.bfloat16, per_group=True))
 
-    def encode(self, x):
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "e4m3_int8" + sr_suffix(self)
+
+    def encode(self, x, noise=None):
         mag = x.abs()
         top = _top_exponent(mag)
-        code = _encode_magnitude(mag, top, 3)
+        code = _encode_magnitude(mag, top, 3, noise)
         return torch.where(x < 0, -code, code).to(torch.int8), _scale_of(top)
 
     def decode(self, codes, scale):
@@ -133,8 +153,10 @@ class E4M3Int8(Codec):
 
     def error_bound(self, x):
         mag = x.abs()
-        return _bound(mag, _top_exponent(mag), 3)
+        return _bound(mag, _top_exponent(mag), 3, self.stochastic)
 
 
 sqrt_e4m4 = SqrtE4M4()
 e4m3_int8 = E4M3Int8()
+sqrt_e4m4_sr = SqrtE4M4(stochastic=True)
+e4m3_int8_sr = E4M3Int8(stochastic=True)

@@ -6,7 +6,8 @@ its peak. Gradients shrink and spread as the loss falls: this is where 8-bit sta
 relative to their group's largest value stop resolving the update, and where fine-tuning and the end
 of every schedule live. All runs keep the model in bf16 with the weight split (the default master
 weight); only Adam's states differ: fp32 (the reference), the paper's codecs under the step guard
-(the default), and the codecs of ``codecs/relative.py``.
+(the default), the codecs of ``codecs/relative.py``, and the paper's codecs with stochastic rounding
+(``codecs/stochastic.py``).
 
 Reported per codec pair: the final loss on a fixed evaluation set (mean and spread over seeds) and
 its ratio to the fp32-state loss of the same seed.
@@ -29,6 +30,9 @@ RUNS = {  # name -> codecs of Adam's states (the master weight is the weight spl
     "v in fp32, m softsign_int8": {"exp_avg_sq": "fp32"},
     "softsign_int8 + sqrt_e4m4": {"exp_avg_sq": "sqrt_e4m4"},
     "e4m3_int8 + sqrt_e4m4": {"exp_avg": "e4m3_int8", "exp_avg_sq": "sqrt_e4m4"},
+    "paper codecs, v stochastically rounded": {"exp_avg_sq": "sqrt_uint8_sr"},
+    "paper codecs, m and v stochastically rounded": {"exp_avg": "softsign_int8_sr",
+                                                     "exp_avg_sq": "sqrt_uint8_sr"},
 }
 REFERENCE = "fp32 states"
 

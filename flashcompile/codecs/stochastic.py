@@ -1,0 +1,39 @@
+"""Noise for stochastic rounding, made inside the kernel from the element's position and the step.
+
+Round to nearest drops any change smaller than half a code step, so an 8-bit EMA with beta >=
+0.999 (Adam's v, AdEMAMix's slow momentum) stops moving once its increments fall below that.
+Rounding ``y`` to ``floor(y + u)`` with ``u`` uniform in [0, 1) is right on average, so small
+increments accumulate (arXiv 2502.20566 trains bf16 AdamW this way).
+
+``u`` comes from a 32-bit integer hash (two multiply-xorshift rounds with constants from Chris
+Wellons' hash-prospector, both below 2^31 so every product stays int32) of the element's index in
+the call, the step and a per-state salt: no RNG state, no extra memory traffic, the same noise for
+the same step, layout and seed (a resumed run repeats it), and fused into the one kernel. The
+int32 products wrap (two's complement) in eager torch and in Inductor's Triton and C++ code alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashcompile.codecs.base import GROUP
+
+_STEP_MIX = 0x2545F491  # decorrelates successive steps before the hash
+
+
+def salt(seed: int, state_index: int) -> int:
+    """A per-(seed, state) constant below 2^31: two states of one plan draw different noise."""
+    return (seed * 0x9E3779B1 + state_index * 0x632BE5AB + 0x5851F42D) % (2**31 - 1)
+
+
+def uniform_noise(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
+    """Uniform values in [0, 1) on 2^-24 steps, one per element of ``like`` (``(G, GROUP)``)."""
+    rows = torch.arange(like.shape[0], device=like.device, dtype=torch.int32)[:, None]
+    lanes = torch.arange(GROUP, device=like.device, dtype=torch.int32)
+    h = (rows * GROUP + lanes) ^ (step.to(torch.int32) * _STEP_MIX + state_salt)
+    h = h ^ ((h >> 16) & 0xFFFF)  # logical shifts: mask what the arithmetic shift smeared
+    h = h * 0x21F0AAAD
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * 0x735A2D97
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    return ((h >> 8) & 0xFFFFFF).float() * 2.0**-24
