@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -387,3 +388,29 @@ def test_a_state_set_before_the_first_step_is_adopted_or_refused_never_misread(f
     opt.state[bad]["exp_avg"] = torch.zeros(3)
     with pytest.raises(ValueError, match="exp_avg.*shape \\(3,\\)"):
         opt.step()
+
+
+def _sr_run(steps, resume_at=None, flat=True):
+    """AdamW with stochastically rounded states on fixed gradients; optionally saved after
+    ``resume_at`` steps and continued in a fresh optimizer from the state dict."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16()) for n in (300, 64)]
+    grads = [[torch.randn(p.shape, generator=gen).bfloat16() for p in params] for _ in range(steps)]
+    sr = {"exp_avg": "softsign_int8_sr", "exp_avg_sq": "sqrt_uint8_sr"}
+    opt = fc.AdamW(params, lr=1e-2, codecs=sr, compile=False, flat=flat)
+    for t in range(steps):
+        if t == resume_at:
+            saved = copy.deepcopy(opt.state_dict())
+            opt = fc.AdamW(params, lr=1e-2, codecs=sr, compile=False, flat=flat)
+            opt.load_state_dict(saved)
+        for p, g in zip(params, grads[t]):
+            p.grad = g.clone()
+        opt.step()
+    return [opt.state_value(p, "exp_avg_sq") for p in params] + [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per_tensor"])
+def test_stochastic_rounding_repeats_for_the_same_steps_and_resumes_from_a_checkpoint(flat):
+    once, again, resumed = _sr_run(6, flat=flat), _sr_run(6, flat=flat), _sr_run(6, 3, flat=flat)
+    assert all(torch.equal(a, b) for a, b in zip(once, again))
+    assert all(torch.equal(a, b) for a, b in zip(once, resumed))

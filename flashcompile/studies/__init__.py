@@ -48,5 +48,6 @@ def add_parser(sub) -> None:
                    help="convergence: model sizes (gpu: 3.2M-parameter transformer, longer runs)")
     p.add_argument("--tasks", dest="tasks_", default="digits,chars", help="convergence: tasks")
     p.add_argument("--runs", dest="runs_", default="",
-                   help="convergence: only runs whose names contain one of these comma-separated "
-                        "words (and their twins), e.g. 'sgd'; '=NAME' selects that run alone")
+                   help="convergence, late-training: only runs whose names contain one of these "
+                        "comma-separated words (with their twins or reference), e.g. 'sgd'; "
+                        "convergence: '=NAME' selects that run alone")

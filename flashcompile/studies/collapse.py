@@ -44,6 +44,11 @@ PAIRS = {  # name -> (codecs, Adam's step guard)
     "softsign_int8 + sqrt_e4m4, guard": ({"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_e4m4"},
                                          True),
     "e4m3_int8 + sqrt_e4m4, guard": ({"exp_avg": "e4m3_int8", "exp_avg_sq": "sqrt_e4m4"}, True),
+    # stochastic rounding (codecs/stochastic.py), under the step guard
+    "paper codecs rounded stochastically, guard":
+        ({"exp_avg": "softsign_int8_sr", "exp_avg_sq": "sqrt_uint8_sr"}, True),
+    "e4m3_int8_sr + sqrt_e4m4_sr, guard":
+        ({"exp_avg": "e4m3_int8_sr", "exp_avg_sq": "sqrt_e4m4_sr"}, True),
 }
 OUTLIERS = (100, 300, 1000)  # loud / typical lanes of the outlier cases
 LOUDNESS = (1, 10, 100, 300, 1000)

@@ -33,6 +33,8 @@ RUNS = {  # name -> codecs of Adam's states (the master weight is the weight spl
     "paper codecs, v stochastically rounded": {"exp_avg_sq": "sqrt_uint8_sr"},
     "paper codecs, m and v stochastically rounded": {"exp_avg": "softsign_int8_sr",
                                                      "exp_avg_sq": "sqrt_uint8_sr"},
+    "softsign_int8 + sqrt_e4m4_sr": {"exp_avg_sq": "sqrt_e4m4_sr"},
+    "e4m3_int8_sr + sqrt_e4m4_sr": {"exp_avg": "e4m3_int8_sr", "exp_avg_sq": "sqrt_e4m4_sr"},
 }
 REFERENCE = "fp32 states"
 
@@ -71,10 +73,19 @@ def train(codecs, seed: int, steps: int, lr: float = 3e-3, batch: int = 256) -> 
     return curve
 
 
-def measure(steps: int, seeds: int) -> tuple[list[dict], dict]:
+def selected(words: str) -> dict[str, dict]:
+    """RUNS whose names contain one of the comma-separated ``words`` (all when empty), with the
+    fp32-state reference every ratio needs."""
+    keys = [w for w in words.split(",") if w]
+    return {n: c for n, c in RUNS.items()
+            if n == REFERENCE or not keys or any(k in n for k in keys)}
+
+
+def measure(steps: int, seeds: int, runs: dict[str, dict] | None = None
+            ) -> tuple[list[dict], dict]:
     rows, curves = [], {}
     for seed in range(seeds):
-        for name, codecs in RUNS.items():
+        for name, codecs in (runs or RUNS).items():
             curve = train(codecs, seed, steps)
             curves[(name, seed)] = curve
             rows.append({"run": name, "seed": seed, "steps": steps, "final_loss": curve[-1]})
@@ -87,7 +98,7 @@ def measure(steps: int, seeds: int) -> tuple[list[dict], dict]:
 
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
-    for name in RUNS:
+    for name in dict.fromkeys(r["run"] for r in rows):
         sel = [r for r in rows if r["run"] == name]
         (m, s), (rm, rs) = (mean_std([r["final_loss"] for r in sel]),
                             mean_std([r["ratio_to_fp32_states"] for r in sel]))
@@ -100,7 +111,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def plot(curves: dict, steps: int, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, name in enumerate(RUNS):
+    for i, name in enumerate(dict.fromkeys(n for n, _ in curves)):
         runs = [c for (n, _), c in curves.items() if n == name]
         xs = [steps * (k + 1) / len(runs[0]) for k in range(len(runs[0]))]
         mean = [math.exp(sum(math.log(c[k]) for c in runs) / len(runs)) for k in range(len(xs))]
@@ -114,11 +125,11 @@ def plot(curves: dict, steps: int, path: Path) -> None:
 
 
 def main(out: str = "docs/results", quick: bool = False, steps: int | None = None,
-         seeds: int | None = None, **_) -> list[dict]:
+         seeds: int | None = None, runs_: str = "", **_) -> list[dict]:
     out_dir = Path(out)
     steps = steps or (60 if quick else 10_000)
     seeds = seeds or (1 if quick else 3)
-    rows, curves = measure(steps, seeds)
+    rows, curves = measure(steps, seeds, selected(runs_))
     write_csv(out_dir / "late_training.csv", rows)
     plot(curves, steps, out_dir / "late_training.png")
     write_summary(out_dir / "late_training_summary.md", "Late training: loss after a long schedule",
