@@ -96,6 +96,8 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
     # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
     # later output may still read it (ASGD's average reads the param it was computed from).
     stores = []
+    written = {n for n in codecs if lowered.outputs[0 if n == PARAM else names.index(n)] is not None}
+    noises = _noise_lines(lowered, {n: c for n, c in codecs.items() if n in written})
     for name, codec in codecs.items():
         out = lowered.outputs[0 if name == PARAM else names.index(name)]
         if out is None:
@@ -106,15 +108,33 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
         if name != PARAM and not keeps_zero(traced, index):
             # padding lanes must stay zero so they never enlarge a group's scale
             out = f"torch.where(_valid, {out}, 0.0)"
-        if getattr(codec, "stochastic", False):  # noise from position, step and state: in-kernel
-            noise_salt = stochastic.salt(codec.seed, index)
-            lines.append(f"    _u_{name} = _uniform_noise(_s[{lowered.step_slot}], {noise_salt}, _grad)")
+        if name in noises:  # noise from position, step and state, made in the kernel
+            lines += noises.pop(name)
             out = f"{out}, _u_{name}"
         lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
             # straight into the input (G, 32): the store fuses into the reduction kernel
             stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
     return lines + stores
+
+
+def _noise_lines(lowered: Lowered, codecs: Mapping[str, Codec]) -> dict[str, list[str]]:
+    """Per stochastically rounded state among ``codecs`` (those written back), the lines that make
+    its noise (``_u_<name>``), emitted before the first of a pair is encoded: states taken two by
+    two share one hash (its two 16-bit halves), salted by the first's seed."""
+    names = [n for n, c in codecs.items() if getattr(c, "stochastic", False)]
+    step = f"_s[{lowered.step_slot}]"
+    out: dict[str, list[str]] = {}
+    for k in range(0, len(names), 2):
+        pair = names[k:k + 2]
+        salt = stochastic.salt(codecs[pair[0]].seed, k)
+        if len(pair) == 2:
+            out[pair[0]] = [f"    _u_{pair[0]}, _u_{pair[1]} = _uniform_noise_pair({step}, {salt}, "
+                            "_grad)"]
+            out[pair[1]] = []
+        else:
+            out[pair[0]] = [f"    _u_{pair[0]} = _uniform_noise({step}, {salt}, _grad)"]
+    return out
 
 
 def _function(name: str, args: list[str], doc: str, decode: list[str], body: list[str],
@@ -138,7 +158,8 @@ def _function(name: str, args: list[str], doc: str, decode: list[str], body: lis
 def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
     """The globals a plan's generated source runs in."""
     namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals,
-                 "_uniform_noise": stochastic.uniform_noise}
+                 "_uniform_noise": stochastic.uniform_noise,
+                 "_uniform_noise_pair": stochastic.uniform_noise_pair}
     namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
     return namespace
 

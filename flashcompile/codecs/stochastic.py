@@ -28,6 +28,19 @@ def salt(seed: int, state_index: int) -> int:
 
 def uniform_noise(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
     """Uniform values in [0, 1) on 2^-24 steps, one per element of ``like`` (``(G, GROUP)``)."""
+    return ((_hash(step, state_salt, like) >> 8) & 0xFFFFFF).float() * 2.0**-24
+
+
+def uniform_noise_pair(step: torch.Tensor, pair_salt: int, like: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent noises from one hash (its high and low 16 bits, on 2^-16 steps): two
+    stochastic states of a plan share the hash's instructions. 2^-16 of a code step is far below
+    what an 8-bit code resolves."""
+    h = _hash(step, pair_salt, like)
+    return ((h >> 16) & 0xFFFF).float() * 2.0**-16, (h & 0xFFFF).float() * 2.0**-16
+
+
+def _hash(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
     rows = torch.arange(like.shape[0], device=like.device, dtype=torch.int32)[:, None]
     lanes = torch.arange(GROUP, device=like.device, dtype=torch.int32)
     h = (rows * GROUP + lanes) ^ (step.to(torch.int32) * _STEP_MIX + state_salt)
@@ -35,5 +48,4 @@ def uniform_noise(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> to
     h = h * 0x21F0AAAD
     h = h ^ ((h >> 15) & 0x1FFFF)
     h = h * 0x735A2D97
-    h = h ^ ((h >> 15) & 0x1FFFF)
-    return ((h >> 8) & 0xFFFFFF).float() * 2.0**-24
+    return h ^ ((h >> 15) & 0x1FFFF)
