@@ -4,6 +4,7 @@ do not depend on size hold."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,13 @@ def test_relative_codecs_keep_the_update_of_outlier_groups_quiet_lanes():
     assert cos["e4m3_int8 + sqrt_e4m4, guard"][0] >= 0.99
     assert cos["e4m3_int8 + sqrt_e4m4, guard"][1] >= 0.99
     assert cos["default (paper codecs + step guard)"][1] < 0.9
+
+
+def test_a_study_without_out_writes_to_a_fresh_folder(tmp_path, monkeypatch):
+    from flashcompile.studies import fresh_folder
+
+    monkeypatch.chdir(tmp_path)
+    first = fresh_folder("collapse")
+    Path(first).mkdir()
+    second = fresh_folder("collapse")
+    assert first.startswith("study-collapse-") and second != first and not Path(second).exists()

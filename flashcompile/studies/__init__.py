@@ -1,6 +1,8 @@
 """Studies users can rerun: ``python -m flashcompile study NAME [--out DIR] [--quick]``.
 
-Each writes ``<out>/<name>.csv`` (every measured row), ``<out>/<name>_summary.md`` (the table the
+Without ``--out`` each run writes to a fresh folder ``study-<name>-<date>-<time>`` in the current
+directory (never over the README's results in ``docs/results``, unless ``--out`` names it). Each
+writes ``<out>/<name>.csv`` (every measured row), ``<out>/<name>_summary.md`` (the table the
 README quotes) and ``<out>/<name>.png`` (the plot), and prints the summary.
 
 * ``weight-split``: reconstruction error of the master weight across exponents, bf16 and fp16 x
@@ -17,6 +19,8 @@ README quotes) and ``<out>/<name>.png`` (the plot), and prints the summary.
 from __future__ import annotations
 
 import importlib
+import time
+from pathlib import Path
 
 STUDIES = {
     "weight-split": "weight_split",
@@ -31,14 +35,29 @@ def run(name: str, **options) -> None:
     """Run study ``name`` (one of :data:`STUDIES`) with the CLI's options."""
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; choose one of {sorted(STUDIES)}")
+    if not options.get("out"):
+        options["out"] = fresh_folder(name)
+    Path(options["out"]).mkdir(parents=True, exist_ok=True)
+    print(f"study {name}: writing to {options['out']}", flush=True)
     importlib.import_module(f"flashcompile.studies.{STUDIES[name]}").main(**options)
+
+
+def fresh_folder(name: str) -> str:
+    """``study-<name>-<date>-<time>``, with a counter if that exists already."""
+    stem = f"study-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = Path(stem), 1
+    while path.exists():
+        path, k = Path(f"{stem}-{k}"), k + 1
+    return str(path)
 
 
 def add_parser(sub) -> None:
     """The ``study`` subcommand of ``python -m flashcompile``."""
     p = sub.add_parser("study", help="rerun a study: writes CSV + summary + PNG under --out")
     p.add_argument("name", choices=sorted(STUDIES))
-    p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a fresh study-<name>-<date>-<time>; the README's "
+                        "results are in docs/results)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--steps", type=int, help="training / stepping length (default per study)")
     p.add_argument("--seeds", type=int, help="convergence, late-training: seeds (default 3)")
