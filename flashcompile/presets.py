@@ -12,7 +12,7 @@ from flashcompile.codecs import Codec
 from flashcompile.dsl import Rule
 from flashcompile.plan import PARAM
 
-PRESETS = ("flash", "fp32")
+PRESETS = ("flash", "fp32", "relative")
 
 
 def default_codec(fact: str, preset: str) -> Codec:
@@ -24,17 +24,24 @@ def default_codec(fact: str, preset: str) -> Codec:
     cannot turn a step into ``m / eps``. A rule may name its own (``rule(flash_codecs=...)``):
     Adam clips its step at its own bound instead and keeps ``sqrt_uint8``, which the collapse
     study (``python -m flashcompile study collapse``) finds closer to fp32 Adam.
+
+    "relative": 8-bit little floats relative to each value, rounded stochastically
+    (``e4m3_int8_sr``, ``sqrt_e4m4_sr``): the studies' candidate for the next default, which keeps
+    the update's direction in groups that mix scales and lets slow EMAs move. Same bytes, same
+    weight split. "sign" states take ``sign_int8`` under every preset but fp32.
     """
     if preset == "fp32":
         return _codecs.fp32
     if fact == "sign":  # exact in one byte: -1, 0 and +1 need no scale
         return _codecs.sign_int8
+    if preset == "relative":  # candidates for the next default (README, Numerics studies)
+        return _codecs.sqrt_e4m4_sr if fact == "nonnegative" else _codecs.e4m3_int8_sr
     return _codecs.sqrt_uint8_nonzero if fact == "nonnegative" else _codecs.softsign_int8
 
 
 def default_param_codec(dtype: torch.dtype, preset: str) -> Codec:
     """The master-weight codec a preset picks for a param dtype."""
-    if preset == "flash" and dtype != torch.float32:
+    if preset in ("flash", "relative") and dtype != torch.float32:
         return _codecs.WeightSplit(dtype, torch.int8)
     return _codecs.fp32.for_param(dtype)
 

@@ -45,3 +45,10 @@ def test_builtin_rules_pass_the_public_property_suite(rule):
 def test_adam_with_the_relative_codecs_passes_the_public_property_suite():
     # precision relative to each value (codecs/relative.py) for both moments
     check_rule(adam, codecs={"exp_avg": "e4m3_int8", "exp_avg_sq": "sqrt_e4m4"}, max_examples=8)
+
+
+@pytest.mark.parametrize("rule", [adam, lion], ids=lambda r: r.name)
+def test_relative_stochastic_preset_passes_the_public_property_suite(rule):
+    """The "relative" preset (e4m3_int8_sr, sqrt_e4m4_sr): the same proofs, bounds and float64
+    envelope as the flash codecs, with stochastic rounding's one-code-step bounds."""
+    check_rule(rule, codecs="relative", max_examples=4)

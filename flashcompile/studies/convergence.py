@@ -74,6 +74,9 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # FlashOptim exactly: the paper's codecs without Adam's step guard
         "adamw flash, paper (no guard)": ("adamw fp32 (torch)", torch.bfloat16,
                                           flash(fc.AdamW, PAPER, step_guard=False, **h["adamw"])),
+        # the "relative" preset: 8-bit little floats rounded stochastically, under the guard
+        "adamw flash, relative (stochastic)": ("adamw fp32 (torch)", torch.bfloat16,
+                                               flash(fc.AdamW, "relative", **h["adamw"])),
         "adamw flash, linear_int8 m and v": ("adamw fp32 (torch)", torch.bfloat16,
                                             flash(fc.AdamW, LINEAR, step_guard=False,
                                                   **h["adamw"])),
