@@ -121,13 +121,13 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
 def _noise_lines(lowered: Lowered, codecs: Mapping[str, Codec]) -> dict[str, list[str]]:
     """Per stochastically rounded state among ``codecs`` (those written back), the lines that make
     its noise (``_u_<name>``), emitted before the first of a pair is encoded: states taken two by
-    two share one hash (its two 16-bit halves), salted by the first's seed."""
+    two share one hash (its two 16-bit halves), salted by both seeds."""
     names = [n for n, c in codecs.items() if getattr(c, "stochastic", False)]
     step = f"_s[{lowered.step_slot}]"
     out: dict[str, list[str]] = {}
     for k in range(0, len(names), 2):
         pair = names[k:k + 2]
-        salt = stochastic.salt(codecs[pair[0]].seed, k)
+        salt = stochastic.salt(sum(codecs[n].seed << (16 * j) for j, n in enumerate(pair)), k)
         if len(pair) == 2:
             out[pair[0]] = [f"    _u_{pair[0]}, _u_{pair[1]} = _uniform_noise_pair({step}, {salt}, "
                             "_grad)"]
