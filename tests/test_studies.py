@@ -68,7 +68,8 @@ def test_convergence_run_filter_takes_words_or_exact_names_and_adds_twins():
     from flashcompile.studies.convergence import selected
 
     assert list(selected("chars", False, "=adamw flash")) == ["adamw fp32 (torch)", "adamw flash"]
-    assert len(selected("chars", False, "adamw flash")) == 5  # paper, linear, fp32 norms rows too
+    # the twin, and the paper, relative, linear and fp32-norm rows too
+    assert len(selected("chars", False, "adamw flash")) == 6
     with pytest.raises(ValueError, match="match no run"):
         selected("chars", False, "=adamw")
 
