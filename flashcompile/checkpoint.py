@@ -21,9 +21,10 @@ import torch
 
 from flashcompile import distributed, interop
 from flashcompile.codecs import GROUP
+from flashcompile.codecs import get as codec_named
 from flashcompile.distributed import is_dtensor
 from flashcompile.hyperparameters import IMPLEMENTATION_FLAGS
-from flashcompile.plan import Plan
+from flashcompile.plan import PARAM, Plan, state_key
 from flashcompile.state import OptimizerState, ParamState
 from flashcompile.tensor_graph import TensorGraphs
 
@@ -139,9 +140,16 @@ class Checkpoints:
             p, (i, j) = id_map[pid], where[pid]
             plan = self._plan(p, self._flags(new_groups[i]))
             _check_step(saved.get("step"), pid)
-            checked = self._check_saved_state(p, plan, saved, pid)  # names another optimizer
             encoded = not interop.is_torch_format(self.rule.states, saved, p)
-            _check_identity(p, plan, saved_groups[i], j, pid, encoded)
+            recorded = (saved_groups[i].get("codecs") or {}).get(str(p.dtype)) if encoded else None
+            reencoded = None
+            if recorded is not None and recorded != codec_names(plan) and not is_dtensor(p):
+                # saved with other state codecs (an older default): re-encode them
+                reencoded = _reencoded(p, plan, saved, recorded, pid)
+            converted = reencoded is not None
+            saved = reencoded if converted else saved
+            checked = self._check_saved_state(p, plan, saved, pid)  # names another optimizer
+            _check_identity(p, plan, saved_groups[i], j, pid, encoded and not converted)
             new_state[p] = ParamState(checked)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._buckets.clear()  # rebuilt from the loaded tensors at the next step
@@ -208,6 +216,46 @@ def _check_identity(p: torch.Tensor, plan: Plan, group: Mapping[str, Any], index
             f"state of param {pid} ({tuple(p.shape)}) was saved with codecs "
             f"{codecs[str(p.dtype)]}; this optimizer stores {codec_names(plan)}. Build it with the "
             "codecs it was saved with, or load the saver's torch_state_dict() to re-encode")
+
+
+def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: str,
+               pid) -> dict[str, Any] | None:
+    """``saved``'s state fields decoded with the codecs it records (``recorded``, as
+    :func:`codec_names` writes it) and encoded with ``plan``'s: a checkpoint of an earlier default
+    (Rprop's ``prev`` was ``softsign_int8`` before ``sign_int8``) loads into today's optimizer.
+    The master weight's codec must match (its fields belong to the saved model), and every saved
+    codec must be a registered name. None where the states differ (another optimizer, or another
+    flag setting's states): the usual checks then say what differs."""
+    then = dict(item.split("=", 1) for item in recorded.split())
+    now = {name: codec.name for name, codec in plan.codecs.items()}
+    refuse = ValueError(
+        f"state of param {pid} ({tuple(p.shape)}) was saved with codecs {recorded}; this "
+        f"optimizer stores {codec_names(plan)}. Build it with the codecs it was saved with, or load "
+        "the saver's torch_state_dict() to re-encode")
+    if set(then) != set(now):
+        return None
+    if then[PARAM] != now[PARAM]:
+        raise refuse
+    groups = -(-p.numel() // GROUP)
+    out = dict(saved)
+    for name, codec in plan.codecs.items():
+        if then[name] == codec.name:
+            continue
+        try:
+            old = codec_named(then[name])
+        except ValueError:
+            raise refuse from None
+        fields = []
+        for f in old.fields:
+            t = saved.get(state_key(name, f))
+            lanes = 1 if f.per_group else GROUP
+            if not isinstance(t, torch.Tensor) or t.dtype != f.dtype or t.numel() != groups * lanes:
+                raise refuse
+            fields.append(t.detach().to(p.device).reshape(groups, lanes))
+            del out[state_key(name, f)]
+        for f, t in zip(codec.fields, codec.encode(old.decode(*fields))):
+            out[state_key(name, f)] = t.reshape(-1)
+    return out
 
 
 def _check_step(step, pid) -> None:

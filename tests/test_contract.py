@@ -184,7 +184,7 @@ def _set_step(value):
 # case -> how the bad state dict is made (the test below builds the first five)
 BAD_LOADS = {
     "other_optimizer": None,
-    "other_codecs": None,
+    "other_master_weight_codec": None,
     "other_shape_same_group_count": [(31, 19), (7,), (64,)],
     "other_group_count": [(30, 21), (7,), (64,)],
     "one_param_fewer": [(30, 20), (7,)],
@@ -208,8 +208,8 @@ def test_every_load_that_must_fail_fails_and_changes_nothing(name, case):
     if case == "other_optimizer":
         src, _ = trained("adamw" if name == "lion" else "lion")  # another rule
         bad, match = src.state_dict(), "different optimizer"
-    elif case == "other_codecs":
-        src, _ = trained(name, codecs=_other_codecs(opt))
+    elif case == "other_master_weight_codec":  # its fields belong to the saved model's weights
+        src, _ = trained(name, codecs={"param": "weight_split_int16"})
         bad, match = src.state_dict(), "codecs"
     elif isinstance(how, list):
         src_params = bf16_params(how)
@@ -231,6 +231,29 @@ def test_every_load_that_must_fail_fails_and_changes_nothing(name, case):
         opt.load_state_dict(bad)
     assert_same_state_dict(opt.state_dict(), before)
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_load_from_sibling_state_codecs_reencodes_within_the_new_codecs_bound(name):
+    """Fields of the same dtypes and sizes that mean something else are never read as ours: a
+    state saved with another registered codec is decoded with it and encoded with ours."""
+    from flashcompile.layout import padded
+
+    opt, params = trained(name)
+    other = _other_codecs(opt)
+    src, src_params = trained(name, codecs=other)
+    opt.load_state_dict(src.state_dict())
+    for p, q in zip(params, src_params):
+        plan = opt._plan(p, opt._flags(opt.param_groups[0]))
+        for state, codec in plan.codecs.items():
+            if state == "param":
+                continue
+            want = padded(src.state_value(q, state), torch.float32)
+            got = padded(opt.state_value(p, state), torch.float32)
+            if state not in other:
+                assert torch.equal(got, want), state
+            else:
+                assert ((got - want).abs() <= codec.error_bound(want)).all(), state
 
 
 class Net(torch.nn.Module):

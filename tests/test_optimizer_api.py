@@ -414,3 +414,28 @@ def test_stochastic_rounding_repeats_for_the_same_steps_and_resumes_from_a_check
     once, again, resumed = _sr_run(6, flat=flat), _sr_run(6, flat=flat), _sr_run(6, 3, flat=flat)
     assert all(torch.equal(a, b) for a, b in zip(once, again))
     assert all(torch.equal(a, b) for a, b in zip(once, resumed))
+
+
+def test_a_checkpoint_saved_with_other_state_codecs_is_reencoded_on_load():
+    """Rprop's prev was softsign_int8 before sign_int8: its checkpoints still load, exactly (the
+    signs decode to -1, 0, +1 in either), and the next step is the one the saver would take."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
+    grads = [torch.randn(100, generator=gen).bfloat16() for _ in range(3)]
+    old = fc.Rprop([p], codecs={"prev": "softsign_int8"}, compile=False)
+    for g in grads[:2]:
+        p.grad = g.clone()
+        old.step()
+    saved, weight = copy.deepcopy(old.state_dict()), p.detach().clone()
+    new = fc.Rprop([p], compile=False)
+    new.load_state_dict(saved)
+    assert torch.equal(new.state_value(p, "prev"), old.state_value(p, "prev"))
+    p.grad = grads[2].clone()
+    old.step()
+    want = p.detach().clone()
+    with torch.no_grad():
+        p.copy_(weight)
+    new.step()
+    assert torch.equal(p.detach(), want)
+    with pytest.raises(ValueError, match="was saved with codecs"):
+        fc.Rprop([p], codecs={"param": "fp32"}, compile=False).load_state_dict(saved)
