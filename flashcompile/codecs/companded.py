@@ -12,6 +12,9 @@
   more. Every other value gets exactly ``sqrt_uint8``'s code.
 * ``linear_int8``: ``round(127 x / scale)``, the ablation baseline.
 
+``stochastic=True`` (the ``*_sr`` names) rounds codes stochastically instead of to nearest
+(``stochastic.py``): bounds of one code step instead of half.
+
 Each costs 1 byte per value plus 2 bytes per 32 (the scale): 1.0625 bytes. Scales are rounded *up*
 to fp16 so ``|x / scale| <= 1`` always and codes need no clamp. Bounds (derived below) are relative
 to the stored scale ``s``, so they are absolute within a group: small values in a group with a large
