@@ -24,6 +24,8 @@ CASES = {
     # per-param norms: a flat bucket sums each param's own groups (no torch.optim twin)
     "lamb": (lambda p: fc.LAMB(p, lr=1e-3), None),
     "lars": (lambda p: fc.LARS(p, lr=1e-2, momentum=0.9), None),
+    # stochastic rounding's in-kernel hash (int32 products that must wrap as on the CPU)
+    "adamw_relative": (lambda p: fc.AdamW(p, lr=1e-3, codecs="relative"), None),
 }
 
 
