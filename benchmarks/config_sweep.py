@@ -34,7 +34,7 @@ def main() -> None:
         before = live_autotuners()
         plan.verify(torch.device("cuda"))  # compile and pin as the optimizer does
         made = [t for k, t in live_autotuners().items() if k not in before and t.launchers]
-        ms = time_ms(lambda: plan.fn(*args))
+        ms = time_ms(lambda a=args: plan.fn(*a))
         summary.append((name, f"as pinned ({plan.launch.describe()})", ms, 100 * ceiling / ms))
         print(summary[-1], flush=True)
         best = None
@@ -47,7 +47,7 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a config the kernel cannot take
                     print(name, xb, w, regs, "failed", type(e).__name__, e, flush=True)
                     continue
-                t = time_ms(lambda: plan.fn(*args))
+                t = time_ms(lambda a=args: plan.fn(*a))
                 print(name, xb, w, regs, f"{t:.3f} ms {100 * ceiling / t:.1f}%", flush=True)
                 if best is None or t < best[0]:
                     best = (t, xb, w, regs)

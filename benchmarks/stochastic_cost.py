@@ -32,7 +32,7 @@ def main() -> None:
             plan.verify(torch.device("cuda"))
         bad = [str(w.message) for w in caught if "disagrees" in str(w.message)]
         args = sample_inputs(plan, n // GROUP, "cuda")
-        ms = time_ms(lambda: plan.fn(*args))
+        ms = time_ms(lambda a=args: plan.fn(*a))
         ceiling = copy_ms(plan.bytes_moved_per_param(2.0) * n)
         check = f"verify FAILED: {bad[0][:200]}" if bad else "compiled == eager"
         print(f"{label}: {ms:.3f} ms, {100 * ceiling / ms:.1f}% of copy; {check}", flush=True)

@@ -230,8 +230,8 @@ def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: 
     now = {name: codec.name for name, codec in plan.codecs.items()}
     refuse = ValueError(
         f"state of param {pid} ({tuple(p.shape)}) was saved with codecs {recorded}; this "
-        f"optimizer stores {codec_names(plan)}. Build it with the codecs it was saved with, or load "
-        "the saver's torch_state_dict() to re-encode")
+        f"optimizer stores {codec_names(plan)}. Build it with the codecs it was saved with, or "
+        "load the saver's torch_state_dict() to re-encode")
     if set(then) != set(now):
         return None
     if then[PARAM] != now[PARAM]:

@@ -96,8 +96,9 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
     # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
     # later output may still read it (ASGD's average reads the param it was computed from).
     stores = []
-    written = {n for n in codecs if lowered.outputs[0 if n == PARAM else names.index(n)] is not None}
-    noises = _noise_lines(lowered, {n: c for n, c in codecs.items() if n in written})
+    written = {n: c for n, c in codecs.items()
+               if lowered.outputs[0 if n == PARAM else names.index(n)] is not None}
+    noises = _noise_lines(lowered, written)
     for name, codec in codecs.items():
         out = lowered.outputs[0 if name == PARAM else names.index(name)]
         if out is None:

@@ -90,7 +90,7 @@ def check_codec_spec(spec: Any, rule: Rule) -> str | dict[str, Codec]:
         if name != PARAM and c.domain == "sign" and rule.states[name] != "sign":
             raise ValueError(
                 f"codec {c.name} stores only -1, 0 and +1, but state {name!r} of {rule.name} is "
-                f"declared {rule.states[name]!r}; pick a codec for real values such as softsign_int8"
+                f"declared {rule.states[name]!r}; pick a codec for real values (softsign_int8)"
             )
         out[name] = c
     return out

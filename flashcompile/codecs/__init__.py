@@ -1,12 +1,13 @@
 """Codecs: how each optimizer state (and the master weight) is stored.
 
 Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
-``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``, ``sqrt_uint8_nonzero``
-(the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment codec), ``linear_int8``,
-``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``, ``sqrt_e4m4_sr`` and
-``e4m3_int8_sr`` (stochastic rounding: ``stochastic.py``), ``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value: ``relative.py``), ``sign_int8``
-(states that are -1, 0 or +1: ``sign.py``); or any
-:class:`Codec` instance. :func:`register` adds a name.
+``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``,
+``sqrt_uint8_nonzero`` (the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment
+codec), ``linear_int8``, ``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value:
+``relative.py``), ``sign_int8`` (states that are -1, 0 or +1: ``sign.py``), and stochastically
+rounded variants ``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``,
+``sqrt_e4m4_sr``, ``e4m3_int8_sr`` (``stochastic.py``); or any :class:`Codec` instance.
+:func:`register` adds a name.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def names() -> list[str]:
 
 
 __all__ = [
-    "GROUP", "Codec", "E4M3Int8", "Field", "Float", "SqrtE4M4", "e4m3_int8", "sqrt_e4m4", "Fp32Master", "LinearInt8", "SoftsignInt8", "SqrtUint8",
-    "SignInt8", "WeightSplit", "bf16", "fp32", "get", "linear_int8", "names", "register", "sign_int8", "softsign_int8", "softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt_e4m4_sr", "e4m3_int8_sr",
-    "sqrt_uint8", "sqrt_uint8_nonzero", "weight_split",
+    "GROUP", "Codec", "E4M3Int8", "Field", "Float", "Fp32Master", "LinearInt8", "SignInt8",
+    "SoftsignInt8", "SqrtE4M4", "SqrtUint8", "WeightSplit", "bf16", "e4m3_int8", "e4m3_int8_sr",
+    "fp32", "get", "linear_int8", "names", "register", "sign_int8", "softsign_int8",
+    "softsign_int8_sr", "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint8", "sqrt_uint8_nonzero",
+    "sqrt_uint8_nonzero_sr", "sqrt_uint8_sr", "weight_split",
 ]

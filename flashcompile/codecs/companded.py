@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import FP32_SLACK, Codec, Field, inverse_scale, round_up_fp16, sr_suffix
+from flashcompile.codecs.base import (
+    FP32_SLACK,
+    Codec,
+    Field,
+    inverse_scale,
+    round_up_fp16,
+    sr_suffix,
+)
 
 
 _TINY = 2.0**-126  # smallest normal fp32: the floor of a quotient's denominator

@@ -30,10 +30,12 @@ from flashcompile.layout import padded
 ADAM_M = default_codec("signed", "flash").name
 ADAM_V = adam.flash_codecs["exp_avg_sq"]
 M_CODECS = {"linear_int8": "linear_int8", f"{ADAM_M} (paper, default)": ADAM_M,
-            "e4m3_int8 (relative)": "e4m3_int8", "e4m3_int8_sr (relative, stochastic)": "e4m3_int8_sr"}
+            "e4m3_int8 (relative)": "e4m3_int8",
+            "e4m3_int8_sr (relative, stochastic)": "e4m3_int8_sr"}
 V_CODECS = {"linear_int8": "linear_int8", f"{ADAM_V} (paper, Adam's default)": ADAM_V,
             "sqrt_uint8_nonzero (default without a guard)": "sqrt_uint8_nonzero",
-            "sqrt_e4m4 (relative)": "sqrt_e4m4", "sqrt_e4m4_sr (relative, stochastic)": "sqrt_e4m4_sr"}
+            "sqrt_e4m4 (relative)": "sqrt_e4m4",
+            "sqrt_e4m4_sr (relative, stochastic)": "sqrt_e4m4_sr"}
 PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
     "linear": ("linear_int8", "linear_int8", False),
     "paper": ("softsign_int8", "sqrt_uint8", False),
@@ -50,7 +52,8 @@ def quantize(codec, x: torch.Tensor) -> torch.Tensor:
     noise: one rounding's error, not what rounding does over many steps)."""
     codec = codecs.get(codec)
     x32 = padded(x, torch.float32)
-    noise = (uniform_noise(torch.tensor(1.0), 0, x32),) if getattr(codec, "stochastic", False) else ()
+    stochastic = getattr(codec, "stochastic", False)
+    noise = (uniform_noise(torch.tensor(1.0), 0, x32),) if stochastic else ()
     y = codec.decode(*codec.encode(x32, *noise))
     return y.reshape(-1)[: x.numel()].view_as(x)
 
