@@ -212,10 +212,14 @@ def _check_identity(p: torch.Tensor, plan: Plan, group: Mapping[str, Any], index
             f"state of param {pid} ({tuple(p.shape)}) was saved for {sorted(codecs)} params, this "
             f"one is {p.dtype}: cast the model as it was when saved")
     if codecs and codecs[str(p.dtype)] != codec_names(plan):
-        raise ValueError(
-            f"state of param {pid} ({tuple(p.shape)}) was saved with codecs "
-            f"{codecs[str(p.dtype)]}; this optimizer stores {codec_names(plan)}. Build it with the "
-            "codecs it was saved with, or load the saver's torch_state_dict() to re-encode")
+        raise _other_codecs(p, plan, codecs[str(p.dtype)], pid)
+
+
+def _other_codecs(p: torch.Tensor, plan: Plan, recorded: str, pid) -> ValueError:
+    return ValueError(
+        f"state of param {pid} ({tuple(p.shape)}) was saved with codecs {recorded}; this "
+        f"optimizer stores {codec_names(plan)}. Build it with the codecs it was saved with, or "
+        "load the saver's torch_state_dict() to re-encode")
 
 
 def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: str,
@@ -228,10 +232,7 @@ def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: 
     flag setting's states): the usual checks then say what differs."""
     then = dict(item.split("=", 1) for item in recorded.split())
     now = {name: codec.name for name, codec in plan.codecs.items()}
-    refuse = ValueError(
-        f"state of param {pid} ({tuple(p.shape)}) was saved with codecs {recorded}; this "
-        f"optimizer stores {codec_names(plan)}. Build it with the codecs it was saved with, or "
-        "load the saver's torch_state_dict() to re-encode")
+    refuse = _other_codecs(p, plan, recorded, pid)
     if set(then) != set(now):
         return None
     if then[PARAM] != now[PARAM]:

@@ -38,10 +38,8 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         params: parameters or param groups, as for any torch optimizer.
         rule: a :func:`flashcompile.rule`.
         codecs: ``"flash"`` (default: weight split for 16-bit params, 8-bit states), ``"fp32"``
-            (everything fp32: reproduces torch.optim), ``"relative"`` (the flash layout with
-            8-bit little floats rounded stochastically: see ``flashcompile.presets``), or a mapping
-            from state name (or ``"param"``) to a codec or codec name; unnamed states keep the
-            flash default.
+            (reproduces torch.optim), ``"relative"`` (see ``flashcompile.presets``), or a mapping
+            from state name (or ``"param"``) to a codec; unnamed states keep the flash default.
         compile: run the plan through ``torch.compile`` (default) or eagerly (for debugging).
         flat: keep each group's params, grads and states in flat buffers and step them in one
             launch (:mod:`flashcompile.arena`). Default: on for CUDA params. Params then become

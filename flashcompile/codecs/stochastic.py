@@ -8,7 +8,9 @@ increments accumulate (arXiv 2502.20566 trains bf16 AdamW this way).
 ``u`` comes from a 32-bit integer hash (two multiply-xorshift rounds with constants from Chris
 Wellons' hash-prospector, both below 2^31 so every product stays int32) of the element's index in
 the call, the step and a per-state salt: no RNG state, no extra memory traffic, the same noise for
-the same step, layout and seed (a resumed run repeats it), and fused into the one kernel. The
+the same step, layout and seed (a resumed run repeats it), and fused into the one kernel. The index
+restarts in every call: params stepped one per call (the per-tensor path) share a step's noise
+pattern, those in one flat bucket do not. The
 int32 products wrap (two's complement) in eager torch and in Inductor's Triton and C++ code alike.
 """
 
@@ -22,7 +24,7 @@ _STEP_MIX = 0x2545F491  # decorrelates successive steps before the hash
 
 
 def salt(seed: int, state_index: int) -> int:
-    """A per-(seed, state) constant below 2^31: two states of one plan draw different noise."""
+    """A constant below 2^31 per (seed, noise stream of a plan): streams draw different noise."""
     return (seed * 0x9E3779B1 + state_index * 0x632BE5AB + 0x5851F42D) % (2**31 - 1)
 
 
@@ -33,7 +35,7 @@ def uniform_noise(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> to
 
 def uniform_noise_pair(step: torch.Tensor, pair_salt: int, like: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent noises from one hash (its high and low 16 bits, on 2^-16 steps): two
+    """Two noises from one hash (its high and low 16 bits, on 2^-16 steps): two
     stochastic states of a plan share the hash's instructions. 2^-16 of a code step is far below
     what an 8-bit code resolves."""
     h = _hash(step, pair_salt, like)
