@@ -34,7 +34,9 @@ from flashcompile.codecs.base import (
     FP32_SLACK,
     Codec,
     Field,
+    int_to_float,
     inverse_scale,
+    round_to_int,
     round_up_fp16,
     sr_suffix,
 )
@@ -54,12 +56,13 @@ def _group_scale(mag: torch.Tensor) -> torch.Tensor:
 
 
 def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tensor:
-    """To nearest, or with ``noise`` (uniform in [0, 1)) stochastically: ``floor(y + u)`` is ``y``
-    on average. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one above):
-    rounding to nearest absorbs that, ``floor(y + u)`` could step past ``top``, so it is clamped."""
+    """int32 codes: to nearest, or with ``noise`` (uniform in [0, 1)) stochastically: ``floor(y +
+    u)`` is ``y`` on average. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one
+    above): rounding to nearest absorbs that, ``floor(y + u)`` could step past ``top``, so it is
+    clamped."""
     if noise is None:
-        return torch.round(y)
-    return torch.clamp(torch.floor(y + noise), -top, top)
+        return round_to_int(y)
+    return torch.clamp(torch.floor(y + noise), -top, top).to(torch.int32)
 
 
 
@@ -88,7 +91,7 @@ class SoftsignInt8(Codec):
 
     def decode(self, codes, scale):
         # z / (2 - |z|) * s with z = c / 127 is c s / (254 - |c|): one multiply fewer per value
-        c = codes.float()
+        c = int_to_float(codes)
         return c * scale.float() / (254 - c.abs())
 
     def error_bound(self, x):
@@ -128,11 +131,11 @@ class SqrtUint8(Codec):
         scale = _group_scale(r)
         code = _round(r * inverse_scale(scale, 255), noise, 255)
         if self.keep_nonzero:
-            code = torch.maximum(code, (r > 0).float())  # NaN: its group decodes to NaN anyway
+            code = torch.maximum(code, (r > 0).to(torch.int32))  # NaN: its group decodes to NaN
         return code.to(torch.uint8), scale
 
     def decode(self, codes, scale):
-        r = codes.float() * scale.float() / 255  # c * s is exact: code 255 decodes to s itself
+        r = int_to_float(codes) * scale.float() / 255  # c * s exact: code 255 decodes to s itself
         return r * r
 
     def error_bound(self, x):
@@ -158,10 +161,10 @@ class LinearInt8(Codec):
 
     def encode(self, x):
         scale = _group_scale(x.abs())
-        return torch.round(x * inverse_scale(scale, 127)).to(torch.int8), scale
+        return round_to_int(x * inverse_scale(scale, 127)).to(torch.int8), scale
 
     def decode(self, codes, scale):
-        return codes.float() * scale.float() / 127  # exact product: code 127 decodes to s
+        return int_to_float(codes) * scale.float() / 127  # exact product: code 127 decodes to s
 
     def error_bound(self, x):
         s = _group_scale(x.abs()).float()

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import FP32_SLACK, Codec, Field, pow2, sr_suffix
+from flashcompile.codecs.base import (
+    FP32_SLACK,
+    Codec,
+    Field,
+    int_to_float,
+    pow2,
+    round_to_int,
+    sr_suffix,
+)
 
 _SPAN = 15  # binades of normal codes under the group's top; a subnormal step below them
 # the group's top exponent field never goes below this (2^-107): the lowest normal code stays a
@@ -68,7 +76,7 @@ def _encode_magnitude(mag: torch.Tensor, top: torch.Tensor, mant: int,
     normal = (mag.view(torch.int32) - (base << 23) + carry) >> drop
     # below the lowest normal binade: multiples of its step 2^(base + 1 - 127 - mant)
     low = mag * pow2(126 + mant - base)
-    low = (torch.round(low) if noise is None else torch.floor(low + noise)).to(torch.int32)
+    low = round_to_int(low) if noise is None else torch.floor(low + noise).to(torch.int32)
     code = torch.where(mag >= pow2(base + 1 - 127), normal, low)
     return torch.clamp(code, max=(1 << (4 + mant)) - 1)
 
@@ -77,7 +85,7 @@ def _decode_magnitude(code: torch.Tensor, top: torch.Tensor, mant: int) -> torch
     base = top - _SPAN
     f = code >> mant
     normal = (((f + base) << 23) | ((code & ((1 << mant) - 1)) << (23 - mant))).view(torch.float32)
-    low = code.float() * pow2(base + 1 - 127 - mant)
+    low = int_to_float(code) * pow2(base + 1 - 127 - mant)
     return torch.where(f > 0, normal, low)
 
 

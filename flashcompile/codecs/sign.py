@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import Codec, Field
+from flashcompile.codecs.base import Codec, Field, int_to_float
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SignInt8(Codec):
         return ((x > 0).to(torch.int8) - (x < 0).to(torch.int8),)
 
     def decode(self, codes):
-        return codes.float()
+        return int_to_float(codes)
 
     def error_bound(self, x):
         return (x - torch.sign(x)).abs()  # 0 in the codec's domain

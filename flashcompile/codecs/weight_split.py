@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import Codec, Field, pow2
+from flashcompile.codecs.base import Codec, Field, int_to_float, pow2, round_to_int
 
 _CODE_MAX = {torch.int8: 127, torch.int16: 32767}
 _FP16_MANT, _FP16_BIAS = 10, 15
@@ -79,7 +79,7 @@ class WeightSplit(Codec):
     def decode(self, hi, residual):
         n = _CODE_MAX[self.residual_dtype]
         if self.weight_dtype == torch.bfloat16:
-            d = torch.round(residual.float() * (2.0**15 / n)).to(torch.int32)
+            d = round_to_int(int_to_float(residual) * (2.0**15 / n))
             d = torch.clamp(d, -(2**15 - 1), 2**15 - 1)  # the midpoint would round to hi's neighbour
             return ((hi.view(torch.int16).to(torch.int32) << 16) + d).view(torch.float32)
         h = self._fp16_half_ulp_exponent(hi)
