@@ -106,26 +106,23 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     return ((k + 127) << 23).to(torch.int32).view(torch.float32)
 
 
-# 1.5 * 2**23: adding it to |y| < 2**22 leaves round(y) (half to even, the float add's own rounding)
-# in the low mantissa bits, and its bit pattern's low half is zero.
-_MAGIC = 12582912.0
-_MAGIC_BITS = 0x4B400000
-
-
 def round_to_int(y: torch.Tensor) -> torch.Tensor:
     """``round(y)`` (half to even, as ``torch.round``) as int32, for fp32 ``|y| < 2**22``.
 
     One float add and a bit view instead of the conversion instructions (FRND, F2I): on Hopper those
     issue to the same quarter-rate unit as division and square root, and the rules with three or four
     8-bit states queued on it (``benchmarks/NOTES.md``, "Conversions off the special-function unit").
+    1.5 * 2**23 = 12582912 (bits 0x4B400000): adding it leaves ``round(y)`` (the add's own rounding,
+    half to even) in the low mantissa bits. Literals, not module constants: dynamo would make a
+    float global an input of the graph.
     """
-    return (y + _MAGIC).view(torch.int32) - _MAGIC_BITS
+    return (y + 12582912.0).view(torch.int32) - 0x4B400000
 
 
 def int_to_float(c: torch.Tensor) -> torch.Tensor:
     """An integer tensor (8 or 16 bits, or int32 below 2**22 in magnitude) as exact fp32 values,
     by the same bit pattern as :func:`round_to_int`: an integer add and a float subtract."""
-    return (c.to(torch.int32) + _MAGIC_BITS).view(torch.float32) - _MAGIC
+    return (c.to(torch.int32) + 0x4B400000).view(torch.float32) - 12582912.0
 
 
 def inverse_scale(scale16: torch.Tensor, codes: float = 1.0) -> torch.Tensor:
