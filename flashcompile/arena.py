@@ -47,7 +47,7 @@ class Bucket:
 
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
+                 init_state: Callable[..., None],  # Optimizer._init_state
                  keep_grads: bool = True):
         self.params = list(params)
         self.plan = plan
@@ -74,16 +74,18 @@ class Bucket:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 st = state[p]
-                init_state(p, plan, st)
+                views = {key: self._slice(self.fields[key], i, f.per_group)
+                         for key, f in plan.owned_fields.items()}
+                init_state(p, plan, st, views)
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
                 for name, vector in self.scalar_vectors.items():
                     vector[i] = st.get(name, 0.0)  # absent reads as zero (Plan.scalars)
                     st[name] = vector[i]
-                for key, f in plan.owned_fields.items():
-                    view = self._slice(self.fields[key], i, f.per_group)
-                    view.copy_(st[key])
-                    st[key] = view
+                for key, view in views.items():
+                    if st[key] is not view:  # adopted or loaded state: copied in
+                        view.copy_(st[key])
+                        st[key] = view
                 self.weights[self._range(i)].copy_(layout.flat(p.detach(), self.orders[i]))
                 p.data = self._as_param(self.weights, i)
         # the zero lanes that pad each param's gradient to whole groups, when it is staged

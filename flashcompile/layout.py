@@ -111,10 +111,48 @@ def _upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def encode_flat(codec, values: torch.Tensor) -> list[torch.Tensor]:
+# Groups encoded at a time: encoding in eager torch makes several fp32 temporaries of its input, so
+# a parameter is encoded in chunks of 32M values (128 MiB per temporary), never all at once (a
+# 2^32-element parameter would need tens of GiB for a moment).
+CHUNK_GROUPS = 1 << 20
+
+
+def encode_flat(codec, values: torch.Tensor,
+                out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """One parameter's flat ``values`` (in its memory order) zero-padded to whole groups and
-    encoded by ``codec``: one flat, padded tensor per field."""
-    return [t.reshape(-1).contiguous() for t in codec.encode(padded(values, torch.float32))]
+    encoded by ``codec``: one flat, padded tensor per field, written into ``out``'s tensors where
+    given (a flat buffer's views: no second copy of the state). Codecs are group-local, so chunks
+    of whole groups encode as the whole would."""
+    values = values.reshape(-1)
+    count = group_count(values.numel())
+    fields = list(out) if out is not None else [None] * len(codec.fields)
+    for first in range(0, count, CHUNK_GROUPS):
+        last = min(count, first + CHUNK_GROUPS)
+        part = codec.encode(padded(values[first * GROUP:last * GROUP], torch.float32))
+        if count == last - first and out is None:
+            return [t.reshape(-1).contiguous() for t in part]  # one chunk: no copy
+        for k, t in enumerate(part):
+            width = t.numel() // (last - first)
+            if fields[k] is None:
+                fields[k] = t.new_empty(count * width)
+            fields[k][first * width:last * width].copy_(t.reshape(-1))
+    return fields
+
+
+def encode_zeros(codec, numel: int, device: torch.device,
+                 out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """:func:`encode_flat` of ``numel`` zeros without an fp32 tensor of them: every group of zeros
+    encodes alike, so one group is encoded and its fields repeated."""
+    one = codec.encode(torch.zeros(1, GROUP, dtype=torch.float32, device=device))
+    count = group_count(numel)
+    fields = list(out) if out is not None else [None] * len(one)
+    for k, t in enumerate(one):
+        repeated = t.reshape(1, -1).expand(count, -1)
+        if fields[k] is None:
+            fields[k] = repeated.reshape(-1).contiguous()
+        else:
+            fields[k].view(count, -1).copy_(repeated)
+    return fields
 
 
 def decode_flat(codec, fields: Sequence[torch.Tensor], numel: int) -> torch.Tensor:

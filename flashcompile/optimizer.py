@@ -137,9 +137,11 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
         flags = tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
         return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
 
-    def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> None:
+    def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
+                    into: Mapping[str, torch.Tensor] | None = None) -> None:
         """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
-        in the param's memory order (flashcompile.layout)."""
+        in the param's memory order (flashcompile.layout); ``into``: the flat buffer views (by
+        state key) that missing fields are written into instead of new tensors."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
@@ -153,11 +155,14 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                        and state_key(name, f) not in state]
             if not missing:
                 continue
+            out = None if into is None else [
+                into.get(state_key(name, f)) if f in missing else None for f in codec.fields]
             if name == PARAM:
-                x = layout.flat(p.detach(), layout.memory_order(p))
+                encoded = layout.encode_flat(codec, layout.flat(p.detach(), layout.memory_order(p)),
+                                             out)
             else:
-                x = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            for f, t in zip(codec.fields, layout.encode_flat(codec, x)):
+                encoded = layout.encode_zeros(codec, p.numel(), p.device, out)
+            for f, t in zip(codec.fields, encoded):
                 if f in missing:
                     state[state_key(name, f)] = t
 

@@ -42,3 +42,28 @@ def test_encode_flat_then_decode_flat_is_within_the_codec_bound(numel):
         groups = layout.padded(x)
         bound = codec.error_bound(groups).expand(groups.shape).reshape(-1)[:numel]
         assert (err <= bound).all(), codec.name
+
+
+@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8_nonzero", "e4m3_int8",
+                                  "sqrt_e4m4", "fp32", "bf16", "weight_split"])
+def test_encode_flat_in_chunks_equals_encoding_the_whole(monkeypatch, name):
+    codec = codecs.get(name)
+    numel = 5 * 32 + 11  # a tail group in the last chunk
+    x = torch.randn(numel).abs() if codec.domain == "nonnegative" else torch.randn(numel)
+    if name == "weight_split":
+        x = x.bfloat16()
+    whole = layout.encode_flat(codec, x)
+    monkeypatch.setattr(layout, "CHUNK_GROUPS", 2)
+    chunked = layout.encode_flat(codec, x)
+    assert [t.dtype for t in chunked] == [t.dtype for t in whole]
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
+
+
+@pytest.mark.parametrize("name", codecs.names())
+def test_encode_zeros_equals_encoding_a_zero_tensor(name):
+    codec = codecs.get(name)
+    if name.startswith("weight_split"):
+        pytest.skip("a master-weight codec encodes the param, never zeros")
+    expected = layout.encode_flat(codec, torch.zeros(3 * 32 + 5))
+    got = layout.encode_zeros(codec, 3 * 32 + 5, torch.device("cpu"))
+    assert all(torch.equal(a, b) and a.is_contiguous() for a, b in zip(got, expected))
