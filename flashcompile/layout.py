@@ -125,12 +125,13 @@ def encode_flat(codec, values: torch.Tensor,
     of whole groups encode as the whole would."""
     values = values.reshape(-1)
     count = group_count(values.numel())
+    if count == 0 or (out is None and count <= CHUNK_GROUPS):  # one chunk: no copy
+        whole = [t.reshape(-1).contiguous() for t in codec.encode(padded(values, torch.float32))]
+        return whole if out is None else [w if o is None else o for o, w in zip(out, whole)]
     fields = list(out) if out is not None else [None] * len(codec.fields)
     for first in range(0, count, CHUNK_GROUPS):
         last = min(count, first + CHUNK_GROUPS)
         part = codec.encode(padded(values[first * GROUP:last * GROUP], torch.float32))
-        if count == last - first and out is None:
-            return [t.reshape(-1).contiguous() for t in part]  # one chunk: no copy
         for k, t in enumerate(part):
             width = t.numel() // (last - first)
             if fields[k] is None:
@@ -151,7 +152,7 @@ def encode_zeros(codec, numel: int, device: torch.device,
         if fields[k] is None:
             fields[k] = repeated.reshape(-1).contiguous()
         else:
-            fields[k].view(count, -1).copy_(repeated)
+            fields[k].view(count, t.numel()).copy_(repeated)
     return fields
 
 

@@ -39,7 +39,7 @@ class ShardBucket:
 
     def __init__(self, params: list[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[[torch.Tensor, Plan, dict[str, Any]], None],
+                 init_state: Callable[..., None],  # Optimizer._init_state
                  keep_grads: bool = True):
         self.params, self.plan, self.state = list(params), plan, state
         self.keep_grads = keep_grads
@@ -58,14 +58,16 @@ class ShardBucket:
         with torch.no_grad():
             for i, (p, shard, count) in enumerate(zip(self.params, shards, counts)):
                 st = state[p]
-                init_state(shard, plan, st)
+                views = {key: self.fields[key][offsets[i] * w:(offsets[i] + count) * w]
+                         for key, f in plan.owned_fields.items()
+                         for w in [1 if f.per_group else GROUP]}
+                init_state(shard, plan, st, views)  # missing fields are written into the views
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
-                for key, f in plan.owned_fields.items():
-                    width = 1 if f.per_group else GROUP
-                    view = self.fields[key][offsets[i] * width:(offsets[i] + count) * width]
-                    view.copy_(st[key])
-                    st[key] = view
+                for key, view in views.items():
+                    if st[key] is not view:  # adopted or loaded state: copied in
+                        view.copy_(st[key])
+                        st[key] = view
                 if keep_grads:
                     self._adopt_grad(i, shard)
         self._states = [(state[p], state[p]["step"]) for p in self.params]

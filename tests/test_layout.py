@@ -67,3 +67,11 @@ def test_encode_zeros_equals_encoding_a_zero_tensor(name):
     expected = layout.encode_flat(codec, torch.zeros(3 * 32 + 5))
     got = layout.encode_zeros(codec, 3 * 32 + 5, torch.device("cpu"))
     assert all(torch.equal(a, b) and a.is_contiguous() for a, b in zip(got, expected))
+
+
+def test_encoding_an_empty_shard_gives_empty_fields():
+    for codec in (codecs.softsign_int8, codecs.fp32):
+        into = [torch.empty(0, dtype=f.dtype) for f in codec.fields]
+        for got in (layout.encode_flat(codec, torch.zeros(0)), layout.encode_flat(
+                codec, torch.zeros(0), into), layout.encode_zeros(codec, 0, torch.device("cpu"), into)):
+            assert [t.numel() for t in got] == [0] * len(codec.fields)
