@@ -32,6 +32,16 @@ REJECTIONS = [
      "a state's storage is its codec's (codecs='bf16', {'exp_avg': ...}); torch-format tensors put "
      "in optimizer.state before the first step are taken as initial values and stored with the "
      "optimizer's codecs, not kept in their own dtype"),
+    # CUDA only (not in CI), H200 runs of 2026-12-03: the same elements differ with
+    # FLASHCOMPILE_EXACT_MATH=1 (IEEE division and square root, no FMA), so it is not the
+    # kernel's arithmetic; the compared tensors are the state (32 lanes: one padded group)
+    ("state compared at its codec's precision", r"^test_fused_cpu_matches_cuda_(Adam|AdamW|SGD)"
+     r"_cuda_(bfloat16|float32)$",
+     r"Tensor-likes are not (close|equal)",
+     "the test compares CPU and CUDA optimizer states at the tolerance of their dtype; torch keeps "
+     "a bf16 param's states in bf16 (compared at 1.6e-2), flashcompile in fp32 or as int8 codes "
+     "(compared at 1.3e-6, or exactly): the inputs differ (the CPU and CUDA models' gradients; "
+     "an ULP is enough), which moves one fp32 moment by 1e-5 or one code by one step"),
     # the last two run on CUDA only (not in CI): they failed so on the H200 run
     ("float64 parameters", r"^test_((foreach|fused)_matches_forloop|set_default_dtype_works_with"
      r"_foreach|fused_cpu_matches_cuda)_.*_float64$",
