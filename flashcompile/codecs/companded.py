@@ -56,13 +56,14 @@ def _group_scale(mag: torch.Tensor) -> torch.Tensor:
 
 
 def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tensor:
-    """int32 codes: to nearest, or with ``noise`` (uniform in [0, 1)) stochastically: ``floor(y +
-    u)`` is ``y`` on average. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one
-    above): rounding to nearest absorbs that, ``floor(y + u)`` could step past ``top``, so it is
-    clamped."""
+    """int32 codes: to nearest, or with ``noise`` (uniform in [0, 1)) stochastically: ``round(y +
+    u - 1/2)`` (``floor(y + u)`` but for ties, of measure 2^-23) is ``y`` on average, and needs no
+    conversion instruction. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one
+    above): rounding to nearest absorbs that, the stochastic code could step past ``top``, so it
+    is clamped."""
     if noise is None:
         return round_to_int(y)
-    return torch.clamp(torch.floor(y + noise), -top, top).to(torch.int32)
+    return torch.clamp(round_to_int(y + noise - 0.5), -top, top)
 
 
 

@@ -72,11 +72,13 @@ def _encode_magnitude(mag: torch.Tensor, top: torch.Tensor, mant: int,
     drop = 23 - mant
     # normal codes: rebase the exponent and round the mantissa on the bit pattern (a carry moves
     # into the exponent, as it should)
-    carry = (1 << (drop - 1)) if noise is None else (noise * (1 << drop)).to(torch.int32)
+    # stochastic: floor(u * 2^drop), the top `drop` bits of u's mantissa (1 + u is exact)
+    carry = ((1 << (drop - 1)) if noise is None
+             else ((noise + 1.0).view(torch.int32) & 0x7FFFFF) >> mant)
     normal = (mag.view(torch.int32) - (base << 23) + carry) >> drop
     # below the lowest normal binade: multiples of its step 2^(base + 1 - 127 - mant)
     low = mag * pow2(126 + mant - base)
-    low = round_to_int(low) if noise is None else torch.floor(low + noise).to(torch.int32)
+    low = round_to_int(low if noise is None else low + noise - 0.5)  # as companded._round
     code = torch.where(mag >= pow2(base + 1 - 127), normal, low)
     return torch.clamp(code, max=(1 << (4 + mant)) - 1)
 

@@ -29,8 +29,8 @@ def salt(seed: int, state_index: int) -> int:
 
 
 def uniform_noise(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
-    """Uniform values in [0, 1) on 2^-24 steps, one per element of ``like`` (``(G, GROUP)``)."""
-    return ((_hash(step, state_salt, like) >> 8) & 0xFFFFFF).float() * 2.0**-24
+    """Uniform values in [0, 1) on 2^-23 steps, one per element of ``like`` (``(G, GROUP)``)."""
+    return _unit_interval(_hash(step, state_salt, like) >> 9)
 
 
 def uniform_noise_pair(step: torch.Tensor, pair_salt: int, like: torch.Tensor
@@ -39,7 +39,14 @@ def uniform_noise_pair(step: torch.Tensor, pair_salt: int, like: torch.Tensor
     stochastic states of a plan share the hash's instructions. 2^-16 of a code step is far below
     what an 8-bit code resolves."""
     h = _hash(step, pair_salt, like)
-    return ((h >> 16) & 0xFFFF).float() * 2.0**-16, (h & 0xFFFF).float() * 2.0**-16
+    return _unit_interval((h >> 16) << 7), _unit_interval(h << 7)
+
+
+def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """``bits``' low 23 bits as a value in [0, 1): the float ``1.bits`` minus 1, exact, and no
+    int-to-float conversion (a quarter-rate instruction on Hopper; see ``base.round_to_int``).
+    ``1 + u`` is exact too: codecs read random integers back from its mantissa."""
+    return ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0
 
 
 def _hash(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
