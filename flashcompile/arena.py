@@ -74,18 +74,13 @@ class Bucket:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 st = state[p]
-                views = {key: self._slice(self.fields[key], i, f.per_group)
-                         for key, f in plan.owned_fields.items()}
-                init_state(p, plan, st, views)
+                init_state(p, plan, st, {key: self._slice(self.fields[key], i, f.per_group)
+                                         for key, f in plan.owned_fields.items()})
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
                 for name, vector in self.scalar_vectors.items():
                     vector[i] = st.get(name, 0.0)  # absent reads as zero (Plan.scalars)
                     st[name] = vector[i]
-                for key, view in views.items():
-                    if st[key] is not view:  # adopted or loaded state: copied in
-                        view.copy_(st[key])
-                        st[key] = view
                 self.weights[self._range(i)].copy_(layout.flat(p.detach(), self.orders[i]))
                 p.data = self._as_param(self.weights, i)
         # the zero lanes that pad each param's gradient to whole groups, when it is staged

@@ -140,8 +140,9 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
                     into: Mapping[str, torch.Tensor] | None = None) -> None:
         """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
-        in the param's memory order (flashcompile.layout); ``into``: the flat buffer views (by
-        state key) that missing fields are written into instead of new tensors."""
+        in the param's memory order (flashcompile.layout). ``into``: flat buffer views by state
+        key; every such field ends up there (missing ones encoded in place, adopted or loaded
+        ones copied in) and the state holds the view."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
         for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
@@ -165,6 +166,10 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
             for f, t in zip(codec.fields, encoded):
                 if f in missing:
                     state[state_key(name, f)] = t
+        for key, view in (into or {}).items():
+            if state[key] is not view:
+                view.copy_(state[key])
+                state[key] = view
 
     # ---- the step -------------------------------------------------------------------------------
 

@@ -61,13 +61,9 @@ class ShardBucket:
                 views = {key: self.fields[key][offsets[i] * w:(offsets[i] + count) * w]
                          for key, f in plan.owned_fields.items()
                          for w in [1 if f.per_group else GROUP]}
-                init_state(shard, plan, st, views)  # missing fields are written into the views
+                init_state(shard, plan, st, views)  # the fields end up in the views
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
-                for key, view in views.items():
-                    if st[key] is not view:  # adopted or loaded state: copied in
-                        view.copy_(st[key])
-                        st[key] = view
                 if keep_grads:
                     self._adopt_grad(i, shard)
         self._states = [(state[p], state[p]["step"]) for p in self.params]
