@@ -4,7 +4,15 @@ and cuobjdump) and count its SASS with and without the fast-math forms of flashc
 Usage: python benchmarks/sass_offline.py OUTPUT_CODE.py [...]   (files from dump_kernels.py or
 family_probe.py; needs ``pip install triton``). Prints static SASS instructions per element (the
 group kernel handles 8 lanes per thread, straight-line) for: Inductor's code as compiled
-(no fused multiply-adds), with FMA, + approximate division, + approximate square root, both."""
+(no fused multiply-adds), with FMA, + approximate division, + approximate square root, both.
+
+    python benchmarks/sass_offline.py --rules Rprop AdamW [...]
+
+generates each rule's flash group kernel here, on the CPU (Inductor's Triton code generation for
+CPU tensors, with the plan's own fast_math forms; pointers marked 16-byte aligned as CUDA's
+Inductor marks them), and prints its static SASS per element by instruction class: a rule or
+codec change's instruction count without a GPU. It matched the H200 dump of Rprop's kernel (84
+against 85 per element)."""
 
 from __future__ import annotations
 
@@ -67,7 +75,65 @@ VARIANTS = [("Inductor", False, lambda s: s), ("+FMA", True, lambda s: s),
             ("+FMA+div+sqrt", True, lambda s: fast_sqrt(fast_division(s)))]
 
 
+def rule_kernel(name: str) -> tuple[str, str]:
+    """(kernel name, Triton source) of rule ``name``'s flash group kernel, generated on the CPU."""
+    import functools
+    from unittest import mock
+
+    import torch
+    import torch._inductor.codegen.triton as inductor_triton
+    import torch.utils._triton as torch_triton
+    from torch._inductor.async_compile import AsyncCompile
+
+    import flashcompile as fc
+    from flashcompile import fast_math
+    from flashcompile.explain import fresh_step, plan_of, sample_inputs
+
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    plan = plan_of(getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],
+                                     **kw))
+    sources = []
+
+    def capture(self, kernel_name, source_code, device_str="cuda"):
+        sources.append((kernel_name, source_code))
+        raise RuntimeError("captured")  # nothing to run it on: stop here
+
+    with fast_math.fast_codegen(), mock.patch.object(AsyncCompile, "triton", capture), \
+            mock.patch.object(torch_triton, "triton_hash_with_backend", lambda: "offline"), \
+            mock.patch.object(inductor_triton, "triton_hash_with_backend", lambda: "offline",
+                              create=True), \
+            torch._inductor.config.patch(force_disable_caches=True, cpu_backend="triton"):
+        step = fresh_step(plan, functools.partial(torch.compile, fullgraph=True, dynamic=True,
+                                                  options=plan.compile_options()))
+        try:
+            with torch.no_grad():
+                step(*sample_inputs(plan, 64, "cpu"))
+        except Exception:  # noqa: BLE001 - the capture above ends every run
+            pass
+    kernel, src = next((k, s) for k, s in sources if "r0_': 32" in s)
+    signature = eval(re.search(r"'signature': (\{.*?\})", src).group(1))  # noqa: S307 - ours
+    aligned = [i for i, (arg, kind) in enumerate(signature.items())
+               if kind.startswith("*") or arg == "r0_numel"]
+    attrs = "{" + ", ".join(f"({i},): [['tt.divisibility', 16]]" for i in aligned) + "}"
+    return kernel, re.sub(r"'configs': \[\{.*?\}\]\}", f"'configs': [{attrs}]}}", src)
+
+
+def print_rule_classes(names: list[str]) -> None:
+    from sass_histogram import CLASSES  # this folder
+
+    print("| rule | SASS per element | " + " | ".join(CLASSES) + " | top |")
+    for name in names:
+        counts = sass_counts(*rule_kernel(name), fp_fusion=True)
+        by_class = [sum(counts[op] for op in ops) / 8 for ops in CLASSES.values()]
+        top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
+        print(f"| {name} | {sum(counts.values()) / 8:.0f} | "
+              + " | ".join(f"{n:.1f}" for n in by_class) + f" | {top} |", flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--rules"]:
+        print_rule_classes(sys.argv[2:])
+        return
     print("| kernel | " + " | ".join(label for label, _, _ in VARIANTS) + " |")
     for path in sys.argv[1:]:
         for name, src in kernels(path):

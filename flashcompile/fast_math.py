@@ -1,20 +1,23 @@
-"""Hardware division and square root in the Triton kernels of CUDA plans.
+"""Hardware division, square root and NaN-propagating min/max in the Triton kernels of CUDA plans.
 
 A flash step moves few bytes per element, so on an H200 its group kernel runs out of instruction
 issue slots before it runs out of memory bandwidth (ncu: issue slots 80-87% busy, DRAM 75-85%).
-Much of the issue goes to the IEEE forms of two operations Inductor emits. Counted in the sm_90
-SASS of AdamW's group kernel (Triton 3.6, ``benchmarks/sass_offline.py``), per element:
+Much of the issue goes to the forms of three operations Inductor emits. Counted in the sm_90 SASS
+of the group kernels (Triton 3.6, ``benchmarks/sass_offline.py``), per element:
 
-============================  ====  =============================================  ====
-Inductor emits                SASS  CUDA plans emit                                SASS
-============================  ====  =============================================  ====
-``x / y`` (``div.full.f32``)  ~8    ``libdevice.fast_dividef`` (``div.approx``)    ~2
-``tl.sqrt_rn``                ~17   ``tl.sqrt`` (``sqrt.approx``)                  ~2
-============================  ====  =============================================  ====
+==================================  ====  ===========================================  ====
+Inductor emits                      SASS  CUDA plans emit                              SASS
+==================================  ====  ===========================================  ====
+``x / y`` (``div.full.f32``)        ~8    ``libdevice.fast_dividef`` (``div.approx``)  ~2
+``tl.sqrt_rn``                      ~17   ``tl.sqrt`` (``sqrt.approx``)                ~2
+fp32 ``maximum``: ``a > b | a != a``  ~3    ``tl.maximum(a, b, PropagateNan.ALL)``       1
+==================================  ====  ===========================================  ====
 
 ``div.full`` rescales around one reciprocal for huge and denormal divisors; ``sqrt.rn`` refines an
 estimate and calls a slow path. With both (and fused multiply-adds, :mod:`flashcompile.launch`)
-AdamW's kernel goes from 116 to 75 static instructions per element.
+AdamW's kernel goes from 116 to 75 static instructions per element. The min/max form is exact
+(``max.NaN``: NaN from either side, as torch.maximum); it took Rprop's kernel, whose step sizes
+are clamped, from 79 to 74.
 
 Accuracy: both approximations are a few fp32 ulps from IEEE (``tests/test_cuda.py`` measures them),
 far below the smallest code step of any 8- or 16-bit codec, and fp32-codec plans still follow
@@ -72,6 +75,19 @@ def fast_sqrt(exact):
     return sqrt
 
 
+def nan_propagating(name, exact):
+    """``maximum``/``minimum`` of floats as one ``max.NaN``/``min.NaN`` (FMNMX.NAN, sm_80+) where
+    Inductor selects on two compares (``a > b or a != a``): the same results, NaN from either side."""
+
+    def minmax(x, y):
+        dtypes = {getattr(x, "dtype", None), getattr(y, "dtype", None)}
+        if dtypes == {torch.float32}:
+            return f"tl.{name}({x}, {y}, tl.PropagateNan.ALL)"
+        return exact(x, y)
+
+    return minmax
+
+
 @contextlib.contextmanager
 def fast_codegen():
     """While Inductor generates Triton code here, emit the approximate forms (if this torch has
@@ -80,9 +96,11 @@ def fast_codegen():
     if cls is None or not enabled():
         yield False
         return
-    saved = {name: cls.__dict__.get(name) for name in ("truediv", "sqrt")}
+    saved = {name: cls.__dict__.get(name) for name in ("truediv", "sqrt", "maximum", "minimum")}
     cls.truediv = staticmethod(fast_truediv(cls.truediv))
     cls.sqrt = staticmethod(fast_sqrt(cls.sqrt))
+    cls.maximum = staticmethod(nan_propagating("maximum", cls.maximum))
+    cls.minimum = staticmethod(nan_propagating("minimum", cls.minimum))
     try:
         yield True
     finally:

@@ -23,10 +23,13 @@ def rprop(p, g, prev, step_size, *, step, lr, etas, step_sizes, maximize):
     etaminus, etaplus = etas
     step_size_min, step_size_max = step_sizes
     g = -g if maximize else g
-    s = sign(g * prev)
-    factor = where(s > 0, etaplus, 1.0) * where(s < 0, etaminus, 1.0)
+    # the signs of g * prev, read by compares on the product itself (sign() then a compare would
+    # select twice): its own instructions are most of what this kernel issues
+    product = g * prev
+    flipped = product < 0
+    factor = where(product > 0, etaplus, where(flipped, etaminus, 1.0))
     # states start at zero: torch starts the step sizes at lr
     step_size = where(step == 1, lr, step_size) * factor
     step_size = minimum(maximum(step_size, step_size_min), step_size_max)
-    g = where(s < 0, 0.0, g)
-    return p - sign(g) * step_size, sign(g), step_size
+    direction = where(flipped, 0.0, sign(g))  # a sign flip skips this element once
+    return p - direction * step_size, direction, step_size

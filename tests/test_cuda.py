@@ -111,6 +111,22 @@ TWINS = {  # hyperparameters inside the CPU parity tests' well-conditioned range
 }
 
 
+@pytest.mark.parametrize("name", ["Rprop", "Adamax", "Lion", "AdamW"])
+def test_cuda_kernels_carry_a_nan_gradient_into_its_param_only(name):
+    """The group kernels' maxima and minima are max.NaN / min.NaN (fast_math): a NaN still
+    reaches its weight, as torch.maximum's does, and no other param."""
+    torch.manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(64, device="cuda", dtype=torch.bfloat16))
+            for _ in range(2))
+    opt = getattr(fc, name)([a, b])
+    for nan in (False, True):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        if nan:
+            a.grad[3] = float("nan")
+        opt.step()
+    assert torch.isnan(a[3]) and torch.isfinite(b).all()
+
+
 @pytest.mark.parametrize("name", sorted(TWINS))
 def test_compiled_fp32_plans_on_cuda_match_torch_optim(name):
     """The approximate division and square root do not move fp32 plans off torch.optim: params and

@@ -46,11 +46,30 @@ def test_square_root_keeps_inductors_casts_and_drops_only_the_rounding_mode():
     assert sqrt("tmp3") == "tl.sqrt(tmp3.to(tl.float32)).to(tl.bfloat16)"
 
 
+def exact_max(x, y):
+    return f"triton_helpers.maximum({x}, {y})"
+
+
+def test_fp32_maxima_are_one_nan_propagating_instruction():
+    maximum = fast_math.nan_propagating("maximum", exact_max)
+    assert maximum(Var("a", torch.float32), Var("b", torch.float32)) == \
+        "tl.maximum(a, b, tl.PropagateNan.ALL)"
+
+
+@pytest.mark.parametrize("dtypes", [(torch.int32, torch.int32), (torch.float32, torch.int32),
+                                    (torch.float64, torch.float64), (None, torch.float32)])
+def test_other_maxima_keep_inductors_form(dtypes):
+    """Integers (the weight split's clamps), mixed or fp64 operands, bare constants."""
+    maximum = fast_math.nan_propagating("maximum", exact_max)
+    assert maximum(Var("a", dtypes[0]), Var("b", dtypes[1])) == "triton_helpers.maximum(a, b)"
+
+
 def test_inductor_overrides_are_patched_only_inside_the_context():
     pytest.importorskip("torch._inductor.codegen.triton")
     from torch._inductor.codegen.triton import TritonOverrides
 
-    before = {name: TritonOverrides.__dict__.get(name) for name in ("truediv", "sqrt")}
+    before = {name: TritonOverrides.__dict__.get(name)
+              for name in ("truediv", "sqrt", "maximum", "minimum")}
     with fast_math.fast_codegen() as active:
         assert active
         assert TritonOverrides.sqrt("x") == "tl.sqrt(x)"
