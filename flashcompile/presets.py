@@ -34,7 +34,7 @@ def default_codec(fact: str, preset: str) -> Codec:
         return _codecs.fp32
     if fact == "sign":  # exact in one byte: -1, 0 and +1 need no scale
         return _codecs.sign_int8
-    if preset == "relative":  # candidates for the next default (README, Numerics studies)
+    if preset == "relative":  # candidates for the next default (docs/numerics.md, Numerics studies)
         return _codecs.sqrt_e4m4_sr if fact == "nonnegative" else _codecs.e4m3_int8_sr
     return _codecs.sqrt_uint8_nonzero if fact == "nonnegative" else _codecs.softsign_int8
 

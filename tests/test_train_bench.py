@@ -1,5 +1,5 @@
 """flashcompile train-bench on CPU: the tiny models train end to end under each core setup and
-report every figure the GPU runs report (the GPU runs time real models, see the README)."""
+report every figure the GPU runs report (the GPU runs time real models, see docs/performance.md)."""
 
 from __future__ import annotations
 

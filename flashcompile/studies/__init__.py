@@ -1,9 +1,9 @@
 """Studies users can rerun: ``python -m flashcompile study NAME [--out DIR] [--quick]``.
 
 Without ``--out`` each run writes to a fresh folder ``study-<name>-<date>-<time>`` in the current
-directory (never over the README's results in ``docs/results``, unless ``--out`` names it). Each
+directory (never over the published results in ``docs/results``, unless ``--out`` names it). Each
 writes ``<out>/<name>.csv`` (every measured row), ``<out>/<name>_summary.md`` (the table the
-README quotes) and ``<out>/<name>.png`` (the plot), and prints the summary.
+docs quote) and ``<out>/<name>.png`` (the plot), and prints the summary.
 
 * ``weight-split``: reconstruction error of the master weight across exponents, bf16 and fp16 x
   {no residual, 16-bit float residual, int8 ULP residual, int16 ULP residual};
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("study", help="rerun a study: writes CSV + summary + PNG under --out")
     p.add_argument("name", choices=sorted(STUDIES))
     p.add_argument("--out", default=None,
-                   help="output folder (default: a fresh study-<name>-<date>-<time>; the README's "
+                   help="output folder (default: a fresh study-<name>-<date>-<time>; the published "
                         "results are in docs/results)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--steps", type=int, help="training / stepping length (default per study)")
