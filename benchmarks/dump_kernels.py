@@ -11,7 +11,7 @@ from pathlib import Path
 
 from family_probe import flash_plan
 
-from flashcompile.explain import count_kernels, inductor_source
+from flashcompile.compiler.explain import count_kernels, inductor_source
 
 out = Path(os.environ.get("OUT", "."))
 for name in sys.argv[1:] or ["AdamW", "SGD"]:

@@ -19,7 +19,7 @@ import time
 import torch
 
 import flashcompile as fc
-from flashcompile.bench import load_workload
+from flashcompile.tools.bench import load_workload
 
 
 def per_call_us(fn, calls: int, device: str) -> float:

@@ -43,9 +43,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import flashcompile as fc
-from flashcompile import bench_models
-from flashcompile.distributed import groups_per_row, to_local
-from flashcompile.plan import PARAM
+from flashcompile.tools import bench_models
+from flashcompile.runtime.distributed import groups_per_row, to_local
+from flashcompile.compiler.plan import PARAM
 from flashcompile.testing import bound
 
 LR, WEIGHT_DECAY = 1e-4, 0.1

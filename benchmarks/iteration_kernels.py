@@ -15,8 +15,8 @@ from collections import defaultdict
 
 import torch
 
-from flashcompile.train_bench import CLIP, SETUPS, _cast
-from flashcompile.train_models import MODELS
+from flashcompile.tools.train_bench import CLIP, SETUPS, _cast
+from flashcompile.tools.train_models import MODELS
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ import gc
 import torch
 
 import flashcompile as fc
-from flashcompile.bench_models import build
-from flashcompile.memory import _warm_up_libraries
+from flashcompile.tools.bench_models import build
+from flashcompile.tools.memory import _warm_up_libraries
 
 dev = torch.device("cuda")
 _warm_up_libraries(dev)

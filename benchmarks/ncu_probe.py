@@ -11,8 +11,8 @@ import torch
 
 import flashcompile as fc
 from flashcompile.codecs import GROUP
-from flashcompile.explain import plan_of, sample_inputs
-from flashcompile.plan import COMPILE_OPTIONS
+from flashcompile.compiler.explain import plan_of, sample_inputs
+from flashcompile.compiler.plan import COMPILE_OPTIONS
 
 
 def main():

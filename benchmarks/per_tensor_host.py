@@ -8,7 +8,7 @@ the default flash codecs on bf16 params. Setups alternate round by round (noisy 
 the figure is the median over rounds of the mean step time. On CUDA "host" is the time ``step()``
 takes to return (work still queued), "synced" includes waiting for the GPU; flashcompile's steps
 replay one CUDA graph of the launches from the third step on (the gradients stay where they are,
-as in a training loop; flashcompile.tensor_graph), "replayed" says how many did.
+as in a training loop; flashcompile.runtime.tensor_graph), "replayed" says how many did.
 """
 
 from __future__ import annotations

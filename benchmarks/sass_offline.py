@@ -1,5 +1,5 @@
 """Compile an Inductor-written Triton kernel for sm_90 on any machine (no GPU: Triton's own ptxas
-and cuobjdump) and count its SASS with and without the fast-math forms of flashcompile.fast_math.
+and cuobjdump) and count its SASS with and without the fast-math forms of flashcompile.compiler.fast_math.
 
 Usage: python benchmarks/sass_offline.py OUTPUT_CODE.py [...]   (files from dump_kernels.py or
 family_probe.py; needs ``pip install triton``). Prints static SASS instructions per element (the
@@ -86,8 +86,8 @@ def rule_kernel(name: str) -> tuple[str, str]:
     from torch._inductor.async_compile import AsyncCompile
 
     import flashcompile as fc
-    from flashcompile import fast_math
-    from flashcompile.explain import fresh_step, plan_of, sample_inputs
+    from flashcompile.compiler import fast_math
+    from flashcompile.compiler.explain import fresh_step, plan_of, sample_inputs
 
     kw = {"momentum": 0.9} if name == "SGD" else {}
     plan = plan_of(getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],

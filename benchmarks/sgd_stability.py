@@ -12,8 +12,8 @@ import warnings
 import torch
 
 import flashcompile as fc
-from flashcompile.studies import tasks
-from flashcompile.studies.convergence import train
+from flashcompile.tools.studies import tasks
+from flashcompile.tools.studies.convergence import train
 
 SETS = {  # name -> [(label, lr, clip, model, optimizer)]
     # the recipe: is lr 0.2 itself fragile (fp32 from the bf16-rounded start), does clipping or a

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
 
-    print(flashcompile.explain(runs["bf16, 8-bit states"][1]))
+    print(flashcompile.compiler.explain(runs["bf16, 8-bit states"][1]))
     print(f"\ntraining a 64-64-10 MLP on digits for {args.steps} steps (mean loss per 50 steps)")
     train(runs, data, args.steps, args.batch_size, args.seed)
     x_test, y_test = data[2], data[3]

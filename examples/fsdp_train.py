@@ -33,7 +33,7 @@ from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 import flashcompile
-from flashcompile import bench_models
+from flashcompile.tools import bench_models
 
 # Inductor's C++ backend notes that a kernel mixes bf16 (weights) and fp16 (codec scales).
 warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")

@@ -7,8 +7,8 @@ import argparse
 
 import torch
 
-from flashcompile.explain import explain
-from flashcompile.optimizers import OPTIMIZERS
+from flashcompile.compiler.explain import explain
+from flashcompile.optim.optimizers import OPTIMIZERS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,28 +60,28 @@ def main(argv: list[str] | None = None) -> None:
     tb.add_argument("--csv")
     tb.add_argument("--json")
     tb.add_argument("--png")
-    from flashcompile.studies import add_parser as add_study_parser
+    from flashcompile.tools.studies import add_parser as add_study_parser
 
     add_study_parser(sub)
     args = parser.parse_args(argv)
     _check_names(parser, args)
     if args.command == "study":
-        from flashcompile.studies import run
+        from flashcompile.tools.studies import run
 
         run(args.name, **{k: v for k, v in vars(args).items() if k not in ("command", "name")})
         return
     if args.command == "memory":
-        from flashcompile.memory import main as memory_main
+        from flashcompile.tools.memory import main as memory_main
 
         memory_main(args)
         return
     if args.command == "train-bench":
-        from flashcompile.train_bench import main as train_bench_main
+        from flashcompile.tools.train_bench import main as train_bench_main
 
         train_bench_main(args)
         return
     if args.command == "bench":
-        from flashcompile.bench import main as bench_main
+        from flashcompile.tools.bench import main as bench_main
 
         bench_main(args)
         return
@@ -102,7 +102,7 @@ def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device!r}: no CUDA device here; use --device cpu")
     if args.command == "bench":
-        from flashcompile import bench
+        from flashcompile.tools import bench
 
         for w in args.workloads.split(","):
             try:
@@ -115,8 +115,8 @@ def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             if unknown:
                 parser.error(f"unknown optimizers {unknown}; available: {sorted(known)} or 'all'")
     if args.command == "memory":
-        from flashcompile.bench_models import CONFIGS
-        from flashcompile.memory import SETUPS
+        from flashcompile.tools.bench_models import CONFIGS
+        from flashcompile.tools.memory import SETUPS
 
         for kind, names, known in (("models", args.models, CONFIGS), ("setups", args.setups, SETUPS)):
             unknown = [n for n in names.split(",") if n and n not in known]

@@ -13,7 +13,7 @@ hyperparameters inside the rule's declared ranges:
 4. over many steps, the stored master weight and states against the rule's float64 interpretation
    (the rule's Python function run on float64 tensors): within an envelope derived from the codecs'
    bounds and the rule's sensitivity to each state (sympy derivatives; see
-   :mod:`flashcompile.sensitivity`), not a tuned tolerance;
+   :mod:`flashcompile.language.sensitivity`), not a tuned tolerance;
 5. optionally (``compiled=True``), the compiled plan against the eager one (one code step at
    rounding ties), and properties 3 and 4 through the compiled kernel.
 
@@ -37,13 +37,13 @@ from hypothesis import strategies as st
 
 from flashcompile import codecs as _codecs
 from flashcompile.codecs import GROUP, Codec
-from flashcompile.dsl import Rule
-from flashcompile.layout import padded
-from flashcompile.optimizer import Optimizer
-from flashcompile.plan import PARAM, PlanKey, get_plan, state_key
-from flashcompile.presets import check_codec_spec, resolve_codecs
-from flashcompile.sensitivity import Sensitivity
-from flashcompile.trace import check_facts, trace
+from flashcompile.language.dsl import Rule
+from flashcompile.codecs.layout import padded
+from flashcompile.optim.optimizer import Optimizer
+from flashcompile.compiler.plan import PARAM, PlanKey, get_plan, state_key
+from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
+from flashcompile.language.sensitivity import Sensitivity
+from flashcompile.language.trace import check_facts, trace
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 shape_lists = st.lists(shapes, min_size=1, max_size=3)
@@ -229,7 +229,7 @@ def track_fp64(rule: Rule, hyper: Mapping[str, Any], shapes_: list[tuple[int, ..
                lanes=(), compiled: bool = False) -> Tracking | None:
     """Property 4 for one drawn case: run ``steps`` steps with ``codecs`` and, beside them, the rule
     in float64 from the same start and gradients; every stored value must stay within its envelope
-    (:class:`flashcompile.sensitivity.Sensitivity`). Returns None for rules the envelope does not
+    (:class:`flashcompile.language.sensitivity.Sensitivity`). Returns None for rules the envelope does not
     cover (per-tensor reductions)."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes_]

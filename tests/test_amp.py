@@ -8,7 +8,7 @@ import torch
 from test_contract import assert_same_state_dict, make, set_grads, trained
 
 import flashcompile as fc
-from flashcompile.optimizers import OPTIMIZERS
+from flashcompile.optim.optimizers import OPTIMIZERS
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from strategies import seeds, shape_lists
 
 import flashcompile as fc
-from flashcompile.explain import plan_of
+from flashcompile.compiler.explain import plan_of
 from flashcompile.testing import check_rule
 
 STEPS = 12

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flashcompile as fc
-from flashcompile import clipping
+from flashcompile.optim import clipping
 
 
 def _mixed_model():

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashcompile as fc
-from flashcompile.explain import count_kernels, inductor_source, plan_of
-from flashcompile.plan import PARAM
+from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
+from flashcompile.compiler.plan import PARAM
 
 PLANS = {
     "adamw_flash_bf16": (lambda p: fc.AdamW(p), torch.bfloat16),
@@ -151,10 +151,10 @@ def test_the_compiled_self_check_leaves_the_global_rng_as_it_was():
 
 
 def _every_rule_plan():
-    from flashcompile.optimizers import OPTIMIZERS
-    from flashcompile.plan import PlanKey, get_plan
-    from flashcompile.presets import resolve_codecs
-    from flashcompile.trace import trace
+    from flashcompile.optim.optimizers import OPTIMIZERS
+    from flashcompile.compiler.plan import PlanKey, get_plan
+    from flashcompile.codecs.presets import resolve_codecs
+    from flashcompile.language.trace import trace
 
     rules = {cls([torch.nn.Parameter(torch.zeros(1))], compile=False).rule
              for cls in OPTIMIZERS.values()}
@@ -171,7 +171,7 @@ def _every_rule_plan():
 def test_self_check_inputs_are_states_the_rule_reaches_and_stay_finite(plan):
     """The compiled-vs-eager check runs on states the rule reaches, inside its domain: NaN on both
     sides would fail the comparison and send a correct kernel to eager."""
-    from flashcompile.explain import decode_inputs, sample_inputs
+    from flashcompile.compiler.explain import decode_inputs, sample_inputs
 
     args = sample_inputs(plan, 4, "cpu")
     before = decode_inputs(plan, args)

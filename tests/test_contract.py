@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import flashcompile as fc
-from flashcompile.optimizers import OPTIMIZERS
+from flashcompile.optim.optimizers import OPTIMIZERS
 
 NAMES = sorted(OPTIMIZERS)
 # options under which every state of the optimizer is live (the others' defaults already are)
@@ -237,7 +237,7 @@ def test_every_load_that_must_fail_fails_and_changes_nothing(name, case):
 def test_a_load_from_sibling_state_codecs_reencodes_within_the_new_codecs_bound(name):
     """Fields of the same dtypes and sizes that mean something else are never read as ours: a
     state saved with another registered codec is decoded with it and encoded with ours."""
-    from flashcompile.layout import padded
+    from flashcompile.codecs.layout import padded
 
     opt, params = trained(name)
     other = _other_codecs(opt)

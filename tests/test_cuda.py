@@ -11,9 +11,9 @@ import torch
 from parity import assert_tracks
 
 import flashcompile as fc
-from flashcompile import fast_math
+from flashcompile.compiler import fast_math
 from flashcompile.codecs.base import FP32_SLACK
-from flashcompile.explain import count_kernels, inductor_source, plan_of
+from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
 
 pytestmark = pytest.mark.cuda
 
@@ -143,7 +143,7 @@ def test_compiled_fp32_plans_on_cuda_match_torch_optim(name):
 @pytest.mark.parametrize("name", ["AdamW", "NAdam", "Adamax", "Adan", "RAdam", "RMSprop",
                                   "Adagrad", "Adadelta", "ASGD", "Rprop", "AdEMAMix", "Lion"])
 def test_cuda_group_kernel_launches_with_the_pinned_config_and_stays_correct(name):
-    """flashcompile.launch: Inductor's own tuning lands on slow launch configs, so each plan pins
+    """flashcompile.compiler.launch: Inductor's own tuning lands on slow launch configs, so each plan pins
     XBLOCK=16 with 2 warps on its group kernel (an odd size: the masked per-tensor plan), compiled
     with fast math, and stays within one code step of its IEEE eager function."""
     p = torch.nn.Parameter(torch.randn(4099 * 32 + 5, device="cuda").to(torch.bfloat16))
@@ -159,7 +159,7 @@ def test_cuda_gradient_release_is_bit_identical_to_flat_stepping():
     """Release steps buckets of params inside backward (their gradients staged per step, no
     graph); the default CUDA path steps one flat bucket through a CUDA graph. The same kernel on
     the same values: the results must not differ."""
-    from flashcompile.bench_models import build
+    from flashcompile.tools.bench_models import build
 
     models = []
     for release in (False, True):
@@ -280,7 +280,7 @@ def test_a_fused_or_capturable_optimizers_state_dict_keeps_step_on_the_params_de
 def test_flat_buckets_check_gradient_and_weight_pointers_in_one_c_call_and_notice_changes():
     """CUDA builds of torch compare data pointers in C++ (1000 params: about 10 us, where a
     Python loop cost 0.3 ms); a replaced or missing gradient and a moved weight still show."""
-    from flashcompile import arena
+    from flashcompile.runtime import arena
 
     assert arena._ptrs_equal_in_c is not None
     params = [torch.nn.Parameter(torch.randn(n, device="cuda").bfloat16()) for n in (40, 64, 7)]

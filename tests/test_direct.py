@@ -1,11 +1,11 @@
-"""flashcompile.direct: compiled graphs called without dynamo pick the graph whose shape guards
+"""flashcompile.compiler.direct: compiled graphs called without dynamo pick the graph whose shape guards
 hold, and compute what dynamo's call would."""
 
 from __future__ import annotations
 
 import torch
 
-from flashcompile.direct import DirectFunction
+from flashcompile.compiler.direct import DirectFunction
 
 
 def _inner(gm, example_inputs):
@@ -52,13 +52,13 @@ def test_a_function_returning_a_tensor_returns_it_when_called_directly():
 
 
 def _inductor(gm, example_inputs):
-    from flashcompile.direct import inductor
+    from flashcompile.compiler.direct import inductor
 
     return inductor(gm, example_inputs)
 
 
 def test_graphs_compiled_through_direct_inductor_call_the_generated_code_and_match_eager():
-    from flashcompile.direct import GeneratedCode
+    from flashcompile.compiler.direct import GeneratedCode
 
     fn = DirectFunction(scale_rows, _compile, _inductor)
     s = torch.tensor([2.0])

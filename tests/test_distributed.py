@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashcompile as fc
-from flashcompile import bench_models
+from flashcompile.tools import bench_models
 from flashcompile.codecs import GROUP
-from flashcompile.distributed import groups_per_row, local_part
-from flashcompile.plan import PARAM
+from flashcompile.runtime.distributed import groups_per_row, local_part
+from flashcompile.compiler.plan import PARAM
 from flashcompile.testing import bound
 
 pytestmark = pytest.mark.skipif(

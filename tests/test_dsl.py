@@ -17,9 +17,9 @@ from strategies import seeds
 
 import flashcompile as fc
 from flashcompile.codecs import Codec, Field
-from flashcompile.explain import plan_of
-from flashcompile.lowering import lower
-from flashcompile.trace import check_facts, keeps_zero, math_text, trace
+from flashcompile.compiler.explain import plan_of
+from flashcompile.compiler.lowering import lower
+from flashcompile.language.trace import check_facts, keeps_zero, math_text, trace
 
 RULES = [adam, lion, sgd]
 
@@ -226,7 +226,7 @@ def test_a_sum_of_a_sum_runs_in_a_later_phase_and_matches_torch(compiled):
 
 
 def test_reductions_lower_to_masked_per_param_sums_over_every_group_and_are_never_hoisted():
-    from flashcompile.explain import plan_of
+    from flashcompile.compiler.explain import plan_of
 
     @fc.rule(defaults=dict(lr=0.1), states={})
     def count(p, g, *, step, lr):
@@ -272,8 +272,8 @@ def test_a_reduction_is_not_zero_in_padding_lanes():
 
 
 def test_rules_with_reductions_never_step_in_flat_buckets():
-    from flashcompile.arena import Bucket
-    from flashcompile.explain import plan_of
+    from flashcompile.runtime.arena import Bucket
+    from flashcompile.compiler.explain import plan_of
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7)]
     opt = fc.Optimizer(params, softmax_step, codecs="fp32", compile=False, flat=True)
@@ -378,8 +378,8 @@ def test_a_quotient_of_nonnegatives_is_proven_nonnegative():
 def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts, seed, block):
     from unittest import mock
 
-    from flashcompile import segments
-    from flashcompile.layout import segment_ends
+    from flashcompile.compiler import segments
+    from flashcompile.codecs.layout import segment_ends
     # blocks of 4 rows: superblocks of 16, so rows, blocks and superblocks all take part
     x = torch.randn(groups, 32, generator=torch.Generator().manual_seed(seed))
     bounds = sorted({0, groups, *(int(c * groups) for c in cuts)})

@@ -1,4 +1,4 @@
-"""flashcompile.fast_math: what the Triton code generation of CUDA plans emits instead of Inductor's
+"""flashcompile.compiler.fast_math: what the Triton code generation of CUDA plans emits instead of Inductor's
 IEEE division and square root, and that nothing else compiled in the process is touched. The
 kernels themselves run in tests/test_cuda.py."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashcompile import fast_math
+from flashcompile.compiler import fast_math
 
 
 class Var:

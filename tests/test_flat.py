@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashcompile as fc
-from flashcompile.explain import plan_of
+from flashcompile.compiler.explain import plan_of
 
 SHAPES = [(33, 7), (64,), (5,), (2, 3, 4)]
 

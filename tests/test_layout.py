@@ -1,11 +1,13 @@
-"""flashcompile.layout: groups of 32, padding, and a parameter's memory order."""
+"""flashcompile.codecs.layout: groups of 32, padding, and a parameter's memory order."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flashcompile import codecs, layout
+from flashcompile import codecs
+
+from flashcompile.codecs import layout
 
 
 @pytest.mark.parametrize("make", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashcompile.memory import SETUPS, measure
+from flashcompile.tools.memory import SETUPS, measure
 
 
 @pytest.mark.parametrize("setup", ["adamw_flash", "adamw_flash_release", "torch_adamw_fp32"])

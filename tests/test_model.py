@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import flashcompile as fc
-from flashcompile.plan import PARAM
+from flashcompile.compiler.plan import PARAM
 from flashcompile.testing import bound
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashcompile as fc
-from flashcompile.plan import PARAM
+from flashcompile.compiler.plan import PARAM
 
 
 def _params(*shapes, dtype=torch.bfloat16, seed=0):

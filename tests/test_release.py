@@ -122,7 +122,7 @@ def test_global_norm_clipping_raises():
 def test_clipping_through_a_reference_imported_before_the_release_raises():
     from torch.nn.utils import clip_grad_value_
 
-    from flashcompile.release import _original_clip as clip_grad_norm_  # as bound before any release
+    from flashcompile.optim.release import _original_clip as clip_grad_norm_  # as bound before any release
 
     assert clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"  # torch's own, not a wrapper
     model, _opt, handle = _released_model()
@@ -185,8 +185,8 @@ def _tied_run(release: bool, bucket_mb: float, steps: int = 3):
         gen = torch.Generator().manual_seed(step)
         x = torch.randint(0, 40, (6, 5), generator=gen)
         loss = nn.functional.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
-        with mock.patch.object(fc.optimizer.Optimizer, "step_param",
-                               autospec=True, side_effect=fc.optimizer.Optimizer.step_param) as one:
+        with mock.patch.object(fc.optim.optimizer.Optimizer, "step_param",
+                               autospec=True, side_effect=fc.optim.optimizer.Optimizer.step_param) as one:
             loss.backward()
             if step:  # the first backward shows the order gradients come in and which never do
                 launches += one.call_count

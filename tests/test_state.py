@@ -1,4 +1,4 @@
-"""optimizer.state counts its changes (flashcompile.state), so flat buckets check each param's
+"""optimizer.state counts its changes (flashcompile.runtime.state), so flat buckets check each param's
 state only after one; copies keep counting."""
 
 import copy
@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from flashcompile.state import OptimizerState, ParamState
+from flashcompile.runtime.state import OptimizerState, ParamState
 
 KEY = torch.zeros(1)
 CHANGES = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flashcompile.__main__ import main as cli
-from flashcompile.studies import collapse, state_error, weight_split
+from flashcompile.tools.studies import collapse, state_error, weight_split
 
 
 @pytest.mark.parametrize("name", ["weight-split", "state-error", "collapse", "convergence",
@@ -65,7 +65,7 @@ def test_state_error_rows_cover_every_codec_and_the_nonzero_codec_drops_no_v():
 
 
 def test_convergence_run_filter_takes_words_or_exact_names_and_adds_twins():
-    from flashcompile.studies.convergence import selected
+    from flashcompile.tools.studies.convergence import selected
 
     assert list(selected("chars", False, "=adamw flash")) == ["adamw fp32 (torch)", "adamw flash"]
     # the twin, and the paper, relative, linear and fp32-norm rows too
@@ -92,7 +92,7 @@ def test_relative_codecs_keep_the_update_of_outlier_groups_quiet_lanes():
 
 
 def test_a_study_without_out_writes_to_a_fresh_folder(tmp_path, monkeypatch):
-    from flashcompile.studies import fresh_folder
+    from flashcompile.tools.studies import fresh_folder
 
     monkeypatch.chdir(tmp_path)
     first = fresh_folder("collapse")

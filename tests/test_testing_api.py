@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import flashcompile as fc
 from flashcompile.codecs.companded import LinearInt8
-from flashcompile.dsl import Rule
-from flashcompile.sensitivity import _Program
+from flashcompile.language.dsl import Rule
+from flashcompile.language.sensitivity import _Program
 from flashcompile.testing import (
     SPECIAL_VALUES,
     check_codec,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flashcompile import train_bench
+from flashcompile.tools import train_bench
 
 
 @pytest.mark.parametrize("setup", ["torch_fused_fp32_autocast", "flash", "flash_release"])

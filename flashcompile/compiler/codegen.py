@@ -1,0 +1,199 @@
+"""Source of a plan's torch function(s): decode every stored field, the rule's fp32 math, encode
+and store every output in place; and the step function assembled from that source once executed
+(:class:`flashcompile.compiler.plan.Plan` compiles and calls it)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flashcompile.codecs import GROUP, Codec, stochastic
+from flashcompile.compiler.lowering import Lowered
+from flashcompile.compiler.segments import segment_totals
+from flashcompile.language.trace import Traced, keeps_zero
+
+PARAM = "param"  # the master weight's name in codec mappings and state keys
+
+
+def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
+    """Source of ``step(_s, _grad, *fields[, _ends | _lanes])`` over whole groups; for a reducing
+    rule, of one function per reduction phase (``_sums1``, ...) and ``_update``, which
+    :class:`Plan` chains into ``step``. A non-reducing rule also gets ``step_one``
+    (:func:`_padded`); where its states' padding lanes must be masked, its ``step`` takes
+    ``_lanes`` (``(G, 1)``: the valid lanes of each group, so params of any size lie end to end)."""
+    args, decode = _arguments(traced, codecs)
+    doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
+        f"{k}={c.name}" for k, c in codecs.items()) + '"""'
+    reduces = bool(lowered.phases)
+    if not reduces:
+        update = _update_lines(traced, lowered, codecs)
+        masked = any("_valid" in line for line in update)
+        return "\n".join([_function("step", args + ["_lanes"] * masked, doc, decode, update, False),
+                          _padded(args, doc, decode, update)])
+    args.append("_ends")
+    sources, known = [], 0
+    for k, (statements, sums) in enumerate(lowered.phases, 1):
+        body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]
+        terms = ", ".join(f"_segment_totals(torch.where(_valid, {e}, 0.0), _ends)" for e in sums)
+        new = f"torch.stack([{terms}])"
+        body.append(f"    return torch.cat([_totals, {new}])" if known else f"    return {new}")
+        sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
+                                 body, True))
+        known += len(sums)
+    update = _read_sums(known) + _update_lines(traced, lowered, codecs)
+    sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
+    return "\n".join(sources)
+
+
+def _arguments(traced: Traced, codecs: Mapping[str, Codec]) -> tuple[list[str], list[str]]:
+    """The step function's arguments (scalars, gradient, every stored field) and the lines that
+    decode them."""
+    names = [traced.param.name, *traced.rule.states]
+    args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
+    for name, codec in codecs.items():
+        var = names[0] if name == PARAM else name
+        fields = [f"{name}__{f.name}" for f in codec.fields]
+        args += fields
+        decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
+    return args, decode
+
+
+def _padded(args: list[str], doc: str, decode: list[str], update: list[str]) -> str:
+    """``step_one``: one parameter in one call, its gradient and weight given flat (``n`` values,
+    contiguous: the parameter's own storage) and its other fields padded to whole groups (``G``
+    rows). Both are padded to ``(G, 32)`` inside the graph, so Inductor reads them with a mask
+    instead of the caller copying a tail group in and out (the per-tensor path's host cost)."""
+    value = f"{PARAM}__value"
+    flat = {"_grad": "_grad_flat", value: f"{value}_flat"}
+    rows = next((a for a in args[2:] if a != value), None)
+    pad = f"{rows}.shape[0] * {GROUP} - _n" if rows else f"-_n % {GROUP}"
+    lines = ["    _n = _grad_flat.shape[0]", f"    _pad = {pad}"]
+    lines += [f"    {name} = torch.nn.functional.pad({flat[name]}, (0, _pad)).view(-1, {GROUP})"
+              for name in ("_grad", value)]
+    signature = [flat.get(a, a) for a in args]
+    return _function("step_one", signature, doc, decode,
+                     update + [f"    {value}_flat.copy_({value}.view(-1)[:_n])"], True, lines)
+
+
+def _read_sums(count: int) -> list[str]:
+    """Lines giving each group its parameter's sums ``_sum0 .. _sum{count-1}`` (``(G, 1)``) from
+    ``_totals`` (one row per sum, one column per parameter)."""
+    if not count:
+        return []
+    groups = "torch.arange(_grad.shape[0], device=_grad.device)"
+    lines = [f"    _owner = torch.bucketize({groups}, _ends, right=True)"]
+    lines += [f"    _sum{i} = _totals[{i}][_owner][:, None]" for i in range(count)]
+    return lines
+
+
+def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> list[str]:
+    """The rule's math, then every output encoded and stored in place."""
+    names = [traced.param.name, *traced.rule.states]
+    lines = ["    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)"]
+    lines += [f"    {target} = {expr}" for target, expr in lowered.statements]
+    # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
+    # later output may still read it (ASGD's average reads the param it was computed from).
+    stores = []
+    written = {n: c for n, c in codecs.items()
+               if lowered.outputs[0 if n == PARAM else names.index(n)] is not None}
+    noises = _noise_lines(lowered, written)
+    for name, codec in codecs.items():
+        out = lowered.outputs[0 if name == PARAM else names.index(name)]
+        if out is None:
+            continue  # passthrough: decoded for reading, never re-encoded
+        index = 0 if name == PARAM else names.index(name)
+        if out in names:  # an input passed on as it is: copy it before its storage is written
+            out = f"{out}.clone()"
+        if name != PARAM and not keeps_zero(traced, index):
+            # padding lanes must stay zero so they never enlarge a group's scale
+            out = f"torch.where(_valid, {out}, 0.0)"
+        if name in noises:  # noise from position, step and state, made in the kernel
+            lines += noises.pop(name)
+            out = f"{out}, _u_{name}"
+        lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
+        for j, f in enumerate(codec.fields):
+            # straight into the input (G, 32): the store fuses into the reduction kernel
+            stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
+    return lines + stores
+
+
+def _noise_lines(lowered: Lowered, codecs: Mapping[str, Codec]) -> dict[str, list[str]]:
+    """Per stochastically rounded state among ``codecs`` (those written back), the lines that make
+    its noise (``_u_<name>``), emitted before the first of a pair is encoded: states taken two by
+    two share one hash (its two 16-bit halves), salted by both seeds."""
+    names = [n for n, c in codecs.items() if getattr(c, "stochastic", False)]
+    step = f"_s[{lowered.step_slot}]"
+    out: dict[str, list[str]] = {}
+    for k in range(0, len(names), 2):
+        pair = names[k:k + 2]
+        salt = stochastic.salt(sum(codecs[n].seed << (16 * j) for j, n in enumerate(pair)), k)
+        if len(pair) == 2:
+            out[pair[0]] = [f"    _u_{pair[0]}, _u_{pair[1]} = _uniform_noise_pair({step}, {salt}, "
+                            "_grad)"]
+            out[pair[1]] = []
+        else:
+            out[pair[0]] = [f"    _u_{pair[0]} = _uniform_noise({step}, {salt}, _grad)"]
+    return out
+
+
+def _function(name: str, args: list[str], doc: str, decode: list[str], body: list[str],
+              whole_param: bool, prelude: Sequence[str] = ()) -> str:
+    """One generated function: ``prelude``, the lane mask where the body uses it, ``decode`` and
+    ``body``. ``whole_param``: the call holds one whole parameter, so only its last group may be
+    partial (else each call is whole groups, or one tail group)."""
+    lines = decode + body
+    if any("_valid" in line for line in lines):
+        # the first _s[0] lanes of the last group are valid; earlier groups are whole
+        valid = f"torch.arange({GROUP}, device=_grad.device) < _s[0]"
+        if "_lanes" in args:  # each group's own count
+            valid = f"torch.arange({GROUP}, device=_grad.device) < _lanes"
+        elif whole_param:
+            rows = "torch.arange(_grad.shape[0], device=_grad.device)[:, None] < _grad.shape[0] - 1"
+            valid = f"({rows}) | ({valid})"
+        lines.insert(0, f"    _valid = {valid}")
+    return "\n".join([f"def {name}({', '.join(args)}):", doc, *prelude, *lines]) + "\n"
+
+
+def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
+    """The globals a plan's generated source runs in."""
+    namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals,
+                 "_uniform_noise": stochastic.uniform_noise,
+                 "_uniform_noise_pair": stochastic.uniform_noise_pair}
+    namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
+    return namespace
+
+
+def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
+    """The step function of an executed plan source, each generated function passed through
+    ``wrap`` (``torch.compile``): ``step`` itself, or a reducing rule's phases chained with its
+    update. Each compiles to a graph of its own: in one graph Inductor stored LAMB's update
+    (4 B/param) between the sums and the step; apart, the update is one fused kernel like any
+    rule's and the sums only read their inputs."""
+    if "step" in namespace:
+        return wrap(namespace["step"])
+    phases, k = [], 1
+    while f"_sums{k}" in namespace:
+        phases.append(wrap(namespace[f"_sums{k}"]))
+        k += 1
+    return _chain(phases, wrap(namespace["_update"]))
+
+
+def _chain(phases, update):
+    """``step(*args, combine=None)`` for a reducing rule: every phase's sums, then the update that
+    reads them. ``combine`` (in place) completes each phase's new sums, e.g. an all-reduce over the
+    ranks that each hold a shard of the parameters."""
+
+    def step(*args, combine=None):
+        totals = phases[0](*args)
+        if combine is not None:
+            combine(totals)
+        for phase in phases[1:]:
+            known = totals.shape[0]
+            totals = phase(*args, totals)
+            if combine is not None:
+                combine(totals[known:])  # rows in place; the earlier rows are already complete
+        update(*args, totals)
+
+    return step

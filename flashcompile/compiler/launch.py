@@ -1,0 +1,97 @@
+"""Pin the launch configuration of a plan's group kernel on CUDA.
+
+A flash plan compiles to one Triton persistent reduction over rows of 32 lanes (one group each). Its
+speed depends almost only on rows per thread: measured on an H200 over 134M params
+(``benchmarks/config_sweep.py``), every (XBLOCK, num_warps) with XBLOCK = 8 x num_warps (a warp
+covers 8 rows, 8 lanes per thread) sits within a few percent of the best, and configs off that line
+lose up to 30x. Inductor's own tuning times candidates on the sample the plan first compiles on,
+which fits in L2, and picked XBLOCK=32/1 warp for AdamW (39% of copy bandwidth against 82%),
+XBLOCK=1/2 warps for Adan (13% against 61%), XBLOCK=4/1 warp for SGD (51% against 101%), and
+different configs from run to run. So the plan compiles without coordinate-descent tuning and then
+pins one config on that line.
+
+This reaches into Inductor's runtime (``CachingAutotuner``): where that API differs, nothing is
+pinned and Inductor's choice stands (:attr:`Pin.pinned` says which).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+from flashcompile.compiler import fast_math
+
+XBLOCK, NUM_WARPS = 16, 2  # on the XBLOCK = 8 x num_warps line; best or within 5% for all rules
+GROUP_LANES = 32
+
+
+@dataclass
+class Pin:
+    pinned: int = 0  # group kernels that now launch with (XBLOCK, NUM_WARPS)
+    skipped: str = ""  # why a kernel kept Inductor's config
+
+    def describe(self) -> str:
+        if self.pinned:
+            fma = ", fused multiply-adds" if fast_math.enabled() else ""
+            return f"XBLOCK={XBLOCK}, num_warps={NUM_WARPS}{fma} pinned on {self.pinned} kernel(s)"
+        return f"Inductor's launch config ({self.skipped or 'no group kernel found'})"
+
+
+def _autotuner_type():
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return None
+    return CachingAutotuner
+
+
+def live_autotuners() -> dict[int, object]:
+    """Inductor kernel objects alive now, by id. Found through gc because kernels compiled in worker
+    processes arrive unpickled; ``type()`` because gc also holds dead weak proxies."""
+    cls = _autotuner_type()
+    if cls is None:
+        return {}
+    return {id(o): o for o in gc.get_objects() if issubclass(type(o), cls)}
+
+
+def _is_group_kernel(tuner) -> bool:
+    hints = getattr(tuner, "size_hints", None) or {}
+    name = (getattr(tuner, "inductor_meta", None) or {}).get("kernel_name", "")
+    lanes = hints.get("r0_", hints.get("r"))
+    return name.startswith("triton_per_") and lanes == GROUP_LANES and "y" not in hints
+
+
+def _launcher(tuner, config):
+    if getattr(tuner, "fn", None) is None:
+        raise RuntimeError("the kernel was compiled in a worker process (no Triton function here)")
+    # Fused multiply-adds: Inductor turns them off with emulate_precision_casts, which the codecs
+    # need for their rounding casts; contraction rounds once where a mul and an add rounded twice.
+    # AdamW's kernel: 116 -> 109 SASS instructions per element (flashcompile.compiler.fast_math).
+    tuner.triton_meta = {**tuner.triton_meta, "enable_fp_fusion": fast_math.enabled()}
+    result = tuner._precompile_config(config)
+    if hasattr(tuner, "_make_launcher"):  # torch >= 2.12
+        launcher, exc = tuner._make_launcher(result)
+        if launcher is None:
+            raise RuntimeError(exc)
+        return launcher
+    return result.make_launcher()  # torch 2.11
+
+
+def pin_group_kernels(tuners) -> Pin:
+    """Make every group kernel among ``tuners`` launch with (XBLOCK, NUM_WARPS)."""
+    import triton
+
+    pin = Pin()
+    for tuner in tuners:
+        if not _is_group_kernel(tuner):
+            continue
+        config = triton.Config({"XBLOCK": XBLOCK}, num_warps=NUM_WARPS, num_stages=1)
+        config.found_by_coordesc = True  # so a coordinate-descent run never retunes it
+        try:
+            launcher = _launcher(tuner, config)
+        except Exception as e:  # noqa: BLE001 - another Inductor version: keep its choice
+            pin.skipped = f"pinning failed: {type(e).__name__}: {e}"
+            continue
+        tuner.launchers = [launcher]
+        pin.pinned += 1
+    return pin

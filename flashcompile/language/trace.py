@@ -1,0 +1,230 @@
+"""Trace a rule into sympy expressions, prove its state facts, and render its math."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import sympy
+
+from flashcompile.language.dsl import Rule, SumAll, Sym, _to_sympy
+
+STEP = sympy.Symbol("step", positive=True, integer=True)
+
+
+@dataclass(frozen=True)
+class Traced:
+    """One rule under one setting of its static flags, as sympy expressions.
+
+    ``outputs[0]`` is the new param, ``outputs[1:]`` the new states in declared order. ``scalars`` are
+    the runtime scalar symbols (step, float hyperparameters and scalar states), ``tensors`` the
+    per-element inputs.
+    """
+
+    rule: Rule
+    flags: tuple[tuple[str, bool], ...]
+    param: sympy.Symbol
+    grad: sympy.Symbol
+    states: tuple[sympy.Symbol, ...]
+    hyper: Mapping[str, sympy.Symbol | tuple[sympy.Symbol, ...]]
+    outputs: tuple[sympy.Expr, ...]
+
+    @property
+    def scalars(self) -> frozenset[sympy.Symbol]:
+        out = {STEP}
+        for v in self.hyper.values():
+            out.update(v if isinstance(v, tuple) else (v,))
+        return frozenset(out) | frozenset(self.scalar_states.values())
+
+    @property
+    def scalar_states(self) -> dict[str, sympy.Symbol]:
+        """The scalar states (one number per parameter) by name."""
+        return {n: s for n, s in zip(self.rule.states, self.states) if n in self.rule.scalar_states}
+
+    @property
+    def tensors(self) -> tuple[sympy.Symbol, ...]:
+        scalar = set(self.scalar_states.values())
+        return (self.param, self.grad, *(s for s in self.states if s not in scalar))
+
+    def live_states(self) -> tuple[str, ...]:
+        """Per-element states that need storage: read by some output, or written with a new value.
+
+        A state the rule passes through untouched and never reads (``max_exp_avg_sq`` without
+        amsgrad) gets no storage at all. Scalar states are kept on the host, never here.
+        """
+        live = []
+        for i, (name, sym) in enumerate(zip(self.rule.states, self.states)):
+            if name in self.rule.scalar_states:
+                continue
+            rewritten = self.outputs[i + 1] != sym
+            read = any(sym in out.free_symbols for j, out in enumerate(self.outputs) if j != i + 1)
+            if rewritten or read:
+                live.append(name)
+        return tuple(live)
+
+
+def _hyper_symbol(name: str, default) -> sympy.Symbol | tuple[sympy.Symbol, ...]:
+    if isinstance(default, tuple):
+        return tuple(sympy.Symbol(f"{name}_{i}", real=True) for i in range(len(default)))
+    return sympy.Symbol(name, real=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
+    names = list(__import__("inspect").signature(rule.fn).parameters)
+    param = sympy.Symbol(names[0], real=True)
+    grad = sympy.Symbol(names[1], real=True)
+    states = tuple(
+        sympy.Symbol(n, nonnegative=True) if fact == "nonnegative" else sympy.Symbol(n, real=True)
+        for n, fact in rule.states.items()
+    )
+    hyper = {k: _hyper_symbol(k, v) for k, v in rule.defaults.items() if not isinstance(v, bool)}
+    kwargs = {k: (tuple(Sym(s) for s in v) if isinstance(v, tuple) else Sym(v)) for k, v in hyper.items()}
+    kwargs.update(dict(flags))
+    out = rule.fn(Sym(param), Sym(grad), *(Sym(s) for s in states), step=Sym(STEP), **kwargs)
+    want = 1 + len(states)
+    if not isinstance(out, tuple) or len(out) != want:
+        got = len(out) if isinstance(out, tuple) else f"a {type(out).__name__}"
+        raise TypeError(
+            f"rule {rule.name} returned {got} values; it must return {want}: the new param then the "
+            f"new {', '.join(rule.states) or '(no states)'} in declared order"
+        )
+    traced = Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out))
+    for name, sym in traced.scalar_states.items():
+        new = traced.outputs[1 + states.index(sym)]
+        if not new.free_symbols <= traced.scalars:
+            raise TypeError(
+                f"rule {rule.name}: scalar state {name!r} is updated to {new}, which depends on "
+                f"per-element values {sorted(map(str, new.free_symbols - traced.scalars))}; a scalar "
+                "state may depend on step, hyperparameters and scalar states only (declare it "
+                "'signed' or 'nonnegative' to keep one value per element)"
+            )
+    return traced
+
+
+def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:
+    """Trace ``rule`` with its bool hyperparameters fixed to ``flags`` (cached)."""
+    key = tuple(sorted((k, bool(flags[k])) for k in rule.flags))
+    return _trace_cached(rule, key)
+
+
+def _reparametrize(traced: Traced) -> dict[sympy.Symbol, sympy.Expr]:
+    """Substitutions that encode each hyperparameter's declared range in sympy assumptions.
+
+    A value in [lo, hi) is written lo + (hi - lo) * u / (1 + u) with u >= 0 (or lo + u when hi is
+    infinite), so sympy's sign reasoning sees e.g. that 1 - beta2 >= 0.
+    """
+    subs = {}
+    for name, syms in traced.hyper.items():
+        lo, hi = traced.rule.range_of(name)
+        for s in syms if isinstance(syms, tuple) else (syms,):
+            u = sympy.Symbol(f"_{s.name}_u", nonnegative=True)
+            lo_s = sympy.nsimplify(lo)
+            subs[s] = lo_s + u if hi == float("inf") else lo_s + sympy.nsimplify(hi - lo) * u / (1 + u)
+    return subs
+
+
+def _nonnegative(expr: sympy.Expr) -> bool:
+    if isinstance(expr, sympy.Piecewise):
+        return all(_nonnegative(e) for e, _ in expr.args)
+    if isinstance(expr, sympy.Max):
+        return any(_nonnegative(a) for a in expr.args)
+    if isinstance(expr, sympy.Min):
+        return all(_nonnegative(a) for a in expr.args)
+    # Sums and products of nonnegatives, and powers of a nonnegative base (a quotient such as
+    # Adadelta's (u + eps) / (v + eps) included: a zero denominator gives inf or nan, never < 0).
+    if isinstance(expr, (sympy.Add, sympy.Mul)) and all(_nonnegative(a) for a in expr.args):
+        return True
+    if isinstance(expr, sympy.Pow) and _nonnegative(expr.base):
+        return True
+    if expr.is_nonnegative:
+        return True
+    return bool(sympy.together(sympy.nsimplify(expr)).is_nonnegative)
+
+
+def _sign_valued(expr: sympy.Basic, signs: frozenset[sympy.Symbol]) -> bool:
+    """Whether ``expr`` can only be -1, 0 or +1 (NaN aside): a sign, such a constant, a sign state,
+    or a choice or product of those. Structural on purpose: the codec stores nothing else."""
+    if isinstance(expr, sympy.sign) or expr in signs:
+        return True
+    if expr.is_Number:
+        return float(expr) in (-1.0, 0.0, 1.0)  # sympy's Float(0.0) != Integer(0)
+    if isinstance(expr, sympy.Piecewise):
+        return all(_sign_valued(e, signs) for e, _ in expr.args)
+    if isinstance(expr, sympy.Mul):
+        return all(_sign_valued(a, signs) for a in expr.args)
+    return False
+
+
+def check_facts(traced: Traced) -> None:
+    """Raise if a state declared nonnegative can be updated to a negative value, or one declared
+    a sign to anything but -1, 0 or +1."""
+    subs = _reparametrize(traced)
+    signs = frozenset(sym for sym, fact in zip(traced.states, traced.rule.states.values())
+                      if fact == "sign")
+    for i, (name, fact) in enumerate(traced.rule.states.items()):
+        if fact == "sign" and not _sign_valued(traced.outputs[i + 1], signs):
+            raise ValueError(
+                f"rule {traced.rule.name}: state {name!r} is declared a sign (-1, 0 or +1) but its "
+                f"update {traced.outputs[i + 1]} is not a sign(...), a constant among those, or a "
+                f"where() or product of such (flags {dict(traced.flags)}); declare it 'signed'"
+            )
+        if fact != "nonnegative":
+            continue
+        out = traced.outputs[i + 1].subs(subs)
+        if not _nonnegative(out):
+            raise ValueError(
+                f"rule {traced.rule.name}: state {name!r} is declared nonnegative but its update "
+                f"{traced.outputs[i + 1]} could not be proven >= 0 for hyperparameters in their "
+                f"declared ranges (flags {dict(traced.flags)}); declare it 'signed', or fix the "
+                "update (e.g. square the gradient term)"
+            )
+
+
+def is_nonnegative(traced: Traced, expr: sympy.Expr) -> bool:
+    """Whether ``expr`` is provably >= 0 for hyperparameters in their declared ranges."""
+    return _nonnegative(expr.subs(_reparametrize(traced)))
+
+
+def keeps_zero(traced: Traced, index: int) -> bool:
+    """Whether output ``index`` is provably 0 when the param, gradient and every state are 0.
+
+    Padding lanes hold zeros; for such outputs they stay zero with no masking in the kernel. A
+    reduction (``sum_all``) is not local to the lane: there it may hold any value.
+    """
+    if index and traced.rule.states[list(traced.rule.states)[index - 1]] == "scalar":
+        return True  # one number per parameter, no lanes
+    return keeps_zero_expr(traced, traced.outputs[index])
+
+
+def keeps_zero_expr(traced: Traced, expr: sympy.Expr) -> bool:
+    """Whether ``expr`` is provably 0 on a lane where the param, gradient and every state are 0
+    (whatever any reduction in it sums to)."""
+    expr = expr.xreplace({r: sympy.Dummy(real=True) for r in expr.atoms(SumAll)})
+    zeros = {s: 0 for s in traced.tensors}
+    return sympy.simplify(expr.xreplace(zeros)) == 0
+
+
+def math_text(traced: Traced, latex: bool = False) -> str:
+    """The update as equations, one per output, for docs and ``explain``.
+
+    A per-element subexpression used more than once (LAMB's update, inside its norm and outside) is
+    written once as ``u_0 = ...`` and the equations refer to it.
+    """
+    names = [traced.param.name, *traced.rule.states]
+    changed = [(name, out) for name, out in zip(names, traced.outputs)
+               if out not in (sympy.Symbol(name, real=True), sympy.Symbol(name, nonnegative=True))]
+    temps, reduced = sympy.cse([out for _, out in changed], symbols=sympy.numbered_symbols("u_"))
+    show = sympy.latex if latex else sympy.sstr
+    inline: dict[sympy.Symbol, sympy.Expr] = {}
+    lines = []
+    for sym, expr in temps:
+        expr = expr.xreplace(inline)
+        if expr.free_symbols <= traced.scalars:
+            inline[sym] = expr  # hyperparameter arithmetic such as 1 - beta1 reads best in place
+        else:
+            lines.append(f"{show(sym)} = {show(expr)}")
+    for (name, _), out in zip(changed, reduced):
+        lines.append(f"{name} <- {show(out.xreplace(inline))}")
+    return "\n".join(lines)

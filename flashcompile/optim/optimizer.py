@@ -1,0 +1,452 @@
+"""The ``torch.optim.Optimizer`` adapter: runs any rule with any codecs over param groups.
+
+Per parameter it keeps ``state['step']`` (a CPU float tensor, as torch.optim) and the codec fields of
+every live state (``exp_avg.codes``, ``exp_avg.scale``, ``param.residual``, ...), flat and padded to
+whole groups of 32. Each step it evaluates the rule's scalar prologue once per (group, step) on the
+host and calls the compiled plan per parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from flashcompile.optim import amp
+
+from flashcompile.optim import clipping
+
+from flashcompile.runtime import distributed
+
+from flashcompile.runtime import guards
+
+from flashcompile.codecs import layout
+from flashcompile.optim import hyperparameters as _hyper
+from flashcompile.runtime.arena import Bucket
+from flashcompile.optim.checkpoint import Checkpoints
+from flashcompile.runtime.state import OptimizerState
+from flashcompile.runtime.distributed import is_dtensor, to_local
+from flashcompile.language.dsl import Rule
+from flashcompile.compiler.plan import PARAM, Plan, PlanKey, get_plan, state_key
+from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
+from flashcompile.runtime.shards import ShardBucket
+from flashcompile.runtime.stepping import PerTensor, ScalarCache
+from flashcompile.runtime.tensor_graph import TensorGraphs
+from flashcompile.language.trace import check_facts, trace
+
+SUPPORTED_DTYPES = guards.SUPPORTED_DTYPES
+
+
+class Optimizer(Checkpoints, torch.optim.Optimizer):
+    """Run ``rule`` as a torch optimizer.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        rule: a :func:`flashcompile.rule`.
+        codecs: ``"flash"`` (default: weight split for 16-bit params, 8-bit states), ``"fp32"``
+            (reproduces torch.optim), ``"relative"`` (see ``flashcompile.codecs.presets``), or a mapping
+            from state name (or ``"param"``) to a codec; unnamed states keep the flash default.
+        compile: run the plan through ``torch.compile`` (default) or eagerly (for debugging).
+        flat: keep each group's params, grads and states in flat buffers and step them in one
+            launch (:mod:`flashcompile.runtime.arena`). Default: on for CUDA params. Params then become
+            views into those buffers, and ``zero_grad`` points grads into the gradient buffer and
+            zeroes it in place (grads stay allocated, as with ``set_to_none=False``); a step
+            copies gradients it did not make, never replacing them. FSDP2 (DTensor) params keep
+            their weight shards in FSDP2's storage: only grads and states go flat
+            (:class:`flashcompile.runtime.distributed.ShardBucket`).
+        **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
+            torch.optim's ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are taken
+            too (:mod:`flashcompile.optim.hyperparameters` says what each means here).
+    """
+
+    # GradScaler hands fused optimizers grad_scale and found_inf instead of unscaling fp16 grads
+    _step_supports_amp_scaling = True
+    # torch.optim.Adam/AdamW refuse tensor lr or betas with foreach=True (and capturable=False)
+    _refuses_tensor_hyperparameters_with_foreach = False
+    # flat buckets: grads as views into one buffer autograd accumulates into (True), or the grads
+    # autograd makes, concatenated into a buffer per step (False); see Bucket
+    grad_views = True
+
+    def __init__(self, params: Iterable, rule: Rule, *, codecs: str | Mapping[str, Any] = "flash",
+                 compile: bool = True, flat: bool | None = None, **hyperparameters: Any):
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a flashcompile.rule, got {type(rule).__name__}")
+        owner = type(self).__name__ if type(self) is not Optimizer else f"Optimizer({rule.name})"
+        implementation = _hyper.implementation_flags(hyperparameters, owner)
+        unknown = set(hyperparameters) - set(rule.defaults)
+        if unknown:
+            raise TypeError(
+                f"{owner} got unknown hyperparameters {sorted(unknown)}; it takes "
+                f"{sorted(rule.defaults)}, torch.optim's {sorted(_hyper.IMPLEMENTATION_FLAGS)} "
+                "and codecs=, compile=, flat="
+            )
+        defaults = {**rule.defaults, **hyperparameters}
+        # as torch.optim: every hyperparameter is checked before the params are read
+        _hyper.check_tensor_inputs({k: defaults[k] for k in rule.floats},
+                                   implementation["foreach"], implementation["capturable"],
+                                   self._refuses_tensor_hyperparameters_with_foreach)
+        _hyper.values(rule, defaults)
+        self.rule = rule
+        self.codecs_spec = check_codec_spec(codecs, rule)
+        self.compile = compile
+        self.flat = flat
+        self._buckets: dict[tuple, Bucket] = {}
+        self._buckets_of_group: dict[int, tuple] = {}
+        self._gradient_release = None  # set by flashcompile.enable_gradient_release
+        self._plans: dict[tuple, Plan] = {}
+        self._per_tensor: dict[int, PerTensor] = {}  # by id(param), see _step_one
+        self._tensor_graphs = TensorGraphs()  # CUDA: per-tensor steps replayed (tensor_graph)
+        self._grad_unscale: float | None = None  # 1 / GradScaler's scale during a step (amp.py)
+        super().__init__(params, {**defaults, **implementation})
+        self.state = OptimizerState()  # counts its changes; missing keys say where a state lives
+
+    # ---- construction-time checks -------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # warns about duplicate params, as torch.optim
+        group = self.param_groups[-1]
+        _drop_duplicates(group)
+        try:
+            self._hyperparameters(group)
+            traced = trace(self.rule, dict(self._flags(group)))
+            check_facts(traced)
+            index = len(self.param_groups) - 1
+            for i, p in enumerate(group["params"]):
+                guards.check_param(p, f"param {i} of group {index} (shape {tuple(p.shape)})")
+                distributed.check_sharded(p, traced)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters as Python values, each checked against its range (plus the
+        inverse loss scale while a GradScaler step unscales the gradients)."""
+        out = _hyper.values(self.rule, group)
+        if self._grad_unscale is not None:
+            out[amp.INVERSE_SCALE] = self._grad_unscale
+        return out
+
+    # ---- plans and storage --------------------------------------------------------------------
+
+    def _plan(self, p: torch.Tensor, flags: tuple[tuple[str, bool], ...]) -> Plan:
+        # memoised: resolving costs sympy work per call, and per-tensor steps (gradient release)
+        # ask once per param per step
+        key = (p.dtype, p.device.type, flags, self.compile)
+        if key not in self._plans:
+            rule, flags = amp.rule_and_flags(self.rule, flags)
+            live = trace(rule, dict(flags)).live_states()
+            codecs = resolve_codecs(rule, self.codecs_spec, p.dtype, live)
+            self._plans[key] = get_plan(PlanKey(rule, flags, codecs, p.device.type, self.compile))
+        return self._plans[key]
+
+    def _flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
+        flags = tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
+        return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
+
+    def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
+                    into: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
+        in the param's memory order (flashcompile.codecs.layout). ``into``: flat buffer views by state
+        key; every such field ends up there (missing ones encoded in place, adopted or loaded
+        ones copied in) and the state holds the view."""
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
+            state.setdefault(name, torch.tensor(0.0))
+        for name, codec in plan.codecs.items():
+            for f in codec.fields:  # set before the first step (a pre-hook): adopt or refuse
+                key = state_key(name, f)
+                if key in plan.owned_fields and isinstance(state.get(key), torch.Tensor):
+                    state[key] = layout.adopt_field(p, codec, f, key, state[key])
+            missing = [f for f in codec.fields if state_key(name, f) in plan.owned_fields
+                       and state_key(name, f) not in state]
+            if not missing:
+                continue
+            out = None if into is None else [
+                into.get(state_key(name, f)) if f in missing else None for f in codec.fields]
+            if name == PARAM:
+                encoded = layout.encode_flat(codec, layout.flat(p.detach(), layout.memory_order(p)),
+                                             out)
+            else:
+                encoded = layout.encode_zeros(codec, p.numel(), p.device, out)
+            for f, t in zip(codec.fields, encoded):
+                if f in missing:
+                    state[state_key(name, f)] = t
+        for key, view in (into or {}).items():
+            if state[key] is not view:
+                view.copy_(state[key])
+                state[key] = view
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    @amp.scaled_step  # guards, then GradScaler's found_inf (skip) and grad_scale (unscale)
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self._gradient_release is not None:  # params were stepped inside backward
+            return self._gradient_release.end_iteration(closure)
+        if not self.state and distributed.initialising_state():
+            return self._allocate_state()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            flags = self._flags(group)
+            scalars = ScalarCache(self._hyperparameters(group))
+            stepped = [b for b in self._flat_buckets(index, group, flags)
+                       if self._step_bucket(b, group, scalars)]
+            if sum(len(b.params) for b in stepped) == len(group["params"]):
+                continue  # the common case: every param in a bucket (checked without a loop)
+            done = {id(p) for b in stepped for p in b.params}
+            self._step_each([p for p in group["params"] if p.grad is not None and id(p) not in done],
+                            flags, scalars)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: Mapping[str, Any] | None = None) -> None:
+        """Step one parameter now from its current ``.grad`` (what gradient release calls from
+        each parameter's post-accumulate-grad hook). ``group``: its param group, if known."""
+        group = self._group_of(p) if group is None else group
+        self._step_one(p, self._flags(group), ScalarCache(self._hyperparameters(group)))
+
+    def _step_bucket(self, bucket, group: Mapping[str, Any],
+                     scalars: ScalarCache | None = None) -> bool:
+        """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
+        done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
+        scalars = scalars or ScalarCache(self._hyperparameters(group))
+        shared = bucket.stores_scalar_states  # one vector per scalar state: read one, store all
+        held = (() if not self.rule.scalar_states else [self.state[bucket.params[0]]] if shared
+                else [self.state[p] for p in bucket.params])
+        if bucket.try_step(functools.partial(scalars, bucket.plan, states=held,
+                                             advance=not shared)):
+            return True
+        bucket.uniform_steps = None  # re-checked when it next tries
+        return False
+
+    def _step_and_free(self, bucket, group: Mapping[str, Any]) -> None:
+        """Gradient release: step the params of ``bucket`` that have a gradient (in one launch
+        when all do) and free their gradients."""
+        stepped = [p for p in bucket.params if p.grad is not None]
+        if len(stepped) < len(bucket.params) or not self._step_bucket(bucket, group):
+            for p in stepped:
+                self.step_param(p, group)
+        for p in stepped:
+            p.grad = None
+
+    def _allocate_state(self) -> None:
+        """Allocate every param's state as a first step would find it, stepping nothing.
+
+        For DCP's ``get_state_dict``/``set_state_dict`` on a fresh optimizer, which create state by
+        stepping at lr 0 with zero gradients: that step would count (bias corrections, Rprop's step
+        sizes and NAdam's momentum product would start one step late); this leaves a fresh state.
+        """
+        for group in self.param_groups:
+            flags = self._flags(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    local = to_local(p)
+                    self._init_state(local, self._plan(local, flags), self.state[p])
+
+    def _group_of(self, p: torch.Tensor) -> Mapping[str, Any]:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError(f"the parameter of shape {tuple(p.shape)} is not in this optimizer")
+
+    def _step_one(self, p: torch.Tensor, flags, scalars: ScalarCache) -> None:
+        """Step one param in one launch of its plan's ``step_one`` (per-tensor path)."""
+        self._step_each([p], flags, scalars)
+
+    def _step_each(self, params: Sequence[torch.Tensor], flags, scalars: ScalarCache) -> None:
+        """Step each of ``params`` in its own launch (per-tensor path). Their step counts advance
+        in one call, their scalar states in one call per set of values: per param, either cost
+        about as much host time as the launch's own bookkeeping."""
+        if not params or self._tensor_graphs.replay(params, flags, self.state, scalars):
+            return
+        ready = [self._per_tensor_ready(p, flags) for p in params]
+        torch._foreach_add_([r.state["step"] for r in ready], 1.0)
+        values = [scalars(r.plan, int(r.state["step"].item()), (r.state,), defer=True)
+                  for r in ready]
+        for p, r, v in zip(params, ready, values):
+            self._launch_one(p, r, v, scalars)
+        scalars.advance_deferred()
+        self._tensor_graphs.after_eager(params, ready, flags, values)
+
+    def _per_tensor_ready(self, p: torch.Tensor, flags) -> PerTensor:
+        """``p``'s per-tensor arguments, its state allocated (checked: its gradient fits)."""
+        guards.check_grad(self, p, p.grad)
+        state = self.state[p]
+        local = p.to_local() if is_dtensor(p) else p  # FSDP2: this rank's shard
+        plan = self._plan(local, flags)
+        ready = self._per_tensor.get(id(p))
+        if ready is None or not ready.holds(local, plan, state):
+            self._init_state(local, plan, state)
+            ready = self._per_tensor[id(p)] = PerTensor(local, plan, state)
+        return ready
+
+    def _launch_one(self, p: torch.Tensor, ready: PerTensor, values: list[float],
+                    scalars: ScalarCache) -> None:
+        grad, plan, combine = p.grad, ready.plan, None
+        if is_dtensor(p):  # a view of FSDP2's storage; grad likewise
+            combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
+            p, grad = p.to_local(), grad.to_local()
+        grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
+        if plan.reduces:
+            plan.run(ready.weight, grad, ready.stored, values, combine)
+        else:
+            s = scalars.tensor(values, ready.tail, p.device)
+            if ready.launch is not None:
+                ready.launch(s, grad, ready.weight, *ready.fields)
+            else:
+                plan.call_one(s, grad, ready.weight, ready.fields)
+                ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields)
+        if ready.copies:  # a param with gaps in its storage: its values were copied out
+            p.copy_(ready.weight.view(p.shape))
+
+    def _flat_buckets(self, index: int, group: Mapping[str, Any], flags) -> list[Bucket]:
+        """The group's buckets (one per dtype and device), built or rebuilt as needed.
+
+        The common case (same params, flags and buffers as last step) costs one check per param.
+        """
+        cached = self._buckets_of_group.get(index)
+        if (cached is not None and cached[0] is group["params"] and cached[1] == flags
+                and cached[2] == len(group["params"])
+                and all(b.state is self.state and b.intact() for b in cached[3])):
+            return cached[3]
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            flat = self.flat if self.flat is not None else p.device.type == "cuda"
+            # sparse and meta (no data) params take the per-tensor path, whose checks refuse them
+            if flat and p.grad is not None and not p.grad.is_sparse and p.device.type != "meta":
+                by_kind.setdefault((p.dtype, p.device, is_dtensor(p)), []).append(p)
+        out = []
+        for kind in by_kind:
+            # params that never had a gradient stay out: torch.optim never steps them (in a
+            # bucket they would take zero-gradient steps, and weight decay, every step)
+            params = [p for p in group["params"] if p.grad is not None
+                      and (p.dtype, p.device, is_dtensor(p)) == kind]
+            plan = self._plan(params[0], flags)
+            if not plan.steps_flat:
+                # padding lanes would need masks (or would add to a reduction): only params that
+                # fill whole groups (no padding lanes) may share a launch
+                params = [p for p in params if not kind[2] and plan.steps_flat_over([p.numel()])]
+                if not params:
+                    continue
+            key = (index, *kind)
+            bucket = self._buckets.get(key)
+            if (bucket is None or bucket.plan is not plan or bucket.params != params
+                    or bucket.state is not self.state or not bucket.intact()):
+                # FSDP2 shards keep their weights where FSDP2 all-gathers them from: a shard bucket
+                # stages them; a Bucket would re-point p.data
+                make = ShardBucket if kind[2] else Bucket
+                bucket = self._buckets[key] = make(params, plan, self.state, self._init_state,
+                                                   keep_grads=self.grad_views)
+            out.append(bucket)
+        self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)
+        return out
+
+    def _release_flat_grads(self) -> None:
+        """Drop the flat gradient buffers (params keep their grads only while they are views into
+        them): gradient release frees each grad right after its step, so no buffer may hold them."""
+        for bucket in self._buckets.values():
+            for p in bucket.params:
+                if p.grad is not None and to_local(p.grad).data_ptr() in bucket._grad_ptrs:
+                    p.grad = None
+        self._buckets.clear()
+        self._buckets_of_group.clear()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's params, one norm and one
+        multiply per flat bucket (:mod:`flashcompile.optim.clipping`); returns the total norm."""
+        return clipping.clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's, except that params in flat buffers keep their gradients in the buffer,
+        zeroed in one memset: autograd then accumulates straight into it (with ``grad_views =
+        False``, flat params' grads are set to None as any other's). With ``set_to_none`` the next
+        step still skips, and sets to None, the gradients no backward accumulated into (each has
+        its own version counter), as torch.optim skips None gradients; an in-place write from
+        outside (torch's ``clip_grad_norm_`` multiplying every gradient) counts as reaching it."""
+        buckets = tuple(b for b in self._buckets.values() if b.keep_grads)
+        if getattr(self, "_flat_ids", (None,))[0] != buckets:  # rebuilt only with the buckets
+            self._flat_ids = (buckets, {id(p) for b in buckets for p in b.params})
+        flat = self._flat_ids[1]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in flat or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().requires_grad_(False).zero_()
+        for bucket in self._buckets.values():
+            bucket.zero_grad(set_to_none)
+
+    # ---- reading the state back ---------------------------------------------------------------
+
+    def _decode(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        plan = self._plan(p, self._flags(self._group_of(p)))
+        codec = plan.codecs[name]
+        local = to_local(p).detach()
+        order = layout.memory_order(local)
+        fields = [layout.flat(local, order) if name == PARAM and f.name == "value"
+                  else self.state[p][state_key(name, f)] for f in codec.fields]
+        if name == PARAM:  # the weight itself is not padded: pad it as the other fields are
+            fields[0] = layout.padded(fields[0]).view(-1)
+        decoded = layout.decode_flat(codec, fields, local.numel())
+        return distributed.like(p, layout.unflat(decoded, local, order))
+
+    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master weight of ``p``, reconstructed from its codec (e.g. bf16 + residual); for
+        a DTensor ``p``, a DTensor placed like it."""
+        if not self.state.get(p):
+            return p.detach().float().clone()
+        return self._decode(p, PARAM)
+
+    @torch.no_grad()
+    def set_master_weight(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        """Set ``p``'s full-precision weight: the 16-bit param and its residual both encode
+        ``value`` (fp32), so nothing of ``value`` is lost that the codec can hold. For a DTensor
+        ``p``, ``value`` is a DTensor or the full tensor; each rank sets its shard."""
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"value has shape {tuple(value.shape)}, the param {tuple(p.shape)}")
+        plan = self._plan(p, self._flags(self._group_of(p)))
+        state = self.state[p]
+        value, p = distributed.local_part(value.detach(), p), to_local(p)
+        self._init_state(p, plan, state)
+        order = layout.memory_order(p)
+        x = layout.flat(value.to(device=p.device, dtype=torch.float32), order)
+        codec = plan.codecs[PARAM]
+        for f, t in zip(codec.fields, layout.encode_flat(codec, x)):
+            if f.name == "value":
+                p.copy_(layout.unflat(t[: p.numel()], p, order))
+            else:
+                state[state_key(PARAM, f)].copy_(t)
+
+    def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        """State ``name`` of ``p`` decoded to fp32, in the param's shape (a scalar state: 0-d); for
+        a DTensor ``p``, a DTensor placed like it."""
+        if name not in self.rule.states:
+            raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
+        if not self.state.get(p):
+            raise KeyError("param has no state yet: step the optimizer first")
+        if name in self.rule.scalar_states:
+            return self.state[p][name].clone()
+        return self._decode(p, name)
+
+
+def _drop_duplicates(group: dict[str, Any]) -> None:
+    """Keep the first of a param listed twice in one group (torch.optim warns and, per tensor,
+    steps it twice; a flat bucket would step it once): each param steps once per step."""
+    params, seen, keep = group["params"], set(), []
+    for i, p in enumerate(params):
+        if id(p) not in seen:
+            seen.add(id(p))
+            keep.append(i)
+    if len(keep) != len(params):
+        group["params"] = [params[i] for i in keep]
+        if "param_names" in group:
+            group["param_names"] = [group["param_names"][i] for i in keep]
