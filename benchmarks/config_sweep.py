@@ -15,7 +15,7 @@ import triton
 from family_probe import copy_ms, flash_plan, time_ms  # this folder: one timing method
 
 from flashcompile.codecs import GROUP
-from flashcompile.compiler.explain import sample_inputs
+from flashcompile.compiler.verify import sample_inputs
 from flashcompile.compiler.launch import NUM_WARPS, XBLOCK, _launcher, live_autotuners
 
 # (XBLOCK, warps, maxnreg): lanes per thread 8 (the pinned line), 16 and 4, then register caps

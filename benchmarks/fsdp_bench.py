@@ -45,7 +45,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import flashcompile as fc
 from flashcompile.tools import bench_models
 from flashcompile.runtime.distributed import groups_per_row, to_local
-from flashcompile.compiler.plan import PARAM
+from flashcompile.codecs import PARAM
 from flashcompile.testing import bound
 
 LR, WEIGHT_DECAY = 1e-4, 0.1

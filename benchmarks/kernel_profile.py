@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from family_probe import copy_ms, flash_plan, time_ms
 from flashcompile.codecs import GROUP
-from flashcompile.compiler.explain import sample_inputs
+from flashcompile.compiler.verify import sample_inputs
 
 
 def triton_cache_entries() -> set[Path]:

@@ -87,7 +87,8 @@ def rule_kernel(name: str) -> tuple[str, str]:
 
     import flashcompile as fc
     from flashcompile.compiler import fast_math
-    from flashcompile.compiler.explain import fresh_step, plan_of, sample_inputs
+    from flashcompile.compiler.explain import fresh_step, plan_of
+    from flashcompile.compiler.verify import sample_inputs
 
     kw = {"momentum": 0.9} if name == "SGD" else {}
     plan = plan_of(getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],

@@ -15,7 +15,8 @@ import torch
 import flashcompile as fc
 from family_probe import copy_ms, time_ms  # this folder: one timing method
 from flashcompile.codecs import GROUP
-from flashcompile.compiler.explain import plan_of, sample_inputs
+from flashcompile.compiler.explain import plan_of
+from flashcompile.compiler.verify import sample_inputs
 
 SETUPS = [("flash", "flash"), ("flash, v sqrt_uint8_sr", {"exp_avg_sq": "sqrt_uint8_sr"}),
           ("relative (m and v stochastic)", "relative"), ("flash again", "flash")]

@@ -20,7 +20,7 @@ if _importlib_util.find_spec("flashcompile.rules") is None:
     _spec.loader.exec_module(_module)
 
 from flashcompile import codecs  # noqa: E402
-from flashcompile.language.dsl import (  # noqa: E402
+from flashcompile.language import (  # noqa: E402
     abs, exp, log, maximum, minimum, norm, rule, sign, sqrt, sum_all, where,
 )
 from flashcompile.compiler.explain import explain  # noqa: E402

@@ -40,7 +40,8 @@ from flashcompile.codecs import GROUP, Codec
 from flashcompile.language.dsl import Rule
 from flashcompile.codecs.layout import padded
 from flashcompile.optim.optimizer import Optimizer
-from flashcompile.compiler.plan import PARAM, PlanKey, get_plan, state_key
+from flashcompile.codecs import PARAM
+from flashcompile.compiler.plan import PlanKey, get_plan, state_key
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
 from flashcompile.language.sensitivity import Sensitivity
 from flashcompile.language.trace import check_facts, trace

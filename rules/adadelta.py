@@ -10,7 +10,7 @@
 Zeiler, arXiv 1212.5701.
 """
 
-from flashcompile.language.dsl import rule, sqrt
+from flashcompile.language import rule, sqrt
 
 
 @rule(

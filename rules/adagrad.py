@@ -9,7 +9,7 @@ Duchi, Hazan & Singer, JMLR 12 (2011), "Adaptive Subgradient Methods for Online 
 Stochastic Optimization" (no arXiv version).
 """
 
-from flashcompile.language.dsl import rule, sqrt, where
+from flashcompile.language import rule, sqrt, where
 
 
 @rule(

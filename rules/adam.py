@@ -9,7 +9,7 @@ Guard (off: FlashOptim, 2602.23349): Cauchy-Schwarz on m = sum a_k g_k, v = sum 
 quantised to 0 is capped at Adam's bound; Q = 0 after step 1 (history unknown): no floor. arXiv:
 Adam 1412.6980, AdamW 1711.05101, AMSGrad 1904.09237."""
 
-from flashcompile.language.dsl import abs, maximum, rule, sqrt, where
+from flashcompile.language import abs, maximum, rule, sqrt, where
 
 
 @rule(

@@ -9,7 +9,7 @@
 Kingma & Ba, arXiv 1412.6980, section 7.1.
 """
 
-from flashcompile.language.dsl import abs, maximum, rule
+from flashcompile.language import abs, maximum, rule
 
 
 @rule(

@@ -13,7 +13,7 @@ As the authors' implementation: zero-initialised averages with bias corrections,
 weights of the old value (the paper's beta_i are 1 - these: 0.02, 0.08, 0.01).
 """
 
-from flashcompile.language.dsl import rule, sqrt, where
+from flashcompile.language import rule, sqrt, where
 
 
 @rule(

@@ -14,7 +14,7 @@ warmup below 1 step, such as the default 0, is off: alpha_t = alpha, beta3_t = b
     beta3_t = min(exp(ln b1 ln b3 / ((1 - a) ln b3 + a ln b1)), b3),  a = min(t / T_beta3, 1)
 """
 
-from flashcompile.language.dsl import exp, log, maximum, minimum, rule, sqrt, where
+from flashcompile.language import exp, log, maximum, minimum, rule, sqrt, where
 
 
 @rule(

@@ -10,7 +10,7 @@ Polyak & Juditsky, SIAM J. Control Optim. 30(4), 1992 (no arXiv version); the st
 as in Bottou, arXiv 1107.2490 (section 5).
 """
 
-from flashcompile.language.dsl import maximum, rule, where
+from flashcompile.language import maximum, rule, where
 
 
 @rule(

@@ -10,7 +10,7 @@
 The paper's phi (a clip of ||p||) is the identity here, as in its experiments.
 """
 
-from flashcompile.language.dsl import norm, rule, sqrt, where
+from flashcompile.language import norm, rule, sqrt, where
 
 
 @rule(

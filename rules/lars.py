@@ -10,7 +10,7 @@ applies it after); the two agree for a constant lr. eta is ``trust_coefficient``
 span the whole param.
 """
 
-from flashcompile.language.dsl import norm, rule, where
+from flashcompile.language import norm, rule, where
 
 
 @rule(

@@ -5,7 +5,7 @@
     m   <- beta2 * m + (1 - beta2) * g
 """
 
-from flashcompile.language.dsl import rule, sign
+from flashcompile.language import rule, sign
 
 
 @rule(

@@ -13,7 +13,7 @@ Dozat, ICLR 2016 workshop, "Incorporating Nesterov Momentum into Adam" (no arXiv
 decay: Loshchilov & Hutter, arXiv 1711.05101.
 """
 
-from flashcompile.language.dsl import rule, sqrt, where
+from flashcompile.language import rule, sqrt, where
 
 
 @rule(

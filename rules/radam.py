@@ -11,7 +11,7 @@
 Liu et al., arXiv 1908.03265.
 """
 
-from flashcompile.language.dsl import maximum, rule, sqrt, where
+from flashcompile.language import maximum, rule, sqrt, where
 
 
 @rule(

@@ -11,7 +11,7 @@
 Tieleman & Hinton, COURSERA Neural Networks lecture 6.5 (2012); centered: Graves, arXiv 1308.0850.
 """
 
-from flashcompile.language.dsl import maximum, rule, sqrt
+from flashcompile.language import maximum, rule, sqrt
 
 
 @rule(

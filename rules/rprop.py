@@ -12,7 +12,7 @@ Riedmiller & Braun, IEEE ICNN 1993, "A Direct Adaptive Method for Faster Backpro
 Learning: The RPROP Algorithm" (no arXiv version).
 """
 
-from flashcompile.language.dsl import maximum, minimum, rule, sign, where
+from flashcompile.language import maximum, minimum, rule, sign, where
 
 
 @rule(

@@ -11,7 +11,7 @@ Nesterov momentum: Sutskever et al., ICML 2013. Decoupled decay (SGDW): Loshchil
 arXiv 1711.05101.
 """
 
-from flashcompile.language.dsl import rule, where
+from flashcompile.language import rule, where
 
 
 @rule(

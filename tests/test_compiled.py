@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import flashcompile as fc
 from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
-from flashcompile.compiler.plan import PARAM
+from flashcompile.codecs import PARAM
 
 PLANS = {
     "adamw_flash_bf16": (lambda p: fc.AdamW(p), torch.bfloat16),
@@ -171,7 +171,7 @@ def _every_rule_plan():
 def test_self_check_inputs_are_states_the_rule_reaches_and_stay_finite(plan):
     """The compiled-vs-eager check runs on states the rule reaches, inside its domain: NaN on both
     sides would fail the comparison and send a correct kernel to eager."""
-    from flashcompile.compiler.explain import decode_inputs, sample_inputs
+    from flashcompile.compiler.verify import decode_inputs, sample_inputs
 
     args = sample_inputs(plan, 4, "cpu")
     before = decode_inputs(plan, args)

@@ -25,7 +25,7 @@ import flashcompile as fc
 from flashcompile.tools import bench_models
 from flashcompile.codecs import GROUP
 from flashcompile.runtime.distributed import groups_per_row, local_part
-from flashcompile.compiler.plan import PARAM
+from flashcompile.codecs import PARAM
 from flashcompile.testing import bound
 
 pytestmark = pytest.mark.skipif(

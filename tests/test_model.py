@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import flashcompile as fc
-from flashcompile.compiler.plan import PARAM
+from flashcompile.codecs import PARAM
 from flashcompile.testing import bound
 
 

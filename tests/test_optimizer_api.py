@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashcompile as fc
-from flashcompile.compiler.plan import PARAM
+from flashcompile.codecs import PARAM
 
 
 def _params(*shapes, dtype=torch.bfloat16, seed=0):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from flashcompile.codecs.base import GROUP, Codec, Field
+
+PARAM = "param"  # the master weight's name in codec mappings and state keys
 from flashcompile.codecs.companded import (
     LinearInt8,
     SoftsignInt8,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flashcompile import codecs as _codecs
-from flashcompile.codecs import Codec
-from flashcompile.language.dsl import Rule
-from flashcompile.compiler.plan import PARAM
+from flashcompile.codecs import PARAM, Codec
+
+if TYPE_CHECKING:  # rules are read by their states and flash_codecs only
+    from flashcompile.language.dsl import Rule
 
 PRESETS = ("flash", "fp32", "relative")
 

@@ -9,12 +9,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flashcompile.codecs import GROUP, Codec, stochastic
+from flashcompile.codecs import GROUP, PARAM, Codec, stochastic
 from flashcompile.compiler.lowering import Lowered
 from flashcompile.compiler.segments import segment_totals
 from flashcompile.language.trace import Traced, keeps_zero
 
-PARAM = "param"  # the master weight's name in codec mappings and state keys
 
 
 def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:

@@ -28,11 +28,13 @@ import torch
 
 from flashcompile.compiler import fast_math
 from flashcompile.codecs import GROUP, Codec, Field
-from flashcompile.compiler.codegen import PARAM, assemble, generate, source_namespace
+from flashcompile.codecs import PARAM
+from flashcompile.compiler.codegen import assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.language.dsl import Rule, SumAll
 from flashcompile.codecs.layout import groups, padded, scalar_tensor, segment_ends
 from flashcompile.compiler.lowering import Lowered, lower
+from flashcompile.compiler.verify import decode_inputs, describe_mismatch, sample_inputs
 from flashcompile.language.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -98,8 +100,6 @@ class Plan:
         ``variant``: ``"groups"`` (:attr:`fn`, whole groups) or ``"one"`` (:attr:`fn_one`, one
         parameter of ``groups * 32 - 5`` values). The inputs come from a generator of their own:
         the global (and CUDA) RNG states are as they were."""
-        from flashcompile.compiler.explain import decode_inputs, describe_mismatch, sample_inputs
-
         if not self._verified[variant]:  # compile (and pin the launch config) at size first
             self.verify(device, variant)
         args = sample_inputs(self, groups, device, seed)  # its own generator: RNG state untouched
@@ -145,7 +145,6 @@ class Plan:
             # first call it compiles for: after a 4-group first call every later launch ran with
             # configs for 4 rows, 5x slower. Compile on a realistic size first (output discarded);
             # the check below then runs the same kernel.
-            from flashcompile.compiler.explain import sample_inputs
             from flashcompile.compiler.launch import live_autotuners, pin_group_kernels
 
             before = live_autotuners()

@@ -1,2 +1,12 @@
 """The rule language: element-wise fp32 math on named states (the DSL), its trace into sympy with
-the proofs of each state's fact, and the error envelopes the property tests hold a rule to."""
+the proofs of each state's fact, and the error envelopes the property tests hold a rule to.
+
+A rule imports its primitives and the ``rule`` decorator from here."""
+
+from flashcompile.language.declare import rule
+from flashcompile.language.dsl import (
+    abs, exp, log, maximum, minimum, norm, sign, sqrt, sum_all, where,
+)
+
+__all__ = ["rule", "abs", "exp", "log", "maximum", "minimum", "norm", "sign", "sqrt", "sum_all",
+           "where"]

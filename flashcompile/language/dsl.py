@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import math
 import pickle
 from collections.abc import Callable, Mapping
@@ -239,85 +238,3 @@ class Rule:
 
 def _import_rule(module: str, name: str) -> Rule:
     return functools.reduce(getattr, name.split("."), importlib.import_module(module))
-
-
-def rule(
-    *,
-    defaults: Mapping[str, Any],
-    states: Mapping[str, str],
-    ranges: Mapping[str, tuple[float, float]] | None = None,
-    flash_codecs: Mapping[str, str] | None = None,
-) -> Callable[[Callable], Rule]:
-    """Declare an optimizer update rule.
-
-    Args:
-        defaults: every hyperparameter with its default. Bools are static flags; floats and tuples of
-            floats (``betas``) are runtime inputs, so changing them never recompiles.
-        states: state name -> fact, ``"signed"`` or ``"nonnegative"``. The fact picks the default
-            8-bit codec, and a nonnegative state is proven to stay nonnegative when compiled.
-            ``"sign"``: every value is -1, 0 or +1 (its update is a ``sign(...)``, a constant among
-            those, or a ``where`` or product of such; proven when compiled); stored exactly in
-            one byte (``sign_int8``).
-            ``"scalar"``: one number per parameter, not per element (a running product over steps,
-            a step size set from the previous step's lr). Its update may depend only on step,
-            hyperparameters and scalar states; it is computed on the host in float64 and kept as a
-            0-d fp32 tensor in the parameter's state, as torch.optim keeps such values.
-            Every state starts at zero; a nonzero start is ``where(step == 1, start, state)``. A
-            scalar state missing from a loaded state dict (torch.optim's, or one saved before the
-            rule had it) also loads as zero: after step 1 the rule must read that as "unknown".
-        ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
-            every other float in [0, inf). Values outside raise at optimizer construction and step.
-        flash_codecs: optional state -> codec name the "flash" preset stores that state with, where
-            the rule's math makes another codec the better default than its fact's (Adam guards
-            its own step, so it keeps FlashOptim's ``sqrt_uint8`` for v).
-
-    The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>)``
-    and returns ``(p, <states in declared order>)``.
-    """
-
-    def wrap(fn: Callable) -> Rule:
-        r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
-                 dict(flash_codecs or {}))
-        _check_signature(r)
-        for name, fact in r.states.items():
-            if fact not in STATE_FACTS:
-                raise ValueError(
-                    f"rule {r.name}: state {name!r} declares fact {fact!r}; use one of {STATE_FACTS}"
-                )
-        if r.flash_codecs:
-            from flashcompile.codecs.presets import check_codec_spec  # names, scalar states, domains
-
-            check_codec_spec(r.flash_codecs, r)
-        from flashcompile.language.trace import trace  # a trace with default flags checks the output arity
-
-        trace(r, {k: r.defaults[k] for k in r.flags})
-        return r
-
-    return wrap
-
-
-def _check_signature(r: Rule) -> None:
-    params = inspect.signature(r.fn).parameters.values()
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
-    want_pos = len(r.states) + 2
-    if len(positional) != want_pos or positional[2:] != list(r.states):
-        raise TypeError(
-            f"rule {r.name}: positional parameters are {positional}; expected (p, g, "
-            f"{', '.join(r.states)}) - the param, its gradient, then the states in declared order"
-        )
-    want_kw = {"step", *r.defaults}
-    if set(keywords) != want_kw:
-        raise TypeError(
-            f"rule {r.name}: keyword-only parameters are {sorted(keywords)}; expected step plus every "
-            f"hyperparameter in defaults: {sorted(want_kw)}"
-        )
-    for k, v in r.defaults.items():
-        ok = isinstance(v, (bool, int, float)) or (
-            isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)
-        )
-        if not ok:
-            raise TypeError(
-                f"rule {r.name}: hyperparameter {k!r} has default {v!r}; use a bool, a float or "
-                "a tuple of floats"
-            )

@@ -26,7 +26,8 @@ from flashcompile.codecs import GROUP
 from flashcompile.codecs import get as codec_named
 from flashcompile.runtime.distributed import is_dtensor
 from flashcompile.optim.hyperparameters import IMPLEMENTATION_FLAGS
-from flashcompile.compiler.plan import PARAM, Plan, state_key
+from flashcompile.codecs import PARAM
+from flashcompile.compiler.plan import Plan, state_key
 from flashcompile.runtime.state import OptimizerState, ParamState
 from flashcompile.runtime.tensor_graph import TensorGraphs
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from flashcompile.codecs import layout
-from flashcompile.compiler.plan import PARAM, Plan, state_key
+from flashcompile.codecs import PARAM
+from flashcompile.compiler.plan import Plan, state_key
 
 
 def is_torch_format(rule_states: Mapping[str, str], saved: Mapping[str, Any],

@@ -29,7 +29,8 @@ from flashcompile.optim.checkpoint import Checkpoints
 from flashcompile.runtime.state import OptimizerState
 from flashcompile.runtime.distributed import is_dtensor, to_local
 from flashcompile.language.dsl import Rule
-from flashcompile.compiler.plan import PARAM, Plan, PlanKey, get_plan, state_key
+from flashcompile.codecs import PARAM
+from flashcompile.compiler.plan import Plan, PlanKey, get_plan, state_key
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
 from flashcompile.runtime.shards import ShardBucket
 from flashcompile.runtime.stepping import PerTensor, ScalarCache

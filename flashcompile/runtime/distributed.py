@@ -66,7 +66,8 @@ import torch
 
 from flashcompile.optim import interop
 from flashcompile.codecs import GROUP, Codec
-from flashcompile.compiler.plan import PARAM, Plan, state_key
+from flashcompile.codecs import PARAM
+from flashcompile.compiler.plan import Plan, state_key
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

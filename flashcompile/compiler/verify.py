@@ -1,0 +1,75 @@
+"""Inputs for a plan's kernel and the comparison of its compiled and eager forms: what
+``Plan.verify`` checks before first use, and what benchmarks and ``explain`` feed a plan. Each
+function takes a :class:`flashcompile.compiler.plan.Plan` (read through its attributes: this
+module sits below the plan it serves)."""
+
+from __future__ import annotations
+
+import torch
+
+from flashcompile.codecs import GROUP, PARAM
+from flashcompile.codecs.layout import lane_counts, segment_ends
+
+
+def sample_inputs(plan, groups: int, device: torch.device | str,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Inputs for ``plan.fn`` at step 4: scalars, a random gradient, then every field holding the
+    state the rule itself reaches from a random weight and zero states in three eager steps on
+    random gradients. Reached states lie in the rule's domain, as independent random states need
+    not (centered RMSprop's ``v >= m**2``: outside it ``g / eps`` overflows the 8-bit codecs' scales
+    to NaN, and the compiled-vs-eager check compares NaN with NaN). Drawn from a generator of their
+    own: the global RNG (dropout masks, data order) is left as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+
+    def randn() -> torch.Tensor:
+        return torch.randn(groups, GROUP, generator=gen).to(device)
+
+    hyper = {k: plan.key.rule.defaults[k] for k in plan.traced.hyper}
+    param_dtype = plan.codecs[PARAM].fields[0].dtype
+    args = [torch.zeros(0), torch.zeros(0)]  # the scalars and the gradient, set per step below
+    for name, codec in plan.codecs.items():
+        x = randn() if name == PARAM else torch.zeros(groups, GROUP, device=device)
+        args += [t.contiguous() for t in codec.encode(x)]
+    halves = [n for n in (groups // 2, groups - groups // 2) if n]
+    if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
+        args.append(segment_ends(halves, device))
+    if plan.masks_lanes:  # two parameters laid end to end, each with padding lanes to mask
+        args.append(lane_counts([n * GROUP - 3 - 2 * i for i, n in enumerate(halves)], device))
+    held: dict[str, torch.Tensor] = {}  # scalar states, as a parameter's state holds them
+    for step in range(1, 5):
+        values = plan.scalars(step, hyper, held)
+        args[0] = torch.tensor([GROUP, *values], dtype=torch.float32, device=device)
+        args[1] = randn().to(param_dtype)
+        if step < 4:
+            with torch.no_grad():
+                plan.eager(*args)
+            plan.advance([held], values)
+    for a in args[1:]:
+        if a.dim() == 2:  # the group size is a constant of the kernel
+            torch._dynamo.mark_static(a, 1)
+    return args
+
+
+def decode_inputs(plan, args: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Decode every codec's fields from a ``plan.fn`` argument list (as ``sample_inputs`` builds)."""
+    out, i = {}, 2
+    for name, codec in plan.codecs.items():
+        out[name] = codec.decode(*args[i:i + len(codec.fields)])
+        i += len(codec.fields)
+    return out
+
+
+def describe_mismatch(plan, key: str, want_args, got_args, want, got, tol) -> str:
+    """The worst element of a compiled-vs-eager mismatch: values, tolerance and both encodings."""
+    excess = (got - want).abs() - tol
+    flat = int(excess.reshape(-1).argmax())
+    row, lane = divmod(flat, GROUP)
+    i = 2 + sum(len(c.fields) for k, c in plan.codecs.items() if list(plan.codecs).index(k)
+                < list(plan.codecs).index(key))
+    fields = {f.name: (want_args[i + j].reshape(-1, 1 if f.per_group else GROUP)[row].tolist(),
+                       got_args[i + j].reshape(-1, 1 if f.per_group else GROUP)[row].tolist())
+              for j, f in enumerate(plan.codecs[key].fields)}
+    return (f"{key}: group {row} lane {lane}: eager {want.reshape(-1)[flat].item():.9g} compiled "
+            f"{got.reshape(-1)[flat].item():.9g} tol {tol.reshape(-1)[flat].item():.3g}; "
+            f"fields (eager, compiled): {fields}")
