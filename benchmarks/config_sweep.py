@@ -11,12 +11,11 @@ import sys
 
 import torch
 import triton
-
 from family_probe import copy_ms, flash_plan, time_ms  # this folder: one timing method
 
 from flashcompile.codecs import GROUP
-from flashcompile.compiler.verify import sample_inputs
 from flashcompile.compiler.launch import NUM_WARPS, XBLOCK, _launcher, live_autotuners
+from flashcompile.compiler.verify import sample_inputs
 
 # (XBLOCK, warps, maxnreg): lanes per thread 8 (the pinned line), 16 and 4, then register caps
 GRID = ([(xb, w, None) for xb, w in ((8, 1), (16, 2), (32, 4), (16, 1), (32, 2), (8, 2), (16, 4))]

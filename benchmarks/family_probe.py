@@ -16,12 +16,12 @@ import torch
 from torch._inductor.graph import GraphLowering
 
 import flashcompile as fc
-from flashcompile.tools.bench import FAMILY
 from flashcompile.codecs import GROUP
 from flashcompile.compiler.explain import count_kernels, fresh_step, plan_of
-from flashcompile.compiler.verify import sample_inputs
 from flashcompile.compiler.launch import live_autotuners, pin_group_kernels
 from flashcompile.compiler.plan import INDUCTOR_TUNED_OPTIONS
+from flashcompile.compiler.verify import sample_inputs
+from flashcompile.tools.bench import FAMILY
 
 # (label, groups of the first (compiling, tuning) call, Inductor options, pin the launch config)
 VARIANTS = [

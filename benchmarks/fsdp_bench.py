@@ -43,10 +43,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import flashcompile as fc
-from flashcompile.tools import bench_models
-from flashcompile.runtime.distributed import groups_per_row, to_local
 from flashcompile.codecs import PARAM
+from flashcompile.runtime.distributed import groups_per_row, to_local
 from flashcompile.testing import bound
+from flashcompile.tools import bench_models
 
 LR, WEIGHT_DECAY = 1e-4, 0.1
 

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+from family_probe import copy_ms, flash_plan, time_ms
 from torch.profiler import ProfilerActivity, profile
 
-from family_probe import copy_ms, flash_plan, time_ms
 from flashcompile.codecs import GROUP
 from flashcompile.compiler.verify import sample_inputs
 

@@ -12,8 +12,8 @@ import torch
 import flashcompile as fc
 from flashcompile.codecs import GROUP
 from flashcompile.compiler.explain import plan_of
-from flashcompile.compiler.verify import sample_inputs
 from flashcompile.compiler.plan import COMPILE_OPTIONS
+from flashcompile.compiler.verify import sample_inputs
 
 
 def main():

@@ -11,9 +11,9 @@ import sys
 import warnings
 
 import torch
+from family_probe import copy_ms, time_ms  # this folder: one timing method
 
 import flashcompile as fc
-from family_probe import copy_ms, time_ms  # this folder: one timing method
 from flashcompile.codecs import GROUP
 from flashcompile.compiler.explain import plan_of
 from flashcompile.compiler.verify import sample_inputs

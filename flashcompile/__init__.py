@@ -20,17 +20,46 @@ if _importlib_util.find_spec("flashcompile.rules") is None:
     _spec.loader.exec_module(_module)
 
 from flashcompile import codecs  # noqa: E402
-from flashcompile.language import (  # noqa: E402
-    abs, exp, log, maximum, minimum, norm, rule, sign, sqrt, sum_all, where,
-)
 from flashcompile.compiler.explain import explain  # noqa: E402
+from flashcompile.language import (  # noqa: E402
+    abs,
+    exp,
+    log,
+    maximum,
+    minimum,
+    norm,
+    rule,
+    sign,
+    sqrt,
+    sum_all,
+    where,
+)
 from flashcompile.optim.model import (  # noqa: E402
-    BATCH_NORMS, NORM_LAYERS, cast_model, fp32_state_dict, load_fp32_state_dict,
+    BATCH_NORMS,
+    NORM_LAYERS,
+    cast_model,
+    fp32_state_dict,
+    load_fp32_state_dict,
 )
 from flashcompile.optim.optimizer import Optimizer  # noqa: E402
 from flashcompile.optim.optimizers import (  # noqa: E402
-    ASGD, LAMB, LARS, SGD, SGDW, Adadelta, Adagrad, Adam, Adamax, AdamW, AdEMAMix, Adan, Lion,
-    NAdam, RAdam, RMSprop, Rprop,
+    ASGD,
+    LAMB,
+    LARS,
+    SGD,
+    SGDW,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adamax,
+    AdamW,
+    Adan,
+    AdEMAMix,
+    Lion,
+    NAdam,
+    RAdam,
+    RMSprop,
+    Rprop,
 )
 from flashcompile.optim.release import enable_gradient_release  # noqa: E402
 

@@ -36,15 +36,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashcompile import codecs as _codecs
-from flashcompile.codecs import GROUP, Codec
-from flashcompile.language.dsl import Rule
+from flashcompile.codecs import GROUP, PARAM, Codec
 from flashcompile.codecs.layout import padded
-from flashcompile.optim.optimizer import Optimizer
-from flashcompile.codecs import PARAM
-from flashcompile.compiler.plan import PlanKey, get_plan, state_key
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
+from flashcompile.compiler.plan import PlanKey, get_plan, state_key
+from flashcompile.language.dsl import Rule
 from flashcompile.language.sensitivity import Sensitivity
 from flashcompile.language.trace import check_facts, trace
+from flashcompile.optim.optimizer import Optimizer
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 shape_lists = st.lists(shapes, min_size=1, max_size=3)

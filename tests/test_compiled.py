@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashcompile as fc
-from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
 from flashcompile.codecs import PARAM
+from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
 
 PLANS = {
     "adamw_flash_bf16": (lambda p: fc.AdamW(p), torch.bfloat16),
@@ -151,10 +151,10 @@ def test_the_compiled_self_check_leaves_the_global_rng_as_it_was():
 
 
 def _every_rule_plan():
-    from flashcompile.optim.optimizers import OPTIMIZERS
-    from flashcompile.compiler.plan import PlanKey, get_plan
     from flashcompile.codecs.presets import resolve_codecs
+    from flashcompile.compiler.plan import PlanKey, get_plan
     from flashcompile.language.trace import trace
+    from flashcompile.optim.optimizers import OPTIMIZERS
 
     rules = {cls([torch.nn.Parameter(torch.zeros(1))], compile=False).rule
              for cls in OPTIMIZERS.values()}

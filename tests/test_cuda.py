@@ -11,8 +11,8 @@ import torch
 from parity import assert_tracks
 
 import flashcompile as fc
-from flashcompile.compiler import fast_math
 from flashcompile.codecs.base import FP32_SLACK
+from flashcompile.compiler import fast_math
 from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
 
 pytestmark = pytest.mark.cuda

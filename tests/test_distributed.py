@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashcompile as fc
-from flashcompile.tools import bench_models
-from flashcompile.codecs import GROUP
+from flashcompile.codecs import GROUP, PARAM
 from flashcompile.runtime.distributed import groups_per_row, local_part
-from flashcompile.codecs import PARAM
 from flashcompile.testing import bound
+from flashcompile.tools import bench_models
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")

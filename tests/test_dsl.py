@@ -272,8 +272,8 @@ def test_a_reduction_is_not_zero_in_padding_lanes():
 
 
 def test_rules_with_reductions_never_step_in_flat_buckets():
-    from flashcompile.runtime.arena import Bucket
     from flashcompile.compiler.explain import plan_of
+    from flashcompile.runtime.arena import Bucket
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7)]
     opt = fc.Optimizer(params, softmax_step, codecs="fp32", compile=False, flat=True)
@@ -378,8 +378,8 @@ def test_a_quotient_of_nonnegatives_is_proven_nonnegative():
 def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts, seed, block):
     from unittest import mock
 
-    from flashcompile.compiler import segments
     from flashcompile.codecs.layout import segment_ends
+    from flashcompile.compiler import segments
     # blocks of 4 rows: superblocks of 16, so rows, blocks and superblocks all take part
     x = torch.randn(groups, 32, generator=torch.Generator().manual_seed(seed))
     bounds = sorted({0, groups, *(int(c * groups) for c in cuts)})

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flashcompile import codecs
-
 from flashcompile.codecs import layout
 
 

@@ -122,7 +122,9 @@ def test_global_norm_clipping_raises():
 def test_clipping_through_a_reference_imported_before_the_release_raises():
     from torch.nn.utils import clip_grad_value_
 
-    from flashcompile.optim.release import _original_clip as clip_grad_norm_  # as bound before any release
+    from flashcompile.optim.release import (
+        _original_clip as clip_grad_norm_,  # as bound before any release
+    )
 
     assert clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"  # torch's own, not a wrapper
     model, _opt, handle = _released_model()

@@ -23,11 +23,11 @@ from flashcompile.codecs.companded import (
     SqrtUint8,
     linear_int8,
     softsign_int8,
+    softsign_int8_sr,
     sqrt_uint8,
     sqrt_uint8_nonzero,
     sqrt_uint8_nonzero_sr,
     sqrt_uint8_sr,
-    softsign_int8_sr,
 )
 from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
 from flashcompile.codecs.relative import (

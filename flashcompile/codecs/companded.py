@@ -41,7 +41,6 @@ from flashcompile.codecs.base import (
     sr_suffix,
 )
 
-
 _TINY = 2.0**-126  # smallest normal fp32: the floor of a quotient's denominator
 
 

@@ -15,7 +15,6 @@ from flashcompile.compiler.segments import segment_totals
 from flashcompile.language.trace import Traced, keeps_zero
 
 
-
 def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
     """Source of ``step(_s, _grad, *fields[, _ends | _lanes])`` over whole groups; for a reducing
     rule, of one function per reduction phase (``_sums1``, ...) and ``_update``, which

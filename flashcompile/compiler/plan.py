@@ -26,15 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
+from flashcompile.codecs import GROUP, PARAM, Codec, Field
+from flashcompile.codecs.layout import groups, padded, scalar_tensor, segment_ends
 from flashcompile.compiler import fast_math
-from flashcompile.codecs import GROUP, Codec, Field
-from flashcompile.codecs import PARAM
 from flashcompile.compiler.codegen import assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
-from flashcompile.language.dsl import Rule, SumAll
-from flashcompile.codecs.layout import groups, padded, scalar_tensor, segment_ends
 from flashcompile.compiler.lowering import Lowered, lower
-from flashcompile.compiler.verify import decode_inputs, describe_mismatch, sample_inputs
+from flashcompile.compiler.verify import as_one, compare_compiled, sample_inputs
+from flashcompile.language.dsl import Rule, SumAll
 from flashcompile.language.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -100,37 +99,7 @@ class Plan:
         ``variant``: ``"groups"`` (:attr:`fn`, whole groups) or ``"one"`` (:attr:`fn_one`, one
         parameter of ``groups * 32 - 5`` values). The inputs come from a generator of their own:
         the global (and CUDA) RNG states are as they were."""
-        if not self._verified[variant]:  # compile (and pin the launch config) at size first
-            self.verify(device, variant)
-        args = sample_inputs(self, groups, device, seed)  # its own generator: RNG state untouched
-        n = max(2, groups * GROUP - 5)
-        run_eager, run_compiled = (self.eager, self.fn) if variant == "groups" else (
-            self.eager_one, self.fn_one)
-        eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
-        for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
-            if a.dim() == 2:  # symbolic, into a looped two-pass reduction (5x slower)
-                torch._dynamo.mark_static(a, 1)
-        if variant == "one":  # the weight and gradient as one parameter's flat storage: n values
-            args = _as_one(self, args, n)
-            eager, compiled = _as_one(self, eager, n), _as_one(self, compiled, n)
-        with torch.no_grad():
-            run_eager(*eager)
-        run_compiled(*compiled)
-        if variant == "one":
-            args, eager, compiled = (_as_groups(self, a) for a in (args, eager, compiled))
-        want, got = decode_inputs(self, eager), decode_inputs(self, compiled)
-        before = decode_inputs(self, args)
-        if variant == "one":  # the weight's padding lanes are never stored back: not compared
-            for d in (want, got, before):
-                d[PARAM] = d[PARAM].reshape(-1)[:n]
-        for name, codec in self.codecs.items():
-            scale = want[name].abs() + before[name].abs()
-            tol = codec.code_step(want[name]) + 1e-6 * scale
-            if not torch.all((got[name] - want[name]).abs() <= tol):
-                return describe_mismatch(self, name, eager, compiled, want[name], got[name], tol)
-        if not torch.equal(compiled[0], eager[0]):
-            return "the scalar vector was written to"
-        return None
+        return compare_compiled(self, device, groups, seed, variant)
 
     def verify(self, device: torch.device, variant: str = "groups") -> None:
         """Before first use, check the compiled kernel against the eager function on random data.
@@ -152,7 +121,7 @@ class Plan:
             if variant == "groups":
                 self.fn(*args)
             else:
-                self.fn_one(*_as_one(self, args, 65536 * GROUP - 5))
+                self.fn_one(*as_one(self, args, 65536 * GROUP - 5))
             pin = pin_group_kernels(t for key, t in live_autotuners().items() if key not in before)
             if self.launch is None or variant == "groups":
                 self.launch = pin
@@ -378,28 +347,6 @@ class Plan:
 
 def _is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
-
-
-def _as_one(plan: Plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:
-    """Arguments of :attr:`Plan.fn` (whole groups) as :attr:`Plan.fn_one` takes them for one
-    parameter of ``n`` values: weight and gradient flat, the valid lanes of the last group in
-    ``s[0]``, and the weight's padding lanes zero in every field (as a padded parameter's are)."""
-    s = args[0].clone()
-    s[0] = n - (-(-n // GROUP) - 1) * GROUP
-    codec = plan.codecs[PARAM]
-    k = len(codec.fields)
-    x = codec.decode(*args[2:2 + k]).reshape(-1)
-    x[n:] = 0
-    weight, *rest = [t.contiguous() for t in codec.encode(x.view(-1, GROUP))]
-    for t in rest:
-        torch._dynamo.mark_static(t, 1)
-    fields = args[2 + k:-1] if plan.masks_lanes else args[2 + k:]  # step_one has no lanes
-    return [s, args[1].reshape(-1)[:n].clone(), weight.reshape(-1)[:n].clone(), *rest, *fields]
-
-
-def _as_groups(plan: Plan, args: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of :func:`_as_one`: weight and gradient zero-padded to whole groups."""
-    return [args[0], padded(args[1]), padded(args[2]), *args[3:]]
 
 
 @functools.lru_cache(maxsize=None)

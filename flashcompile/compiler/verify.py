@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from flashcompile.codecs import GROUP, PARAM
-from flashcompile.codecs.layout import lane_counts, segment_ends
+from flashcompile.codecs.layout import lane_counts, padded, segment_ends
 
 
 def sample_inputs(plan, groups: int, device: torch.device | str,
@@ -73,3 +73,63 @@ def describe_mismatch(plan, key: str, want_args, got_args, want, got, tol) -> st
     return (f"{key}: group {row} lane {lane}: eager {want.reshape(-1)[flat].item():.9g} compiled "
             f"{got.reshape(-1)[flat].item():.9g} tol {tol.reshape(-1)[flat].item():.3g}; "
             f"fields (eager, compiled): {fields}")
+
+
+def compare_compiled(plan, device: torch.device | str, groups: int = 4, seed: int = 0,
+                     variant: str = "groups") -> str | None:
+    """:meth:`Plan.compare_compiled`: the worst value compiled and eager disagree on beyond one
+    code step, described, or None."""
+    if not plan._verified[variant]:  # compile (and pin the launch config) at size first
+        plan.verify(device, variant)
+    args = sample_inputs(plan, groups, device, seed)  # its own generator: RNG state untouched
+    n = max(2, groups * GROUP - 5)
+    run_eager, run_compiled = (plan.eager, plan.fn) if variant == "groups" else (
+        plan.eager_one, plan.fn_one)
+    eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
+    for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
+        if a.dim() == 2:  # symbolic, into a looped two-pass reduction (5x slower)
+            torch._dynamo.mark_static(a, 1)
+    if variant == "one":  # the weight and gradient as one parameter's flat storage: n values
+        args = as_one(plan, args, n)
+        eager, compiled = as_one(plan, eager, n), as_one(plan, compiled, n)
+    with torch.no_grad():
+        run_eager(*eager)
+    run_compiled(*compiled)
+    if variant == "one":
+        args, eager, compiled = (as_groups(plan, a) for a in (args, eager, compiled))
+    want, got = decode_inputs(plan, eager), decode_inputs(plan, compiled)
+    before = decode_inputs(plan, args)
+    if variant == "one":  # the weight's padding lanes are never stored back: not compared
+        for d in (want, got, before):
+            d[PARAM] = d[PARAM].reshape(-1)[:n]
+    for name, codec in plan.codecs.items():
+        scale = want[name].abs() + before[name].abs()
+        tol = codec.code_step(want[name]) + 1e-6 * scale
+        if not torch.all((got[name] - want[name]).abs() <= tol):
+            return describe_mismatch(plan, name, eager, compiled, want[name], got[name], tol)
+    if not torch.equal(compiled[0], eager[0]):
+        return "the scalar vector was written to"
+    return None
+
+
+def as_one(plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """Arguments of :attr:`Plan.fn` (whole groups) as :attr:`Plan.fn_one` takes them for one
+    parameter of ``n`` values: weight and gradient flat, the valid lanes of the last group in
+    ``s[0]``, and the weight's padding lanes zero in every field (as a padded parameter's are)."""
+    s = args[0].clone()
+    s[0] = n - (-(-n // GROUP) - 1) * GROUP
+    codec = plan.codecs[PARAM]
+    k = len(codec.fields)
+    x = codec.decode(*args[2:2 + k]).reshape(-1)
+    x[n:] = 0
+    weight, *rest = [t.contiguous() for t in codec.encode(x.view(-1, GROUP))]
+    for t in rest:
+        torch._dynamo.mark_static(t, 1)
+    fields = args[2 + k:-1] if plan.masks_lanes else args[2 + k:]  # step_one has no lanes
+    return [s, args[1].reshape(-1)[:n].clone(), weight.reshape(-1)[:n].clone(), *rest, *fields]
+
+
+def as_groups(plan, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`as_one`: weight and gradient zero-padded to whole groups."""
+    return [args[0], padded(args[1]), padded(args[2]), *args[3:]]
+

@@ -5,7 +5,16 @@ A rule imports its primitives and the ``rule`` decorator from here."""
 
 from flashcompile.language.declare import rule
 from flashcompile.language.dsl import (
-    abs, exp, log, maximum, minimum, norm, sign, sqrt, sum_all, where,
+    abs,
+    exp,
+    log,
+    maximum,
+    minimum,
+    norm,
+    sign,
+    sqrt,
+    sum_all,
+    where,
 )
 
 __all__ = ["rule", "abs", "exp", "log", "maximum", "minimum", "norm", "sign", "sqrt", "sum_all",

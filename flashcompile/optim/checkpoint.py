@@ -19,15 +19,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashcompile.runtime import distributed
-
-from flashcompile.optim import interop
-from flashcompile.codecs import GROUP
+from flashcompile.codecs import GROUP, PARAM
 from flashcompile.codecs import get as codec_named
-from flashcompile.runtime.distributed import is_dtensor
-from flashcompile.optim.hyperparameters import IMPLEMENTATION_FLAGS
-from flashcompile.codecs import PARAM
 from flashcompile.compiler.plan import Plan, state_key
+from flashcompile.optim.hyperparameters import IMPLEMENTATION_FLAGS
+from flashcompile.runtime import distributed, interop
+from flashcompile.runtime.distributed import is_dtensor
 from flashcompile.runtime.state import OptimizerState, ParamState
 from flashcompile.runtime.tensor_graph import TensorGraphs
 

@@ -14,33 +14,27 @@ from typing import Any
 
 import torch
 
-from flashcompile.optim import amp
-
-from flashcompile.optim import clipping
-
-from flashcompile.runtime import distributed
-
-from flashcompile.runtime import guards
-
-from flashcompile.codecs import layout
-from flashcompile.optim import hyperparameters as _hyper
-from flashcompile.runtime.arena import Bucket
-from flashcompile.optim.checkpoint import Checkpoints
-from flashcompile.runtime.state import OptimizerState
-from flashcompile.runtime.distributed import is_dtensor, to_local
-from flashcompile.language.dsl import Rule
-from flashcompile.codecs import PARAM
-from flashcompile.compiler.plan import Plan, PlanKey, get_plan, state_key
+from flashcompile.codecs import PARAM, layout
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
+from flashcompile.compiler.plan import Plan, PlanKey, get_plan, state_key
+from flashcompile.language.dsl import Rule
+from flashcompile.language.trace import check_facts, trace
+from flashcompile.optim import clipping
+from flashcompile.optim import hyperparameters as _hyper
+from flashcompile.optim.checkpoint import Checkpoints
+from flashcompile.optim.stored_values import StoredValues
+from flashcompile.runtime import amp, distributed, guards
+from flashcompile.runtime.arena import Bucket
+from flashcompile.runtime.distributed import is_dtensor, to_local
 from flashcompile.runtime.shards import ShardBucket
+from flashcompile.runtime.state import OptimizerState
 from flashcompile.runtime.stepping import PerTensor, ScalarCache
 from flashcompile.runtime.tensor_graph import TensorGraphs
-from flashcompile.language.trace import check_facts, trace
 
 SUPPORTED_DTYPES = guards.SUPPORTED_DTYPES
 
 
-class Optimizer(Checkpoints, torch.optim.Optimizer):
+class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
     """Run ``rule`` as a torch optimizer.
 
     Args:
@@ -385,58 +379,6 @@ class Optimizer(Checkpoints, torch.optim.Optimizer):
                     p.grad.detach_().requires_grad_(False).zero_()
         for bucket in self._buckets.values():
             bucket.zero_grad(set_to_none)
-
-    # ---- reading the state back ---------------------------------------------------------------
-
-    def _decode(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        plan = self._plan(p, self._flags(self._group_of(p)))
-        codec = plan.codecs[name]
-        local = to_local(p).detach()
-        order = layout.memory_order(local)
-        fields = [layout.flat(local, order) if name == PARAM and f.name == "value"
-                  else self.state[p][state_key(name, f)] for f in codec.fields]
-        if name == PARAM:  # the weight itself is not padded: pad it as the other fields are
-            fields[0] = layout.padded(fields[0]).view(-1)
-        decoded = layout.decode_flat(codec, fields, local.numel())
-        return distributed.like(p, layout.unflat(decoded, local, order))
-
-    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
-        """The fp32 master weight of ``p``, reconstructed from its codec (e.g. bf16 + residual); for
-        a DTensor ``p``, a DTensor placed like it."""
-        if not self.state.get(p):
-            return p.detach().float().clone()
-        return self._decode(p, PARAM)
-
-    @torch.no_grad()
-    def set_master_weight(self, p: torch.Tensor, value: torch.Tensor) -> None:
-        """Set ``p``'s full-precision weight: the 16-bit param and its residual both encode
-        ``value`` (fp32), so nothing of ``value`` is lost that the codec can hold. For a DTensor
-        ``p``, ``value`` is a DTensor or the full tensor; each rank sets its shard."""
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"value has shape {tuple(value.shape)}, the param {tuple(p.shape)}")
-        plan = self._plan(p, self._flags(self._group_of(p)))
-        state = self.state[p]
-        value, p = distributed.local_part(value.detach(), p), to_local(p)
-        self._init_state(p, plan, state)
-        order = layout.memory_order(p)
-        x = layout.flat(value.to(device=p.device, dtype=torch.float32), order)
-        codec = plan.codecs[PARAM]
-        for f, t in zip(codec.fields, layout.encode_flat(codec, x)):
-            if f.name == "value":
-                p.copy_(layout.unflat(t[: p.numel()], p, order))
-            else:
-                state[state_key(PARAM, f)].copy_(t)
-
-    def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        """State ``name`` of ``p`` decoded to fp32, in the param's shape (a scalar state: 0-d); for
-        a DTensor ``p``, a DTensor placed like it."""
-        if name not in self.rule.states:
-            raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
-        if not self.state.get(p):
-            raise KeyError("param has no state yet: step the optimizer first")
-        if name in self.rule.scalar_states:
-            return self.state[p][name].clone()
-        return self._decode(p, name)
 
 
 def _drop_duplicates(group: dict[str, Any]) -> None:

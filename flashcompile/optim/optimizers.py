@@ -11,8 +11,21 @@ from typing import Any, ClassVar
 
 from flashcompile.optim.optimizer import Optimizer
 from flashcompile.rules import (
-    adadelta, adagrad, adam, adamax, adan, ademamix, asgd, lamb, lars, lion, nadam, radam,
-    rmsprop, rprop, sgd,
+    adadelta,
+    adagrad,
+    adam,
+    adamax,
+    adan,
+    ademamix,
+    asgd,
+    lamb,
+    lars,
+    lion,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    sgd,
 )
 
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from flashcompile.optim.optimizer import Optimizer
 from flashcompile.runtime.arena import Bucket
 from flashcompile.runtime.distributed import is_dtensor
-from flashcompile.optim.optimizer import Optimizer
 from flashcompile.runtime.shards import UnitRelease
 
 _active: list[GradientRelease] = []

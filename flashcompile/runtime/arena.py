@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import layout
-from flashcompile.codecs import GROUP
+from flashcompile.codecs import GROUP, layout
 from flashcompile.codecs.layout import groups, lane_counts, scalar_tensor, segment_ends
 from flashcompile.compiler.plan import Plan
 

@@ -64,10 +64,9 @@ from typing import Any
 
 import torch
 
-from flashcompile.optim import interop
-from flashcompile.codecs import GROUP, Codec
-from flashcompile.codecs import PARAM
+from flashcompile.codecs import GROUP, PARAM, Codec
 from flashcompile.compiler.plan import Plan, state_key
+from flashcompile.runtime import interop
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from flashcompile.runtime.arena import steps_agree
 from flashcompile.codecs import GROUP
-from flashcompile.runtime.distributed import like, shard_sums
 from flashcompile.codecs.layout import groups, lane_counts, scalar_tensor, segment_ends
 from flashcompile.compiler.plan import Plan
+from flashcompile.runtime.arena import steps_agree
+from flashcompile.runtime.distributed import like, shard_sums
 
 
 class ShardBucket:

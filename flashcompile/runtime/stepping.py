@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import layout
-from flashcompile.codecs import GROUP
+from flashcompile.codecs import GROUP, layout
 from flashcompile.compiler.plan import Plan
 
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
-from flashcompile.optim import amp
-
 from flashcompile.codecs import layout
+from flashcompile.runtime import amp
 from flashcompile.runtime.stepping import PerTensor, ScalarCache
 
 _MAX_CAPTURES = 8  # per list of params: gradients that keep moving are not worth recapturing

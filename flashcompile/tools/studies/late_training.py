@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 import flashcompile as fc
-from flashcompile.tools.studies.report import mean_std, pyplot, save_figure, table, write_csv, write_summary
+from flashcompile.tools.studies.report import (
+    mean_std,
+    pyplot,
+    save_figure,
+    table,
+    write_csv,
+    write_summary,
+)
 
 RUNS = {  # name -> codecs of Adam's states (the master weight is the weight split in every run)
     "fp32 states": {"exp_avg": "fp32", "exp_avg_sq": "fp32"},

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from flashcompile import codecs
+from flashcompile.codecs.layout import padded
 from flashcompile.codecs.presets import default_codec
+from flashcompile.codecs.stochastic import uniform_noise
 from flashcompile.rules import adam
 from flashcompile.tools.studies import tasks
 from flashcompile.tools.studies.report import pyplot, save_figure, table, write_csv, write_summary
-from flashcompile.codecs.stochastic import uniform_noise
-from flashcompile.codecs.layout import padded
 
 ADAM_M = default_codec("signed", "flash").name
 ADAM_V = adam.flash_codecs["exp_avg_sq"]

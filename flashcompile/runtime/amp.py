@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from flashcompile.runtime import guards
 from flashcompile.language.dsl import Rule
+from flashcompile.runtime import guards
 
 # appended to a plan's flags while a step unscales its gradients: plans and flat buckets are keyed
 # by flags, so the unscaling plan and its buckets are built once and kept apart from the plain ones

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import layout
-from flashcompile.codecs import PARAM
+from flashcompile.codecs import PARAM, layout
 from flashcompile.compiler.plan import Plan, state_key
 
 
