@@ -42,32 +42,15 @@ from flashcompile.optim.model import (  # noqa: E402
     load_fp32_state_dict,
 )
 from flashcompile.optim.optimizer import Optimizer  # noqa: E402
-from flashcompile.optim.optimizers import (  # noqa: E402
-    ASGD,
-    LAMB,
-    LARS,
-    SGD,
-    SGDW,
-    Adadelta,
-    Adagrad,
-    Adam,
-    Adamax,
-    AdamW,
-    Adan,
-    AdEMAMix,
-    Lion,
-    NAdam,
-    RAdam,
-    RMSprop,
-    Rprop,
-)
+from flashcompile.optim.optimizers import OPTIMIZERS as _OPTIMIZERS  # noqa: E402
 from flashcompile.optim.release import enable_gradient_release  # noqa: E402
+
+# the drop-in classes (SGD, Adam, AdamW, Lion, ...), one per registry entry
+globals().update({cls.__name__: cls for cls in _OPTIMIZERS.values()})
 
 __all__ = [
     "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log", "sum_all", "norm",
-    "Optimizer", "SGD", "SGDW", "Adam", "AdamW", "Lion", "codecs", "explain",
-    "LAMB", "LARS", "AdEMAMix", "Adan",
-    "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop",
+    "Optimizer", "codecs", "explain", *(cls.__name__ for cls in _OPTIMIZERS.values()),
     "cast_model", "BATCH_NORMS", "NORM_LAYERS", "enable_gradient_release", "fp32_state_dict",
     "load_fp32_state_dict",
 ]

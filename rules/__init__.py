@@ -1,22 +1,13 @@
-"""The built-in update rules, one file each. Installed as ``flashcompile.rules``."""
+"""The built-in update rules, one file each, found by their file names: ``rules/<name>.py``
+defines the rule ``<name>``. Installed as ``flashcompile.rules``; :data:`RULES` maps each name to
+its rule (``flashcompile.optim.optimizers`` gives each a class)."""
 
-from flashcompile.rules.adadelta import adadelta
-from flashcompile.rules.adagrad import adagrad
-from flashcompile.rules.adam import adam
-from flashcompile.rules.adamax import adamax
-from flashcompile.rules.adan import adan
-from flashcompile.rules.ademamix import ademamix
-from flashcompile.rules.asgd import asgd
-from flashcompile.rules.lamb import lamb
-from flashcompile.rules.lars import lars
-from flashcompile.rules.lion import lion
-from flashcompile.rules.nadam import nadam
-from flashcompile.rules.radam import radam
-from flashcompile.rules.rmsprop import rmsprop
-from flashcompile.rules.rprop import rprop
-from flashcompile.rules.sgd import sgd
+import importlib
+import pkgutil
 
-__all__ = [
-    "adadelta", "adagrad", "adam", "adamax", "adan", "ademamix", "asgd", "lamb", "lars", "lion",
-    "nadam", "radam", "rmsprop", "rprop", "sgd",
-]
+RULES = {}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    RULES[_module] = getattr(importlib.import_module(f"{__name__}.{_module}"), _module)
+globals().update(RULES)  # flashcompile.rules.adam is the rule, not its module
+
+__all__ = sorted(RULES)

@@ -6,9 +6,11 @@ Each takes torch.optim's arguments and defaults plus the options of :class:`flas
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+from flashcompile.language.dsl import Rule
 from flashcompile.optim.optimizer import Optimizer
 from flashcompile.rules import (
     adadelta,
@@ -27,6 +29,35 @@ from flashcompile.rules import (
     rprop,
     sgd,
 )
+
+
+def optimizer_class(rule: Rule, name: str, doc: str) -> type[Optimizer]:
+    """A drop-in class for ``rule``: ``Name(params, <hyperparameters in the rule's order>, *,
+    maximize=False, **options)`` with the rule's defaults; tuples (``betas``) are taken from any
+    sequence. A rule without a torch.optim twin needs no more than this (its checks are the
+    rule's ``ranges``); twins keep hand-written classes for torch's signatures and messages."""
+    names = [k for k in rule.defaults if k != "maximize"]
+    kind = inspect.Parameter
+    signature = inspect.Signature(
+        [kind("self", kind.POSITIONAL_OR_KEYWORD), kind("params", kind.POSITIONAL_OR_KEYWORD)]
+        + [kind(k, kind.POSITIONAL_OR_KEYWORD, default=rule.defaults[k]) for k in names]
+        + ([kind("maximize", kind.KEYWORD_ONLY, default=False)] if "maximize" in rule.defaults
+           else [])
+        + [kind("options", kind.VAR_KEYWORD)])
+
+    def __init__(self, params: Iterable, *args: Any, **kwargs: Any):
+        bound = signature.bind(self, params, *args, **kwargs)
+        bound.apply_defaults()
+        hyper = {k: v for k, v in bound.arguments.items() if k not in ("self", "params", "options")}
+        for k, v in hyper.items():
+            if isinstance(rule.defaults[k], tuple) and not isinstance(v, tuple):
+                hyper[k] = tuple(v)
+        Optimizer.__init__(self, params, rule, **hyper, **bound.arguments["options"])
+
+    __init__.__signature__ = signature
+    __init__.__qualname__ = f"{name}.__init__"
+    return type(name, (Optimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+                                     "__qualname__": name})
 
 
 class SGD(Optimizer):
@@ -79,41 +110,6 @@ class AdamW(Adam):
                          decoupled_weight_decay=True, **options)
 
 
-class Lion(Optimizer):
-    """Lion (arXiv 2302.06675) with flash codecs by default."""
-
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False, **options: Any):
-        super().__init__(params, lion, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                         maximize=maximize, **options)
-
-
-class LAMB(Optimizer):
-    """LAMB (arXiv 1904.00962): Adam's direction scaled per param by ||p|| / ||update||.
-
-    Steps each param in its own call (its norms span the whole param), never in a flat bucket.
-    """
-
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, bias_correction: bool = True, *,
-                 maximize: bool = False, **options: Any):
-        super().__init__(params, lamb, lr=lr, betas=tuple(betas), eps=eps,
-                         weight_decay=weight_decay, bias_correction=bias_correction,
-                         maximize=maximize, **options)
-
-
-class LARS(Optimizer):
-    """LARS (arXiv 1708.03888): momentum SGD with the layer-wise trust ratio
-    ``trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps)``; steps per param."""
-
-    def __init__(self, params: Iterable, lr: float = 1.0, momentum: float = 0.9,
-                 weight_decay: float = 0.0, trust_coefficient: float = 1e-3, eps: float = 1e-8, *,
-                 maximize: bool = False, **options: Any):
-        super().__init__(params, lars, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         trust_coefficient=trust_coefficient, eps=eps, maximize=maximize, **options)
-
-
 class AdEMAMix(Optimizer):
     """AdEMAMix (arXiv 2409.03137): Adam plus ``alpha`` times a slow EMA (``betas[2]``) of the
     gradient. ``alpha_warmup`` / ``beta3_warmup``: the paper's warmup lengths in steps (None or 0:
@@ -133,18 +129,6 @@ class AdEMAMix(Optimizer):
         super().__init__(params, ademamix, lr=lr, betas=tuple(betas), alpha=alpha, eps=eps,
                          weight_decay=weight_decay, alpha_warmup=alpha_warmup or 0.0,
                          beta3_warmup=beta3_warmup or 0.0, maximize=maximize, **options)
-
-
-class Adan(Optimizer):
-    """Adan (arXiv 2208.06677), as the authors' implementation: betas weigh the old values, and
-    ``no_prox`` picks decoupled decay over the proximal ``p / (1 + lr * weight_decay)``."""
-
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float, float] = (0.98, 0.92, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, no_prox: bool = False, *, maximize: bool = False,
-                 **options: Any):
-        super().__init__(params, adan, lr=lr, betas=tuple(betas), eps=eps,
-                         weight_decay=weight_decay, no_prox=no_prox, maximize=maximize, **options)
 
 
 class Adagrad(Optimizer):
@@ -234,7 +218,19 @@ class Rprop(Optimizer):
                          maximize=maximize, **options)
 
 
-# Every drop-in class by lower-case name: the command line and the contract tests iterate this.
+# Rules without a torch.optim twin: one line each.
+Lion = optimizer_class(lion, "Lion", """Lion (arXiv 2302.06675) with flash codecs by default.""")
+LAMB = optimizer_class(lamb, "LAMB", """LAMB (arXiv 1904.00962): Adam's direction scaled per param
+    by ||p|| / ||update||; its norms span the whole param, summed per param inside flat buckets.""")
+LARS = optimizer_class(lars, "LARS", """LARS (arXiv 1708.03888): momentum SGD with the layer-wise
+    trust ratio ``trust_coefficient * ||p|| / (||g|| + weight_decay * ||p|| + eps)``, its norms
+    summed per param inside flat buckets.""")
+Adan = optimizer_class(adan, "Adan", """Adan (arXiv 2208.06677), as the authors' implementation:
+    betas weigh the old values, and ``no_prox`` picks decoupled decay over the proximal
+    ``p / (1 + lr * weight_decay)``.""")
+
+# Every drop-in class by lower-case name: the package's exports, the command line, bench's rows and
+# the contract tests iterate this.
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in (
     SGD, SGDW, Adam, AdamW, Lion, LAMB, LARS, AdEMAMix, Adan, Adagrad, RMSprop, Adadelta, Adamax,
     NAdam, RAdam, ASGD, Rprop)}

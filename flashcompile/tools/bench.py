@@ -22,6 +22,7 @@ import torch
 
 import flashcompile as fc
 from flashcompile.compiler.explain import plan_of
+from flashcompile.optim.optimizers import OPTIMIZERS as OPTIMIZERS_BY_NAME
 
 WORKLOADS = Path(__file__).parent / "workloads"
 
@@ -57,9 +58,10 @@ OPTIMIZERS: dict[str, tuple[torch.dtype, Callable, float | None]] = {
     "lion_flash": (torch.bfloat16, _flash(fc.Lion), None),
     "lion_fp32": (torch.float32, _flash(fc.Lion, codecs="fp32"), None),
 }
-# The rest of the family with flash codecs and their defaults: `--optimizers all` (or name them).
-FAMILY = ("Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "LAMB",
-          "LARS", "AdEMAMix", "Adan")
+# The rest of the shipped optimizers with flash codecs and their defaults: `--optimizers all` (or
+# name them). SGDW and Adam step as SGD and AdamW do.
+FAMILY = tuple(cls.__name__ for key, cls in OPTIMIZERS_BY_NAME.items()
+               if f"{key}_flash" not in OPTIMIZERS and key not in ("sgdw", "adam"))
 EXTRA: dict[str, tuple[torch.dtype, Callable, float | None]] = {
     f"{name.lower()}_flash": (torch.bfloat16, _flash(getattr(fc, name)), None) for name in FAMILY
 }
