@@ -19,7 +19,7 @@ AdamW's kernel goes from 116 to 75 static instructions per element. The min/max 
 (``max.NaN``: NaN from either side, as torch.maximum); it took Rprop's kernel, whose step sizes
 are clamped, from 79 to 74.
 
-Accuracy: both approximations are a few fp32 ulps from IEEE (``tests/test_cuda.py`` measures them),
+Accuracy: both approximations are a few fp32 ulps from IEEE (``tests/cuda/test_cuda.py`` measures them),
 far below the smallest code step of any 8- or 16-bit codec, and fp32-codec plans still follow
 torch.optim within the parity tests' rtol of 1e-5. Where they differ from IEEE: a divisor above
 2^126 in magnitude gives 0, and fp32 denormals (below 1.2e-38) may flush to zero. ``compare_compiled``

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from flashcompile.codecs import GROUP, PARAM, Codec, Field
-from flashcompile.codecs.layout import groups, padded, scalar_tensor, segment_ends
+from flashcompile.codecs.layout import group_count, groups, padded, scalar_tensor, segment_ends
 from flashcompile.compiler import fast_math
 from flashcompile.compiler.codegen import assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
@@ -281,7 +281,7 @@ class Plan:
             if combine is not None and self.reduces:
                 self.combine_nothing(combine, p.device)
             return
-        count = -(-n // GROUP)
+        count = group_count(n)
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
         flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
         s = scalar_tensor([n - (count - 1) * GROUP, *scalars], p.device)

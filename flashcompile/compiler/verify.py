@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from flashcompile.codecs import GROUP, PARAM
-from flashcompile.codecs.layout import lane_counts, padded, segment_ends
+from flashcompile.codecs.layout import group_count, lane_counts, padded, segment_ends
 
 
 def sample_inputs(plan, groups: int, device: torch.device | str,
@@ -117,7 +117,7 @@ def as_one(plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     parameter of ``n`` values: weight and gradient flat, the valid lanes of the last group in
     ``s[0]``, and the weight's padding lanes zero in every field (as a padded parameter's are)."""
     s = args[0].clone()
-    s[0] = n - (-(-n // GROUP) - 1) * GROUP
+    s[0] = n - (group_count(n) - 1) * GROUP
     codec = plan.codecs[PARAM]
     k = len(codec.fields)
     x = codec.decode(*args[2:2 + k]).reshape(-1)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashcompile.codecs import GROUP, PARAM
+from flashcompile.codecs import GROUP, PARAM, layout
 from flashcompile.codecs import get as codec_named
 from flashcompile.compiler.plan import Plan, state_key
 from flashcompile.optim.hyperparameters import IMPLEMENTATION_FLAGS
@@ -180,7 +180,7 @@ class Checkpoints:
                 f"{self.rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
                 "saved by a different optimizer or with different codecs"
             )
-        groups = -(-p.numel() // GROUP)
+        groups = layout.group_count(p.numel())
         out = {k: torch.as_tensor(saved[k], dtype=torch.float32).detach().clone().cpu()
                for k in host if k in saved}
         for key, f in expected.items():
@@ -237,7 +237,7 @@ def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: 
         return None
     if then[PARAM] != now[PARAM]:
         raise refuse
-    groups = -(-p.numel() // GROUP)
+    groups = layout.group_count(p.numel())
     out = dict(saved)
     for name, codec in plan.codecs.items():
         if then[name] == codec.name:

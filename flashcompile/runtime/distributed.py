@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import GROUP, PARAM, Codec
+from flashcompile.codecs import GROUP, PARAM, Codec, layout
 from flashcompile.compiler.plan import Plan, state_key
 from flashcompile.runtime import interop
 
@@ -199,7 +199,7 @@ def is_checkpoint_layout(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any]) 
         return False
     per_row = groups_per_row(p)
     layouts = {tuple(p.shape)} | ({(p.shape[0], per_row)} if per_row else set())
-    flat = [(-(-p.numel() // GROUP)) * (1 if f.per_group else GROUP) for f in fields.values()]
+    flat = [layout.group_count(p.numel()) * (1 if f.per_group else GROUP) for f in fields.values()]
     return any(tuple(saved[k].shape) in layouts and tuple(saved[k].shape) != (m,)
                for k, m in zip(fields, flat))
 
@@ -247,7 +247,7 @@ def _regroup(codec: Codec, name: str, local: torch.Tensor, parts: Mapping[str, t
              per_row: int | None) -> dict[str, torch.Tensor]:
     """One codec's stored fields, flat in this rank's groups of 32, from its checkpoint parts."""
     n = local.numel()
-    count = -(-n // GROUP)
+    count = layout.group_count(n)
     flat = {}
     for f in codec.fields:
         if f.name not in parts:
@@ -272,7 +272,7 @@ def _one_scale_per_group(codec: Codec, name: str, local: torch.Tensor,
     keep their codes; the others are decoded lane by lane (each with its saved group's fields) and
     re-encoded in this rank's groups."""
     n = local.numel()
-    count = -(-n // GROUP)
+    count = layout.group_count(n)
     valid = (torch.arange(count * GROUP, device=local.device) < n).view(count, GROUP)
     same = torch.ones(count, 1, dtype=torch.bool, device=local.device)
     for f in lanes:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.codecs.layout import groups, lane_counts, scalar_tensor, segment_ends
+from flashcompile.codecs.layout import group_count, groups, lane_counts, scalar_tensor, segment_ends
 from flashcompile.compiler.plan import Plan
 from flashcompile.runtime.arena import steps_agree
 from flashcompile.runtime.distributed import like, shard_sums
@@ -44,7 +44,7 @@ class ShardBucket:
         self.params, self.plan, self.state = list(params), plan, state
         self.keep_grads = keep_grads
         shards = [p.to_local() for p in self.params]
-        counts = [-(-t.numel() // GROUP) for t in shards]
+        counts = [group_count(t.numel()) for t in shards]
         offsets = [0, *itertools.accumulate(counts)][:-1]
         self.groups = sum(counts)
         self.ranges = [slice(o * GROUP, o * GROUP + t.numel()) for o, t in zip(offsets, shards)]

@@ -1,6 +1,6 @@
 """flashcompile.compiler.fast_math: what the Triton code generation of CUDA plans emits instead of Inductor's
 IEEE division and square root, and that nothing else compiled in the process is touched. The
-kernels themselves run in tests/test_cuda.py."""
+kernels themselves run in tests/cuda/test_cuda.py."""
 
 from __future__ import annotations
 
