@@ -15,7 +15,7 @@ from strategies import seeds, shape_lists
 
 import flashcompile as fc
 from flashcompile.compiler.explain import plan_of
-from flashcompile.testing import check_rule
+from flashcompile.testing import UntrackedRule, check_rule
 
 STEPS = 12
 # fp32 kernel against float64 references: a few fp32 roundings per step, 12 steps. An element that
@@ -160,8 +160,11 @@ def test_adan_matches_reference(shapes, seed, lr, betas, wd, no_prox, maximize):
 
 
 def test_rules_pass_the_codec_property_suite_under_flash_codecs():
-    for rule in (lamb, lars, ademamix, adan):
+    for rule in (ademamix, adan):
         check_rule(rule, max_examples=6)
+    for rule in (lamb, lars):  # their norms have no interval rule: property 4 says it skips
+        with pytest.warns(UntrackedRule, match="sum_all"):
+            check_rule(rule, max_examples=6)
 
 
 @pytest.mark.parametrize("make", [fc.LAMB, fc.LARS])

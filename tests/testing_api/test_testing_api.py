@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 import flashcompile as fc
 from flashcompile.codecs.companded import LinearInt8
-from flashcompile.language.dsl import Rule
-from flashcompile.language.sensitivity import _Program
+from flashcompile.language.dsl import PRIMITIVES, Rule
+from flashcompile.language.sensitivity import Unsupported, _Program
 from flashcompile.testing import (
     SPECIAL_VALUES,
+    UntrackedRule,
     check_codec,
     check_rule,
     gradient,
@@ -138,3 +139,28 @@ def warm_started(p, g, buffer, *, step, lr, beta):
 def test_check_rule_runs_a_rule_whose_state_is_a_number_at_step_one():
     # the float64 interpretation gets a bare float for the state at step 1
     check_rule(warm_started, max_examples=3, steps=3, track_steps=4)
+
+
+def test_every_dsl_primitive_but_the_reduction_has_an_interval_rule():
+    """Property 4 covers a rule only where the envelope can bound each op: a primitive added to
+    the DSL without an interval rule must fail here, not skip property 4 unnoticed."""
+    x, y, z = sympy.symbols("x y z", real=True)
+    args = {"where": (x > 0, y, z), "maximum": (x, y), "minimum": (x, y)}
+    for op, (_, builder, _) in PRIMITIVES.items():
+        expr = builder(*args.get(op, (x,)))
+        if op == "sum_all":
+            with pytest.raises(Unsupported):
+                _Program([expr], [x, y, z])
+        else:
+            _Program([expr], [x, y, z])
+
+
+def test_check_rule_says_when_it_cannot_track_float64():
+    with pytest.warns(UntrackedRule, match="sum_all"):
+        check_rule(_normalized, max_examples=2, steps=2, track_steps=2)
+
+
+@fc.rule(defaults={"lr": 1e-2, "beta": 0.9}, states={"buf": "signed"})
+def _normalized(p, g, buf, *, step, lr, beta):
+    buf = beta * buf + (1 - beta) * g
+    return p - lr * buf / (fc.norm(buf) + 1e-8), buf
