@@ -292,7 +292,7 @@ def _check_reshard(args, device: torch.device) -> bool:
         loaded = snapshot(model, opt)
         exact, within, reencoded, failed = True, True, 0, []
         for name, p in model.named_parameters():
-            codecs = opt._plan(p.to_local(), opt._flags(opt.param_groups[0])).codecs
+            codecs = opt.plan_for(p.to_local(), opt.flags_of(opt.param_groups[0])).codecs
             for key, want in saved[name].items():
                 have = loaded[name][key]
                 if groups_per_row(p) is not None or key in ("weight", "step", PARAM):

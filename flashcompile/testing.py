@@ -110,8 +110,8 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     decoded values before the step.
     """
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    flags = opt._flags(group)
-    flash = opt._plan(p, flags)
+    flags = opt.flags_of(group)
+    flash = opt.plan_for(p, flags)
     live = tuple(k for k in flash.codecs if k != PARAM)
     plan = get_plan(PlanKey(opt.rule, flags, resolve_codecs(opt.rule, "fp32", torch.float32, live),
                             p.device.type, False))
@@ -123,7 +123,7 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
               for k, c in plan.codecs.items() if k != PARAM}
     step = int(opt.state[p]["step"].item()) + 1 if started else 1
     # scalar states (NAdam's mu_product) are read from opt's state, not advanced
-    values = plan.scalars(step, opt._hyperparameters(group), opt.state.get(p))
+    values = plan.scalars(step, opt.hyperparameters_of(group), opt.state.get(p))
     plan.run(master, p.grad, stored, values)
     new = {PARAM: master, **{k: stored[k][: p.numel()].view_as(p) for k in stored}}
     return flash, new, old
@@ -236,10 +236,10 @@ def track_fp64(rule: Rule, hyper: Mapping[str, Any], shapes_: list[tuple[int, ..
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes_]
     opt = Optimizer(params, rule, codecs=codecs, compile=compiled, flat=False, **hyper)
     group = opt.param_groups[0]
-    values = opt._hyperparameters(group)
-    traced = trace(rule, dict(opt._flags(group)))
+    values = opt.hyperparameters_of(group)
+    traced = trace(rule, dict(opt.flags_of(group)))
     live = traced.live_states()
-    sens = _sensitivity(rule, opt._flags(group), (PARAM, *live))
+    sens = _sensitivity(rule, opt.flags_of(group), (PARAM, *live))
     if sens.unsupported:
         return None
     scalar_states = getattr(rule, "scalar_states", ())

@@ -20,7 +20,7 @@ def plan_of(optimizer, param: torch.Tensor | None = None) -> Plan:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if param is None or p is param:
-                return optimizer._plan(p, optimizer._flags(group))
+                return optimizer.plan_for(p, optimizer.flags_of(group))
     raise ValueError("param is not in this optimizer")
 
 

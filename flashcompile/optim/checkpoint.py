@@ -78,7 +78,7 @@ class Checkpoints:
             # torch.optim's ids: in group order, a param listed again keeps its first id
             for p, pid in zip(group["params"], saved["params"]):
                 if pid in sd["state"]:
-                    plan = self._plan(p, self._flags(group))
+                    plan = self.plan_for(p, self.flags_of(group))
                     codecs.setdefault(str(p.dtype), codec_names(plan))
                     if is_dtensor(p):
                         sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
@@ -128,7 +128,7 @@ class Checkpoints:
                 )
             new = {k: v for k, v in saved.items() if k not in SAVED_METADATA}
             new["params"] = g["params"]
-            self._hyperparameters(new)
+            self.hyperparameters_of(new)
             new_groups.append(new)
             id_map.update(zip(saved["params"], g["params"]))
         where = {pid: (i, j) for i, saved in enumerate(saved_groups)
@@ -138,7 +138,7 @@ class Checkpoints:
             if pid not in id_map:
                 raise ValueError(f"state dict has state for param id {pid}, which no group lists")
             p, (i, j) = id_map[pid], where[pid]
-            plan = self._plan(p, self._flags(new_groups[i]))
+            plan = self.plan_for(p, self.flags_of(new_groups[i]))
             _check_step(saved.get("step"), pid)
             encoded = not interop.is_torch_format(self.rule.states, saved, p)
             recorded = (saved_groups[i].get("codecs") or {}).get(str(p.dtype)) if encoded else None

@@ -104,8 +104,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         group = self.param_groups[-1]
         _drop_duplicates(group)
         try:
-            self._hyperparameters(group)
-            traced = trace(self.rule, dict(self._flags(group)))
+            self.hyperparameters_of(group)
+            traced = trace(self.rule, dict(self.flags_of(group)))
             check_facts(traced)
             index = len(self.param_groups) - 1
             for i, p in enumerate(group["params"]):
@@ -115,7 +115,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
+    def hyperparameters_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as Python values, each checked against its range (plus the
         inverse loss scale while a GradScaler step unscales the gradients)."""
         out = _hyper.values(self.rule, group)
@@ -123,9 +123,10 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             out[amp.INVERSE_SCALE] = self._grad_unscale
         return out
 
-    # ---- plans and storage --------------------------------------------------------------------
+    # ---- plans and storage: the runtime, release, checkpoints and testing call these --------------
 
-    def _plan(self, p: torch.Tensor, flags: tuple[tuple[str, bool], ...]) -> Plan:
+    def plan_for(self, p: torch.Tensor, flags: tuple[tuple[str, bool], ...]) -> Plan:
+        """The plan that steps ``p`` under ``flags`` (:meth:`flags_of` its group)."""
         # memoised: resolving costs sympy work per call, and per-tensor steps (gradient release)
         # ask once per param per step
         key = (p.dtype, p.device.type, flags, self.compile)
@@ -136,12 +137,13 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             self._plans[key] = get_plan(PlanKey(rule, flags, codecs, p.device.type, self.compile))
         return self._plans[key]
 
-    def _flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
+    def flags_of(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
+        """The group's static flags, sorted (plus the unscale flag inside a GradScaler step)."""
         flags = tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
         return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
 
-    def _init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
-                    into: Mapping[str, torch.Tensor] | None = None) -> None:
+    def init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
+                   into: Mapping[str, torch.Tensor] | None = None) -> None:
         """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
         in the param's memory order (flashcompile.codecs.layout). ``into``: flat buffer views by state
         key; every such field ends up there (missing ones encoded in place, adopted or loaded
@@ -188,8 +190,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            flags = self._flags(group)
-            scalars = ScalarCache(self._hyperparameters(group))
+            flags = self.flags_of(group)
+            scalars = ScalarCache(self.hyperparameters_of(group))
             stepped = [b for b in self._flat_buckets(index, group, flags)
                        if self._step_bucket(b, group, scalars)]
             if sum(len(b.params) for b in stepped) == len(group["params"]):
@@ -204,13 +206,13 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """Step one parameter now from its current ``.grad`` (what gradient release calls from
         each parameter's post-accumulate-grad hook). ``group``: its param group, if known."""
         group = self._group_of(p) if group is None else group
-        self._step_one(p, self._flags(group), ScalarCache(self._hyperparameters(group)))
+        self._step_one(p, self.flags_of(group), ScalarCache(self.hyperparameters_of(group)))
 
     def _step_bucket(self, bucket, group: Mapping[str, Any],
                      scalars: ScalarCache | None = None) -> bool:
         """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
         done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
-        scalars = scalars or ScalarCache(self._hyperparameters(group))
+        scalars = scalars or ScalarCache(self.hyperparameters_of(group))
         shared = bucket.stores_scalar_states  # one vector per scalar state: read one, store all
         held = (() if not self.rule.scalar_states else [self.state[bucket.params[0]]] if shared
                 else [self.state[p] for p in bucket.params])
@@ -238,11 +240,11 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         sizes and NAdam's momentum product would start one step late); this leaves a fresh state.
         """
         for group in self.param_groups:
-            flags = self._flags(group)
+            flags = self.flags_of(group)
             for p in group["params"]:
                 if p.grad is not None:
                     local = to_local(p)
-                    self._init_state(local, self._plan(local, flags), self.state[p])
+                    self.init_state(local, self.plan_for(local, flags), self.state[p])
 
     def _group_of(self, p: torch.Tensor) -> Mapping[str, Any]:
         for g in self.param_groups:
@@ -274,10 +276,10 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         guards.check_grad(self, p, p.grad)
         state = self.state[p]
         local = p.to_local() if is_dtensor(p) else p  # FSDP2: this rank's shard
-        plan = self._plan(local, flags)
+        plan = self.plan_for(local, flags)
         ready = self._per_tensor.get(id(p))
         if ready is None or not ready.holds(local, plan, state):
-            self._init_state(local, plan, state)
+            self.init_state(local, plan, state)
             ready = self._per_tensor[id(p)] = PerTensor(local, plan, state)
         return ready
 
@@ -322,7 +324,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             # bucket they would take zero-gradient steps, and weight decay, every step)
             params = [p for p in group["params"] if p.grad is not None
                       and (p.dtype, p.device, is_dtensor(p)) == kind]
-            plan = self._plan(params[0], flags)
+            plan = self.plan_for(params[0], flags)
             if not plan.steps_flat:
                 # padding lanes would need masks (or would add to a reduction): only params that
                 # fill whole groups (no padding lanes) may share a launch
@@ -336,7 +338,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
                 # FSDP2 shards keep their weights where FSDP2 all-gathers them from: a shard bucket
                 # stages them; a Bucket would re-point p.data
                 make = ShardBucket if kind[2] else Bucket
-                bucket = self._buckets[key] = make(params, plan, self.state, self._init_state,
+                bucket = self._buckets[key] = make(params, plan, self.state, self.init_state,
                                                    keep_grads=self.grad_views)
             out.append(bucket)
         self._buckets_of_group[index] = (group["params"], flags, len(group["params"]), out)

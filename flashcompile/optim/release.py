@@ -153,8 +153,8 @@ class _ReleaseBuckets:
         parts, singles = self._partition(runs)
         for members in parts:
             group = self.group_of[id(members[0])]
-            plan = opt._plan(members[0], opt._flags(group))
-            entry = [group, Bucket(members, plan, opt.state, opt._init_state, keep_grads=False), 0]
+            plan = opt.plan_for(members[0], opt.flags_of(group))
+            entry = [group, Bucket(members, plan, opt.state, opt.init_state, keep_grads=False), 0]
             self.buckets.append(entry)
             self.bucket_of.update((id(q), entry) for q in members)
         if singles:
@@ -169,7 +169,7 @@ class _ReleaseBuckets:
             for p in params:
                 group = self.group_of[id(p)]
                 flat = opt.flat if opt.flat is not None else p.device.type == "cuda"
-                if not flat or not opt._plan(p, opt._flags(group)).steps_flat_over([p.numel()]):
+                if not flat or not opt.plan_for(p, opt.flags_of(group)).steps_flat_over([p.numel()]):
                     singles.append(p)
                     continue
                 kind = (id(group), p.dtype, p.device)
@@ -202,8 +202,8 @@ class _ReleaseBuckets:
         group, bucket, _ = entry
         opt = self.optimizer
         if bucket.state is not opt.state or not bucket.intact():  # a loaded or reset state
-            plan = opt._plan(bucket.params[0], opt._flags(group))
-            entry[1] = bucket = Bucket(bucket.params, plan, opt.state, opt._init_state,
+            plan = opt.plan_for(bucket.params[0], opt.flags_of(group))
+            entry[1] = bucket = Bucket(bucket.params, plan, opt.state, opt.init_state,
                                        keep_grads=False)
         opt._step_and_free(bucket, group)
         entry[2] = 0
@@ -229,8 +229,8 @@ def _pack_states(optimizer: Optimizer, params: list[torch.Tensor], group_of) -> 
         by_kind.setdefault((id(group_of[id(p)]), p.dtype, p.device), []).append(p)
     for same in by_kind.values():
         group = group_of[id(same[0])]
-        Bucket(same, optimizer._plan(same[0], optimizer._flags(group)), optimizer.state,
-               optimizer._init_state, keep_grads=False)
+        Bucket(same, optimizer.plan_for(same[0], optimizer.flags_of(group)), optimizer.state,
+               optimizer.init_state, keep_grads=False)
 
 
 def enable_gradient_release(model: torch.nn.Module, optimizer: Optimizer,

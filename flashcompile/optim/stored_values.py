@@ -12,11 +12,11 @@ from flashcompile.runtime.distributed import to_local
 
 
 class StoredValues:
-    """Mixin of :class:`flashcompile.Optimizer` (uses its ``state``, ``rule``, ``_plan``,
-    ``_flags``, ``_group_of`` and ``_init_state``)."""
+    """Mixin of :class:`flashcompile.Optimizer` (uses its ``state``, ``rule``, ``plan_for``,
+    ``flags_of``, ``_group_of`` and ``init_state``)."""
 
     def _decode(self, p: torch.Tensor, name: str) -> torch.Tensor:
-        plan = self._plan(p, self._flags(self._group_of(p)))
+        plan = self.plan_for(p, self.flags_of(self._group_of(p)))
         codec = plan.codecs[name]
         local = to_local(p).detach()
         order = layout.memory_order(local)
@@ -41,10 +41,10 @@ class StoredValues:
         ``p``, ``value`` is a DTensor or the full tensor; each rank sets its shard."""
         if tuple(value.shape) != tuple(p.shape):
             raise ValueError(f"value has shape {tuple(value.shape)}, the param {tuple(p.shape)}")
-        plan = self._plan(p, self._flags(self._group_of(p)))
+        plan = self.plan_for(p, self.flags_of(self._group_of(p)))
         state = self.state[p]
         value, p = distributed.local_part(value.detach(), p), to_local(p)
-        self._init_state(p, plan, state)
+        self.init_state(p, plan, state)
         order = layout.memory_order(p)
         x = layout.flat(value.to(device=p.device, dtype=torch.float32), order)
         codec = plan.codecs[PARAM]

@@ -46,7 +46,7 @@ class Bucket:
 
     def __init__(self, params: Sequence[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[..., None],  # Optimizer._init_state
+                 init_state: Callable[..., None],  # Optimizer.init_state
                  keep_grads: bool = True):
         self.params = list(params)
         self.plan = plan

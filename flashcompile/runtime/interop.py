@@ -30,7 +30,7 @@ def is_torch_format(rule_states: Mapping[str, str], saved: Mapping[str, Any],
 def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
     """torch.optim's state for ``p``: step plus every live state decoded to fp32, shaped like p."""
     state = opt.state[p]
-    plan = opt._plan(p, opt._flags(_group_of(opt, p)))
+    plan = opt.plan_for(p, opt.flags_of(_group_of(opt, p)))
     out: dict[str, Any] = {"step": state["step"].detach().clone().float()}
     out.update({k: state[k].detach().clone().float() for k in opt.rule.scalar_states})
     for name in plan.codecs:

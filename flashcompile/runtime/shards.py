@@ -39,7 +39,7 @@ class ShardBucket:
 
     def __init__(self, params: list[torch.Tensor], plan: Plan,
                  state: Mapping[torch.Tensor, dict[str, Any]],
-                 init_state: Callable[..., None],  # Optimizer._init_state
+                 init_state: Callable[..., None],  # Optimizer.init_state
                  keep_grads: bool = True):
         self.params, self.plan, self.state = list(params), plan, state
         self.keep_grads = keep_grads
@@ -197,9 +197,9 @@ class UnitRelease:
         out = []
         for same in kinds.values():
             group = self.group_of[id(same[0])]
-            plan = self.optimizer._plan(same[0].to_local(), self.optimizer._flags(group))
+            plan = self.optimizer.plan_for(same[0].to_local(), self.optimizer.flags_of(group))
             out.append((group, ShardBucket(same, plan, self.optimizer.state,
-                                           self.optimizer._init_state, keep_grads=False)))
+                                           self.optimizer.init_state, keep_grads=False)))
         return out
 
     def owns(self, p: torch.Tensor) -> bool:

@@ -282,7 +282,7 @@ def test_rules_with_reductions_never_step_in_flat_buckets():
     opt.step()
     assert not opt._buckets
     # a bucket may still pack such params' states (gradient release does), but never steps them
-    assert not Bucket(params, plan_of(opt), opt.state, opt._init_state).try_step(lambda step: [])
+    assert not Bucket(params, plan_of(opt), opt.state, opt.init_state).try_step(lambda step: [])
 
 
 # ---- torch.optim's element-wise family: scalar states, guarded scalar branches, quotient proofs

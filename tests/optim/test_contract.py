@@ -160,7 +160,7 @@ def test_hooks_fire_in_order(name):
 def _other_codecs(opt):
     """The optimizer's codec mapping with one 8-bit state codec swapped for a sibling whose fields
     have the same dtypes and sizes (their values mean something else)."""
-    plan = opt._plan(params_of(opt)[0], opt._flags(opt.param_groups[0]))
+    plan = opt.plan_for(params_of(opt)[0], opt.flags_of(opt.param_groups[0]))
     state, codec = next((k, c.name) for k, c in plan.codecs.items() if c.name in SIBLINGS)
     return {state: SIBLINGS[codec]}
 
@@ -244,7 +244,7 @@ def test_a_load_from_sibling_state_codecs_reencodes_within_the_new_codecs_bound(
     src, src_params = trained(name, codecs=other)
     opt.load_state_dict(src.state_dict())
     for p, q in zip(params, src_params):
-        plan = opt._plan(p, opt._flags(opt.param_groups[0]))
+        plan = opt.plan_for(p, opt.flags_of(opt.param_groups[0]))
         for state, codec in plan.codecs.items():
             if state == "param":
                 continue

@@ -112,7 +112,7 @@ def test_fp32_weights_round_trip_within_the_weight_split_bound():
     assert out.keys() == weights.keys()
     for p in model.parameters():
         name = next(k for k, t in model.state_dict(keep_vars=True).items() if t is p)
-        codec = opt._plan(p, opt._flags(opt.param_groups[0])).codecs[PARAM]
+        codec = opt.plan_for(p, opt.flags_of(opt.param_groups[0])).codecs[PARAM]
         err = (out[name] - weights[name]).abs()
         assert out[name].dtype == torch.float32
         assert (err <= bound(codec, weights[name])).all(), name

@@ -309,7 +309,7 @@ def _fsdp_uneven(rank, world_size, tmp_path, device):
         local = p.to_local()
         stored = sum(t.nbytes for t in opt.state[p].values() if t.dim())  # not step, bound_sq
         groups = -(-local.numel() // GROUP)
-        plan = opt._plan(local, opt._flags(opt.param_groups[0]))
+        plan = opt.plan_for(local, opt.flags_of(opt.param_groups[0]))
         assert stored == groups * GROUP * (plan.bytes_per_param - p.element_size()), (name, stored)
         assert int(opt.state[p]["step"]) == 4, (name, int(opt.state[p]["step"]))  # empty shards too
         # one process: the same training but for the codecs rounding in other groups (each step
@@ -368,7 +368,7 @@ def _torch_interop(model, opt):
     for p in model.parameters():
         if not opt.state[p]:
             continue
-        codecs = opt._plan(p.to_local(), opt._flags(opt.param_groups[0])).codecs
+        codecs = opt.plan_for(p.to_local(), opt.flags_of(opt.param_groups[0])).codecs
         for key in ("exp_avg", "exp_avg_sq"):
             want = opt.state_value(p, key).to_local()
             got = back.state_value(p, key).to_local()
@@ -392,7 +392,7 @@ def _fp32_step(opt, p):
         ref.load_state_dict({"state": {0: state}, "param_groups": [{**group, "params": [0]}]})
     q.grad = grad.float()
     ref.step()
-    codecs = opt._plan(p.to_local(), opt._flags(group)).codecs
+    codecs = opt.plan_for(p.to_local(), opt.flags_of(group)).codecs
     new = {PARAM: q.detach(), **{k: ref.state_value(q, k) for k in ("exp_avg", "exp_avg_sq")}}
     return new, codecs
 
@@ -527,7 +527,7 @@ def _dcp_one_rank(rank, world_size, tmp_path, device):
                 _assert_same(got, want, "loaded on 1 rank", name, key,
                              "rows layout" if exact else "per-element storage")
             else:  # re-encoded where this rank's groups gather differently scaled saved groups
-                codec = opt._plan(p.to_local(), opt._flags(opt.param_groups[0])).codecs[key]
+                codec = opt.plan_for(p.to_local(), opt.flags_of(opt.param_groups[0])).codecs[key]
                 _assert_within(got, want, codec, "loaded on 1 rank, re-encoded", name, key)
                 reencoded |= not torch.equal(got.cpu(), want)
     assert reencoded, "no re-encoded state differs from the saved one: the test covers no re-encoding"

@@ -153,7 +153,7 @@ def test_flat_compiled_bucket_matches_eager_bucket_up_to_one_code_step():
         for name in ("param", "exp_avg", "exp_avg_sq"):
             got = opt_a.master_weight(p) if name == "param" else opt_a.state_value(p, name)
             want = opt_b.master_weight(q) if name == "param" else opt_b.state_value(q, name)
-            codec = opt_b._plan(q, opt_b._flags(opt_b.param_groups[0])).codecs[name]
+            codec = opt_b.plan_for(q, opt_b.flags_of(opt_b.param_groups[0])).codecs[name]
             padded = torch.zeros(-(-want.numel() // 32) * 32)
             padded[: want.numel()] = want.reshape(-1)
             step = codec.code_step(padded.view(-1, 32)).reshape(-1)[: want.numel()].view_as(want)

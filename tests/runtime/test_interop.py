@@ -66,7 +66,7 @@ def test_torch_states_load_into_flash_codecs_within_their_bounds(name):
     opt = ours(params)
     opt.load_state_dict(torch_opt.state_dict())
     for p in params:
-        for state, codec in opt._plan(p, opt._flags(opt.param_groups[0])).codecs.items():
+        for state, codec in opt.plan_for(p, opt.flags_of(opt.param_groups[0])).codecs.items():
             if state == "param":
                 continue
             want = torch_opt.state[p][state]
