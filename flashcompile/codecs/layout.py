@@ -98,9 +98,17 @@ def lane_counts(numels: Sequence[int], device: torch.device | str) -> torch.Tens
     return groups(lanes.to(device), True, 0, lanes.numel())
 
 
-def scalar_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """The kernel's scalar vector on ``device``."""
-    return _upload(values, torch.float32, device)
+def last_group_lanes(numel: int) -> int:
+    """Valid values in the last of a parameter's groups (:data:`GROUP` when none is padded)."""
+    return numel - (group_count(numel) - 1) * GROUP
+
+
+def scalar_vector(lanes: int, values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """The kernel's first argument on ``device``: ``[lanes, *values]``, where ``lanes`` is the
+    valid values of the last group a call covers (:data:`GROUP` for calls over whole groups, or
+    :func:`last_group_lanes` of one parameter) and ``values`` the plan's scalar prologue
+    (``Plan.scalars``). Every kernel call builds its scalars here."""
+    return _upload([lanes, *values], torch.float32, device)
 
 
 def _upload(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from flashcompile.codecs import GROUP, PARAM, Codec, Field
-from flashcompile.codecs.layout import group_count, groups, padded, scalar_tensor, segment_ends
+from flashcompile.codecs.layout import (
+    group_count,
+    groups,
+    last_group_lanes,
+    padded,
+    scalar_vector,
+    segment_ends,
+)
 from flashcompile.compiler import fast_math
 from flashcompile.compiler.codegen import assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
@@ -284,7 +291,7 @@ class Plan:
         count = group_count(n)
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
         flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
-        s = scalar_tensor([n - (count - 1) * GROUP, *scalars], p.device)
+        s = scalar_vector(last_group_lanes(n), scalars, p.device)
         if not self.reduces:
             self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count))
             return

@@ -8,7 +8,13 @@ from __future__ import annotations
 import torch
 
 from flashcompile.codecs import GROUP, PARAM
-from flashcompile.codecs.layout import group_count, lane_counts, padded, segment_ends
+from flashcompile.codecs.layout import (
+    lane_counts,
+    last_group_lanes,
+    padded,
+    scalar_vector,
+    segment_ends,
+)
 
 
 def sample_inputs(plan, groups: int, device: torch.device | str,
@@ -39,7 +45,7 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
     held: dict[str, torch.Tensor] = {}  # scalar states, as a parameter's state holds them
     for step in range(1, 5):
         values = plan.scalars(step, hyper, held)
-        args[0] = torch.tensor([GROUP, *values], dtype=torch.float32, device=device)
+        args[0] = scalar_vector(GROUP, values, device)
         args[1] = randn().to(param_dtype)
         if step < 4:
             with torch.no_grad():
@@ -117,7 +123,7 @@ def as_one(plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:
     parameter of ``n`` values: weight and gradient flat, the valid lanes of the last group in
     ``s[0]``, and the weight's padding lanes zero in every field (as a padded parameter's are)."""
     s = args[0].clone()
-    s[0] = n - (group_count(n) - 1) * GROUP
+    s[0] = last_group_lanes(n)
     codec = plan.codecs[PARAM]
     k = len(codec.fields)
     x = codec.decode(*args[2:2 + k]).reshape(-1)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from flashcompile.codecs import GROUP, layout
-from flashcompile.codecs.layout import groups, lane_counts, scalar_tensor, segment_ends
+from flashcompile.codecs.layout import groups, lane_counts, scalar_vector, segment_ends
 from flashcompile.compiler.plan import Plan
 
 
@@ -206,7 +206,7 @@ class Bucket:
         for name, value in self.plan.new_scalar_states(values):
             self.scalar_vectors[name].fill_(value)
         if not self.weights.is_cuda:
-            self.plan.call(scalar_tensor(values, self.weights.device), grads, weights, fields, ends,
+            self.plan.call(scalar_vector(values[0], values[1:], self.weights.device), grads, weights, fields, ends,
                            lanes=lanes)
             return True
         if self._scalars is None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flashcompile.codecs import GROUP
-from flashcompile.codecs.layout import group_count, groups, lane_counts, scalar_tensor, segment_ends
+from flashcompile.codecs.layout import group_count, groups, lane_counts, scalar_vector, segment_ends
 from flashcompile.compiler.plan import Plan
 from flashcompile.runtime.arena import steps_agree
 from flashcompile.runtime.distributed import like, shard_sums
@@ -126,7 +126,7 @@ class ShardBucket:
                 self.plan.combine_nothing(self._combine, self.device, len(self.params))
             return True
         weights, staged = self._staged(shards)
-        self.plan.call(scalar_tensor(values, self.device), groups(grads, False, 0, self.groups),
+        self.plan.call(scalar_vector(values[0], values[1:], self.device), groups(grads, False, 0, self.groups),
                        groups(weights, False, 0, self.groups), self._fields, self._ends,
                        self._combine if self.plan.reduces else None, self._lanes)
         _copy(shards, staged)

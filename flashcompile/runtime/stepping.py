@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import GROUP, layout
+from flashcompile.codecs import layout
 from flashcompile.compiler.plan import Plan
 
 
@@ -51,7 +51,7 @@ class ScalarCache:
         them (``values`` as this cache returned them)."""
         key = (id(values), tail, device)
         if key not in self.tensors:
-            self.tensors[key] = layout.scalar_tensor([tail, *values], device)
+            self.tensors[key] = layout.scalar_vector(tail, values, device)
         return self.tensors[key]
 
 
@@ -67,7 +67,7 @@ class PerTensor:
         self.order = layout.memory_order(p)
         self.weight = layout.flat(p.detach(), self.order)  # a view of p, or a copy (`copies`)
         self.copies = self.weight.data_ptr() != p.data_ptr()
-        self.tail = p.numel() - (count - 1) * GROUP
+        self.tail = layout.last_group_lanes(p.numel())
         self.numel, self.ptr = p.numel(), p.data_ptr()
         self.launch = None  # the plan's call_one bound to these arguments, after the first call
 
