@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from hypothesis import strategies as st
 
@@ -21,3 +23,9 @@ def value_tensors(draw, groups: int | None = None, nonnegative: bool = False) ->
                                   max_size=6)):
         x.view(-1)[idx] = val
     return x.abs() if nonnegative else x
+
+
+def all_flags(rule):
+    """Every setting of a rule's bool flags, as the dicts ``trace`` takes."""
+    for values in itertools.product([False, True], repeat=len(rule.flags)):
+        yield dict(zip(rule.flags, values))

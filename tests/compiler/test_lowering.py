@@ -4,7 +4,6 @@ change."""
 
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import torch
 from flashcompile.rules import adam, lion, sgd
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import seeds
+from strategies import all_flags, seeds
 
 import flashcompile as fc
 from flashcompile.codecs import Codec, Field
@@ -25,14 +24,9 @@ from flashcompile.language.trace import check_facts, keeps_zero, math_text, trac
 RULES = [adam, lion, sgd]
 
 
-def _all_flags(rule):
-    for values in itertools.product([False, True], repeat=len(rule.flags)):
-        yield dict(zip(rule.flags, values))
-
-
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
 def test_scalar_subexpressions_are_hoisted_out_of_elementwise_code(rule):
-    for flags in _all_flags(rule):
+    for flags in all_flags(rule):
         lowered = lower(trace(rule, flags))
         code = " ".join(e for _, e in lowered.statements) + " ".join(filter(None, lowered.outputs))
         for name in ["step", *trace(rule, flags).hyper]:
@@ -237,7 +231,7 @@ FAMILY = [fc.rules.adagrad, fc.rules.rmsprop, fc.rules.adadelta, fc.rules.adamax
 
 @pytest.mark.parametrize("rule", FAMILY, ids=lambda r: r.name)
 def test_family_scalars_and_scalar_states_stay_out_of_elementwise_code(rule):
-    for flags in _all_flags(rule):
+    for flags in all_flags(rule):
         traced = trace(rule, flags)
         check_facts(traced)
         lowered = lower(traced)

@@ -3,12 +3,11 @@ checks a rule meets at declaration."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import sympy
 import torch
 from flashcompile.rules import adam, lion, sgd
+from strategies import all_flags
 
 import flashcompile as fc
 from flashcompile.compiler.explain import plan_of
@@ -17,14 +16,9 @@ from flashcompile.language.trace import check_facts, math_text, trace
 RULES = [adam, lion, sgd]
 
 
-def _all_flags(rule):
-    for values in itertools.product([False, True], repeat=len(rule.flags)):
-        yield dict(zip(rule.flags, values))
-
-
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
 def test_builtin_nonnegative_states_are_proven_nonnegative(rule):
-    for flags in _all_flags(rule):
+    for flags in all_flags(rule):
         check_facts(trace(rule, flags))
 
 
