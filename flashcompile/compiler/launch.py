@@ -8,7 +8,9 @@ lose up to 30x. Inductor's own tuning times candidates on the sample the plan fi
 which fits in L2, and picked XBLOCK=32/1 warp for AdamW (39% of copy bandwidth against 82%),
 XBLOCK=1/2 warps for Adan (13% against 61%), XBLOCK=4/1 warp for SGD (51% against 101%), and
 different configs from run to run. So the plan compiles without coordinate-descent tuning and then
-pins one config on that line.
+pins one config on that line: :data:`CONFIGS` per rule where a sweep of the whole family found one
+better than the default, :data:`XBLOCK` / :data:`NUM_WARPS` otherwise. On another card, set
+``FLASHCOMPILE_LAUNCH="adam=8/1,rprop=32/2"`` (rule name = XBLOCK/num_warps) before the first step.
 
 This reaches into Inductor's runtime (``CachingAutotuner``): where that API differs, nothing is
 pinned and Inductor's choice stands (:attr:`Pin.pinned` says which).
@@ -17,23 +19,51 @@ pinned and Inductor's choice stands (:attr:`Pin.pinned` says which).
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 from flashcompile.compiler import fast_math
 
 XBLOCK, NUM_WARPS = 16, 2  # on the XBLOCK = 8 x num_warps line; best or within 5% for all rules
 GROUP_LANES = 32
+# rule name -> (XBLOCK, num_warps) where it beats the default on an H200 (benchmarks/config_sweep.py)
+CONFIGS: dict[str, tuple[int, int]] = {}
+ENVIRONMENT = "FLASHCOMPILE_LAUNCH"
+
+
+def config_for(rule: str) -> tuple[int, int]:
+    """(XBLOCK, num_warps) for ``rule``'s group kernel: :envvar:`FLASHCOMPILE_LAUNCH`, then
+    :data:`CONFIGS`, then the default."""
+    return _overrides().get(rule, CONFIGS.get(rule, (XBLOCK, NUM_WARPS)))
+
+
+def _overrides() -> dict[str, tuple[int, int]]:
+    text = os.environ.get(ENVIRONMENT, "").strip()
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            name, config = item.split("=")
+            xblock, warps = (int(v) for v in config.split("/"))
+        except ValueError:
+            raise ValueError(f"{ENVIRONMENT}: {item!r} is not rule=XBLOCK/num_warps "
+                             "(e.g. adam=8/1)") from None
+        if xblock < 1 or warps < 1 or xblock & (xblock - 1) or warps & (warps - 1):
+            raise ValueError(f"{ENVIRONMENT}: {item!r}: XBLOCK and num_warps are powers of two")
+        out[name.strip()] = (xblock, warps)
+    return out
 
 
 @dataclass
 class Pin:
-    pinned: int = 0  # group kernels that now launch with (XBLOCK, NUM_WARPS)
+    pinned: int = 0  # group kernels that now launch with ``config``
     skipped: str = ""  # why a kernel kept Inductor's config
+    config: tuple[int, int] = (XBLOCK, NUM_WARPS)
 
     def describe(self) -> str:
         if self.pinned:
             fma = ", fused multiply-adds" if fast_math.enabled() else ""
-            return f"XBLOCK={XBLOCK}, num_warps={NUM_WARPS}{fma} pinned on {self.pinned} kernel(s)"
+            xblock, warps = self.config
+            return f"XBLOCK={xblock}, num_warps={warps}{fma} pinned on {self.pinned} kernel(s)"
         return f"Inductor's launch config ({self.skipped or 'no group kernel found'})"
 
 
@@ -77,15 +107,16 @@ def _launcher(tuner, config):
     return result.make_launcher()  # torch 2.11
 
 
-def pin_group_kernels(tuners) -> Pin:
-    """Make every group kernel among ``tuners`` launch with (XBLOCK, NUM_WARPS)."""
+def pin_group_kernels(tuners, rule: str = "") -> Pin:
+    """Make every group kernel among ``tuners`` launch with ``rule``'s config (:func:`config_for`)."""
     import triton
 
-    pin = Pin()
+    pin = Pin(config=config_for(rule))
+    xblock, warps = pin.config
     for tuner in tuners:
         if not _is_group_kernel(tuner):
             continue
-        config = triton.Config({"XBLOCK": XBLOCK}, num_warps=NUM_WARPS, num_stages=1)
+        config = triton.Config({"XBLOCK": xblock}, num_warps=warps, num_stages=1)
         config.found_by_coordesc = True  # so a coordinate-descent run never retunes it
         try:
             launcher = _launcher(tuner, config)

@@ -129,7 +129,8 @@ class Plan:
                 self.fn(*args)
             else:
                 self.fn_one(*as_one(self, args, 65536 * GROUP - 5))
-            pin = pin_group_kernels(t for key, t in live_autotuners().items() if key not in before)
+            pin = pin_group_kernels((t for key, t in live_autotuners().items() if key not in before),
+                                    self.key.rule.name)
             if self.launch is None or variant == "groups":
                 self.launch = pin
         mismatch = self.compare_compiled(device, variant=variant)
