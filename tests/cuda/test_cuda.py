@@ -12,7 +12,7 @@ from parity import assert_tracks
 
 import flashcompile as fc
 from flashcompile.codecs.base import FP32_SLACK
-from flashcompile.compiler import fast_math
+from flashcompile.compiler import fast_math, launch
 from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
 
 pytestmark = pytest.mark.cuda
@@ -144,14 +144,15 @@ def test_compiled_fp32_plans_on_cuda_match_torch_optim(name):
                                   "Adagrad", "Adadelta", "ASGD", "Rprop", "AdEMAMix", "Lion"])
 def test_cuda_group_kernel_launches_with_the_pinned_config_and_stays_correct(name):
     """flashcompile.compiler.launch: Inductor's own tuning lands on slow launch configs, so each plan pins
-    XBLOCK=16 with 2 warps on its group kernel (an odd size: the masked per-tensor plan), compiled
-    with fast math, and stays within one code step of its IEEE eager function."""
+    its rule's config (launch.config_for) on its group kernel (an odd size: the masked per-tensor
+    plan), compiled with fast math, and stays within one code step of its IEEE eager function."""
     p = torch.nn.Parameter(torch.randn(4099 * 32 + 5, device="cuda").to(torch.bfloat16))
     opt = getattr(fc, name)([p])
     p.grad = torch.randn_like(p)
     opt.step()
     plan = plan_of(opt)
     assert plan.launch is not None and plan.launch.pinned >= 1, plan.launch
+    assert plan.launch.config == launch.config_for(plan.key.rule.name), plan.launch
     assert plan.compare_compiled("cuda", 4099, seed=1) is None
 
 
