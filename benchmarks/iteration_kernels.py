@@ -11,6 +11,7 @@ clipping, the step).
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 
 import torch
@@ -48,6 +49,13 @@ def main() -> None:
     for _ in range(4):
         iteration()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        iteration()
+    host_done = time.perf_counter()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 10 * 1e3
+    host = (host_done - t0) / 10 * 1e3  # the host's own pace while the GPU queue had room
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         iteration()
         torch.cuda.synchronize()
@@ -59,7 +67,9 @@ def main() -> None:
             k[1] += e.device_time_total / 1e3
     total = sum(v[1] for v in kernels.values())
     print(f"{args.model} / {args.setup}: {sum(v[0] for v in kernels.values())} kernels, "
-          f"{total:.2f} ms GPU time in one iteration")
+          f"{total:.2f} ms GPU time in one iteration; 10 iterations back to back: {wall:.2f} ms "
+          f"each, the host done after {host:.2f} ms each (wall well above the GPU time and near "
+          f"the host's: host-bound)")
     for name, (count, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"{ms:8.3f} ms {count:5d}x  {name}")
 
