@@ -97,8 +97,12 @@ def sr_suffix(codec) -> str:
 def round_up_fp16(s: torch.Tensor) -> torch.Tensor:
     """The smallest fp16 value >= s, for s >= 0: a stored scale never makes |x / scale| exceed 1."""
     s16 = s.to(torch.float16)
-    bumped = (s16.view(torch.int16) + 1).view(torch.float16)
-    return torch.where(s16.float() < s, bumped, s16)
+    low = s16.float()
+    # the next fp16 up: low plus 3/4 of its ULP (2**-10 of low in the normal range, 2**-24 below
+    # it) rounds to it; exact sums, so no int16 view (Inductor's C++ backend does not vectorize
+    # kernels that touch int16). Inf and NaN stay as they are.
+    bumped = (low + torch.clamp_min(low * 0.000732421875, 4.470348358154297e-08)).to(torch.float16)
+    return torch.where(low < s, bumped, s16)
 
 
 def pow2(k: torch.Tensor) -> torch.Tensor:
@@ -107,22 +111,42 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
 
 
 def round_to_int(y: torch.Tensor) -> torch.Tensor:
-    """``round(y)`` (half to even, as ``torch.round``) as int32, for fp32 ``|y| < 2**22``.
+    """``round(y)`` (half to even, as ``torch.round``) as int32, for fp32 ``|y| < 2**22``: on CUDA
+    through bit patterns (:func:`round_to_int_by_bits`), elsewhere by the native conversion (the
+    same values)."""
+    return round_to_int_by_bits(y) if on_cuda(y) else torch.round(y).to(torch.int32)
 
-    One float add and a bit view instead of the conversion instructions (FRND, F2I): on Hopper those
-    issue to the same quarter-rate unit as division and square root, and the rules with three or four
-    8-bit states queued on it (``benchmarks/NOTES.md``, "Conversions off the special-function unit").
-    1.5 * 2**23 = 12582912 (bits 0x4B400000): adding it leaves ``round(y)`` (the add's own rounding,
-    half to even) in the low mantissa bits. Literals, not module constants: dynamo would make a
-    float global an input of the graph.
+
+def int_to_float(c: torch.Tensor) -> torch.Tensor:
+    """An integer tensor (8 or 16 bits, or int32 below 2**22 in magnitude) as exact fp32 values: on
+    CUDA through bit patterns (:func:`int_to_float_by_bits`), elsewhere by the native conversion."""
+    return int_to_float_by_bits(c) if on_cuda(c) else c.float()
+
+
+def round_to_int_by_bits(y: torch.Tensor) -> torch.Tensor:
+    """:func:`round_to_int` by one float add and a bit view instead of the conversion instructions
+    (FRND, F2I): on Hopper those issue to the same quarter-rate unit as division and square root,
+    and the rules with three or four 8-bit states queued on it (``benchmarks/NOTES.md``,
+    "Conversions off the special-function unit"). 1.5 * 2**23 = 12582912 (bits 0x4B400000): adding
+    it leaves ``round(y)`` (the add's own rounding, half to even) in the low mantissa bits.
+    Literals, not module constants: dynamo would make a float global an input of the graph.
     """
     return (y + 12582912.0).view(torch.int32) - 0x4B400000
 
 
-def int_to_float(c: torch.Tensor) -> torch.Tensor:
-    """An integer tensor (8 or 16 bits, or int32 below 2**22 in magnitude) as exact fp32 values,
-    by the same bit pattern as :func:`round_to_int`: an integer add and a float subtract."""
+def int_to_float_by_bits(c: torch.Tensor) -> torch.Tensor:
+    """:func:`int_to_float` by the bit pattern of :func:`round_to_int_by_bits`: an integer add and
+    a float subtract."""
     return (c.to(torch.int32) + 0x4B400000).view(torch.float32) - 12582912.0
+
+
+def on_cuda(t: torch.Tensor) -> bool:
+    """Whether a codec computes on ``t`` in the CUDA kernel's forms (bit patterns instead of
+    conversion instructions) or in the native ones: Inductor's C++ backend moves bit views lane by
+    lane through memory, which cost the CPU kernel more than the conversions (1000-value AdamW
+    step: 40 -> 15 us, with the group scale's max also native). Both forms give the same values;
+    read at trace time, so a compiled plan holds one."""
+    return t.device.type == "cuda"
 
 
 def inverse_scale(scale16: torch.Tensor, codes: float = 1.0) -> torch.Tensor:

@@ -36,6 +36,7 @@ from flashcompile.codecs.base import (
     Field,
     int_to_float,
     inverse_scale,
+    on_cuda,
     round_to_int,
     round_up_fp16,
     sr_suffix,
@@ -50,6 +51,8 @@ def _group_scale(mag: torch.Tensor) -> torch.Tensor:
     The max runs on the bit patterns: for values >= 0 integer order is float order, NaN sorts
     above Inf, and an integer max is one instruction where a NaN-propagating float max is three.
     """
+    if not on_cuda(mag):  # the same max (NaN included); bit views are slow in C++ kernels
+        return round_up_fp16(mag.amax(dim=-1, keepdim=True))
     top = mag.view(torch.int32).amax(dim=-1, keepdim=True).view(torch.float32)
     return round_up_fp16(top)
 

@@ -58,7 +58,7 @@ class WeightSplit(Codec):
         n = _CODE_MAX[self.residual_dtype]
         hi = x.to(self.weight_dtype)
         if self.weight_dtype == torch.bfloat16:
-            d = x.view(torch.int32) - (hi.view(torch.int16).to(torch.int32) << 16)
+            d = x.view(torch.int32) - _bf16_bits(hi)
             code = (d * n + (1 << 14)) >> 15  # round(d * n / 2**15), half up
             return hi, code.to(self.residual_dtype)
         # exact: hi is x rounded to fewer mantissa bits. Read hi back through its bits: some Inductor
@@ -81,7 +81,7 @@ class WeightSplit(Codec):
         if self.weight_dtype == torch.bfloat16:
             d = round_to_int(int_to_float(residual) * (2.0**15 / n))
             d = torch.clamp(d, -(2**15 - 1), 2**15 - 1)  # the midpoint would round to hi's neighbour
-            return ((hi.view(torch.int16).to(torch.int32) << 16) + d).view(torch.float32)
+            return (_bf16_bits(hi) + d).view(torch.float32)
         h = self._fp16_half_ulp_exponent(hi)
         a = h >> 1
         low = hi.float()
@@ -122,3 +122,12 @@ class WeightSplit(Codec):
 def _exponent(x: torch.Tensor) -> torch.Tensor:
     """Unbiased binary exponent of fp32 values (subnormals: -127)."""
     return ((x.view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _bf16_bits(hi: torch.Tensor) -> torch.Tensor:
+    """The fp32 bit pattern of bf16 values (their bits shifted to the top half), as int32.
+
+    Through the exact widening to fp32, not an int16 view: Inductor's C++ backend leaves a kernel
+    that touches int16 unvectorized (int16 is not among its vector dtypes).
+    """
+    return hi.float().view(torch.int32)

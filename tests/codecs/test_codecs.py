@@ -184,6 +184,36 @@ def test_group_scales_round_up_so_codes_never_clip():
         assert scale.float().item() >= 1.0001
 
 
+def test_round_up_fp16_gives_the_smallest_fp16_at_or_above_each_value():
+    """Every finite fp16 value, the fp32 values just above each and halfway between neighbours,
+    the overflow edge and non-finite values, against the next fp16 read off the bit patterns."""
+    from flashcompile.codecs.base import round_up_fp16
+
+    every = torch.arange(0, 0x7C01, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    up = torch.nextafter(every, torch.tensor(float("inf")))
+    x = torch.cat([every, up, (every[:-1] + every[1:]) / 2,
+                   torch.tensor([65519.0, 65520.0, 1e6, float("inf"), float("nan")])])
+    near = x.to(torch.float16)
+    want = torch.where(near.float() < x, (near.view(torch.int16) + 1).view(torch.float16), near)
+    got = round_up_fp16(x)
+    assert torch.equal(got.view(torch.int16)[:-1], want.view(torch.int16)[:-1])
+    assert got[-1].isnan()
+
+
+@given(x=value_tensors())
+def test_conversions_by_bit_patterns_equal_the_native_ones(x):
+    """The CUDA kernel's forms (magic add) and the other devices' forms (native conversions) give
+    the same integers and floats, ties to even included."""
+    from flashcompile.codecs import base
+
+    y = torch.cat([x.view(-1) * 300, torch.arange(-8, 8) + 0.5]).clamp(-2.0**21, 2.0**21)
+    assert torch.equal(base.round_to_int_by_bits(y), torch.round(y).to(torch.int32))
+    codes = torch.arange(-128, 128, dtype=torch.int32)
+    for dtype in (torch.int8, torch.uint8, torch.int16):
+        c = codes.to(dtype)
+        assert torch.equal(base.int_to_float_by_bits(c), c.float())
+
+
 def test_unknown_codec_name_is_rejected_with_the_known_names():
     with pytest.raises(ValueError, match="known codecs"):
         codecs.get("int4")
