@@ -141,12 +141,15 @@ def int_to_float_by_bits(c: torch.Tensor) -> torch.Tensor:
 
 
 def on_cuda(t: torch.Tensor) -> bool:
-    """Whether a codec computes on ``t`` in the CUDA kernel's forms (bit patterns instead of
-    conversion instructions) or in the native ones: Inductor's C++ backend moves bit views lane by
-    lane through memory, which cost the CPU kernel more than the conversions (1000-value AdamW
+    """Whether a codec computes on ``t`` in the forms made for the GPU kernel (bit patterns instead
+    of conversion instructions) or in the native ones: Inductor's C++ backend moves bit views lane
+    by lane through memory, which cost the CPU kernel more than the conversions (1000-value AdamW
     step: 40 -> 15 us, with the group scale's max also native). Both forms give the same values;
-    read at trace time, so a compiled plan holds one."""
-    return t.device.type == "cuda"
+    read at trace time, so a compiled plan holds one. CPU tensors compiled by Inductor's Triton
+    backend (``benchmarks/sass_offline.py``) take the GPU forms."""
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and torch._inductor.config.cpu_backend == "triton"
 
 
 def inverse_scale(scale16: torch.Tensor, codes: float = 1.0) -> torch.Tensor:

@@ -10,8 +10,8 @@ A plan's arguments are tensors whose dtypes, devices and group layout the plan f
 sizes vary. So the backend records, for each graph Inductor compiles, where each graph input comes
 from (an argument, or one of its sizes, strides or offsets) and the shape guards under which that
 graph is valid (the ShapeEnv's own guard expression, static sizes included). A later call takes the
-first recorded graph whose guards hold for its arguments and calls it directly; Inductor's generated
-code still asserts every input's size and stride. A call no recorded graph fits goes through
+first recorded graph whose guards (sizes and strides included) hold for its arguments and calls it
+directly. A call no recorded graph fits goes through
 ``torch.compile`` as before: dynamo compiles a graph for it, which is recorded too.
 """
 
@@ -118,10 +118,11 @@ class DirectFunction:
                             else "other")
         return out
 
-    def bound(self, *args) -> Bound | None:
+    def bound(self, *args, fresh: Sequence[int] | None = None) -> Bound | None:
         """A callable for later calls whose arguments have these arguments' sizes and strides
-        (see :class:`Bound`); None where no recorded graph fits them yet (the first call) or the
-        return value is neither None nor one tensor."""
+        (see :class:`Bound`; ``fresh``: the positions whose tensors may change between calls, all
+        by default); None where no recorded graph fits them yet (the first call) or the return
+        value is neither None nor one tensor."""
         if self.returns not in ("none", "tensor") or not all(
                 isinstance(a, torch.Tensor) for a in args):
             return None
@@ -130,7 +131,7 @@ class DirectFunction:
             if graph.device != device or (self.returns == "tensor" and graph.outputs != 1):
                 continue
             if graph.guard is None or graph.guard(graph.inputs(args)):
-                return Bound(self, graph, args)
+                return Bound(self, graph, args, fresh)
         return None
 
 
@@ -162,14 +163,20 @@ def _room_to_compile():
 
 
 class Bound:
-    """A :class:`DirectFunction` bound to one set of argument sizes and strides: calls skip the
-    search for a graph whose guards hold (on the per-tensor path, a param's arguments keep their
-    sizes from step to step). Tensor dtypes and devices are checked per call; sizes and strides
-    are asserted by Inductor's generated code; anything else falls back to the function."""
+    """A :class:`DirectFunction` bound to one set of arguments: calls skip the search for a graph
+    whose guards hold. The caller passes, at the positions not in ``fresh``, the tensors it bound
+    (or ones of the same dtype, device, sizes and strides); at ``fresh`` positions, tensors of the
+    bound sizes and strides, whose dtypes and devices are checked per call (anything else falls
+    back to the function). Sizes and strides are not checked (Inductor's size asserts are off,
+    ``plan.COMPILE_OPTIONS``). The per-tensor path keeps that: the same state and weight tensors
+    (``PerTensor.holds``), and fresh scalars of the plan's length and a contiguous gradient of the
+    param's shape (``guards.check_grad``, ``layout.flat``)."""
 
-    def __init__(self, fn: DirectFunction, graph: _Graph, args: Sequence[Any]):
+    def __init__(self, fn: DirectFunction, graph: _Graph, args: Sequence[Any],
+                 fresh: Sequence[int] | None = None):
         self.fn, self.graph = fn, graph
-        self.kinds = _kinds(args)
+        self.fresh = list(range(len(args)) if fresh is None else fresh)
+        self.kinds = _kinds([args[i] for i in self.fresh])
         inputs = graph.inputs(args)
         # per call: the tensors themselves and storage offsets; sizes and strides are fixed
         self.dynamic = [(k, i, read) for k, (i, read) in enumerate(graph.readers)
@@ -178,7 +185,7 @@ class Bound:
                          for k, v in enumerate(inputs)]  # holds no tensor alive
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or _kinds(args) != self.kinds:
+        if torch.compiler.is_compiling() or _kinds([args[i] for i in self.fresh]) != self.kinds:
             return self.fn(*args)
         inputs = self.template.copy()
         for k, i, read in self.dynamic:
@@ -283,15 +290,15 @@ def _reader(grapharg, argnames: list[str]):
 
 
 def _guard(traced: list):
-    """A predicate on a graph's inputs that holds where the graph is valid: the tensors' dtypes,
-    every static size of its tensor inputs, every symbolic size equal to the graph input that
-    carries its symbol (dynamo gives equal sizes one symbol), and the ShapeEnv's guards over the
-    symbols (as Inductor's own graph cache checks them). None: no constraints; a string: why they cannot be
-    checked here (the graph then runs through dynamo)."""
+    """A predicate on a graph's inputs that holds where the graph is valid: the tensors' dtypes
+    and strides, every static size of its tensor inputs, every symbolic size equal to the graph
+    input that carries its symbol (dynamo gives equal sizes one symbol), and the ShapeEnv's guards
+    over the symbols (as Inductor's own graph cache checks them). None: no constraints; a string:
+    why they cannot be checked here (the graph then runs through dynamo)."""
     if any(v is None for v in traced):
         return "a graph input without its traced value"
     carrier = {t.node.expr: i for i, t in enumerate(traced) if isinstance(t, torch.SymInt)}
-    static, same = [], []
+    static, same, strides = [], [], []
     dtypes = [(i, t.dtype) for i, t in enumerate(traced) if isinstance(t, torch.Tensor)]
     for i, t in enumerate(traced):
         if not isinstance(t, torch.Tensor):
@@ -303,7 +310,14 @@ def _guard(traced: list):
                 same.append((i, d, carrier[size.node.expr]))
             else:
                 return f"input {i} has a size derived from others: {size}"
+        # strides too: plans compile without Inductor's size asserts (COMPILE_OPTIONS)
+        strides.append((i, tuple(st if isinstance(st, int) else st.node.expr for st in t.stride())))
     symbols = sorted(carrier.values())
+    # symbolic strides (a (rows, cols) input with dynamic cols has stride (cols, 1)) as functions
+    # of the symbols' carriers
+    expected = _stride_function(strides, carrier, symbols)
+    if isinstance(expected, str):
+        return expected
     fake_mode = torch._guards.detect_fake_mode(traced)
     shape_env = getattr(fake_mode, "shape_env", None)
     check = None
@@ -326,6 +340,33 @@ def _guard(traced: list):
             return False
         if any(inputs[i].shape[d] != inputs[j] for i, d, j in same):
             return False
+        if expected is not None and expected([inputs[i] for i in symbols]) != [
+                inputs[i].stride() for i, _ in strides]:
+            return False
         return check is None or bool(check(dict(zip(names, [inputs[i] for i in symbols]))))
 
     return holds
+
+
+def _stride_function(strides: list, carrier: dict, symbols: list[int]):
+    """``f(values of the symbols' carriers) -> [stride tuple of each tensor input]`` for the
+    traced ``strides`` ((input, strides with ints or sympy expressions) pairs), or None where
+    there are no tensors; a string where a stride is not a function of the carried symbols."""
+    if not strides:
+        return None
+    import sympy
+
+    by_index = {i: sympy.Symbol(f"t{k}") for k, i in enumerate(symbols)}
+    rename = {expr: by_index[i] for expr, i in carrier.items()}
+    rows = []
+    for _, stride in strides:
+        row = []
+        for st in stride:
+            if not isinstance(st, int):
+                st = sympy.sympify(st).xreplace(rename)
+                if not st.free_symbols <= set(by_index.values()):
+                    return f"a stride not given by the inputs' sizes: {st}"
+            row.append(st)
+        rows.append(tuple(row))
+    names = [by_index[i] for i in symbols]
+    return sympy.lambdify([names], [sympy.Tuple(*row) for row in rows], modules=[{}, "math"])

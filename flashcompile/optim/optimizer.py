@@ -273,6 +273,12 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
 
     def _per_tensor_ready(self, p: torch.Tensor, flags) -> PerTensor:
         """``p``'s per-tensor arguments, its state allocated (checked: its gradient fits)."""
+        ready = self._per_tensor.get(id(p))
+        # optimizer.state's change counter; None where a plain mapping replaced it
+        changes = self.state.changes if getattr(self.state, "tracked", False) else None
+        if ready is not None and ready.steps_again(p, (flags, self.compile), self.state.get(p),
+                                                   changes):
+            return ready  # as last step: same plan, storage and state (the common case)
         guards.check_grad(self, p, p.grad)
         state = self.state[p]
         local = p.to_local() if is_dtensor(p) else p  # FSDP2: this rank's shard
@@ -281,6 +287,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         if ready is None or not ready.holds(local, plan, state):
             self.init_state(local, plan, state)
             ready = self._per_tensor[id(p)] = PerTensor(local, plan, state)
+        ready.key, ready.param_is_local = (flags, self.compile), local is p
+        ready.changes_seen = changes.count if changes is not None else None
         return ready
 
     def _launch_one(self, p: torch.Tensor, ready: PerTensor, values: list[float],

@@ -69,7 +69,13 @@ class PerTensor:
         self.copies = self.weight.data_ptr() != p.data_ptr()
         self.tail = layout.last_group_lanes(p.numel())
         self.numel, self.ptr = p.numel(), p.data_ptr()
+        self.shape, self.dtype = p.shape, p.dtype
         self.launch = None  # the plan's call_one bound to these arguments, after the first call
+        # set by the optimizer: what picked the plan (flags, compile), whether p is the param
+        # itself (not an FSDP2 shard), and optimizer.state's change count when last checked
+        self.key: Any = None
+        self.param_is_local = False
+        self.changes_seen: int | None = None
 
     def holds(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> bool:
         if plan is not self.plan or state is not self.state or p.data_ptr() != self.ptr:
@@ -77,3 +83,22 @@ class PerTensor:
         if self.copies:  # the copy must hold the param's current values
             self.weight = layout.flat(p.detach(), self.order)
         return p.numel() == self.numel and all(state.get(k) is t for k, t in self.stored.items())
+
+    def steps_again(self, p: torch.Tensor, key: Any, state: dict[str, Any] | None,
+                    changes: Any) -> bool:
+        """:meth:`holds` for a param this path stepped before, without resolving its plan again:
+        the same plan key, dtype, shape, storage and state dict (its entries compared only when
+        ``changes``, optimizer.state's counter, moved since they were last found intact), and a
+        dense gradient of the param's shape (what ``guards.check_grad`` checks)."""
+        grad = p.grad
+        if (key != self.key or state is not self.state or not self.param_is_local or grad is None
+                or p.dtype is not self.dtype or p.shape != self.shape or p.data_ptr() != self.ptr
+                or grad.shape != self.shape or grad.is_sparse or grad.is_meta):
+            return False
+        if changes is None or changes.count != self.changes_seen:
+            if not all(state.get(k) is t for k, t in self.stored.items()):
+                return False
+            self.changes_seen = None if changes is None else changes.count
+        if self.copies:  # the copy must hold the param's current values
+            self.weight = layout.flat(p.detach(), self.order)
+        return True

@@ -87,6 +87,22 @@ def test_a_bound_call_matches_eager_and_other_dtypes_fall_back_to_the_function()
     assert torch.equal(out3, x3 * 3 + y3)
 
 
+def test_a_strided_input_never_takes_a_graph_compiled_for_other_strides():
+    """Plans compile without Inductor's size asserts: the direct call's guards check strides. A
+    transposed input of the same shape gets a graph of its own, and the same values as eager."""
+    from flashcompile.compiler.direct import inductor
+
+    fn = DirectFunction(scale_rows, _compile,
+                        lambda gm, inputs: inductor(gm, inputs, {"size_asserts": False}))
+    s = torch.tensor([2.0])
+    x, y, out = torch.randn(6, 6), torch.randn(6), torch.empty(6, 6)
+    fn(s, x, y, out)
+    for _ in range(2):  # the second call takes whichever recorded graph fits, directly
+        xt = torch.randn(6, 6).t()
+        fn(s, xt, y, out)
+        assert torch.equal(out, xt * 2 + y)
+
+
 def test_a_function_compiles_past_dynamos_recompile_limits_and_leaves_the_users_limits_alone():
     """Each dtype is one more graph (dynamic=True covers sizes only): 10 of them pass lowered
     per-function and accumulated limits (torch 2.11 counts every plan's graphs on one frame),
