@@ -69,7 +69,7 @@ class PerTensor:
         self.copies = self.weight.data_ptr() != p.data_ptr()
         self.tail = layout.last_group_lanes(p.numel())
         self.numel, self.ptr = p.numel(), p.data_ptr()
-        self.shape, self.dtype = p.shape, p.dtype
+        self.shape, self.stride, self.dtype = p.shape, p.stride(), p.dtype
         self.launch = None  # the plan's call_one bound to these arguments, after the first call
         # set by the optimizer: what picked the plan (flags, compile), whether p is the param
         # itself (not an FSDP2 shard), and optimizer.state's change count when last checked
@@ -78,11 +78,14 @@ class PerTensor:
         self.changes_seen: int | None = None
 
     def holds(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]) -> bool:
-        if plan is not self.plan or state is not self.state or p.data_ptr() != self.ptr:
+        if (plan is not self.plan or state is not self.state or p.data_ptr() != self.ptr
+                or p.numel() != self.numel or layout.memory_order(p) != self.order
+                or not all(state.get(k) is t for k, t in self.stored.items())):
             return False
         if self.copies:  # the copy must hold the param's current values
             self.weight = layout.flat(p.detach(), self.order)
-        return p.numel() == self.numel and all(state.get(k) is t for k, t in self.stored.items())
+        self.shape, self.stride, self.dtype = p.shape, p.stride(), p.dtype  # for steps_again
+        return True
 
     def steps_again(self, p: torch.Tensor, key: Any, state: dict[str, Any] | None,
                     changes: Any) -> bool:
@@ -93,7 +96,8 @@ class PerTensor:
         grad = p.grad
         if (key != self.key or state is not self.state or not self.param_is_local or grad is None
                 or p.dtype is not self.dtype or p.shape != self.shape or p.data_ptr() != self.ptr
-                or grad.shape != self.shape or grad.is_sparse or grad.is_meta):
+                or p.stride() != self.stride or grad.shape != self.shape or grad.is_sparse
+                or grad.is_meta):
             return False
         if changes is None or changes.count != self.changes_seen:
             if not all(state.get(k) is t for k, t in self.stored.items()):

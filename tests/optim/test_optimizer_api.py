@@ -439,3 +439,38 @@ def test_a_checkpoint_saved_with_other_state_codecs_is_reencoded_on_load():
     assert torch.equal(p.detach(), want)
     with pytest.raises(ValueError, match="was saved with codecs"):
         fc.Rprop([p], codecs={"param": "fp32"}, compile=False).load_state_dict(saved)
+
+
+def test_a_per_tensor_param_is_checked_again_when_its_shape_gradient_or_state_changes():
+    """The per-tensor path skips its checks for a param as it was last step; a reshaped param, a
+    gradient of another shape or layout, or a replaced state entry is noticed, as at the first
+    step: torch.optim's results, or its errors."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = fc.AdamW([p], lr=0.1, codecs="fp32", flat=False)
+    theirs = torch.optim.AdamW([q], lr=0.1)
+
+    def step(grad):
+        p.grad, q.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+
+    for _ in range(2):
+        step(torch.randn(4, 8))
+    p.data, q.data = p.data.view(8, 4), q.data.view(8, 4)  # same storage, another shape
+    for key in ("exp_avg", "exp_avg_sq"):  # torch's states are shaped like the param
+        theirs.state[q][key] = theirs.state[q][key].view(8, 4)
+    step(torch.randn(8, 4))
+    with torch.no_grad():  # a replaced state: the step reads the new tensor
+        ours.state[p]["exp_avg"] = torch.zeros(8, 4)
+        theirs.state[q]["exp_avg"] = torch.zeros(8, 4)
+    step(torch.randn(8, 4))
+    p.grad = torch.randn(8, 4)
+    p.grad.data = torch.randn(32)  # .data bypasses torch's shape check on assignment
+    with pytest.raises(RuntimeError, match="gradient of shape"):
+        ours.step()
+    p.grad = torch.randn(8, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        ours.step()
