@@ -48,6 +48,8 @@ from flashcompile.optim.optimizer import Optimizer
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 shape_lists = st.lists(shapes, min_size=1, max_size=3)
+# Matrices, for rules with a matrix stage (orthogonalize): tall, wide, square, one row or column.
+matrix_lists = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=3)
 seeds = st.integers(0, 2**31 - 1)
 # Gradient magnitudes, log-spaced over the range optimizers see.
 magnitudes = st.sampled_from([1e-4, 1e-2, 1.0, 100.0])
@@ -83,11 +85,14 @@ def hyperparameters(rule: Rule) -> st.SearchStrategy[dict[str, Any]]:
             return st.floats(lo, lo + 0.999 * (hi - lo))
         if default == 0:
             return st.sampled_from([0.0, 1e-3, 0.1])
-        return st.floats(max(lo, default / 10), min(hi, default * 10) if hi != float("inf") else default * 10)
+        a, b = sorted((default / 10, default * 10))  # a negative default (a polynomial coefficient)
+        return st.floats(max(lo, a), min(hi, b))
 
     fields = {}
     for name, default in rule.defaults.items():
-        if isinstance(default, bool):
+        if name in rule.choices:
+            fields[name] = st.sampled_from(rule.choices[name])
+        elif isinstance(default, bool):
             fields[name] = st.booleans()
         elif isinstance(default, tuple):
             fields[name] = st.tuples(*(near(name, d) for d in default))
@@ -124,7 +129,8 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     step = int(opt.state[p]["step"].item()) + 1 if started else 1
     # scalar states (NAdam's mu_product) are read from opt's state, not advanced
     values = plan.scalars(step, opt.hyperparameters_of(group), opt.state.get(p))
-    plan.run(master, p.grad, stored, values)
+    plan.run(master, p.grad, stored, values,
+             matrices=plan.matrices([p], p.device) if plan.stages else None)
     new = {PARAM: master, **{k: stored[k][: p.numel()].view_as(p) for k in stored}}
     return flash, new, old
 
@@ -319,7 +325,7 @@ def _check_envelope(rule: Rule, key: str, step: int, got: torch.Tensor, want: to
 def check_rule(rule: Rule, *, codecs: Any = "flash",
                dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
                steps: int = 5, max_examples: int = 20, compiled: bool = False,
-               track_steps: int = 20) -> None:
+               track_steps: int = 20, hyper: st.SearchStrategy | None = None) -> None:
     """Run the property suite on ``rule`` with ``codecs``; raises on the first violation.
 
     Args:
@@ -331,9 +337,12 @@ def check_rule(rule: Rule, *, codecs: Any = "flash",
         compiled: also compare the compiled kernel against the eager function, and run the step
             properties through it.
         track_steps: steps per drawn case of the float64 tracking (property 4); 0 skips it.
+        hyper: the hyperparameters to draw (default :func:`hyperparameters`: each float x0.1 to
+            x10 of its default inside its range), for rules whose hyperparameters only work
+            together (Newton-Schulz coefficients: a polynomial tuned as one).
     """
-    flag_settings = [dict(zip(rule.flags, v))
-                     for v in itertools.product([False, True], repeat=len(rule.flags))]
+    hyper_strategy = hyper if hyper is not None else hyperparameters(rule)
+    flag_settings = rule.flag_settings()
     for flags in flag_settings:
         check_facts(trace(rule, flags))
 
@@ -343,8 +352,10 @@ def check_rule(rule: Rule, *, codecs: Any = "flash",
     for codec in sorted(used, key=lambda c: c.name):
         check_codec(codec, max_examples)
 
+    drawn_shapes = matrix_lists if rule.needs_matrices else shape_lists
+
     @settings(max_examples=max_examples, deadline=None)
-    @given(hyper=hyperparameters(rule), shapes_=shape_lists, seed=seeds,
+    @given(hyper=hyper_strategy, shapes_=drawn_shapes, seed=seeds,
            dtype=st.sampled_from(dtypes), grad_scale=st.sampled_from([1e-4, 1.0, 100.0]))
     def steps_within_codec_bounds(hyper, shapes_, seed, dtype, grad_scale):
         check_steps(rule, hyper, shapes_, seed, dtype, codecs, steps, grad_scale, compiled)
@@ -356,7 +367,7 @@ def check_rule(rule: Rule, *, codecs: Any = "flash",
                       f"{untracked}", UntrackedRule, stacklevel=2)
     elif track_steps:
         @settings(max_examples=max_examples, deadline=None)
-        @given(hyper=hyperparameters(rule), shapes_=shape_lists, seed=seeds,
+        @given(hyper=hyper_strategy, shapes_=drawn_shapes, seed=seeds,
                dtype=st.sampled_from(dtypes), grad_scale=magnitudes, lanes=special_lanes)
         def tracks_float64_within_envelope(hyper, shapes_, seed, dtype, grad_scale, lanes):
             track_fp64(rule, hyper, shapes_, seed, dtype, codecs, track_steps, grad_scale, lanes,
@@ -369,7 +380,8 @@ def check_rule(rule: Rule, *, codecs: Any = "flash",
 
 class UntrackedRule(UserWarning):
     """:func:`check_rule` could not run property 4: the rule uses an op the error envelope has no
-    interval rule for (today only ``sum_all``, so LAMB and LARS run properties 1-3 and 5)."""
+    interval rule for (today ``sum_all`` and ``orthogonalize``: LAMB, LARS and Muon run properties
+    1-3 and 5)."""
 
 
 def _untracked_reason(rule: Rule, flags: Mapping[str, bool]) -> str:

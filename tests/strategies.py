@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 from hypothesis import strategies as st
@@ -26,6 +25,19 @@ def value_tensors(draw, groups: int | None = None, nonnegative: bool = False) ->
 
 
 def all_flags(rule):
-    """Every setting of a rule's bool flags, as the dicts ``trace`` takes."""
-    for values in itertools.product([False, True], repeat=len(rule.flags)):
-        yield dict(zip(rule.flags, values))
+    """Every setting of a rule's static hyperparameters, as the dicts ``trace`` takes."""
+    yield from rule.flag_settings()
+
+
+def rule_of(cls):
+    """The rule behind a drop-in optimizer class."""
+    return cls([torch.nn.Parameter(torch.zeros(1, 1))], compile=False).rule
+
+
+def shapes_for(rule, shapes):
+    """``shapes`` as a rule can step them: a rule with a matrix stage (Muon) takes matrices only,
+    so a vector of n values becomes an (n, 1) matrix; any other rule takes them as they are."""
+    if not rule.needs_matrices:
+        return list(shapes)
+    return [tuple(s) if len(s) == 2 else (s[0], 1) if len(s) == 1
+            else (s[0], int(torch.Size(s[1:]).numel())) for s in shapes]

@@ -24,9 +24,12 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> s
     args, decode = _arguments(traced, codecs)
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'
+    if lowered.stage is not None:
+        return _staged(traced, lowered, codecs, args, decode, doc)
     reduces = bool(lowered.phases)
     if not reduces:
-        update = _update_lines(traced, lowered, codecs)
+        update = _update_lines(traced, lowered.statements, lowered.outputs, codecs,
+                               lowered.step_slot)
         masked = any("_valid" in line for line in update)
         return "\n".join([_function("step", args + ["_lanes"] * masked, doc, decode, update, False),
                           _padded(args, doc, decode, update)])
@@ -40,9 +43,32 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> s
         sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
                                  body, True))
         known += len(sums)
-    update = _read_sums(known) + _update_lines(traced, lowered, codecs)
+    update = _read_sums(known) + _update_lines(traced, lowered.statements, lowered.outputs,
+                                              codecs, lowered.step_slot)
     sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
     return "\n".join(sources)
+
+
+def _staged(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec], args: list[str],
+            decode: list[str], doc: str) -> str:
+    """``_pre(..., _stage)`` and ``_update(..., _stage, _ratios, _ends)`` around a matrix stage:
+    the first stores the outputs that do not need the stage's result and the stage's argument
+    (bf16, into ``_stage``, ``(G, 32)``); the stage turns ``_stage`` into its result in place
+    (:mod:`flashcompile.compiler.matrices`); the second reads it, times each parameter's shape
+    ratio (``_ratios``, one per parameter ending at ``_ends``), and stores the other outputs."""
+    stage = lowered.stage
+    pre = _update_lines(traced, stage.statements, stage.outputs, codecs, lowered.step_slot)
+    pre.insert(-sum(1 for line in pre if ".copy_(_new_" in line) or len(pre),
+               f"    _new_stage = ({stage.argument}).to(torch.bfloat16)")
+    pre.append("    _stage.copy_(_new_stage)")
+    owner = ["    _owner = torch.bucketize(torch.arange(_grad.shape[0], device=_grad.device), "
+             "_ends, right=True)",
+             "    _stage0 = _stage.float() * _ratios[_owner][:, None]"]
+    post = owner + _update_lines(traced, lowered.statements, lowered.outputs, codecs,
+                                 lowered.step_slot)
+    return "\n".join([_function("_pre", [*args, "_stage"], doc, decode, pre, True),
+                      _function("_update", [*args, "_stage", "_ratios", "_ends"], doc, decode,
+                                post, True)])
 
 
 def _arguments(traced: Traced, codecs: Mapping[str, Codec]) -> tuple[list[str], list[str]]:
@@ -86,19 +112,21 @@ def _read_sums(count: int) -> list[str]:
     return lines
 
 
-def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> list[str]:
-    """The rule's math, then every output encoded and stored in place."""
+def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Codec],
+                  step_slot: int) -> list[str]:
+    """The rule's math (``statements``), then every output (``outputs``: an expression per
+    output, None where it is not written) encoded and stored in place."""
     names = [traced.param.name, *traced.rule.states]
     lines = ["    # the rule's math, fp32; _s holds the hoisted scalars (see prologue)"]
-    lines += [f"    {target} = {expr}" for target, expr in lowered.statements]
+    lines += [f"    {target} = {expr}" for target, expr in statements]
     # Encode every output before storing any: a decoded input may alias its storage (fp32), and a
     # later output may still read it (ASGD's average reads the param it was computed from).
     stores = []
     written = {n: c for n, c in codecs.items()
-               if lowered.outputs[0 if n == PARAM else names.index(n)] is not None}
-    noises = _noise_lines(lowered, written)
+               if outputs[0 if n == PARAM else names.index(n)] is not None}
+    noises = _noise_lines(step_slot, written)
     for name, codec in codecs.items():
-        out = lowered.outputs[0 if name == PARAM else names.index(name)]
+        out = outputs[0 if name == PARAM else names.index(name)]
         if out is None:
             continue  # passthrough: decoded for reading, never re-encoded
         index = 0 if name == PARAM else names.index(name)
@@ -117,12 +145,13 @@ def _update_lines(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec])
     return lines + stores
 
 
-def _noise_lines(lowered: Lowered, codecs: Mapping[str, Codec]) -> dict[str, list[str]]:
+def _noise_lines(step_slot: int, codecs: Mapping[str, Codec]) -> dict[str, list[str]]:
     """Per stochastically rounded state among ``codecs`` (those written back), the lines that make
     its noise (``_u_<name>``), emitted before the first of a pair is encoded: states taken two by
-    two share one hash (its two 16-bit halves), salted by both seeds."""
+    two share one hash (its two 16-bit halves), salted by both seeds; ``_s[step_slot]`` is the
+    step."""
     names = [n for n, c in codecs.items() if getattr(c, "stochastic", False)]
-    step = f"_s[{lowered.step_slot}]"
+    step = f"_s[{step_slot}]"
     out: dict[str, list[str]] = {}
     for k in range(0, len(names), 2):
         pair = names[k:k + 2]
@@ -163,7 +192,19 @@ def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
     return namespace
 
 
-def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
+class StageCall:
+    """What a matrix stage needs beyond the kernels' tensors, passed last to a staged plan's step:
+    where each parameter's matrix lies (:class:`flashcompile.compiler.matrices.Matrices`) and the
+    step's scalar vector as host floats (``values[i]`` is ``_s[i]``)."""
+
+    def __init__(self, matrices, values: Sequence[float]):
+        self.matrices, self.values = matrices, list(values)
+
+    def clone(self) -> StageCall:  # argument lists are cloned tensor by tensor
+        return self
+
+
+def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn, slots: Sequence[int] = ()):
     """The step function of an executed plan source, each generated function passed through
     ``wrap`` (``torch.compile``): ``step`` itself, or a reducing rule's phases chained with its
     update. Each compiles to a graph of its own: in one graph Inductor stored LAMB's update
@@ -171,6 +212,8 @@ def assemble(namespace: Mapping[str, object], wrap=lambda fn: fn):
     rule's and the sums only read their inputs."""
     if "step" in namespace:
         return wrap(namespace["step"])
+    if "_pre" in namespace:
+        return _staged_chain(wrap(namespace["_pre"]), wrap(namespace["_update"]), slots)
     phases, k = [], 1
     while f"_sums{k}" in namespace:
         phases.append(wrap(namespace[f"_sums{k}"]))
@@ -193,5 +236,22 @@ def _chain(phases, update):
             if combine is not None:
                 combine(totals[known:])  # rows in place; the earlier rows are already complete
         update(*args, totals)
+
+    return step
+
+
+def _staged_chain(pre, update, slots: Sequence[int]):
+    """``step(*args, stage)`` for a rule with a matrix stage: the phase before it (its argument
+    into a fresh bf16 buffer shaped like the gradient), the stage in place on that buffer, then
+    the phase after it. ``stage``: a :class:`StageCall`; ``slots``: where in the scalars the
+    stage's own (steps, a, b, c, eps) are."""
+    from flashcompile.compiler.matrices import orthogonalize
+
+    def step(*args):
+        *args, stage = args
+        buffer = torch.empty_like(args[1], dtype=torch.bfloat16)
+        pre(*args, buffer)
+        orthogonalize(buffer, stage.matrices, stage.values, slots)
+        update(*args, buffer, stage.matrices.ratios, stage.matrices.ends)
 
     return step

@@ -21,7 +21,7 @@ import sympy
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 from sympy.printing.pycode import PythonCodePrinter
 
-from flashcompile.language.dsl import SumAll
+from flashcompile.language.dsl import Orthogonalize, SumAll
 from flashcompile.language.trace import STEP, Traced, is_nonnegative
 
 _RELATIONS = {
@@ -46,6 +46,23 @@ class Lowered:
     # per phase, the inputs (param, grad, state names) its sums read
     phase_reads: tuple[frozenset[str], ...] = ()
     step_slot: int = 0  # _s[step_slot] is the step count (stochastic rounding's noise reads it)
+    # a matrix stage (orthogonalize): the phase before it; ``statements`` and ``outputs`` above
+    # are then the phase after it, which reads the stage's result as ``_stage0``
+    stage: Stage | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The element-wise phase before a matrix stage and what the stage needs: the phase computes
+    ``argument`` (stored, as bf16, for the stage) and the outputs that do not depend on the stage's
+    result (``outputs``: an expression per output, None for those left to the phase after)."""
+
+    statements: tuple[tuple[str, str], ...]
+    outputs: tuple[str | None, ...]
+    argument: str
+    slots: tuple[int, ...]  # _s[slot] of steps, a, b, c, eps: read on the host by the stage
+    ratio: int  # dsl.LR_RATIOS entry: the shape factor the stage's result carries
+    reads: frozenset[str]  # the inputs (param, grad, states) the phase reads
 
 
 def _is_boolean(e: sympy.Basic) -> bool:
@@ -59,7 +76,7 @@ class _TorchPrinter:
         self.guards: tuple[sympy.Basic, ...] = ()  # scalar conditions of the where() being printed
 
     def is_scalar(self, e: sympy.Basic) -> bool:
-        return e.free_symbols <= self.scalars and not e.has(SumAll)
+        return e.free_symbols <= self.scalars and not e.has(SumAll, Orthogonalize)
 
     def hoist(self, e: sympy.Basic) -> str:
         if self.guards and not (e.is_Number or _is_boolean(e)):
@@ -203,6 +220,13 @@ def lower(traced: Traced) -> Lowered:
             for i, o in enumerate(traced.outputs)
             if o != inputs[i] and names[i] not in scalar_states]
     printer = _TorchPrinter(traced.scalars)
+    stage = None
+    if any(o.has(Orthogonalize) for o in traced.outputs):
+        if sums:
+            raise NotImplementedError(
+                f"rule {traced.rule.name} has both a reduction (sum_all, norm) and a matrix stage "
+                "(orthogonalize); one of them per rule for now")
+        stage, live = _stage(traced, printer, live)
     phases, phase_reads = [], []
     for depth in sorted({d for d in sums.values()}):
         args = [_split_scalar_powers(traced, r.args[0].xreplace(named))
@@ -223,7 +247,54 @@ def lower(traced: Traced) -> Lowered:
     updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
     return Lowered(tuple(statements), tuple(outputs), hoisted,
                    _prologue(traced, hoisted + updates), tuple(phases), tuple(phase_reads),
-                   step_slot)
+                   step_slot, stage)
+
+
+STAGE = sympy.Symbol("_stage0", real=True)  # the matrix stage's result, in the phase after it
+
+
+def _stage(traced: Traced, printer: _TorchPrinter, live: list[tuple[int, sympy.Expr]]
+           ) -> tuple[Stage, list[tuple[int, sympy.Expr]]]:
+    """Split ``live`` (output index, expression) at the rule's matrix stage: the phase before it
+    (the stage's argument and the outputs that do not use its result) and the outputs after it,
+    whose expressions read :data:`STAGE` instead of the stage."""
+    rule = traced.rule.name
+    atoms = set().union(*(o.atoms(Orthogonalize) for _, o in live))
+    if len(atoms) != 1:
+        raise NotImplementedError(f"rule {rule}: {len(atoms)} different matrix stages "
+                                  "(orthogonalize); one per rule for now")
+    (atom,) = atoms
+    x, *scalars = atom.args
+    if x.has(Orthogonalize, SumAll):
+        raise NotImplementedError(f"rule {rule}: orthogonalize's argument uses a reduction or "
+                                  "another matrix stage")
+    if x.free_symbols <= traced.scalars:
+        raise ValueError(f"rule {rule}: orthogonalize's argument {x} is the same for every "
+                         "element; it must depend on the gradient or a state")
+    if not all(a.free_symbols <= traced.scalars for a in scalars):
+        raise ValueError(f"rule {rule}: orthogonalize's steps, coefficients and eps must be "
+                         "numbers or hyperparameters")
+    before = [(i, o) for i, o in live if not o.has(Orthogonalize)]
+    after = [(i, o.xreplace({atom: STAGE})) for i, o in live if o.has(Orthogonalize)]
+    inputs = (traced.param, *traced.states)
+    stored = {inputs[i] for i, _ in before}
+    for i, o in after:
+        clash = o.free_symbols & stored
+        if clash:
+            raise NotImplementedError(
+                f"rule {rule}: {[traced.param.name, *traced.rule.states][i]} is updated after "
+                f"orthogonalize and reads {sorted(map(str, clash))}, which the phase before the "
+                "stage has already stored; compute that part of the update before the stage")
+    statements, codes = _lower_exprs(printer, [_split_scalar_powers(traced, o)
+                                               for _, o in before] + [x])
+    outputs: list[str | None] = [None] * len(inputs)
+    for (i, _), code in zip(before, codes):
+        outputs[i] = code
+    slots = tuple(int(printer.hoist(a)[3:-1]) for a in scalars[:5])
+    reads = {str(s) for _, o in before for s in o.free_symbols} | {str(s) for s in x.free_symbols}
+    names = {traced.param.name, traced.grad.name, *traced.rule.states}
+    return Stage(statements, tuple(outputs), codes[-1], slots, int(scalars[5]),
+                 frozenset(reads & names)), after
 
 
 def _reductions(traced: Traced) -> dict[SumAll, int]:

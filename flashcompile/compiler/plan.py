@@ -36,7 +36,7 @@ from flashcompile.codecs.layout import (
     segment_ends,
 )
 from flashcompile.compiler import fast_math
-from flashcompile.compiler.codegen import assemble, generate, source_namespace
+from flashcompile.compiler.codegen import StageCall, assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.compiler.lowering import Lowered, lower
 from flashcompile.compiler.verify import as_one, compare_compiled, sample_inputs
@@ -84,12 +84,13 @@ class Plan:
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
         self.prologue = namespace["prologue"]
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
-        self.eager = fn = assemble(namespace)
-        # one whole parameter per call, its weight and gradient unpadded (non-reducing rules)
+        slots = self.lowered.stage.slots if self.lowered.stage is not None else ()
+        self.eager = fn = assemble(namespace, slots=slots)
+        # one whole parameter per call, its weight and gradient unpadded (element-wise rules)
         self.eager_one = one = namespace.get("step_one")
         if key.compiled:
             wrap = self.compiler()
-            fn = assemble(namespace, wrap)
+            fn = assemble(namespace, wrap, slots)
             one = one and wrap(one)
         # Always under no_grad: grad mode is part of dynamo's guards, so a call with grad enabled
         # would compile a second copy of the same kernel (DirectFunction sees to it itself).
@@ -190,6 +191,19 @@ class Plan:
         """Whether the rule reduces over the whole parameter (``sum_all``, ``norm``)."""
         return any(out.has(SumAll) for out in self.traced.outputs)
 
+    @property
+    def stages(self) -> bool:
+        """Whether the rule has a matrix stage (``orthogonalize``): its step then takes a
+        :class:`~flashcompile.compiler.codegen.StageCall` last (:meth:`matrices` builds one's
+        layout), and its parameters must be matrices."""
+        return self.lowered.stage is not None
+
+    def matrices(self, params: Sequence[torch.Tensor], device: torch.device):
+        """Where the matrices of ``params``, laid end to end from group 0, lie for the stage."""
+        from flashcompile.compiler.matrices import Matrices
+
+        return Matrices(params, self.lowered.stage.ratio, device)
+
     @functools.cached_property
     def reductions_skip_pads(self) -> bool:
         """Whether every reduced expression is provably 0 on zero lanes, so padding lanes between
@@ -282,10 +296,11 @@ class Plan:
                 if not (name == PARAM and f.name == "value")]
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
-            scalars: list[float], combine=None) -> None:
+            scalars: list[float], combine=None, matrices=None) -> None:
         """Update ``p`` and its stored fields in place. ``p`` and ``grad``: the parameter's values
         and gradient, flat (1-D) or in its shape, both contiguous. ``combine``: see :meth:`call`
-        (an empty ``p`` still takes part in it)."""
+        (an empty ``p`` still takes part in it). ``matrices``: for a rule with a matrix stage,
+        the parameter's (:meth:`matrices`)."""
         n = p.numel()
         if not n:
             if combine is not None and self.reduces:
@@ -295,14 +310,19 @@ class Plan:
         # detach: a Parameter's requires_grad would be one more guard, and a recompile for tails
         flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
         s = scalar_vector(last_group_lanes(n), scalars, p.device)
-        if not self.reduces:
+        if not self.reduces and not self.stages:
             self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count))
             return
-        # a reducing rule sees the whole parameter in one call: pad weight and gradient
+        # a reducing or staged rule sees the whole parameter in one call: pad weight and gradient
         pad_p, pad_g = padded(flat_p), padded(flat_g)
         fields = {k: groups(v, self.per_group[k], 0, count) for k, v in stored.items()}
+        stage = None
+        if self.stages:
+            if matrices is None:
+                raise ValueError("a rule with a matrix stage needs the parameter's matrices")
+            stage = StageCall(matrices, [float(last_group_lanes(n)), *scalars])
         self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
-                  combine=combine)
+                  combine=combine, stage=stage)
         flat_p.copy_(pad_p.view(-1)[:n])
 
     def call_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
@@ -325,19 +345,24 @@ class Plan:
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,
-             combine=None, lanes: torch.Tensor | None = None) -> None:
+             combine=None, lanes: torch.Tensor | None = None, stage=None) -> None:
         """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views
         them. For a reducing rule, ``ends`` (int64) lists the group index after each parameter's
         last group (None: the call holds one parameter), and ``combine(totals)``, if given,
         completes each phase's per-parameter sums in place before they are used: an all-reduce
         where each rank holds a shard of every parameter (FSDP2). Where :attr:`masks_lanes`,
-        ``lanes`` gives each group's valid lanes (None: ``s[0]`` in every group)."""
+        ``lanes`` gives each group's valid lanes (None: ``s[0]`` in every group). For a rule with
+        a matrix stage, ``stage`` (a :class:`~flashcompile.compiler.codegen.StageCall`) says where
+        each parameter's matrix lies."""
         if not self._verified["groups"]:
             self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
+        if self.stages:
+            self.fn(s, grad, *args, stage)
+            return
         if not self.reduces:
             if self.masks_lanes:
                 args.append(lanes if lanes is not None else groups(

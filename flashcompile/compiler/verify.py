@@ -42,17 +42,26 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
         args.append(segment_ends(halves, device))
     if plan.masks_lanes:  # two parameters laid end to end, each with padding lanes to mask
         args.append(lane_counts([n * GROUP - 3 - 2 * i for i, n in enumerate(halves)], device))
+    stage = None
+    if plan.stages:  # two matrices laid end to end, (rows, 32) each
+        from flashcompile.compiler.codegen import StageCall
+
+        stage = StageCall(plan.matrices([torch.empty(n, GROUP, device="meta") for n in halves],
+                                        device), [])
+        args.append(stage)
     held: dict[str, torch.Tensor] = {}  # scalar states, as a parameter's state holds them
     for step in range(1, 5):
         values = plan.scalars(step, hyper, held)
         args[0] = scalar_vector(GROUP, values, device)
         args[1] = randn().to(param_dtype)
+        if stage is not None:
+            stage.values = [GROUP, *values]
         if step < 4:
             with torch.no_grad():
                 plan.eager(*args)
             plan.advance([held], values)
     for a in args[1:]:
-        if a.dim() == 2:  # the group size is a constant of the kernel
+        if isinstance(a, torch.Tensor) and a.dim() == 2:  # the group size: a kernel constant
             torch._dynamo.mark_static(a, 1)
     return args
 
@@ -93,7 +102,8 @@ def compare_compiled(plan, device: torch.device | str, groups: int = 4, seed: in
         plan.eager_one, plan.fn_one)
     eager, compiled = [a.clone() for a in args], [a.clone() for a in args]
     for a in compiled[1:]:  # a clone drops mark_static: without it the group size compiles
-        if a.dim() == 2:  # symbolic, into a looped two-pass reduction (5x slower)
+        if isinstance(a, torch.Tensor) and a.dim() == 2:  # symbolic, into a looped two-pass
+            # reduction (5x slower)
             torch._dynamo.mark_static(a, 1)
     if variant == "one":  # the weight and gradient as one parameter's flat storage: n values
         args = as_one(plan, args, n)

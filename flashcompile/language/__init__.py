@@ -1,5 +1,6 @@
-"""The rule language: element-wise fp32 math on named states (the DSL), its trace into sympy with
-the proofs of each state's fact, and the error envelopes the property tests hold a rule to.
+"""The rule language: element-wise fp32 math on named states (the DSL), plus whole-parameter
+reductions and matrix stages; its trace into sympy with the proofs of each state's fact, and the
+error envelopes the property tests hold a rule to.
 
 A rule imports its primitives and the ``rule`` decorator from here."""
 
@@ -11,11 +12,12 @@ from flashcompile.language.dsl import (
     maximum,
     minimum,
     norm,
+    orthogonalize,
     sign,
     sqrt,
     sum_all,
     where,
 )
 
-__all__ = ["rule", "abs", "exp", "log", "maximum", "minimum", "norm", "sign", "sqrt", "sum_all",
-           "where"]
+__all__ = ["rule", "abs", "exp", "log", "maximum", "minimum", "norm", "orthogonalize", "sign",
+           "sqrt", "sum_all", "where"]

@@ -18,6 +18,7 @@ def rule(
     states: Mapping[str, str],
     ranges: Mapping[str, tuple[float, float]] | None = None,
     flash_codecs: Mapping[str, str] | None = None,
+    choices: Mapping[str, tuple[Any, ...]] | None = None,
 ) -> Callable[[Callable], Rule]:
     """Declare an optimizer update rule.
 
@@ -41,6 +42,9 @@ def rule(
         flash_codecs: optional state -> codec name the "flash" preset stores that state with, where
             the rule's math makes another codec the better default than its fact's (Adam guards
             its own step, so it keeps FlashOptim's ``sqrt_uint8`` for v).
+        choices: optional hyperparameter -> its allowed values (strings or None; the default
+            among them). Static like the bool flags: the rule branches on the value in Python
+            (torch.optim.Muon's ``adjust_lr_fn``).
 
     The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>)``
     and returns ``(p, <states in declared order>)``.
@@ -48,7 +52,7 @@ def rule(
 
     def wrap(fn: Callable) -> Rule:
         r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
-                 dict(flash_codecs or {}))
+                 dict(flash_codecs or {}), {k: tuple(v) for k, v in (choices or {}).items()})
         _check_signature(r)
         for name, fact in r.states.items():
             if fact not in STATE_FACTS:
@@ -79,7 +83,13 @@ def _check_signature(r: Rule) -> None:
             f"rule {r.name}: keyword-only parameters are {sorted(keywords)}; expected step plus every "
             f"hyperparameter in defaults: {sorted(want_kw)}"
         )
+    for k, values in r.choices.items():
+        if k not in r.defaults or r.defaults[k] not in values:
+            raise TypeError(f"rule {r.name}: choices for {k!r} must include its default "
+                            f"{r.defaults.get(k)!r}; got {values}")
     for k, v in r.defaults.items():
+        if k in r.choices:
+            continue
         ok = isinstance(v, (bool, int, float)) or (
             isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)
         )

@@ -126,6 +126,73 @@ class SumAll(sympy.Function):
         return rf"\textstyle\sum_{{\mathrm{{all}}}}\left({printer._print(self.args[0])}\right)"
 
 
+class Orthogonalize(sympy.Function):
+    """``orthogonalize(x, steps, a, b, c, eps, ratio)``: the parameter's matrix ``x`` (its 2-D
+    shape) orthogonalized by ``steps`` Newton-Schulz iterations with coefficients ``a, b, c``
+    after scaling it to Frobenius norm 1 (``eps`` floors the norm), times the shape ratio
+    :data:`LR_RATIOS` ``[ratio]`` of the matrix: Muon's update (arXiv 2502.16982).
+
+    A matrix stage, not element-wise: the compiler ends the element-wise phase that computes
+    ``x`` there, runs the iteration on each parameter's matrix (bf16 matrix products, as
+    torch.optim.Muon), and starts another phase that reads the result. Opaque to sympy.
+    """
+
+    nargs = 7
+
+    def _eval_is_extended_real(self): return True
+    def _eval_is_finite(self): return self.args[0].is_finite
+
+    def _sympystr(self, printer):
+        return f"orthogonalize({', '.join(printer._print(a) for a in self.args)})"
+
+    def _latex(self, printer):
+        return rf"\operatorname{{NS}}\left({printer._print(self.args[0])}\right)"
+
+
+# torch.optim.Muon's adjust_lr_fn: the factor on the update of a (rows, cols) matrix
+LR_RATIOS: dict[str | None, Callable[[int, int], float]] = {
+    None: lambda rows, cols: 1.0,
+    "original": lambda rows, cols: math.sqrt(max(1.0, rows / cols)),  # Keller Jordan's
+    "match_rms_adamw": lambda rows, cols: 0.2 * math.sqrt(max(rows, cols)),  # Moonlight's
+}
+_RATIO_NAMES = list(LR_RATIOS)
+
+
+def lr_ratio(mode: int, shape: tuple[int, ...]) -> float:
+    """The update factor :data:`LR_RATIOS` gives a matrix of ``shape`` (``mode`` indexes it)."""
+    return LR_RATIOS[_RATIO_NAMES[int(mode)]](shape[-2], shape[-1])
+
+
+def newton_schulz(x: torch.Tensor, steps: float, a: float, b: float, c: float,
+                  eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization of the matrix ``x`` (2-D, or a batch of matrices of
+    one shape): bf16, transposed to wide, scaled to Frobenius norm <= 1, then ``steps`` quintic
+    Newton-Schulz iterations. Returns bf16, shaped like ``x``."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"orthogonalize needs a matrix (a 2-D parameter); got shape {tuple(x.shape)}")
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.bfloat16()
+    if tall:
+        y = y.transpose(-2, -1)
+    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+    y = y / norm.clamp(min=eps)
+    times_plus = torch.addmm if y.dim() == 2 else torch.baddbmm  # beta * C + alpha * A @ B
+    for _ in range(int(round(float(steps)))):
+        gram = y @ y.transpose(-2, -1)
+        update = times_plus(gram, gram, gram, beta=b, alpha=c)
+        y = times_plus(y, update, y, beta=a)
+    return y.transpose(-2, -1) if tall else y
+
+
+def _orthogonalize_torch(x, steps, a, b, c, eps, mode):
+    o = newton_schulz(x, *(float(v) for v in (steps, a, b, c, eps))).to(x.dtype)
+    return o * lr_ratio(int(mode), tuple(x.shape))
+
+
+def _orthogonalize_float(x, *args):
+    raise TypeError("orthogonalize works on a parameter's matrix, not on single numbers")
+
+
 # op name -> (torch implementation, sympy builder, Python-float implementation)
 PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "sqrt": (torch.sqrt, sympy.sqrt, math.sqrt),
@@ -139,6 +206,8 @@ PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "where": (torch.where, _where_sympy, _where_float),
     # the one reduction: over the whole parameter (a Python float is a one-element parameter)
     "sum_all": (torch.sum, SumAll, lambda x: x),
+    # the one matrix stage: over the whole parameter as a matrix
+    "orthogonalize": (_orthogonalize_torch, Orthogonalize, _orthogonalize_float),
 }
 
 
@@ -168,6 +237,20 @@ def where(cond, a, b): return _apply("where", cond, a, b)
 def sum_all(x): return _apply("sum_all", x)
 
 
+def orthogonalize(x, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
+                  lr_ratio: str | None = None):
+    """``x`` as its parameter's matrix, orthogonalized: Frobenius-normalised, then ``steps``
+    Newton-Schulz iterations ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` in bf16, as
+    torch.optim.Muon (coefficients: Keller Jordan's, which push singular values toward 1 fast
+    without converging exactly). ``lr_ratio``: times the matrix's shape factor (torch.optim.Muon's
+    ``adjust_lr_fn``: None for 1, ``"original"``, ``"match_rms_adamw"``; a static value). Parameters
+    must be 2-D."""
+    if lr_ratio not in LR_RATIOS:
+        raise ValueError(f"lr_ratio={lr_ratio!r}; use one of {list(LR_RATIOS)}")
+    a, b, c = coefficients
+    return _apply("orthogonalize", x, steps, a, b, c, eps, _RATIO_NAMES.index(lr_ratio))
+
+
 def norm(x):
     """The L2 norm of ``x`` over the whole parameter: ``sqrt(sum_all(x * x))``."""
     return sqrt(sum_all(x * x))
@@ -186,11 +269,39 @@ class Rule:
     states: Mapping[str, str]
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     flash_codecs: Mapping[str, str] = field(default_factory=dict)  # state -> codec name
+    # hyperparameter -> its allowed values (strings or None): static, like the bool flags
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def flags(self) -> tuple[str, ...]:
-        """Bool hyperparameters: static, each value selects a traced branch."""
-        return tuple(k for k, v in self.defaults.items() if isinstance(v, bool))
+        """Static hyperparameters (bools, and those with ``choices``): each setting selects a
+        traced branch (and a compiled kernel of its own)."""
+        return tuple(k for k, v in self.defaults.items() if isinstance(v, bool) or k in self.choices)
+
+    def static_value(self, name: str, value: Any) -> Any:
+        """A static hyperparameter's value as traces and plans are keyed by: a bool, or one of the
+        declared choices (anything else raises ValueError)."""
+        if name not in self.choices:
+            return bool(value)
+        if value not in self.choices[name]:
+            raise ValueError(f"{self.name}: {name}={value!r} is not one of {self.choices[name]}")
+        return value
+
+    @functools.cached_property
+    def needs_matrices(self) -> bool:
+        """Whether the rule has a matrix stage (``orthogonalize``) under some flag setting: it
+        then steps 2-D parameters only."""
+        from flashcompile.language.trace import trace
+
+        return any(any(out.has(Orthogonalize) for out in trace(self, flags).outputs)
+                   for flags in self.flag_settings())
+
+    def flag_settings(self) -> list[dict[str, Any]]:
+        """Every combination of the static hyperparameters' values."""
+        import itertools
+
+        options = [self.choices.get(k, (False, True)) for k in self.flags]
+        return [dict(zip(self.flags, v)) for v in itertools.product(*options)]
 
     @functools.cached_property  # read per param per step by flat buckets' host path
     def scalar_states(self) -> tuple[str, ...]:
@@ -200,7 +311,8 @@ class Rule:
     @property
     def floats(self) -> tuple[str, ...]:
         """Float and tuple-of-float hyperparameters: runtime inputs of the compiled kernel."""
-        return tuple(k for k, v in self.defaults.items() if not isinstance(v, bool))
+        return tuple(k for k, v in self.defaults.items()
+                     if not isinstance(v, bool) and k not in self.choices)
 
     def range_of(self, name: str) -> tuple[float, float]:
         """Allowed interval [lo, hi) of a float hyperparameter (tuples: of each entry)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from flashcompile.language.dsl import Rule, SumAll, Sym, _to_sympy
+from flashcompile.language.dsl import Orthogonalize, Rule, SumAll, Sym, _to_sympy
 
 STEP = sympy.Symbol("step", positive=True, integer=True)
 
@@ -79,7 +79,7 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
         sympy.Symbol(n, nonnegative=True) if fact == "nonnegative" else sympy.Symbol(n, real=True)
         for n, fact in rule.states.items()
     )
-    hyper = {k: _hyper_symbol(k, v) for k, v in rule.defaults.items() if not isinstance(v, bool)}
+    hyper = {k: _hyper_symbol(k, rule.defaults[k]) for k in rule.floats}
     kwargs = {k: (tuple(Sym(s) for s in v) if isinstance(v, tuple) else Sym(v)) for k, v in hyper.items()}
     kwargs.update(dict(flags))
     out = rule.fn(Sym(param), Sym(grad), *(Sym(s) for s in states), step=Sym(STEP), **kwargs)
@@ -105,7 +105,7 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
 
 def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:
     """Trace ``rule`` with its bool hyperparameters fixed to ``flags`` (cached)."""
-    key = tuple(sorted((k, bool(flags[k])) for k in rule.flags))
+    key = tuple(sorted((k, rule.static_value(k, flags[k])) for k in rule.flags))
     return _trace_cached(rule, key)
 
 
@@ -202,6 +202,10 @@ def keeps_zero_expr(traced: Traced, expr: sympy.Expr) -> bool:
     """Whether ``expr`` is provably 0 on a lane where the param, gradient and every state are 0
     (whatever any reduction in it sums to)."""
     expr = expr.xreplace({r: sympy.Dummy(real=True) for r in expr.atoms(SumAll)})
+    # a matrix stage's result on a padding lane is what its argument left there (the lane is in
+    # no matrix): zero where the argument is
+    expr = expr.xreplace({m: m.args[0] * sympy.Dummy(real=True)
+                          for m in expr.atoms(Orthogonalize)})
     zeros = {s: 0 for s in traced.tensors}
     return sympy.simplify(expr.xreplace(zeros)) == 0
 

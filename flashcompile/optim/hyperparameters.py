@@ -65,11 +65,15 @@ def check_tensor_inputs(values: Mapping[str, Any], foreach: bool | None, captura
 
 
 def values(rule: Rule, group: Mapping[str, Any]) -> dict[str, Any]:
-    """The group's hyperparameters as Python values (floats, tuples of floats, bools), each checked
-    against the rule's range; a message names the hyperparameter, its value and the range."""
+    """The group's hyperparameters as Python values (floats, tuples of floats, bools, declared
+    choices), each checked against the rule's range; a message names the hyperparameter, its
+    value and the range."""
     out = {}
     for name, default in rule.defaults.items():
         value = group[name]
+        if name in rule.choices:
+            out[name] = rule.static_value(name, value)
+            continue
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise TypeError(

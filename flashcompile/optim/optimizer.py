@@ -111,6 +111,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 guards.check_param(p, f"param {i} of group {index} (shape {tuple(p.shape)})")
                 distributed.check_sharded(p, traced)
+                guards.check_matrix(self.rule, traced, p)
         except Exception:
             self.param_groups.pop()
             raise
@@ -139,7 +140,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
 
     def flags_of(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
         """The group's static flags, sorted (plus the unscale flag inside a GradScaler step)."""
-        flags = tuple(sorted((k, bool(group[k])) for k in self.rule.flags))
+        flags = tuple(sorted((k, self.rule.static_value(k, group[k])) for k in self.rule.flags))
         return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
 
     def init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
@@ -298,7 +299,11 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
             p, grad = p.to_local(), grad.to_local()
         grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
-        if plan.reduces:
+        if plan.stages:
+            if ready.matrices is None:
+                ready.matrices = plan.matrices([p], p.device)
+            plan.run(ready.weight, grad, ready.stored, values, combine, ready.matrices)
+        elif plan.reduces:
             plan.run(ready.weight, grad, ready.stored, values, combine)
         else:
             s = scalars.tensor(values, ready.tail, p.device)

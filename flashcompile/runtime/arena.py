@@ -28,6 +28,7 @@ import torch
 
 from flashcompile.codecs import GROUP, layout
 from flashcompile.codecs.layout import groups, lane_counts, scalar_vector, segment_ends
+from flashcompile.compiler.codegen import StageCall
 from flashcompile.compiler.plan import Plan
 
 
@@ -112,6 +113,8 @@ class Bucket:
             # each group's valid lanes, where the plan masks the padding lanes of its states
             lane_counts([p.numel() for p in params], first.device) if plan.masks_lanes else None,
         )
+        # where each param's matrix lies, for a rule with a matrix stage (Muon)
+        self.matrices = plan.matrices(self.params, first.device) if plan.stages else None
 
     def _range(self, i: int) -> slice:
         start = self.offsets[i] * GROUP
@@ -205,9 +208,10 @@ class Bucket:
         values = [GROUP, *scalars(int(self.steps[0].item()))]
         for name, value in self.plan.new_scalar_states(values):
             self.scalar_vectors[name].fill_(value)
+        stage = StageCall(self.matrices, values) if self.matrices is not None else None
         if not self.weights.is_cuda:
-            self.plan.call(scalar_vector(values[0], values[1:], self.weights.device), grads, weights, fields, ends,
-                           lanes=lanes)
+            self.plan.call(scalar_vector(values[0], values[1:], self.weights.device), grads,
+                           weights, fields, ends, lanes=lanes, stage=stage)
             return True
         if self._scalars is None:
             self._scalars = _ScalarUpload(len(values), self.weights.device)
@@ -215,8 +219,10 @@ class Bucket:
         if self._graph is not None and not staged:
             self._graph.replay()
             return True
-        self.plan.call(s, grads, weights, fields, ends, lanes=lanes)  # compiles, tunes on first use
-        if self.plan.key.compiled and not staged and self._graph is None:  # staged ones move
+        # compiles, tunes on first use
+        self.plan.call(s, grads, weights, fields, ends, lanes=lanes, stage=stage)
+        # staged gradients move; a matrix stage's host loop reads this step's scalars
+        if self.plan.key.compiled and not staged and stage is None and self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
                 self.plan.call(s, grads, weights, fields, ends, lanes=lanes)

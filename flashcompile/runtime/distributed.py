@@ -95,10 +95,20 @@ def initialising_state() -> bool:
 
 def check_sharded(p: torch.Tensor, traced) -> None:
     """A rule that reduces over the whole parameter (``norm``, ``sum_all``) needs one sharded mesh
-    dimension to all-reduce its sums over (:func:`shard_sums`); refuse other layouts."""
-    from flashcompile.language.dsl import SumAll
+    dimension to all-reduce its sums over (:func:`shard_sums`); refuse other layouts. A matrix
+    stage (``orthogonalize``) needs the whole matrix: refuse sharded params."""
+    from flashcompile.language.dsl import Orthogonalize, SumAll
 
-    if not (is_dtensor(p) and any(out.has(SumAll) for out in traced.outputs)):
+    if not is_dtensor(p):
+        return
+    if any(out.has(Orthogonalize) for out in traced.outputs) and any(
+            pl.is_shard() or pl.is_partial() for pl in p.placements):
+        raise ValueError(
+            f"{traced.rule.name} orthogonalizes each parameter as a whole matrix; the param of "
+            f"shape {tuple(p.shape)} is sharded ({p.placements}), and gathering it inside the "
+            "step is not supported yet. Keep such params out of fully_shard (or replicate them), "
+            "or optimize them with an element-wise rule")
+    if not any(out.has(SumAll) for out in traced.outputs):
         return
     sharded = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
     if len(sharded) > 1 or any(pl.is_partial() for pl in p.placements):

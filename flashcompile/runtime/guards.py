@@ -96,3 +96,15 @@ def _check_no_graph_needed(opt, group: Mapping[str, Any]) -> None:
                 "quantises its states in place, which autograd cannot differentiate. Use "
                 f"torch.optim.{type(opt).__name__}(differentiable=True) for steps you "
                 "differentiate through")
+
+
+def check_matrix(rule, traced, p: torch.Tensor) -> None:
+    """A rule with a matrix stage (``orthogonalize``: Muon) steps 2-D parameters only, as
+    torch.optim.Muon; others belong in a param group of another rule."""
+    from flashcompile.language.dsl import Orthogonalize
+
+    if p.dim() != 2 and any(out.has(Orthogonalize) for out in traced.outputs):
+        raise ValueError(
+            f"{rule.name.capitalize()} only supports 2D parameters whereas we found a parameter "
+            f"with size: {p.size()}. Optimize vectors, embeddings' tables if you wish, and "
+            "convolution kernels with an element-wise rule (e.g. AdamW) in an optimizer of their own")

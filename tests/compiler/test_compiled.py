@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashcompile as fc
+from strategies import rule_of
 from flashcompile.codecs import PARAM
 from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
 
@@ -156,15 +157,14 @@ def _every_rule_plan():
     from flashcompile.language.trace import trace
     from flashcompile.optim.optimizers import OPTIMIZERS
 
-    rules = {cls([torch.nn.Parameter(torch.zeros(1))], compile=False).rule
-             for cls in OPTIMIZERS.values()}
+    rules = {rule_of(cls) for cls in OPTIMIZERS.values()}
     for rule in sorted(rules, key=lambda r: r.name):
-        for values in __import__("itertools").product([False, True], repeat=len(rule.flags)):
-            flags = tuple(sorted(zip(rule.flags, values)))
+        for setting in rule.flag_settings():
+            flags = tuple(sorted(setting.items()))
             live = trace(rule, dict(flags)).live_states()
             codecs = resolve_codecs(rule, "flash", torch.bfloat16, live)
             yield pytest.param(get_plan(PlanKey(rule, flags, codecs, "cpu", False)),
-                               id=f"{rule.name}-{'-'.join(k for k, v in flags if v) or 'plain'}")
+                               id=f"{rule.name}-{'-'.join(k if v is True else f'{k}={v}' for k, v in flags if v) or 'plain'}")
 
 
 @pytest.mark.parametrize("plan", _every_rule_plan())

@@ -321,6 +321,10 @@ _OPERANDS = {"sqrt": lambda p, g: (abs(g) + 1,), "log": lambda p, g: (abs(g) + 1
              "minimum": lambda p, g: (g, p), "sum_all": lambda p, g: (g * g,)}
 
 
+# the torch forms' arguments the DSL function fills in (orthogonalize: steps, a, b, c, eps, ratio)
+_DEFAULTS = {"orthogonalize": (5, 3.4445, -4.775, 2.0315, 1e-7, 0)}
+
+
 @pytest.mark.parametrize("op", sorted(PRIMITIVES))
 def test_every_primitive_lowers_to_what_its_torch_form_computes(op):
     """One row of the op table, three readers: the DSL's torch form (the reference here), its sympy
@@ -335,9 +339,10 @@ def test_every_primitive_lowers_to_what_its_torch_form_computes(op):
         return p - lr * g, primitive(*operands(p, g)) + 0 * s
 
     gen = torch.Generator().manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(70, generator=gen))
-    param.grad = torch.randn(70, generator=gen)
-    want = torch_fn(*operands(param.detach(), param.grad))
+    shape = (10, 7) if op == "orthogonalize" else (70,)  # a matrix stage: a matrix
+    param = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    param.grad = torch.randn(shape, generator=gen)
+    want = torch_fn(*operands(param.detach(), param.grad), *_DEFAULTS.get(op, ()))
     opt = fc.Optimizer([param], applies, codecs="fp32", compile=False)
     opt.step()
     got = opt.state_value(param, "s")

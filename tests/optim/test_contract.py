@@ -20,6 +20,7 @@ import torch
 
 import flashcompile as fc
 from flashcompile.optim.optimizers import OPTIMIZERS
+from strategies import rule_of, shapes_for
 
 NAMES = sorted(OPTIMIZERS)
 # options under which every state of the optimizer is live (the others' defaults already are)
@@ -34,7 +35,10 @@ def make(name, params, **options):
     return OPTIMIZERS[name](params, compile=False, **{**LIVE.get(name, {}), **options})
 
 
-def bf16_params(shapes=SHAPES, seed=0):
+def bf16_params(shapes=SHAPES, seed=0, name=None):
+    """bf16 params of ``shapes`` (as matrices for an optimizer that takes only those)."""
+    if name is not None:
+        shapes = shapes_for(rule_of(OPTIMIZERS[name]), shapes)
     gen = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
 
@@ -46,7 +50,7 @@ def set_grads(params, seed):
 
 
 def trained(name, steps=2, **options):
-    params = bf16_params()
+    params = bf16_params(name=name)
     opt = make(name, params, **options)
     for seed in range(steps):
         set_grads(params, seed)
@@ -212,7 +216,7 @@ def test_every_load_that_must_fail_fails_and_changes_nothing(name, case):
         src, _ = trained(name, codecs={"param": "weight_split_int16"})
         bad, match = src.state_dict(), "codecs"
     elif isinstance(how, list):
-        src_params = bf16_params(how)
+        src_params = bf16_params(how, name=name)
         src = make(name, src_params)
         set_grads(src_params, 0)
         src.step()
@@ -257,21 +261,26 @@ def test_a_load_from_sibling_state_codecs_reencodes_within_the_new_codecs_bound(
 
 
 class Net(torch.nn.Module):
-    def __init__(self, seed):
+    def __init__(self, seed, bias=True):
         super().__init__()
         torch.manual_seed(seed)
-        self.a, self.b = torch.nn.Linear(64, 48), torch.nn.Linear(48, 5)
+        self.a, self.b = torch.nn.Linear(64, 48, bias), torch.nn.Linear(48, 5, bias)
+
+
+def net(name, seed):
+    """Two linear layers; without biases for an optimizer of matrices only."""
+    return Net(seed, bias=not rule_of(OPTIMIZERS[name]).needs_matrices)
 
 
 def _resumed(name, order):
-    model = fc.cast_model(Net(0))
+    model = fc.cast_model(net(name, 0))
     opt = make(name, model.parameters())
     params = list(model.parameters())
     for seed in range(3):
         set_grads(params, seed)
         opt.step()
     weights, osd = fc.fp32_state_dict(model, opt), opt.state_dict()
-    model2 = fc.cast_model(Net(1))
+    model2 = fc.cast_model(net(name, 1))
     opt2 = make(name, model2.parameters())
     if order == "fp32_first":
         fc.load_fp32_state_dict(model2, opt2, weights)
@@ -310,9 +319,9 @@ def test_a_twins_state_dict_keeps_the_loading_class_update(saver, loader, decoup
 
 @pytest.mark.parametrize("name", NAMES)
 def test_loading_a_state_dict_without_names_keeps_the_groups_names(name):
-    model = Net(0)
+    model = net(name, 0)
     opt = make(name, model.named_parameters())
-    src = make(name, Net(1).parameters())
+    src = make(name, net(name, 1).parameters())
     opt.load_state_dict(src.state_dict())
     assert opt.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in
                                                                  model.named_parameters()]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import flashcompile as fc
+from strategies import rule_of, shapes_for
 from flashcompile.compiler.explain import plan_of
 from flashcompile.optim.optimizers import OPTIMIZERS
 
@@ -306,9 +307,10 @@ def test_params_no_backward_reaches_after_zero_grad_step_as_torch_steps_their_gr
 def test_a_plan_passes_lane_counts_exactly_where_its_step_masks_padding_lanes(name):
     """Plan.masks_lanes (what callers pass) and the generated step's signature (what the kernel
     takes) come from one predicate; every shipped rule steps flat at any param size."""
-    p = torch.nn.Parameter(torch.zeros(40, dtype=torch.bfloat16))
+    cls = getattr(fc, name)
+    p = torch.nn.Parameter(torch.zeros(shapes_for(rule_of(cls), [(40,)])[0], dtype=torch.bfloat16))
     p.grad = torch.zeros_like(p)
-    plan = plan_of(getattr(fc, name)([p], compile=False))
+    plan = plan_of(cls([p], compile=False))
     step = plan.source.split("def step_one")[0] if not plan.reduces else plan.source
     assert plan.masks_lanes == ("_lanes" in step)
     assert plan.steps_flat
