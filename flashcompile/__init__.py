@@ -42,6 +42,7 @@ from flashcompile.optim.model import (  # noqa: E402
     fp32_state_dict,
     load_fp32_state_dict,
 )
+from flashcompile.optim.groups import muon_groups  # noqa: E402
 from flashcompile.optim.optimizer import Optimizer  # noqa: E402
 from flashcompile.optim.optimizers import OPTIMIZERS as _OPTIMIZERS  # noqa: E402
 from flashcompile.optim.release import enable_gradient_release  # noqa: E402
@@ -54,6 +55,6 @@ __all__ = [
     "orthogonalize",
     "Optimizer", "codecs", "explain", *(cls.__name__ for cls in _OPTIMIZERS.values()),
     "cast_model", "BATCH_NORMS", "NORM_LAYERS", "enable_gradient_release", "fp32_state_dict",
-    "load_fp32_state_dict",
+    "load_fp32_state_dict", "muon_groups",
 ]
 __version__ = "0.1.0"

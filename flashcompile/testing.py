@@ -118,7 +118,8 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     flags = opt.flags_of(group)
     flash = opt.plan_for(p, flags)
     live = tuple(k for k in flash.codecs if k != PARAM)
-    plan = get_plan(PlanKey(opt.rule, flags, resolve_codecs(opt.rule, "fp32", torch.float32, live),
+    rule = flash.key.rule
+    plan = get_plan(PlanKey(rule, flash.key.flags, resolve_codecs(rule, "fp32", torch.float32, live),
                             p.device.type, False))
     master = opt.master_weight(p).clone()
     started = bool(opt.state.get(p))

@@ -117,13 +117,20 @@ class Checkpoints:
             # older ones torch's implementation flags: keep ours. A missing float hyperparameter
             # means another optimizer's state dict. The class's fixed flags win (AdamW stays
             # AdamW with an Adam state dict, as torch's AdamW.__setstate__ forces).
-            kept = {k: g[k] for k in (*self.rule.flags, *IMPLEMENTATION_FLAGS, "param_names")
+            rule = self.rule_of(g)
+            if saved.get("rule") != g.get("rule"):
+                raise ValueError(
+                    f"param group {i} of the state dict was stepped by rule "
+                    f"{saved.get('rule') or 'of its optimizer'}, this one by {rule.name}: it was "
+                    "saved by a different optimizer")
+            kept = {k: g[k] for k in (*rule.flags, *IMPLEMENTATION_FLAGS, "param_names")
                     if k not in saved and k in g}
-            saved = {**kept, **saved, **self.fixed_hyperparameters}
-            missing = sorted(set(self.rule.defaults) - set(saved))
+            fixed = self.fixed_hyperparameters if rule is self.rule else {}
+            saved = {**kept, **saved, **fixed}
+            missing = sorted(set(rule.defaults) - set(saved))
             if missing:
                 raise ValueError(
-                    f"param group {i} of the state dict lacks {self.rule.name}'s hyperparameters "
+                    f"param group {i} of the state dict lacks {rule.name}'s hyperparameters "
                     f"{missing}: it was saved by a different optimizer"
                 )
             new = {k: v for k, v in saved.items() if k not in SAVED_METADATA}
@@ -140,7 +147,7 @@ class Checkpoints:
             p, (i, j) = id_map[pid], where[pid]
             plan = self.plan_for(p, self.flags_of(new_groups[i]))
             _check_step(saved.get("step"), pid)
-            encoded = not interop.is_torch_format(self.rule.states, saved, p)
+            encoded = not interop.is_torch_format(plan.key.rule.states, saved, p)
             recorded = (saved_groups[i].get("codecs") or {}).get(str(p.dtype)) if encoded else None
             reencoded = None
             if recorded is not None and recorded != codec_names(plan) and not is_dtensor(p):
@@ -164,20 +171,21 @@ class Checkpoints:
 
     def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
         expected = dict(plan.owned_fields)
+        rule = plan.key.rule
         if is_dtensor(p):
-            return distributed.import_state(p, plan, saved, pid, self.rule.states)
-        if interop.is_torch_format(self.rule.states, saved, p):
+            return distributed.import_state(p, plan, saved, pid, rule.states)
+        if interop.is_torch_format(rule.states, saved, p):
             return interop.import_state(p, plan, saved, pid)
         if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
-            return distributed.import_state(p, plan, saved, pid, self.rule.states)
-        host = {"step", *self.rule.scalar_states}
+            return distributed.import_state(p, plan, saved, pid, rule.states)
+        host = {"step", *rule.scalar_states}
         # A scalar state may be missing (saved before the rule had it, as Adam's bound_sq): it
         # loads as 0, which such a state must read as "history unknown" after step 1.
         required = set(expected) | {"step"}
         if not required <= set(saved) <= required | host:
             raise ValueError(
                 f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
-                f"{self.rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
+                f"{rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
                 "saved by a different optimizer or with different codecs"
             )
         groups = layout.group_count(p.numel())

@@ -19,7 +19,7 @@ from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
 from flashcompile.compiler.plan import Plan, PlanKey, get_plan, state_key
 from flashcompile.language.dsl import Rule
 from flashcompile.language.trace import check_facts, trace
-from flashcompile.optim import clipping
+from flashcompile.optim import clipping, groups
 from flashcompile.optim import hyperparameters as _hyper
 from flashcompile.optim.checkpoint import Checkpoints
 from flashcompile.optim.stored_values import StoredValues
@@ -32,6 +32,8 @@ from flashcompile.runtime.stepping import PerTensor, ScalarCache
 from flashcompile.runtime.tensor_graph import TensorGraphs
 
 SUPPORTED_DTYPES = guards.SUPPORTED_DTYPES
+# the first of flags_of's pairs for a group whose rule is not the optimizer's: (RULE_FLAG, its name)
+RULE_FLAG = "rule"
 
 
 class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
@@ -84,6 +86,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
                                    self._refuses_tensor_hyperparameters_with_foreach)
         _hyper.values(rule, defaults)
         self.rule = rule
+        # other rules param groups name (group["rule"]: the rule's name, its Rule kept here)
+        self._group_rules: dict[str, Rule] = {}
         self.codecs_spec = check_codec_spec(codecs, rule)
         self.compile = compile
         self.flat = flat
@@ -100,26 +104,48 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
     # ---- construction-time checks -------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim's. A group may name its own rule (``"rule"``: a rule, or the name of a
+        drop-in class such as ``"adamw"``, whose defaults the group then takes): Muon's matrices
+        and AdamW's other params in one optimizer, one state dict, one scheduler."""
+        if param_group.get("rule") is not None:
+            param_group = dict(param_group)
+            rule, defaults = groups.resolve(param_group["rule"])
+            if rule is not self.rule:
+                known = self._group_rules.setdefault(rule.name, rule)
+                if known is not rule:
+                    raise ValueError(f"two different rules are named {rule.name!r}")
+                check_codec_spec(self.codecs_spec, rule)  # the optimizer's codecs fit its states
+                param_group["rule"] = rule.name
+                for k, v in defaults.items():
+                    param_group.setdefault(k, v)
+            else:
+                del param_group["rule"]
         super().add_param_group(param_group)  # warns about duplicate params, as torch.optim
         group = self.param_groups[-1]
         _drop_duplicates(group)
         try:
             self.hyperparameters_of(group)
-            traced = trace(self.rule, dict(self.flags_of(group)))
+            rule = self.rule_of(group)
+            traced = trace(rule, dict(self.flags_of(group)))
             check_facts(traced)
             index = len(self.param_groups) - 1
             for i, p in enumerate(group["params"]):
                 guards.check_param(p, f"param {i} of group {index} (shape {tuple(p.shape)})")
                 distributed.check_sharded(p, traced)
-                guards.check_matrix(self.rule, traced, p)
+                guards.check_matrix(rule, traced, p)
         except Exception:
             self.param_groups.pop()
             raise
 
+    def rule_of(self, group: Mapping[str, Any]) -> Rule:
+        """The rule that steps ``group``: its own (``group["rule"]``) or the optimizer's."""
+        name = group.get("rule")
+        return self.rule if name is None or name == self.rule.name else self._group_rules[name]
+
     def hyperparameters_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as Python values, each checked against its range (plus the
         inverse loss scale while a GradScaler step unscales the gradients)."""
-        out = _hyper.values(self.rule, group)
+        out = _hyper.values(self.rule_of(group), group)
         if self._grad_unscale is not None:
             out[amp.INVERSE_SCALE] = self._grad_unscale
         return out
@@ -132,15 +158,22 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         # ask once per param per step
         key = (p.dtype, p.device.type, flags, self.compile)
         if key not in self._plans:
-            rule, flags = amp.rule_and_flags(self.rule, flags)
+            rule = self.rule
+            if flags and flags[0][0] == RULE_FLAG:  # a group of another rule (flags_of)
+                rule, flags = self._group_rules[flags[0][1]], flags[1:]
+            rule, flags = amp.rule_and_flags(rule, flags)
             live = trace(rule, dict(flags)).live_states()
             codecs = resolve_codecs(rule, self.codecs_spec, p.dtype, live)
             self._plans[key] = get_plan(PlanKey(rule, flags, codecs, p.device.type, self.compile))
         return self._plans[key]
 
-    def flags_of(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
-        """The group's static flags, sorted (plus the unscale flag inside a GradScaler step)."""
-        flags = tuple(sorted((k, self.rule.static_value(k, group[k])) for k in self.rule.flags))
+    def flags_of(self, group: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """The group's static flags, sorted (plus the unscale flag inside a GradScaler step); a
+        group of another rule than the optimizer's starts with ``(RULE_FLAG, its name)``."""
+        rule = self.rule_of(group)
+        flags = tuple(sorted((k, rule.static_value(k, group[k])) for k in rule.flags))
+        if rule is not self.rule:
+            flags = ((RULE_FLAG, rule.name), *flags)
         return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
 
     def init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
@@ -151,7 +184,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         ones copied in) and the state holds the view."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
-        for name in self.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
+        for name in plan.key.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
             state.setdefault(name, torch.tensor(0.0))
         for name, codec in plan.codecs.items():
             for f in codec.fields:  # set before the first step (a pre-hook): adopt or refuse
@@ -215,7 +248,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
         scalars = scalars or ScalarCache(self.hyperparameters_of(group))
         shared = bucket.stores_scalar_states  # one vector per scalar state: read one, store all
-        held = (() if not self.rule.scalar_states else [self.state[bucket.params[0]]] if shared
+        held = (() if not bucket.plan.key.rule.scalar_states else [self.state[bucket.params[0]]]
+                if shared
                 else [self.state[p] for p in bucket.params])
         if bucket.try_step(functools.partial(scalars, bucket.plan, states=held,
                                              advance=not shared)):

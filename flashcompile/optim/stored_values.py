@@ -57,10 +57,11 @@ class StoredValues:
     def state_value(self, p: torch.Tensor, name: str) -> torch.Tensor:
         """State ``name`` of ``p`` decoded to fp32, in the param's shape (a scalar state: 0-d); for
         a DTensor ``p``, a DTensor placed like it."""
-        if name not in self.rule.states:
-            raise KeyError(f"{self.rule.name} has no state {name!r}; its states: {list(self.rule.states)}")
+        rule = self.rule_of(self._group_of(p))
+        if name not in rule.states:
+            raise KeyError(f"{rule.name} has no state {name!r}; its states: {list(rule.states)}")
         if not self.state.get(p):
             raise KeyError("param has no state yet: step the optimizer first")
-        if name in self.rule.scalar_states:
+        if name in rule.scalar_states:
             return self.state[p][name].clone()
         return self._decode(p, name)

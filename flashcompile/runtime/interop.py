@@ -32,7 +32,7 @@ def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
     state = opt.state[p]
     plan = opt.plan_for(p, opt.flags_of(_group_of(opt, p)))
     out: dict[str, Any] = {"step": state["step"].detach().clone().float()}
-    out.update({k: state[k].detach().clone().float() for k in opt.rule.scalar_states})
+    out.update({k: state[k].detach().clone().float() for k in plan.key.rule.scalar_states})
     for name in plan.codecs:
         if name != PARAM:
             out[name] = opt.state_value(p, name).clone()
