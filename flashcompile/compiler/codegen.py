@@ -15,12 +15,15 @@ from flashcompile.compiler.segments import segment_totals
 from flashcompile.language.trace import Traced, keeps_zero
 
 
-def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> str:
+def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
+             lanes: bool = False) -> str:
     """Source of ``step(_s, _grad, *fields[, _ends | _lanes])`` over whole groups; for a reducing
     rule, of one function per reduction phase (``_sums1``, ...) and ``_update``, which
     :class:`Plan` chains into ``step``. A non-reducing rule also gets ``step_one``
     (:func:`_padded`); where its states' padding lanes must be masked, its ``step`` takes
-    ``_lanes`` (``(G, 1)``: the valid lanes of each group, so params of any size lie end to end)."""
+    ``_lanes`` (``(G, 1)``: the valid lanes of each group, so params of any size lie end to end);
+    so do a reducing rule's functions with ``lanes`` (their sums and stores then mask each
+    parameter's padding lanes)."""
     args, decode = _arguments(traced, codecs)
     doc = f'    """{traced.rule.name} {dict(traced.flags)}: ' + ", ".join(
         f"{k}={c.name}" for k, c in codecs.items()) + '"""'
@@ -34,6 +37,8 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec]) -> s
         return "\n".join([_function("step", args + ["_lanes"] * masked, doc, decode, update, False),
                           _padded(args, doc, decode, update)])
     args.append("_ends")
+    if lanes:
+        args.append("_lanes")
     sources, known = [], 0
     for k, (statements, sums) in enumerate(lowered.phases, 1):
         body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]

@@ -10,7 +10,8 @@ A reduction over the parameter (``sum_all``) is a phase of its own: its argument
 the outputs (computed over all ``(G, 32)`` lanes; the plan masks padding lanes and sums each
 parameter's groups), and the update reads the result as ``_sum0``, ``_sum1``, ... (one value per
 group). A sum whose argument uses another sum runs in a later phase. A reduction is never hoisted,
-even when its argument is scalar (``sum_all(1)`` counts the elements).
+even when its argument is scalar: ``sum_all(0 * g + 1)`` counts the elements (``sum_all(1.0)`` of a
+plain number is evaluated when the rule runs, as a one-element parameter's sum: 1.0).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from flashcompile.codecs import GROUP, PARAM, Codec, Field
 from flashcompile.codecs.layout import (
     group_count,
     groups,
+    lane_counts,
     last_group_lanes,
     padded,
     scalar_vector,
@@ -78,7 +79,8 @@ class Plan:
         check_facts(self.traced)
         self.lowered: Lowered = lower(self.traced)
         self.codecs: dict[str, Codec] = dict(key.codecs)
-        self.source = generate(self.traced, self.lowered, self.codecs)
+        self.source = generate(self.traced, self.lowered, self.codecs,
+                               lanes=self.reduces and self.masks_lanes)
         namespace = source_namespace(self.codecs)
         exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
@@ -214,20 +216,23 @@ class Plan:
     @functools.cached_property
     def masks_lanes(self) -> bool:
         """Whether :attr:`fn` takes ``lanes`` (:func:`~flashcompile.codecs.layout.lane_counts`): a
-        non-reducing rule whose states' padding lanes might not stay zero (Adagrad's initial
-        accumulator, Adamax's eps, Rprop's step sizes) masks them to zero, group by group (the
-        states codegen masks, ``_valid``)."""
+        rule whose states' padding lanes might not stay zero (Adagrad's initial accumulator,
+        Adamax's eps, Rprop's step sizes) masks them to zero, group by group (the states codegen
+        masks, ``_valid``); a reducing rule also where a reduction would count padding lanes
+        (cautious AdamW's count of the param's elements)."""
         states = range(1, len(self.traced.outputs))
-        return not self.reduces and not all(keeps_zero(self.traced, i) for i in states)
+        if not all(keeps_zero(self.traced, i) for i in states):
+            return True
+        return self.reduces and not self.reductions_skip_pads
 
     @property
     def steps_flat(self) -> bool:
         """Whether one call may step several parameters laid end to end in one flat buffer: the
         padding lanes between them provably stay zero (the states' or masked, :attr:`masks_lanes`;
         the weight's in any case) and add nothing to any reduction (each reduction sums its own
-        parameter's groups)."""
+        parameter's groups: provably, or masked)."""
         pads_zero = self.pads_stay_zero or (self.masks_lanes and keeps_zero(self.traced, 0))
-        return pads_zero and self.reductions_skip_pads
+        return pads_zero and (self.reductions_skip_pads or self.masks_lanes)
 
     def steps_flat_over(self, numels) -> bool:
         """Whether one call may step params of these sizes laid end to end: as :attr:`steps_flat`,
@@ -321,8 +326,9 @@ class Plan:
             if matrices is None:
                 raise ValueError("a rule with a matrix stage needs the parameter's matrices")
             stage = StageCall(matrices, [float(last_group_lanes(n)), *scalars])
+        lanes = lane_counts([n], p.device) if self.reduces and self.masks_lanes else None
         self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
-                  combine=combine, stage=stage)
+                  combine=combine, lanes=lanes, stage=stage)
         flat_p.copy_(pad_p.view(-1)[:n])
 
     def call_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
@@ -371,6 +377,11 @@ class Plan:
             self.fn(s, grad, *args)
             return
         args.append(ends if ends is not None else segment_ends([grad.shape[0]], grad.device))
+        if self.masks_lanes:
+            if lanes is None:
+                raise ValueError(f"{self.key.rule.name}'s sums mask each parameter's padding "
+                                 "lanes: pass lanes (layout.lane_counts)")
+            args.append(lanes)
         self.fn(s, grad, *args, combine=combine)
 
     def combine_nothing(self, combine, device: torch.device, params: int = 1) -> None:

@@ -19,10 +19,13 @@ from flashcompile.rules import (
     adamax,
     adan,
     ademamix,
+    adopt,
     asgd,
+    cautious_adamw,
     lamb,
     lars,
     lion,
+    mars,
     muon,
     nadam,
     radam,
@@ -253,8 +256,20 @@ Adan = optimizer_class(adan, "Adan", """Adan (arXiv 2208.06677), as the authors'
     betas weigh the old values, and ``no_prox`` picks decoupled decay over the proximal
     ``p / (1 + lr * weight_decay)``.""")
 
+ADOPT = optimizer_class(adopt, "ADOPT", """ADOPT (arXiv 2411.02853): the gradient normalized by
+    the second moment of the steps before it, then momentum; converges for any beta2. As the
+    authors' implementation: the first step only fills v, ``clip`` bounds the normalized gradient
+    by ``(step - 1) ** 0.25``, ``decouple`` picks decoupled weight decay.""")
+
+CautiousAdamW = optimizer_class(cautious_adamw, "CautiousAdamW", """Cautious AdamW (arXiv
+    2411.16085): AdamW's update only where the momentum and the gradient agree in sign, rescaled
+    by the param's size over the agreeing count; the count spans the param (a reduction).""")
+MARS = optimizer_class(mars, "MARS", """MARS-AdamW (arXiv 2411.10438), the authors' approximate
+    form: AdamW on ``g + gamma * beta1 / (1 - beta1) * (g - g_prev)``, its norm clipped to 1 per
+    param; keeps the previous gradient as an 8-bit state (9.25 B/param with the flash codecs).""")
+
 # Every drop-in class by lower-case name: the package's exports, the command line, bench's rows and
 # the contract tests iterate this.
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in (
     SGD, SGDW, Adam, AdamW, Lion, LAMB, LARS, AdEMAMix, Adan, Adagrad, RMSprop, Adadelta, Adamax,
-    NAdam, RAdam, ASGD, Rprop, Muon)}
+    NAdam, RAdam, ASGD, Rprop, Muon, ADOPT, CautiousAdamW, MARS)}

@@ -183,9 +183,11 @@ def test_reductions_lower_to_masked_per_param_sums_over_every_group_and_are_neve
     p.grad = torch.ones(3)
     source.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), -0.1 * 0.1 * 3 / 3))
-    assert "_grad.shape[0] - 1" in plan_of(source).source  # the mask spans every group
-    # a padding lane would count as one more element: such params never share a flat buffer
-    assert not plan_of(source).reductions_skip_pads and not plan_of(source).steps_flat
+    # a padding lane would count as one more element: the sums take each group's valid lanes
+    # (_lanes), so params of any size still share a flat buffer
+    plan = plan_of(source)
+    assert "torch.arange(32, device=_grad.device) < _lanes" in plan.source
+    assert not plan.reductions_skip_pads and plan.masks_lanes and plan.steps_flat
 
 
 def test_a_state_set_to_a_reduction_is_broadcast_and_proven_nonnegative():
@@ -211,18 +213,22 @@ def test_a_reduction_is_not_zero_in_padding_lanes():
     assert "sum_all(g**2)" in math_text(traced) and r"\sum" in math_text(traced, latex=True)
 
 
-def test_rules_with_reductions_never_step_in_flat_buckets():
-    from flashcompile.compiler.explain import plan_of
-    from flashcompile.runtime.arena import Bucket
-
-    params = [torch.nn.Parameter(torch.randn(n)) for n in (40, 7)]
-    opt = fc.Optimizer(params, softmax_step, codecs="fp32", compile=False, flat=True)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    assert not opt._buckets
-    # a bucket may still pack such params' states (gradient release does), but never steps them
-    assert not Bucket(params, plan_of(opt), opt.state, opt.init_state).try_step(lambda step: [])
+def test_rules_whose_sums_would_count_padding_step_flat_with_lane_masks():
+    """exp(0) = 1 on every padding lane: the flat bucket's sums take each group's valid lanes, so
+    params of odd sizes laid end to end step exactly as each alone."""
+    runs = {}
+    for flat in (False, True):
+        params = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)))
+                  for n in (40, 7, 33)]
+        opt = fc.Optimizer(params, softmax_step, codecs="fp32", compile=False, flat=flat)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        assert len(opt._buckets) == flat
+        runs[flat] = params
+    for p, q in zip(*runs.values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 FAMILY = [fc.rules.adagrad, fc.rules.rmsprop, fc.rules.adadelta, fc.rules.adamax, fc.rules.nadam,

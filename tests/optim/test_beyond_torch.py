@@ -1,4 +1,4 @@
-"""Optimizers torch.optim lacks (LAMB, LARS, AdEMAMix, Adan): with codecs="fp32" each tracks a plain
+"""Optimizers torch.optim lacks (LAMB, LARS, AdEMAMix, Adan, ADOPT, cautious AdamW, MARS): with codecs="fp32" each tracks a plain
 float64 torch implementation written here from its paper (and, for Adan, the authors' code); under
 the flash codecs each passes check_rule; the compiled LAMB plan equals its eager function."""
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from flashcompile.rules import adan, ademamix, lamb, lars
+from flashcompile.rules import adan, ademamix, adopt, cautious_adamw, lamb, lars, mars
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import seeds, shape_lists
@@ -91,6 +91,50 @@ def _adan(p, g, st_, t, lr, betas, eps, weight_decay, no_prox, maximize):
     return (p - lr * step) / (1 + lr * weight_decay)
 
 
+def _adopt(p, g, st_, t, lr, betas, eps, weight_decay, decouple, clip, maximize):
+    """As the authors' implementation (iShohei220/adopt): step 1 fills v and moves nothing."""
+    b1, b2 = betas
+    g = -g if maximize else g
+    if decouple:
+        p = p * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    if t == 1:
+        st_["v"], st_["m"] = g * g, torch.zeros_like(g)
+        return p
+    normed = g / st_["v"].sqrt().clamp(min=eps)
+    if clip:
+        normed = normed.clamp(-((t - 1) ** 0.25), (t - 1) ** 0.25)
+    m = st_["m"] = st_["m"] + (1 - b1) * (normed - st_["m"])
+    st_["v"] = b2 * st_["v"] + (1 - b2) * g * g
+    return p - lr * m
+
+
+def _cautious_adamw(p, g, st_, t, lr, betas, eps, weight_decay, maximize):
+    """As the authors' C-AdamW (kyleliang919/C-Optim)."""
+    b1, b2 = betas
+    g = -g if maximize else g
+    m = st_["m"] = b1 * st_.get("m", 0) + (1 - b1) * g
+    v = st_["v"] = b2 * st_.get("v", 0) + (1 - b2) * g * g
+    mask = (m * g > 0).double()
+    mask = mask * (mask.numel() / (mask.sum() + 1))
+    return p * (1 - lr * weight_decay) - lr * (m / (1 - b1**t)) * mask / (
+        (v / (1 - b2**t)).sqrt() + eps)
+
+
+def _mars(p, g, st_, t, lr, betas, eps, weight_decay, gamma, maximize):
+    """As the authors' MARS-AdamW with is_approx (AGI-Arena/MARS): the last gradient starts at 0."""
+    b1, b2 = betas
+    g = -g if maximize else g
+    c = g + gamma * (b1 / (1 - b1)) * (g - st_.get("prev", torch.zeros_like(g)))
+    st_["prev"] = g
+    if c.norm() > 1:
+        c = c / c.norm()
+    m = st_["m"] = b1 * st_.get("m", 0) + (1 - b1) * c
+    v = st_["v"] = b2 * st_.get("v", 0) + (1 - b2) * c * c
+    return p * (1 - lr * weight_decay) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+
+
 def assert_tracks_reference(make, reference, shapes, seed, zero_first, hyper):
     """``make(params)`` with fp32 codecs against ``reference`` in float64, STEPS steps. With
     ``zero_first``, the first param starts at zero (trust ratios take their zero-norm branch)."""
@@ -159,19 +203,59 @@ def test_adan_matches_reference(shapes, seed, lr, betas, wd, no_prox, maximize):
     assert_tracks_reference(_fp32(fc.Adan)(**hyper), _adan, shapes, seed, False, hyper)
 
 
+@given(shapes=shape_lists, seed=seeds, lr=st.floats(1e-4, 1e-2), betas=betas2,
+       eps=st.sampled_from([1e-6, 1e-8]), wd=decays, decouple=st.booleans(), clip=st.booleans(),
+       maximize=st.booleans())
+def test_adopt_matches_reference(shapes, seed, lr, betas, eps, wd, decouple, clip, maximize):
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=wd, decouple=decouple, clip=clip,
+                 maximize=maximize)
+    assert_tracks_reference(_fp32(fc.ADOPT)(**hyper), _adopt, shapes, seed, False, hyper)
+
+
+@given(shapes=shape_lists, seed=seeds, lr=st.floats(1e-4, 1e-2), betas=betas2, wd=decays,
+       maximize=st.booleans())
+def test_cautious_adamw_matches_reference(shapes, seed, lr, betas, wd, maximize):
+    hyper = dict(lr=lr, betas=betas, eps=1e-8, weight_decay=wd, maximize=maximize)
+    assert_tracks_reference(_fp32(fc.CautiousAdamW)(**hyper), _cautious_adamw, shapes, seed,
+                            False, hyper)
+
+
+@given(shapes=shape_lists, seed=seeds, lr=st.floats(1e-4, 1e-2),
+       betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.9, 0.999)), wd=decays,
+       gamma=st.sampled_from([0.0, 0.025, 0.5]), scale=st.sampled_from([1e-3, 1.0]),
+       maximize=st.booleans())
+def test_mars_matches_reference(shapes, seed, lr, betas, wd, gamma, scale, maximize):
+    hyper = dict(lr=lr, betas=betas, eps=1e-8, weight_decay=wd, gamma=gamma, maximize=maximize)
+    make = _fp32(fc.MARS)(**hyper)
+
+    def small(params):  # gradients of norm below 1 too, where the clip leaves c alone
+        opt = make(params)
+        def shrink(*_):
+            for p in params:
+                p.grad.mul_(scale)
+
+        return opt, opt.register_step_pre_hook(shrink)
+    assert_tracks_reference(lambda ps: small(ps)[0], _scaled(_mars, scale), shapes, seed, False,
+                            hyper)
+
+
+def _scaled(reference, scale):
+    return lambda p, g, st_, t, **hyper: reference(p, g * scale, st_, t, **hyper)
+
+
 def test_rules_pass_the_codec_property_suite_under_flash_codecs():
-    for rule in (ademamix, adan):
+    for rule in (ademamix, adan, adopt):
         check_rule(rule, max_examples=6)
-    for rule in (lamb, lars):  # their norms have no interval rule: property 4 says it skips
+    for rule in (lamb, lars, cautious_adamw, mars):  # reductions: property 4 says it skips
         with pytest.warns(UntrackedRule, match="sum_all"):
             check_rule(rule, max_examples=6)
 
 
-@pytest.mark.parametrize("make", [fc.LAMB, fc.LARS])
+@pytest.mark.parametrize("make", [fc.LAMB, fc.LARS, fc.CautiousAdamW, fc.MARS])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_trust_ratio_rules_step_a_flat_bucket_as_each_param_alone(make, compiled):
-    # One launch over params laid end to end: each norm sums its own param's groups, and the
-    # padding lanes after the odd sizes add nothing to them.
+def test_reducing_rules_step_a_flat_bucket_as_each_param_alone(make, compiled):
+    # One launch over params laid end to end: each norm (or count) sums its own param's groups,
+    # and the padding lanes after the odd sizes add nothing to them (or are masked out).
     shapes = [(40,), (7,), (64, 33), (1,)]
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in shapes]
