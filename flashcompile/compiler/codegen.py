@@ -77,8 +77,8 @@ def _staged(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec], args:
 
 
 def _arguments(traced: Traced, codecs: Mapping[str, Codec]) -> tuple[list[str], list[str]]:
-    """The step function's arguments (scalars, gradient, every stored field) and the lines that
-    decode them."""
+    """The step function's arguments (scalars, gradient, every stored field, the rule's device
+    scalars) and the lines that decode them."""
     names = [traced.param.name, *traced.rule.states]
     args, decode = ["_s", "_grad"], [f"    {traced.grad.name} = _grad.float()"]
     for name, codec in codecs.items():
@@ -86,7 +86,8 @@ def _arguments(traced: Traced, codecs: Mapping[str, Codec]) -> tuple[list[str], 
         fields = [f"{name}__{f.name}" for f in codec.fields]
         args += fields
         decode.append(f"    {var} = _codec_{name}.decode({', '.join(fields)})")
-    return args, decode
+    # device scalars (1-element fp32 tensors) follow the fields, under their own names
+    return args + list(traced.device), decode
 
 
 def _padded(args: list[str], doc: str, decode: list[str], update: list[str]) -> str:
@@ -96,7 +97,7 @@ def _padded(args: list[str], doc: str, decode: list[str], update: list[str]) -> 
     instead of the caller copying a tail group in and out (the per-tensor path's host cost)."""
     value = f"{PARAM}__value"
     flat = {"_grad": "_grad_flat", value: f"{value}_flat"}
-    rows = next((a for a in args[2:] if a != value), None)
+    rows = next((a for a in args[2:] if a != value and "__" in a), None)  # a field, not a scalar
     pad = f"{rows}.shape[0] * {GROUP} - _n" if rows else f"-_n % {GROUP}"
     lines = ["    _n = _grad_flat.shape[0]", f"    _pad = {pad}"]
     lines += [f"    {name} = torch.nn.functional.pad({flat[name]}, (0, _pad)).view(-1, {GROUP})"

@@ -238,7 +238,7 @@ def lower(traced: Traced) -> Lowered:
         phase_reads.append(frozenset(read & {*names, traced.grad.name}))
     statements, codes = _lower_exprs(printer, [o for _, o in live])
     outputs: list[str | None] = [None] * len(names)
-    lane_free = traced.scalars | set(named.values())
+    lane_free = traced.scalars | set(named.values()) | set(traced.device.values())
     for (i, expr), code in zip(live, codes):
         if expr.free_symbols <= lane_free:  # a constant or a reduction: broadcast over the group
             code = f"({code} + torch.zeros_like({traced.grad.name}))"

@@ -301,11 +301,12 @@ class Plan:
                 if not (name == PARAM and f.name == "value")]
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
-            scalars: list[float], combine=None, matrices=None) -> None:
+            scalars: list[float], combine=None, matrices=None,
+            factor: torch.Tensor | None = None) -> None:
         """Update ``p`` and its stored fields in place. ``p`` and ``grad``: the parameter's values
         and gradient, flat (1-D) or in its shape, both contiguous. ``combine``: see :meth:`call`
         (an empty ``p`` still takes part in it). ``matrices``: for a rule with a matrix stage,
-        the parameter's (:meth:`matrices`)."""
+        the parameter's (:meth:`matrices`). ``factor``: see :meth:`call`."""
         n = p.numel()
         if not n:
             if combine is not None and self.reduces:
@@ -316,7 +317,7 @@ class Plan:
         flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
         s = scalar_vector(last_group_lanes(n), scalars, p.device)
         if not self.reduces and not self.stages:
-            self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count))
+            self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count), factor)
             return
         # a reducing or staged rule sees the whole parameter in one call: pad weight and gradient
         pad_p, pad_g = padded(flat_p), padded(flat_g)
@@ -328,30 +329,40 @@ class Plan:
             stage = StageCall(matrices, [float(last_group_lanes(n)), *scalars])
         lanes = lane_counts([n], p.device) if self.reduces and self.masks_lanes else None
         self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
-                  combine=combine, lanes=lanes, stage=stage)
+                  combine=combine, lanes=lanes, stage=stage, factor=factor)
         flat_p.copy_(pad_p.view(-1)[:n])
 
     def call_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-                 fields: Sequence[torch.Tensor]) -> None:
+                 fields: Sequence[torch.Tensor], factor: torch.Tensor | None = None) -> None:
         """One launch over one whole parameter (non-reducing rules): ``grad`` and ``value`` flat
         and contiguous (``n`` values), ``fields`` as :meth:`field_args` gives them, ``s[0]`` the
-        valid lanes of the last group."""
+        valid lanes of the last group; ``factor``: see :meth:`call`."""
         if not self._verified["one"]:
             self.verify(grad.device, "one")
-        self.fn_one(s, grad, value, *fields)
+        self.fn_one(s, grad, value, *fields, *self.device_args(factor, grad.device))
 
     def bind_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-                 fields: Sequence[torch.Tensor]):
+                 fields: Sequence[torch.Tensor], factor: torch.Tensor | None = None):
         """:meth:`call_one` for later calls with the same ``value`` and ``fields`` and a scalar
         vector and gradient of these sizes (flashcompile.compiler.direct.Bound, taking ``(s,
         grad, value, *fields)``); None where not compiled or not yet called with them."""
         if self._verified["one"] and isinstance(self.fn_one, DirectFunction):
-            return self.fn_one.bound(s, grad, value, *fields, fresh=(0, 1))
+            return self.fn_one.bound(s, grad, value, *fields,
+                                     *self.device_args(factor, grad.device), fresh=(0, 1))
         return None
+
+    def device_args(self, factor: torch.Tensor | None, device: torch.device) -> list:
+        """The device scalars a call passes after the fields: the gradient ``factor`` (a
+        1-element fp32 tensor on the device; 1 where None) for a plan whose rule scales its
+        gradients (:func:`flashcompile.runtime.amp.unscaling`), nothing otherwise."""
+        if not self.traced.device:
+            return []
+        return [factor if factor is not None else torch.ones(1, device=device)]
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,
-             combine=None, lanes: torch.Tensor | None = None, stage=None) -> None:
+             combine=None, lanes: torch.Tensor | None = None, stage=None,
+             factor: torch.Tensor | None = None) -> None:
         """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views
         them. For a reducing rule, ``ends`` (int64) lists the group index after each parameter's
         last group (None: the call holds one parameter), and ``combine(totals)``, if given,
@@ -359,13 +370,15 @@ class Plan:
         where each rank holds a shard of every parameter (FSDP2). Where :attr:`masks_lanes`,
         ``lanes`` gives each group's valid lanes (None: ``s[0]`` in every group). For a rule with
         a matrix stage, ``stage`` (a :class:`~flashcompile.compiler.codegen.StageCall`) says where
-        each parameter's matrix lies."""
+        each parameter's matrix lies. ``factor``: what every gradient is multiplied by first, a
+        1-element fp32 tensor on the device, for a plan whose rule scales its gradients."""
         if not self._verified["groups"]:
             self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
+        args += self.device_args(factor, grad.device)
         if self.stages:
             self.fn(s, grad, *args, stage)
             return

@@ -37,6 +37,8 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
     for name, codec in plan.codecs.items():
         x = randn() if name == PARAM else torch.zeros(groups, GROUP, device=device)
         args += [t.contiguous() for t in codec.encode(x)]
+    if plan.traced.device:  # the gradient factor of a scaling plan (amp.unscaling)
+        args.append(torch.full((1,), 0.75, device=device))
     halves = [n for n in (groups // 2, groups - groups // 2) if n]
     if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
         args.append(segment_ends(halves, device))

@@ -271,6 +271,9 @@ class Rule:
     flash_codecs: Mapping[str, str] = field(default_factory=dict)  # state -> codec name
     # hyperparameter -> its allowed values (strings or None): static, like the bool flags
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # keyword arguments that are positive numbers held on the device, one per call (the gradient
+    # factor of amp.unscaling): never hoisted to the host, each its own kernel argument
+    device_scalars: tuple[str, ...] = ()
 
     @property
     def flags(self) -> tuple[str, ...]:

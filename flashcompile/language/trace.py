@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
@@ -29,6 +30,8 @@ class Traced:
     states: tuple[sympy.Symbol, ...]
     hyper: Mapping[str, sympy.Symbol | tuple[sympy.Symbol, ...]]
     outputs: tuple[sympy.Expr, ...]
+    # the rule's device scalars (positive numbers passed to the kernel as 1-element tensors)
+    device: Mapping[str, sympy.Symbol] = dataclasses.field(default_factory=dict)
 
     @property
     def scalars(self) -> frozenset[sympy.Symbol]:
@@ -82,6 +85,8 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
     hyper = {k: _hyper_symbol(k, rule.defaults[k]) for k in rule.floats}
     kwargs = {k: (tuple(Sym(s) for s in v) if isinstance(v, tuple) else Sym(v)) for k, v in hyper.items()}
     kwargs.update(dict(flags))
+    device = {k: sympy.Symbol(k, positive=True) for k in rule.device_scalars}
+    kwargs.update({k: Sym(s) for k, s in device.items()})
     out = rule.fn(Sym(param), Sym(grad), *(Sym(s) for s in states), step=Sym(STEP), **kwargs)
     want = 1 + len(states)
     if not isinstance(out, tuple) or len(out) != want:
@@ -90,7 +95,8 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
             f"rule {rule.name} returned {got} values; it must return {want}: the new param then the "
             f"new {', '.join(rule.states) or '(no states)'} in declared order"
         )
-    traced = Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out))
+    traced = Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out),
+                    device)
     for name, sym in traced.scalar_states.items():
         new = traced.outputs[1 + states.index(sym)]
         if not new.free_symbols <= traced.scalars:

@@ -1,4 +1,6 @@
-"""Global-norm gradient clipping over an optimizer's params, reading its flat gradient buffers.
+"""Global-norm gradient clipping over an optimizer's params, reading its flat gradient buffers:
+``opt.clip_grad_norm_`` (in place, as torch's) and the optimizer's ``max_grad_norm`` (the factor
+its step's kernels multiply the gradients by).
 
 ``torch.nn.utils.clip_grad_norm_`` launches one foreach kernel per (device, dtype) when every
 group's gradients share the dtype of the norm; a model with two gradient dtypes (bf16 weights and
@@ -33,14 +35,10 @@ def clip_grad_norm_(optimizer, max_norm: float, norm_type: float = 2.0,
         # clip (guarded under release) knows both
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     whole, rest = _flat_and_rest(optimizer, params)
-    norms = [torch.linalg.vector_norm(buf, norm_type, dtype=torch.float32) for buf in whole]
     by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for g in rest:
         by_kind[(g.device, g.dtype)].append(g)
-    for grads in by_kind.values():
-        norms.extend(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
-    device = params[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    total = _total_norm(whole, by_kind.values(), norm_type, params[0].device)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
             f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be "
@@ -51,6 +49,53 @@ def clip_grad_norm_(optimizer, max_norm: float, norm_type: float = 2.0,
     for (dev, _), grads in by_kind.items():
         torch._foreach_mul_(grads, coefficient.to(dev))
     return total
+
+
+def coefficient(optimizer, max_norm: float, scale: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max_grad_norm`` inside the step: the total L2 norm of the gradients of ``optimizer``'s
+    params, each multiplied by ``scale`` (1 / GradScaler's scale), and the factor that clips them
+    to ``max_norm`` (as ``clip_grad_norm_``: ``min(1, max_norm / (norm + 1e-6))``). Both stay on
+    the device (no sync); the step's kernels multiply each gradient by the factor as they read it.
+    Sharded (FSDP2) gradients are summed over their ranks."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        one = torch.ones(())
+        return torch.zeros(()), one
+    if any(map(is_dtensor, params)):
+        norms = [torch.linalg.vector_norm(p.grad.full_tensor(), dtype=torch.float32)
+                 if is_dtensor(p) else torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                 for p in params]
+        total = torch.linalg.vector_norm(torch.stack([n.to(params[0].device) for n in norms]))
+    else:
+        whole, rest = _flat_and_rest(optimizer, params)
+        by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for g in rest:
+            by_kind[(g.device, g.dtype)].append(g)
+        total = _total_norm(whole, by_kind.values(), 2.0, params[0].device)
+    total = total * scale
+    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def bucket_coefficient(grads: list[torch.Tensor], max_norm: float, share: float) -> torch.Tensor:
+    """``max_grad_norm`` under gradient release, where a bucket steps before the others' gradients
+    exist: clip the bucket's own gradients to ``max_norm * sqrt(share)`` (``share``: its part of
+    all the optimizer's values). When every bucket meets its bound the total norm meets
+    ``max_norm``; a bucket under its bound is not scaled up by the others' headroom, so this clips
+    more than one global norm would (never less)."""
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    return torch.clamp(max_norm * share**0.5 / (total + 1e-6), max=1.0)
+
+
+def _total_norm(whole: list[torch.Tensor], lists, norm_type: float,
+                device: torch.device) -> torch.Tensor:
+    """The ``norm_type`` norm (fp32) of flat gradient buffers and of lists of gradients of one
+    device and dtype each (one foreach kernel per list)."""
+    norms = [torch.linalg.vector_norm(buf, norm_type, dtype=torch.float32) for buf in whole]
+    for grads in lists:
+        norms.extend(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
 
 
 def _flat_and_rest(optimizer, params: Iterable[torch.Tensor]):

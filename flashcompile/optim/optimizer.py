@@ -53,6 +53,11 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             copies gradients it did not make, never replacing them. FSDP2 (DTensor) params keep
             their weight shards in FSDP2's storage: only grads and states go flat
             (:class:`flashcompile.runtime.distributed.ShardBucket`).
+        max_grad_norm: clip the gradients of all the optimizer's params to this total L2 norm
+            inside the step, as ``torch.nn.utils.clip_grad_norm_`` then ``step()`` would, reading
+            the gradients once for the norm and once in the kernel, which scales them as it reads
+            them (``.grad`` keeps the unclipped values; :attr:`last_grad_norm` holds the norm).
+            Under gradient release each bucket is clipped alone (:mod:`flashcompile.optim.clipping`).
         **hyperparameters: the rule's hyperparameters; missing ones take the rule's defaults.
             torch.optim's ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are taken
             too (:mod:`flashcompile.optim.hyperparameters` says what each means here).
@@ -67,9 +72,14 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
     grad_views = True
 
     def __init__(self, params: Iterable, rule: Rule, *, codecs: str | Mapping[str, Any] = "flash",
-                 compile: bool = True, flat: bool | None = None, **hyperparameters: Any):
+                 compile: bool = True, flat: bool | None = None,
+                 max_grad_norm: float | None = None, **hyperparameters: Any):
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a flashcompile.rule, got {type(rule).__name__}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and 0 < max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be a positive finite number or None, got "
+                             f"{max_grad_norm!r}")
         owner = type(self).__name__ if type(self) is not Optimizer else f"Optimizer({rule.name})"
         implementation = _hyper.implementation_flags(hyperparameters, owner)
         unknown = set(hyperparameters) - set(rule.defaults)
@@ -77,7 +87,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             raise TypeError(
                 f"{owner} got unknown hyperparameters {sorted(unknown)}; it takes "
                 f"{sorted(rule.defaults)}, torch.optim's {sorted(_hyper.IMPLEMENTATION_FLAGS)} "
-                "and codecs=, compile=, flat="
+                "and codecs=, compile=, flat=, max_grad_norm="
             )
         defaults = {**rule.defaults, **hyperparameters}
         # as torch.optim: every hyperparameter is checked before the params are read
@@ -98,6 +108,9 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         self._per_tensor: dict[int, PerTensor] = {}  # by id(param), see _step_one
         self._tensor_graphs = TensorGraphs()  # CUDA: per-tensor steps replayed (tensor_graph)
         self._grad_unscale: float | None = None  # 1 / GradScaler's scale during a step (amp.py)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: torch.Tensor | None = None  # the norm max_grad_norm last clipped
+        self._factors: dict[torch.device, torch.Tensor] = {}  # this step's gradient factor
         super().__init__(params, {**defaults, **implementation})
         self.state = OptimizerState()  # counts its changes; missing keys say where a state lives
 
@@ -143,12 +156,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         return self.rule if name is None or name == self.rule.name else self._group_rules[name]
 
     def hyperparameters_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters as Python values, each checked against its range (plus the
-        inverse loss scale while a GradScaler step unscales the gradients)."""
-        out = _hyper.values(self.rule_of(group), group)
-        if self._grad_unscale is not None:
-            out[amp.INVERSE_SCALE] = self._grad_unscale
-        return out
+        """The group's hyperparameters as Python values, each checked against its range."""
+        return _hyper.values(self.rule_of(group), group)
 
     # ---- plans and storage: the runtime, release, checkpoints and testing call these --------------
 
@@ -174,7 +183,39 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         flags = tuple(sorted((k, rule.static_value(k, group[k])) for k in rule.flags))
         if rule is not self.rule:
             flags = ((RULE_FLAG, rule.name), *flags)
-        return flags + (amp.UNSCALE,) if self._grad_unscale is not None else flags
+        return flags + (amp.UNSCALE,) if self.scales_gradients else flags
+
+    @property
+    def scales_gradients(self) -> bool:
+        """Whether steps multiply each gradient by a factor on the device (GradScaler's unscale
+        during its step, ``max_grad_norm`` always: the plan stays the same from step to step)."""
+        return self._grad_unscale is not None or self.max_grad_norm is not None
+
+    def _set_factor(self, factor: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+        """Make ``factor`` the gradient factor of this step's launches on ``device`` (one tensor
+        per device, written in place: launches and graphs recorded with it read the new value)."""
+        held = self._factors.get(device)
+        if held is None:
+            held = self._factors[device] = torch.ones(1, device=device)
+        if isinstance(factor, torch.Tensor):
+            held.copy_(factor.reshape(1))
+        else:
+            held.fill_(factor)
+        return held
+
+    def _prepare_factors(self) -> None:
+        """This step's gradient factor on every device the params are on: 1 / GradScaler's scale,
+        times the clip coefficient of ``max_grad_norm`` (computed on the device, never synced)."""
+        inverse = self._grad_unscale if self._grad_unscale is not None else 1.0
+        devices = {p.device for g in self.param_groups for p in g["params"] if p.grad is not None}
+        if self.max_grad_norm is None:
+            for device in devices:
+                self._set_factor(inverse, device)
+            return
+        norm, coefficient = clipping.coefficient(self, self.max_grad_norm, inverse)
+        self.last_grad_norm = norm
+        for device in devices:
+            self._set_factor(coefficient.to(device) * inverse, device)
 
     def init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
                    into: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -223,6 +264,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.scales_gradients:
+            self._prepare_factors()
         for index, group in enumerate(self.param_groups):
             flags = self.flags_of(group)
             scalars = ScalarCache(self.hyperparameters_of(group))
@@ -240,6 +283,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """Step one parameter now from its current ``.grad`` (what gradient release calls from
         each parameter's post-accumulate-grad hook). ``group``: its param group, if known."""
         group = self._group_of(p) if group is None else group
+        if self.max_grad_norm is not None and self._gradient_release is not None:
+            self._release_factor([p], p.device)
         self._step_one(p, self.flags_of(group), ScalarCache(self.hyperparameters_of(group)))
 
     def _step_bucket(self, bucket, group: Mapping[str, Any],
@@ -251,8 +296,9 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         held = (() if not bucket.plan.key.rule.scalar_states else [self.state[bucket.params[0]]]
                 if shared
                 else [self.state[p] for p in bucket.params])
+        factor = self._factors.get(bucket.device) if self.scales_gradients else None
         if bucket.try_step(functools.partial(scalars, bucket.plan, states=held,
-                                             advance=not shared)):
+                                             advance=not shared), factor):
             return True
         bucket.uniform_steps = None  # re-checked when it next tries
         return False
@@ -261,11 +307,23 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """Gradient release: step the params of ``bucket`` that have a gradient (in one launch
         when all do) and free their gradients."""
         stepped = [p for p in bucket.params if p.grad is not None]
+        if self.max_grad_norm is not None and stepped:
+            self._release_factor(stepped, bucket.device)
         if len(stepped) < len(bucket.params) or not self._step_bucket(bucket, group):
             for p in stepped:
                 self.step_param(p, group)
         for p in stepped:
             p.grad = None
+
+    def _release_factor(self, params: Sequence[torch.Tensor], device: torch.device) -> None:
+        """``max_grad_norm`` under gradient release: the factor that clips these params' gradients
+        to their share of the norm (:func:`flashcompile.optim.clipping.bucket_coefficient`)."""
+        every = [p for g in self.param_groups for p in g["params"]]
+        if getattr(self, "_release_total", (None,))[0] != len(every):
+            self._release_total = (len(every), sum(p.numel() for p in every))
+        share = sum(p.numel() for p in params) / max(self._release_total[1], 1)
+        self._set_factor(clipping.bucket_coefficient([p.grad for p in params],
+                                                     self.max_grad_norm, share), device)
 
     def _allocate_state(self) -> None:
         """Allocate every param's state as a first step would find it, stepping nothing.
@@ -333,19 +391,21 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
             p, grad = p.to_local(), grad.to_local()
         grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
+        factor = self._factors.get(p.device) if self.scales_gradients else None
         if plan.stages:
             if ready.matrices is None:
                 ready.matrices = plan.matrices([p], p.device)
-            plan.run(ready.weight, grad, ready.stored, values, combine, ready.matrices)
+            plan.run(ready.weight, grad, ready.stored, values, combine, ready.matrices, factor)
         elif plan.reduces:
-            plan.run(ready.weight, grad, ready.stored, values, combine)
+            plan.run(ready.weight, grad, ready.stored, values, combine, factor=factor)
         else:
             s = scalars.tensor(values, ready.tail, p.device)
             if ready.launch is not None:
-                ready.launch(s, grad, ready.weight, *ready.fields)
+                ready.launch(s, grad, ready.weight, *ready.fields,
+                             *plan.device_args(factor, p.device))
             else:
-                plan.call_one(s, grad, ready.weight, ready.fields)
-                ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields)
+                plan.call_one(s, grad, ready.weight, ready.fields, factor)
+                ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields, factor)
         if ready.copies:  # a param with gaps in its storage: its values were copied out
             p.copy_(ready.weight.view(p.shape))
 

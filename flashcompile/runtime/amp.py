@@ -25,25 +25,27 @@ import torch
 from flashcompile.language.dsl import Rule
 from flashcompile.runtime import guards
 
-# appended to a plan's flags while a step unscales its gradients: plans and flat buckets are keyed
-# by flags, so the unscaling plan and its buckets are built once and kept apart from the plain ones
+# appended to a plan's flags while a step scales its gradients (GradScaler's unscale, the
+# optimizer's max_grad_norm): plans and flat buckets are keyed by flags, so the scaling plan and its
+# buckets are built once and kept apart from the plain ones
 UNSCALE = ("_grad_unscale", True)
-INVERSE_SCALE = "grad_unscale"  # the unscaling rule's runtime scalar: 1 / grad_scale
+FACTOR = "grad_factor"  # the scaling rule's device scalar: what multiplies every gradient
 
 
 @functools.cache
 def unscaling(rule: Rule) -> Rule:
-    """``rule`` with its gradient multiplied by the float hyperparameter ``grad_unscale`` first."""
+    """``rule`` with its gradient multiplied first by the device scalar ``grad_factor`` (a
+    1-element fp32 tensor the kernel reads: written on the device each step, never synced)."""
     sig = inspect.signature(rule.fn)
-    extra = inspect.Parameter(INVERSE_SCALE, inspect.Parameter.KEYWORD_ONLY)
+    extra = inspect.Parameter(FACTOR, inspect.Parameter.KEYWORD_ONLY)
 
-    def fn(p, g, *states, grad_unscale, **hyper):
-        return rule.fn(p, g * grad_unscale, *states, **hyper)
+    def fn(p, g, *states, grad_factor, **hyper):
+        return rule.fn(p, g * grad_factor, *states, **hyper)
 
     fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
     fn.__name__ = fn.__qualname__ = rule.name
-    return Rule(fn, rule.name, {**rule.defaults, INVERSE_SCALE: 1.0}, dict(rule.states),
-                {**rule.ranges, INVERSE_SCALE: (0.0, math.inf)}, dict(rule.flash_codecs))
+    return Rule(fn, rule.name, dict(rule.defaults), dict(rule.states), dict(rule.ranges),
+                dict(rule.flash_codecs), dict(rule.choices), (*rule.device_scalars, FACTOR))
 
 
 def rule_and_flags(rule: Rule, flags: tuple) -> tuple[Rule, tuple]:

@@ -55,6 +55,7 @@ class Bucket:
         self.state = state
         self.keep_grads = keep_grads
         first = params[0]
+        self.device = first.device
         counts = [layout.group_count(p.numel()) for p in params]
         self.offsets = [0, *itertools.accumulate(counts)][:-1]
         self.groups = sum(counts)
@@ -115,6 +116,9 @@ class Bucket:
         )
         # where each param's matrix lies, for a rule with a matrix stage (Muon)
         self.matrices = plan.matrices(self.params, first.device) if plan.stages else None
+        # a scaling plan's gradient factor: the bucket's own tensor, so a recorded CUDA graph
+        # reads each step's value (copied in on the device, see try_step)
+        self.factor = torch.ones(1, device=first.device) if plan.traced.device else None
 
     def _range(self, i: int) -> slice:
         start = self.offsets[i] * GROUP
@@ -187,9 +191,11 @@ class Bucket:
         return self.uniform_steps
 
     @torch.no_grad()
-    def try_step(self, scalars: Callable[[int], list[float]]) -> bool:
+    def try_step(self, scalars: Callable[[int], list[float]],
+                 factor: torch.Tensor | None = None) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
-        from stepping each param (see :meth:`ready`)."""
+        from stepping each param (see :meth:`ready`). ``factor``: a scaling plan's gradient
+        factor this step (a 1-element tensor on the device; copied into the bucket's own)."""
         grads = list(map(_grad, self.params))
         if self.drop_untouched_grads(grads):
             grads = list(map(_grad, self.params))
@@ -209,9 +215,11 @@ class Bucket:
         for name, value in self.plan.new_scalar_states(values):
             self.scalar_vectors[name].fill_(value)
         stage = StageCall(self.matrices, values) if self.matrices is not None else None
+        if self.factor is not None and factor is not None:
+            self.factor.copy_(factor)
         if not self.weights.is_cuda:
             self.plan.call(scalar_vector(values[0], values[1:], self.weights.device), grads,
-                           weights, fields, ends, lanes=lanes, stage=stage)
+                           weights, fields, ends, lanes=lanes, stage=stage, factor=self.factor)
             return True
         if self._scalars is None:
             self._scalars = _ScalarUpload(len(values), self.weights.device)
@@ -220,12 +228,13 @@ class Bucket:
             self._graph.replay()
             return True
         # compiles, tunes on first use
-        self.plan.call(s, grads, weights, fields, ends, lanes=lanes, stage=stage)
+        self.plan.call(s, grads, weights, fields, ends, lanes=lanes, stage=stage,
+                       factor=self.factor)
         # staged gradients move; a matrix stage's host loop reads this step's scalars
         if self.plan.key.compiled and not staged and stage is None and self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
-                self.plan.call(s, grads, weights, fields, ends, lanes=lanes)
+                self.plan.call(s, grads, weights, fields, ends, lanes=lanes, factor=self.factor)
         return True
 
     def _staged_grads(self) -> torch.Tensor:
