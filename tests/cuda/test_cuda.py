@@ -298,3 +298,44 @@ def test_flat_buckets_check_gradient_and_weight_pointers_in_one_c_call_and_notic
     assert bucket._grads_now() == (False, False)
     params[0].data = params[0].data.clone()
     assert not bucket.intact()
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat_cuda_graph", "per_tensor"])
+def test_cuda_max_grad_norm_equals_clip_then_step_across_graph_replays(flat):
+    """The clip factor is a device tensor the kernel reads: a flat bucket's recorded CUDA graph
+    must see each step's factor (steps below and above the bound alternate)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(300, 70), (33,), (4096,)]
+    ours = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = fc.AdamW(ours, lr=1e-2, codecs="fp32", flat=flat, max_grad_norm=1.0)
+    b = fc.AdamW(theirs, lr=1e-2, codecs="fp32", flat=flat)
+    for step in range(6):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, device="cuda", generator=gen) * (5.0 if step % 2 else 1e-3)
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        b.step()
+    assert (len(a._buckets) > 0) == flat
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_grad_scaler_unscales_fp16_gradients_in_the_kernel():
+    """fp16 params under torch.amp.GradScaler: the inverse scale reaches the kernel as a device
+    factor; the master weight moves as fp32 AdamW on the unscaled gradients."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096, device="cuda").half())
+    ref = torch.nn.Parameter(p.detach().float().clone())
+    opt = fc.AdamW([p], lr=1e-3, codecs={"param": "fp32"})
+    ref_opt = torch.optim.AdamW([ref], lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    for _ in range(3):
+        g = torch.randn(4096, device="cuda") * 1e-3
+        p.grad = (g * scaler.get_scale()).half()
+        ref.grad = p.grad.float() / scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.step()
+    torch.testing.assert_close(opt.master_weight(p), ref.detach(), rtol=1e-5, atol=1e-6)
