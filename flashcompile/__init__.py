@@ -18,6 +18,7 @@ if _importlib_util.find_spec("flashcompile.rules") is None:
     _module = _importlib_util.module_from_spec(_spec)
     _sys.modules["flashcompile.rules"] = _module
     _spec.loader.exec_module(_module)
+    rules = _module  # as an import would bind it: fc.rules.adam
 
 from flashcompile import codecs  # noqa: E402
 from flashcompile.compiler.explain import explain  # noqa: E402

@@ -244,12 +244,15 @@ class Plan:
         """Bytes one step must read and write per parameter: every field read, written fields
         written back, and the gradient read. A reducing rule reads the inputs of its sums once
         more per phase: LAMB's norm of the update must be complete before any weight moves, so
-        the update cannot be applied in the pass that sums it (short of storing it, 4 B/param)."""
+        the update cannot be applied in the pass that sums it (short of storing it, 4 B/param).
+        A matrix stage's bf16 buffer adds 4 B/param (its products' own traffic is not counted)."""
         moved = grad_bytes + (1 / GROUP if self.masks_lanes else 0.0)  # a lane count per group
         names = [PARAM, *self.key.rule.states]
         for name, codec in self.codecs.items():
             written = self.lowered.outputs[names.index(name)] is not None
             moved += codec.bytes_per_value * (2 if written else 1)
+        if self.stages:  # the matrix stage's bf16 argument: written before it, read after it
+            moved += 4.0
         variables = {self.traced.param.name: PARAM, **{s: s for s in self.key.rule.states}}
         for reads in self.lowered.phase_reads:
             moved += grad_bytes if self.traced.grad.name in reads else 0.0

@@ -98,7 +98,10 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         self.rule = rule
         # other rules param groups name (group["rule"]: the rule's name, its Rule kept here)
         self._group_rules: dict[str, Rule] = {}
-        self.codecs_spec = check_codec_spec(codecs, rule)
+        # a mapping may name states of any group's rule (each group takes its own rule's
+        # entries): checked against every rule once the groups are in (_check_codec_names)
+        self.codecs_spec = codecs if isinstance(codecs, Mapping) else check_codec_spec(codecs,
+                                                                                       rule)
         self.compile = compile
         self.flat = flat
         self._buckets: dict[tuple, Bucket] = {}
@@ -112,6 +115,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         self.last_grad_norm: torch.Tensor | None = None  # the norm max_grad_norm last clipped
         self._factors: dict[torch.device, torch.Tensor] = {}  # this step's gradient factor
         super().__init__(params, {**defaults, **implementation})
+        self._check_codec_names()
         self.state = OptimizerState()  # counts its changes; missing keys say where a state lives
 
     # ---- construction-time checks -------------------------------------------------------------
@@ -127,8 +131,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
                 known = self._group_rules.setdefault(rule.name, rule)
                 if known is not rule:
                     raise ValueError(f"two different rules are named {rule.name!r}")
-                check_codec_spec(self.codecs_spec, rule)  # the optimizer's codecs fit its states
                 param_group["rule"] = rule.name
+                self.codecs_for(rule)  # the mapping's entries for its states fit them
                 for k, v in defaults.items():
                     param_group.setdefault(k, v)
             else:
@@ -149,6 +153,30 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    def codecs_for(self, rule: Rule) -> str | dict[str, Any]:
+        """The optimizer's ``codecs=`` as ``rule`` takes them: a preset name, or the mapping's
+        entries for ``rule``'s states and the master weight (checked)."""
+        if not isinstance(self.codecs_spec, Mapping):
+            return self.codecs_spec
+        mine = {k: v for k, v in self.codecs_spec.items() if k == PARAM or k in rule.states}
+        return check_codec_spec(mine, rule)
+
+    def _check_codec_names(self) -> None:
+        """Every state a ``codecs=`` mapping names belongs to some group's rule (a typo would
+        otherwise be ignored by all), and every entry fits each rule that has the state."""
+        if not isinstance(self.codecs_spec, Mapping):
+            return
+        rules = [self.rule, *self._group_rules.values()]
+        for rule in rules:
+            self.codecs_for(rule)
+        known = {PARAM}.union(*(r.states for r in rules))
+        unknown = sorted(set(self.codecs_spec) - known)
+        if unknown:
+            raise ValueError(
+                f"codecs names unknown state {unknown[0]!r}; the rules here have states "
+                + "; ".join(f"{r.name} {list(r.states)}" for r in rules)
+                + " (and 'param' for the master weight)")
 
     def rule_of(self, group: Mapping[str, Any]) -> Rule:
         """The rule that steps ``group``: its own (``group["rule"]``) or the optimizer's."""
@@ -172,7 +200,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
                 rule, flags = self._group_rules[flags[0][1]], flags[1:]
             rule, flags = amp.rule_and_flags(rule, flags)
             live = trace(rule, dict(flags)).live_states()
-            codecs = resolve_codecs(rule, self.codecs_spec, p.dtype, live)
+            codecs = resolve_codecs(rule, self.codecs_for(rule), p.dtype, live)
             self._plans[key] = get_plan(PlanKey(rule, flags, codecs, p.device.type, self.compile))
         return self._plans[key]
 
@@ -253,9 +281,15 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
 
     # ---- the step -------------------------------------------------------------------------------
 
+    def check_can_step(self) -> None:
+        """Raise if the optimizer cannot step now (a subclass's state: schedule-free AdamW in
+        eval mode). Subclasses override this, not ``step``: torch wraps each class's ``step``
+        with its hooks, and a ``step`` calling its parent's would run them twice."""
+
     @amp.scaled_step  # guards, then GradScaler's found_inf (skip) and grad_scale (unscale)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self.check_can_step()
         if self._gradient_release is not None:  # params were stepped inside backward
             return self._gradient_release.end_iteration(closure)
         if not self.state and distributed.initialising_state():

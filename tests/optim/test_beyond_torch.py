@@ -1,4 +1,5 @@
-"""Optimizers torch.optim lacks (LAMB, LARS, AdEMAMix, Adan, ADOPT, cautious AdamW, MARS): with codecs="fp32" each tracks a plain
+"""Optimizers torch.optim lacks (LAMB, LARS, AdEMAMix, Adan, ADOPT, cautious AdamW, MARS, schedule-free
+AdamW): with codecs="fp32" each tracks a plain
 float64 torch implementation written here from its paper (and, for Adan, the authors' code); under
 the flash codecs each passes check_rule; the compiled LAMB plan equals its eager function."""
 
@@ -8,7 +9,16 @@ import math
 
 import pytest
 import torch
-from flashcompile.rules import adan, ademamix, adopt, cautious_adamw, lamb, lars, mars
+from flashcompile.rules import (
+    adamw_schedule_free,
+    adan,
+    ademamix,
+    adopt,
+    cautious_adamw,
+    lamb,
+    lars,
+    mars,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import seeds, shape_lists
@@ -135,6 +145,26 @@ def _mars(p, g, st_, t, lr, betas, eps, weight_decay, gamma, maximize):
     return p * (1 - lr * weight_decay) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
 
 
+def _schedule_free(p, g, st_, t, lr, betas, eps, weight_decay, warmup_steps, r,
+                   weight_lr_power):
+    """As the authors' AdamWScheduleFree (facebookresearch/schedule_free): the param is y; its
+    group's lr_max and weight_sum live in ``st_`` here (one param per group in these tests)."""
+    b1, b2 = betas
+    k = t - 1
+    sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+    lr_t = lr * sched
+    st_["lr_max"] = lr_max = max(lr_t, st_.get("lr_max", 0.0))
+    weight = (k + 1) ** r * lr_max**weight_lr_power
+    st_["weight_sum"] = weight_sum = st_.get("weight_sum", 0.0) + weight
+    ckp1 = weight / weight_sum if weight_sum else 0.0
+    z = st_.setdefault("z", p.clone())
+    v = st_["v"] = b2 * st_.get("v", 0) + (1 - b2) * g * g
+    n = g / ((v / (1 - b2 ** (k + 1))).sqrt() + eps) + weight_decay * p
+    y = p + ckp1 * (z - p) + lr_t * (b1 * (1 - ckp1) - 1) * n
+    st_["z"] = z - lr_t * n
+    return y
+
+
 def assert_tracks_reference(make, reference, shapes, seed, zero_first, hyper):
     """``make(params)`` with fp32 codecs against ``reference`` in float64, STEPS steps. With
     ``zero_first``, the first param starts at zero (trust ratios take their zero-norm branch)."""
@@ -243,8 +273,42 @@ def _scaled(reference, scale):
     return lambda p, g, st_, t, **hyper: reference(p, g * scale, st_, t, **hyper)
 
 
+@given(shape=st.sampled_from([(40,), (7, 3), (1,)]), seed=seeds, lr=st.floats(1e-4, 1e-2),
+       betas=st.tuples(st.floats(0.05, 0.99), st.floats(0.9, 0.9999)), wd=decays,
+       warmup=st.sampled_from([0.0, 5.0]), r=st.sampled_from([0.0, 1.0]))
+def test_schedule_free_adamw_matches_reference_and_evaluates_at_the_average(shape, seed, lr, betas,
+                                                                            wd, warmup, r):
+    hyper = dict(lr=lr, betas=betas, eps=1e-8, weight_decay=wd, warmup_steps=warmup, r=r,
+                 weight_lr_power=2.0)
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    ref, st_ = p.detach().double(), {}
+    opt = fc.AdamWScheduleFree([p], codecs="fp32", compile=False, **hyper)
+    for t in range(1, STEPS + 1):
+        g = torch.randn(shape, generator=gen)
+        p.grad = g.clone()
+        ref = _schedule_free(ref, g.double(), st_, t, **hyper)
+        opt.step()
+    atol = ATOL * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(p.detach().double(), ref, rtol=RTOL, atol=atol)
+    opt.eval()  # x = y + (1 - 1/beta1)(z - y); 1/beta1 magnifies fp32's rounding of z - y
+    x = ref + (1 - 1 / betas[0]) * (st_["z"] - ref)
+    torch.testing.assert_close(p.detach().double(), x, rtol=RTOL / betas[0], atol=atol / betas[0])
+    opt.train()
+    torch.testing.assert_close(p.detach().double(), ref, rtol=RTOL, atol=atol)
+
+
+def test_schedule_free_adamw_refuses_to_step_in_eval_mode():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fc.AdamWScheduleFree([p], compile=False)
+    opt.eval()
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        opt.step()
+
+
 def test_rules_pass_the_codec_property_suite_under_flash_codecs():
-    for rule in (ademamix, adan, adopt):
+    for rule in (ademamix, adan, adopt, adamw_schedule_free):
         check_rule(rule, max_examples=6)
     for rule in (lamb, lars, cautious_adamw, mars):  # reductions: property 4 says it skips
         with pytest.warns(UntrackedRule, match="sum_all"):

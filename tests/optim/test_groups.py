@@ -108,7 +108,15 @@ def test_a_group_may_name_its_rule_by_the_rule_itself():
     assert opt.param_groups[1]["rule"] == "plain_sgd"
 
 
-def test_a_group_rule_that_cannot_take_the_optimizers_codecs_is_refused_when_added():
-    with pytest.raises(ValueError, match="exp_avg_sq"):
-        fc.AdamW([{"params": [nn.Parameter(torch.ones(4, 4))], "rule": "muon"}],
-                 codecs={"exp_avg_sq": "fp32"})
+def test_a_codecs_mapping_applies_to_each_rule_that_has_the_state_and_refuses_unknown_ones():
+    a, b = nn.Parameter(torch.ones(4, 4)), nn.Parameter(torch.ones(4))
+    opt = fc.Muon([{"params": [a]}, {"params": [b], "rule": "adamw"}], compile=False,
+                  codecs={"momentum_buffer": "fp32", "exp_avg_sq": "sqrt_uint8_nonzero"})
+    a.grad, b.grad = torch.ones(4, 4), torch.ones(4)
+    opt.step()
+    assert "momentum_buffer" in opt.state[a] and "exp_avg_sq.codes" in opt.state[b]
+    with pytest.raises(ValueError, match="unknown state 'exp_avgs'"):
+        fc.Muon([{"params": [a]}, {"params": [b], "rule": "adamw"}], codecs={"exp_avgs": "fp32"})
+    with pytest.raises(ValueError, match="nonnegative"):  # a signed state's codec checked too
+        fc.Muon([{"params": [a]}, {"params": [b], "rule": "adamw"}],
+                codecs={"exp_avg": "sqrt_uint8"})

@@ -6,10 +6,12 @@ transformer on the characters of Python's help text. Per seed every run starts f
 over the first 5% of steps and follows a cosine to 10%; chars clips the gradient norm at 1 (as GPT-2
 recipes do). Hyperparameters (:data:`HYPER`) were set once from the fp32 runs.
 
-* fp32 twins: ``torch.optim.AdamW``, ``torch.optim.SGD`` (momentum 0.9), and flashcompile's Lion with
-  ``codecs="fp32"`` (torch has no Lion). They keep fp32 weights and fp32 states and compute under
-  bf16 autocast: mixed-precision training, the baseline the paper (arXiv 2602.23349) compresses.
-  So a gap measures what flashcompile stores, not bf16 compute against fp32 compute;
+* fp32 twins: ``torch.optim.AdamW``, ``torch.optim.SGD`` (momentum 0.9), and flashcompile's Lion and
+  Muon with ``codecs="fp32"`` (torch has no Lion; Muon's fp32 codecs track torch.optim.Muon, and
+  its embeddings, head and 1-D params go to an AdamW group, ``fc.muon_groups``). They keep fp32
+  weights and fp32 states and compute under bf16 autocast: mixed-precision training, the baseline
+  the paper (arXiv 2602.23349) compresses. So a gap measures what flashcompile stores, not bf16
+  compute against fp32 compute;
 * flash: the same optimizers from flashcompile on a bf16 model with the default codecs (weight split
   master weight, 8-bit states; AdamW under its step guard); AdamW also exactly as FlashOptim
   (softsign_int8 + sqrt_uint8, no guard) and, as the ablation, with linear_int8 for both moments.
@@ -47,11 +49,13 @@ from flashcompile.tools.studies.report import (
 
 PAPER = {"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"}
 LINEAR = {"exp_avg": "linear_int8", "exp_avg_sq": "linear_int8"}
-HYPER = {  # per task: AdamW, SGD and Lion hyperparameters
+HYPER = {  # per task: AdamW, SGD, Lion and Muon hyperparameters (Muon's other params: AdamW's)
     "digits": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.05, "momentum": 0.9},
-               "lion": {"lr": 3e-4, "weight_decay": 0.1}},
+               "lion": {"lr": 3e-4, "weight_decay": 0.1},
+               "muon": {"lr": 0.02, "weight_decay": 1e-2}},
     "chars": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.2, "momentum": 0.9},
-              "lion": {"lr": 3e-4, "weight_decay": 0.1}},
+              "lion": {"lr": 3e-4, "weight_decay": 0.1},
+              "muon": {"lr": 0.02, "weight_decay": 1e-2}},
 }
 CLIP = {"digits": None, "chars": 1.0}  # gradient-norm clipping per task, for every run
 MIXED = "mixed"  # model "dtype" of the twins: fp32 weights, bf16 autocast compute
@@ -63,10 +67,19 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
     h = HYPER[task]
 
     def flash(cls, codecs="flash", **kw):
-        return lambda params: cls(params, codecs=codecs, compile=compile_, flat=True, **kw)
+        return lambda model: cls(model.parameters(), codecs=codecs, compile=compile_, flat=True,
+                                 **kw)
+
+    def muon(codecs):  # hidden matrices under Muon, the rest (embeddings, head, 1-D) under AdamW
+        return lambda model: fc.Muon(
+            fc.muon_groups(model, matrix_options=h["muon"], other_options=h["adamw"])[0],
+            codecs=codecs, compile=compile_, flat=True)
+
+    def torch_optimizer(cls, **kw):
+        return lambda model: cls(model.parameters(), **kw)
 
     return {
-        "adamw fp32 (torch)": ("", MIXED, lambda p: torch.optim.AdamW(p, **h["adamw"])),
+        "adamw fp32 (torch)": ("", MIXED, torch_optimizer(torch.optim.AdamW, **h["adamw"])),
         "adamw flash": ("adamw fp32 (torch)", torch.bfloat16, flash(fc.AdamW, **h["adamw"])),
         # cast_model's former default: every norm layer fp32 behind casts (LayerNorm on chars)
         "adamw flash (fp32 norms)": ("adamw fp32 (torch)", FP32_NORMS,
@@ -80,10 +93,13 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         "adamw flash, linear_int8 m and v": ("adamw fp32 (torch)", torch.bfloat16,
                                             flash(fc.AdamW, LINEAR, step_guard=False,
                                                   **h["adamw"])),
-        "sgd fp32 (torch)": ("", MIXED, lambda p: torch.optim.SGD(p, **h["sgd"])),
+        "sgd fp32 (torch)": ("", MIXED, torch_optimizer(torch.optim.SGD, **h["sgd"])),
         "sgd flash": ("sgd fp32 (torch)", torch.bfloat16, flash(fc.SGD, **h["sgd"])),
         "lion fp32": ("", MIXED, flash(fc.Lion, "fp32", **h["lion"])),
         "lion flash": ("lion fp32", torch.bfloat16, flash(fc.Lion, **h["lion"])),
+        # fp32 codecs: torch.optim.Muon's update (tests/optim/test_muon.py) beside AdamW's
+        "muon fp32": ("", MIXED, muon("fp32")),
+        "muon flash": ("muon fp32", torch.bfloat16, muon("flash")),
     }
 
 
@@ -163,7 +179,7 @@ def measure(task_names, steps: dict[str, int], seeds: int, device: str, compile_
             base = task.make_model()
             for run, (_, dtype, make) in selected(name, compile_, only).items():
                 model = prepare(copy.deepcopy(base), dtype, device)
-                curve, tail = train(task, model, make(model.parameters()), steps[name], seed,
+                curve, tail = train(task, model, make(model), steps[name], seed,
                                     max(1, steps[name] // 100), CLIP[name])
                 test_loss, accuracy = task.evaluate(model)
                 finals.append({"task": name, "run": run, "seed": seed, "steps": steps[name],
@@ -208,7 +224,8 @@ def summarize(finals: list[dict], task_names, curves: list[dict] = ()) -> list[d
 def plot(curves: list[dict], path: Path) -> None:
     plt = pyplot()
     task_names = list(dict.fromkeys(r["task"] for r in curves))
-    groups = [g for g in ("adamw", "sgd", "lion") if any(r["run"].startswith(g) for r in curves)]
+    groups = [g for g in ("adamw", "sgd", "lion", "muon")
+              if any(r["run"].startswith(g) for r in curves)]
     fig, axes = plt.subplots(len(task_names), len(groups),
                              figsize=(5 * len(groups), 3.8 * len(task_names)), squeeze=False)
     for row, name in zip(axes, task_names):
