@@ -26,6 +26,12 @@ CASES = {
     "lars": (lambda p: fc.LARS(p, lr=1e-2, momentum=0.9), None),
     # stochastic rounding's in-kernel hash (int32 products that must wrap as on the CPU)
     "adamw_relative": (lambda p: fc.AdamW(p, lr=1e-3, codecs="relative"), None),
+    # the rules beyond torch.optim: ADOPT's clip, cautious masking's agreeing count (a
+    # reduction), MARS's gradient norm clip, schedule-free's z under the weight split
+    "adopt": (lambda p: fc.ADOPT(p, lr=1e-3), None),
+    "cautious_adamw": (lambda p: fc.CautiousAdamW(p, lr=1e-3), None),
+    "mars": (lambda p: fc.MARS(p, lr=1e-3), None),
+    "schedule_free": (lambda p: fc.AdamWScheduleFree(p, lr=1e-3), None),
 }
 
 
@@ -339,3 +345,48 @@ def test_cuda_grad_scaler_unscales_fp16_gradients_in_the_kernel():
         scaler.update()
         ref_opt.step()
     torch.testing.assert_close(opt.master_weight(p), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per_tensor"])
+def test_cuda_muon_with_fp32_codecs_tracks_torch_optim_muon(flat):
+    """Compiled on CUDA, two same-shape matrices batched through one Newton-Schulz product:
+    within tests/optim/test_muon.py's bound of torch.optim.Muon (a few bf16 steps of the
+    iteration's input per step, 2^-6 of a step's size)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(64, 96), (64, 96), (33, 7)]
+    ours = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fc.Muon(ours, lr=0.02, codecs="fp32", flat=flat)
+    ref = torch.optim.Muon(theirs, lr=0.02)
+    steps = 4
+    for _ in range(steps):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    tol = steps * 0.02 * max(max(1.0, r / c) ** 0.5 for r, c in shapes) * 1.5 * 2.0**-6
+    for p, q in zip(ours, theirs):
+        assert (p - q).abs().max().item() <= tol
+
+
+def test_cuda_flash_muon_on_a_bf16_model_steps_within_a_code_step_of_its_fp32_twin():
+    """The default codecs (weight split, 8-bit momentum) against fp32 codecs from the same bf16
+    weights: one step moves each weight by lr * ratio * |O| (|O| < 1.5); the 8-bit momentum's
+    error moves O by its code step's share, and the bf16 weight rounds, so the two stay within
+    one step's size of each other and the flash step is not a no-op."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in [(128, 64)] * 3]
+    flash = [torch.nn.Parameter(x.clone()) for x in w]
+    twin = [torch.nn.Parameter(x.float()) for x in w]
+    opts = [fc.Muon(flash, lr=0.02), fc.Muon(twin, lr=0.02, codecs="fp32")]
+    for _ in range(3):
+        for p, q in zip(flash, twin):
+            g = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad, q.grad = g.to(torch.bfloat16), g.clone()
+        for opt in opts:
+            opt.step()
+    for p, q, x in zip(flash, twin, w):
+        moved = (q - x.float()).abs().max().item()
+        assert moved > 0.02 * 0.1
+        assert (p.float() - q).abs().max().item() <= 0.02 * 1.5
