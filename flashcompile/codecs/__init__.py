@@ -4,9 +4,11 @@ Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 +
 ``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``,
 ``sqrt_uint8_nonzero`` (the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment
 codec), ``linear_int8``, ``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value:
-``relative.py``), ``sign_int8`` (states that are -1, 0 or +1: ``sign.py``), and stochastically
+``relative.py``), ``sqrt_adaptive`` and ``softsign_adaptive`` (the paper's code or the relative one,
+picked per group: ``adaptive.py``), ``sign_int8`` (states that are -1, 0 or +1: ``sign.py``), and stochastically
 rounded variants ``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``,
-``sqrt_e4m4_sr``, ``e4m3_int8_sr`` (``stochastic.py``); or any :class:`Codec` instance.
+``sqrt_e4m4_sr``, ``e4m3_int8_sr``, ``sqrt_adaptive_sr``, ``softsign_adaptive_sr``
+(``stochastic.py``); or any :class:`Codec` instance.
 :func:`register` adds a name.
 """
 
@@ -17,6 +19,14 @@ import torch
 from flashcompile.codecs.base import GROUP, Codec, Field
 
 PARAM = "param"  # the master weight's name in codec mappings and state keys
+from flashcompile.codecs.adaptive import (
+    SoftsignAdaptive,
+    SqrtAdaptive,
+    softsign_adaptive,
+    softsign_adaptive_sr,
+    sqrt_adaptive,
+    sqrt_adaptive_sr,
+)
 from flashcompile.codecs.companded import (
     LinearInt8,
     SoftsignInt8,
@@ -56,12 +66,16 @@ _REGISTRY: dict[str, Codec] = {
     "sqrt_e4m4": sqrt_e4m4,
     "e4m3_int8": e4m3_int8,
     "sign_int8": sign_int8,
+    "sqrt_adaptive": sqrt_adaptive,
+    "softsign_adaptive": softsign_adaptive,
     # stochastic rounding (codecs/stochastic.py); SoftsignInt8(stochastic=True, seed=n) for others
     "softsign_int8_sr": softsign_int8_sr,
     "sqrt_uint8_sr": sqrt_uint8_sr,
     "sqrt_uint8_nonzero_sr": sqrt_uint8_nonzero_sr,
     "sqrt_e4m4_sr": sqrt_e4m4_sr,
     "e4m3_int8_sr": e4m3_int8_sr,
+    "sqrt_adaptive_sr": sqrt_adaptive_sr,
+    "softsign_adaptive_sr": softsign_adaptive_sr,
 }
 
 
@@ -87,8 +101,9 @@ def names() -> list[str]:
 
 __all__ = [
     "GROUP", "Codec", "E4M3Int8", "Field", "Float", "Fp32Master", "LinearInt8", "SignInt8",
-    "SoftsignInt8", "SqrtE4M4", "SqrtUint8", "WeightSplit", "bf16", "e4m3_int8", "e4m3_int8_sr",
-    "fp32", "get", "linear_int8", "names", "register", "sign_int8", "softsign_int8",
-    "softsign_int8_sr", "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint8", "sqrt_uint8_nonzero",
-    "sqrt_uint8_nonzero_sr", "sqrt_uint8_sr", "weight_split",
+    "SoftsignAdaptive", "SoftsignInt8", "SqrtAdaptive", "SqrtE4M4", "SqrtUint8", "WeightSplit",
+    "bf16", "e4m3_int8", "e4m3_int8_sr", "fp32", "get", "linear_int8", "names", "register",
+    "sign_int8", "softsign_adaptive", "softsign_adaptive_sr", "softsign_int8", "softsign_int8_sr",
+    "sqrt_adaptive", "sqrt_adaptive_sr", "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint8",
+    "sqrt_uint8_nonzero", "sqrt_uint8_nonzero_sr", "sqrt_uint8_sr", "weight_split",
 ]

@@ -13,7 +13,7 @@ from flashcompile import codecs
 from flashcompile.testing import check_codec
 
 STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8",
-                "sqrt_e4m4", "e4m3_int8", "sign_int8"]
+                "sqrt_e4m4", "e4m3_int8", "sign_int8", "sqrt_adaptive", "softsign_adaptive"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
 
 
@@ -219,12 +219,12 @@ def test_unknown_codec_name_is_rejected_with_the_known_names():
         codecs.get("int4")
 
 
-@pytest.mark.parametrize("name", ["sqrt_e4m4", "e4m3_int8"])
+@pytest.mark.parametrize("name", ["sqrt_e4m4", "e4m3_int8", "sqrt_adaptive", "softsign_adaptive"])
 def test_relative_codecs_keep_each_values_precision_beside_a_loud_lane(name):
     """One lane 10^3-10^4 louder than the 31 quiet ones (and states of 1e-30 or 1e6, where an fp16
     scale goes subnormal or overflows): each quiet value keeps its relative precision."""
     codec = codecs.get(name)
-    mant = 4 if name == "sqrt_e4m4" else 3
+    mant = 4 if name.startswith("sqrt") else 3
     for top in (1e-30, 1.0, 1e6):
         x = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1
         x[:, 0] = 1e3  # quiet lanes 10-13.3 binades below: inside the codes' 15
@@ -234,12 +234,12 @@ def test_relative_codecs_keep_each_values_precision_beside_a_loud_lane(name):
         y = codec.decode(*codec.encode(x))
         rel = ((y - x).abs() / x.abs())[:, 1:]
         # sqrt(v) within 2^-(mant+1) of itself: v within twice that, to first order
-        allowed = 2.0 ** -(mant + 1) * (2.02 if name == "sqrt_e4m4" else 1.0001) + 1e-6
+        allowed = 2.0 ** -(mant + 1) * (2.02 if mant == 4 else 1.0001) + 1e-6
         assert rel.max() <= allowed, (name, top, rel.max().item())
 
 
 SR_CODECS = ["softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt_e4m4_sr",
-             "e4m3_int8_sr"]
+             "e4m3_int8_sr", "sqrt_adaptive_sr", "softsign_adaptive_sr"]
 
 
 def _noise(step: int, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +270,8 @@ def test_stochastic_rounding_is_unbiased_between_two_codes():
     assert set(codes.unique().tolist()) == {100.0, 101.0}
 
 
-@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "sqrt_e4m4", "e4m3_int8"])
+@pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "sqrt_e4m4", "e4m3_int8",
+                                  "sqrt_adaptive", "softsign_adaptive"])
 def test_stochastic_rounding_unsticks_a_slow_ema(name):
     """An 8-bit state decaying by beta = 0.999 per step (Adam's v after its gradients stopped):
     under round to nearest most steps change nothing (0.1% is below half a code, and below the
@@ -287,3 +288,50 @@ def test_stochastic_rounding_unsticks_a_slow_ema(name):
     want = coded(x0 * 0.999**1000)
     assert abs(coded(a).sum() / want.sum() - 1) > 0.1  # stalled on the way
     assert abs(coded(b).sum() / want.sum() - 1) < 0.05  # each lane walks about its 0.999^t
+
+
+@pytest.mark.parametrize("name, paper", [("sqrt_adaptive", "sqrt_uint8_nonzero"),
+                                         ("softsign_adaptive", "softsign_int8"),
+                                         ("sqrt_adaptive_sr", "sqrt_uint8_nonzero_sr"),
+                                         ("softsign_adaptive_sr", "softsign_int8_sr")])
+def test_adaptive_codecs_store_the_papers_codes_in_groups_of_alike_values(name, paper):
+    """Groups whose lanes are alike (v: every sqrt within 16x of the max; momentum: more than 8
+    lanes within 16x, a Gaussian's lanes crossing zero included) hold exactly the paper's codes and
+    scale, rounded to nearest or stochastically with the same noise; and the paper's stored
+    states decode as the same values under the adaptive codec (old checkpoints load)."""
+    gen = torch.Generator().manual_seed(0)
+    codec, ref = codecs.get(name), codecs.get(paper)
+    if codec.domain == "nonnegative":
+        x = torch.rand(256, 32, generator=gen) * (1 - 1 / 16**2) + 1 / 16**2  # sqrt in [1/16, 1]
+    else:
+        x = torch.randn(256, 32, generator=gen)
+    noise = (_noise(7, x),) if codec.stochastic else ()
+    ours, theirs = codec.encode(x, *noise), ref.encode(x, *noise)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(codec.decode(*theirs), ref.decode(*theirs))
+
+
+@pytest.mark.parametrize("name", ["sqrt_adaptive", "softsign_adaptive"])
+def test_adaptive_codecs_hold_states_beyond_an_fp16_scales_range(name):
+    """Largest magnitudes above 65504 (an fp16 scale is Inf and the paper's group NaN) or far
+    below fp16's normal range (a subnormal scale) take the relative code: within its 2^-4 of each
+    value (v: 2^-5 of its square root)."""
+    codec = codecs.get(name)
+    relative_step = 2.0**-4 * (1.04 if codec.domain == "nonnegative" else 1.0001)
+    for top in (1e-14, 1e12):  # for v, sqrt 1e-7 and 1e6
+        x = (torch.rand(8, 32, generator=torch.Generator().manual_seed(1)) + 0.5) * top
+        y = codec.decode(*codec.encode(x))
+        assert (codec.encode(x)[1] < 0).all()
+        assert torch.isfinite(y).all() and ((y - x).abs() <= codec.error_bound(x)).all()
+        assert ((y - x).abs() <= relative_step * x).all()
+
+
+def test_a_nonzero_second_moment_never_decodes_to_zero_in_either_code():
+    """A value 1e-30 beside a 1 (15 binades of the relative code do not reach it) decodes to the
+    code's first step, not 0: Adam would step m / eps otherwise."""
+    codec = codecs.get("sqrt_adaptive")
+    x = torch.full((1, 32), 0.5)
+    x[0, 0], x[0, 1] = 1.0, 1e-30
+    y = codec.decode(*codec.encode(x))
+    assert (codec.encode(x)[1] < 0).all() and (y > 0).all()

@@ -49,6 +49,12 @@ PAIRS = {  # name -> (codecs, Adam's step guard)
         ({"exp_avg": "softsign_int8_sr", "exp_avg_sq": "sqrt_uint8_sr"}, True),
     "e4m3_int8_sr + sqrt_e4m4_sr, guard":
         ({"exp_avg": "e4m3_int8_sr", "exp_avg_sq": "sqrt_e4m4_sr"}, True),
+    # the paper's code or the relative one per group (codecs/adaptive.py), under the step guard
+    "adaptive, guard": ({"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive"}, True),
+    "adaptive, v stochastic, guard":
+        ({"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive_sr"}, True),
+    "adaptive, m and v stochastic, guard":
+        ({"exp_avg": "softsign_adaptive_sr", "exp_avg_sq": "sqrt_adaptive_sr"}, True),
 }
 OUTLIERS = (100, 300, 1000)  # loud / typical lanes of the outlier cases
 LOUDNESS = (1, 10, 100, 300, 1000)

@@ -42,6 +42,10 @@ RUNS = {  # name -> codecs of Adam's states (the master weight is the weight spl
                                                      "exp_avg_sq": "sqrt_uint8_sr"},
     "softsign_int8 + sqrt_e4m4_sr": {"exp_avg_sq": "sqrt_e4m4_sr"},
     "e4m3_int8_sr + sqrt_e4m4_sr": {"exp_avg": "e4m3_int8_sr", "exp_avg_sq": "sqrt_e4m4_sr"},
+    "adaptive": {"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive"},
+    "adaptive, v stochastic": {"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive_sr"},
+    "adaptive, m and v stochastic": {"exp_avg": "softsign_adaptive_sr",
+                                     "exp_avg_sq": "sqrt_adaptive_sr"},
 }
 REFERENCE = "fp32 states"
 

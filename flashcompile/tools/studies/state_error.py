@@ -31,11 +31,15 @@ ADAM_M = default_codec("signed", "flash").name
 ADAM_V = adam.flash_codecs["exp_avg_sq"]
 M_CODECS = {"linear_int8": "linear_int8", f"{ADAM_M} (paper, default)": ADAM_M,
             "e4m3_int8 (relative)": "e4m3_int8",
-            "e4m3_int8_sr (relative, stochastic)": "e4m3_int8_sr"}
+            "e4m3_int8_sr (relative, stochastic)": "e4m3_int8_sr",
+            "softsign_adaptive": "softsign_adaptive",
+            "softsign_adaptive_sr (stochastic)": "softsign_adaptive_sr"}
 V_CODECS = {"linear_int8": "linear_int8", f"{ADAM_V} (paper, Adam's default)": ADAM_V,
             "sqrt_uint8_nonzero (default without a guard)": "sqrt_uint8_nonzero",
             "sqrt_e4m4 (relative)": "sqrt_e4m4",
-            "sqrt_e4m4_sr (relative, stochastic)": "sqrt_e4m4_sr"}
+            "sqrt_e4m4_sr (relative, stochastic)": "sqrt_e4m4_sr",
+            "sqrt_adaptive": "sqrt_adaptive",
+            "sqrt_adaptive_sr (stochastic)": "sqrt_adaptive_sr"}
 PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
     "linear": ("linear_int8", "linear_int8", False),
     "paper": ("softsign_int8", "sqrt_uint8", False),
@@ -43,6 +47,9 @@ PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
     "sqrt_uint8_nonzero, no guard": ("softsign_int8", "sqrt_uint8_nonzero", False),
     "relative (e4m3_int8 + sqrt_e4m4), guard": ("e4m3_int8", "sqrt_e4m4", True),
     "relative, stochastic (the 'relative' preset)": ("e4m3_int8_sr", "sqrt_e4m4_sr", True),
+    "adaptive, guard": ("softsign_adaptive", "sqrt_adaptive", True),
+    "adaptive, v stochastic, guard": ("softsign_adaptive", "sqrt_adaptive_sr", True),
+    "adaptive, m and v stochastic, guard": ("softsign_adaptive_sr", "sqrt_adaptive_sr", True),
 }
 LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
 
