@@ -6,7 +6,7 @@ family_probe.py; needs ``pip install triton``). Prints static SASS instructions 
 group kernel handles 8 lanes per thread, straight-line) for: Inductor's code as compiled
 (no fused multiply-adds), with FMA, + approximate division, + approximate square root, both.
 
-    python benchmarks/sass_offline.py --rules Rprop AdamW [...]
+    python benchmarks/sass_offline.py --rules Rprop AdamW AdamW:paper [...]
 
 generates each rule's flash group kernel here, on the CPU (Inductor's Triton code generation for
 CPU tensors, with the plan's own fast_math forms; pointers marked 16-byte aligned as CUDA's
@@ -76,7 +76,9 @@ VARIANTS = [("Inductor", False, lambda s: s), ("+FMA", True, lambda s: s),
 
 
 def rule_kernel(name: str) -> tuple[str, str]:
-    """(kernel name, Triton source) of rule ``name``'s flash group kernel, generated on the CPU."""
+    """(kernel name, Triton source) of rule ``name``'s flash group kernel, generated on the CPU;
+    ``AdamW:paper`` takes another codecs preset, ``AdamW:exp_avg_sq=sqrt_uint8+exp_avg=...``
+    a mapping."""
     import functools
     from unittest import mock
 
@@ -90,7 +92,11 @@ def rule_kernel(name: str) -> tuple[str, str]:
     from flashcompile.compiler.explain import fresh_step, plan_of
     from flashcompile.compiler.verify import sample_inputs
 
+    name, _, preset = name.partition(":")
     kw = {"momentum": 0.9} if name == "SGD" else {}
+    if preset:  # a preset, or state=codec pairs joined by "+"
+        kw["codecs"] = (dict(item.split("=") for item in preset.split("+")) if "=" in preset
+                        else preset)
     plan = plan_of(getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],
                                      **kw))
     sources = []

@@ -17,7 +17,6 @@ from flashcompile.language import abs, maximum, rule, sqrt, where
                   maximize=False, decoupled_weight_decay=False, step_guard=True),
     states={"exp_avg": "signed", "exp_avg_sq": "nonnegative", "max_exp_avg_sq": "nonnegative",
             "bound_sq": "scalar"},
-    flash_codecs={"exp_avg_sq": "sqrt_uint8", "max_exp_avg_sq": "sqrt_uint8"},
 )
 def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, bound_sq, *, step, lr, betas, eps,
          weight_decay, amsgrad, maximize, decoupled_weight_decay, step_guard):

@@ -12,12 +12,13 @@ fp16 scale would fail it: a largest magnitude above 65504 (Inf) or below 2^-17 (
 whose rounding up costs the codes over 2^-7 of their range). The paper's states read as this
 codec's (their scales are positive): checkpoints of the earlier default load unchanged.
 
-* ``sqrt_adaptive`` (nonnegative states, e.g. Adam's v): the paper's ``sqrt_uint8`` of ``sqrt(v)``,
-  unless a nonzero lane lies below 1/16 of the group's max ``sqrt``, where the linear code's half
-  step (1/510 of the max) exceeds 1/32 of the lane: then ``sqrt_e4m4``, within 1/32 of every lane.
-  So no nonzero lane's square root is stored further than about 1/32 of itself (down to 15
-  binades under the max) and alike groups keep the paper's precision. A nonzero value never
-  decodes to 0 (one code step instead, as ``sqrt_uint8_nonzero``).
+* ``sqrt_adaptive`` (nonnegative states, e.g. Adam's v, a denominator: each lane's relative error
+  is what counts): the paper's ``sqrt_uint8`` of ``sqrt(v)``, unless the relative code would store
+  the group's square roots with the smaller mean squared relative error (the linear code's is
+  ``sum((max / sqrt)^2) / (12 * 255^2)``: one lane about 64x quieter than the max, or 16 lanes
+  16x quieter, tip it); then ``sqrt_e4m4``, within 1/32 of every lane down to 15 binades under
+  the max. A nonzero value never decodes to 0 (one code step instead, as
+  ``sqrt_uint8_nonzero``).
 * ``softsign_adaptive`` (signed states, e.g. momentum): the paper's ``softsign_int8``, unless at
   most a quarter of the group (8 lanes) reaches 1/16 of its absmax: one or a few loud lanes would
   leave the rest a code step or none, so the group takes sign + ``e4m3`` (each value within 1/16
@@ -47,28 +48,61 @@ from flashcompile.codecs.base import (
     sr_suffix,
 )
 from flashcompile.codecs.companded import _round
-from flashcompile.codecs.relative import (
-    _LOWEST_TOP,
-    _NAN_TOP,
-    _SPAN,
-    _bound,
-    _decode_magnitude,
-    _encode_magnitude,
-)
+from flashcompile.codecs.relative import _LOWEST_TOP, _NAN_TOP
 
-_SWITCH = 16.0  # a lane below 1/16 of its group's max: where the relative code is finer
-_LOUD_LANES = 8  # softsign_adaptive: groups with at most this many lanes >= max / 16 go relative
-_FP16_LOW, _FP16_HIGH = 2.0**-17, 65504.0  # largest magnitudes an fp16 scale serves
+_SPAN = 15  # binades of the relative code under its group's top
+# The thresholds are literals where they are used (a float global would become an input of the
+# compiled graph): sqrt_adaptive goes relative where a nonzero lane lies 32x below the max sqrt;
+# softsign_adaptive where at most 8 lanes reach 1/16 of the absmax; both where the max is outside
+# what an fp16 scale serves, above 65504 or below 2^-17 (7.62939453125e-06).
 
 
-def _groups(mag: torch.Tensor, mixed: torch.Tensor):
+# The relative code is an offset float: a magnitude ``x`` is stored as the top bits of the fp32
+# ``y = x + F0``, ``F0 = 2^(base - 127)`` the bottom of the code's 15 binades (``base = top - 15``):
+# exponent ``base + f`` in 4 bits and ``mant`` mantissa bits, decoded as ``y - F0``. Above ``F0``
+# each value keeps ``mant`` bits of its own precision; below it the steps are uniform
+# (``2^(base - 127 - mant)``), down to an exact 0. One float add, an integer add and a shift each
+# way: no branch between normal and subnormal codes (the kernel is instruction-bound).
+def _offset_encode(mag: torch.Tensor, top: torch.Tensor, mant: int,
+                   noise: torch.Tensor | None) -> torch.Tensor:
+    base = top - _SPAN
+    y = mag + pow2(base - 127)
+    drop = 23 - mant
+    # round to nearest: half of the dropped bits; stochastically: the top ``drop`` bits of u's
+    # mantissa (1 + u is exact), unbiased within a binade, where the code is linear
+    carry = ((1 << (drop - 1)) if noise is None
+             else ((noise + 1.0).view(torch.int32) & 0x7FFFFF) >> mant)
+    code = (y.view(torch.int32) - (base << 23) + carry) >> drop
+    return torch.clamp(code, max=(1 << (4 + mant)) - 1)  # a carry out of the top binade
+
+
+def _offset_decode(code: torch.Tensor, top: torch.Tensor, mant: int) -> torch.Tensor:
+    base = top - _SPAN
+    return ((code << (23 - mant)) + (base << 23)).view(torch.float32) - pow2(base - 127)
+
+
+def _offset_bound(mag: torch.Tensor, top: torch.Tensor, mant: int, stochastic: bool
+                  ) -> torch.Tensor:
+    """Half a step at ``y = mag + F0`` (stochastically: a step), plus the fp32 slack of the add
+    and subtract; infinite for a non-finite group."""
+    f0 = pow2(top - _SPAN - 127)
+    y = mag + f0
+    step = pow2(torch.clamp((y.view(torch.int32) >> 23) - 127 - mant, min=-126))
+    # a value within half a step of 2^(top + 1 - 127) rounds up out of the code and is clamped to
+    # the largest code, one step below that power of two
+    largest = pow2(top + 1 - 127) - pow2(top - 127 - mant) - f0
+    out = torch.maximum(step * (1.0 if stochastic else 0.5), mag - largest) + y * FP32_SLACK
+    return torch.where(top >= _NAN_TOP, torch.full_like(out, float("inf")), out)
+
+
+def _groups(mag: torch.Tensor, mixed):
     """(relative mode, the relative code's top binade, the paper's fp16 scale) per group of the
     magnitudes ``mag`` (fp32 >= 0 or NaN), given the code's own test for a ``mixed`` group (a
     function of the group max). The max runs on bit patterns (integer order is float order for
     values >= 0, NaN sorts above Inf)."""
     max_bits = mag.view(torch.int32).amax(dim=-1, keepdim=True)
     top_value = max_bits.view(torch.float32)
-    out_of_range = (top_value > _FP16_HIGH) | ((top_value < _FP16_LOW) & (top_value > 0))
+    out_of_range = (top_value > 65504.0) | ((top_value < 7.62939453125e-06) & (top_value > 0))
     relative = mixed(top_value) | out_of_range
     top = torch.clamp(max_bits >> 23, min=_LOWEST_TOP)
     return relative, top, round_up_fp16(top_value)
@@ -105,15 +139,16 @@ class SqrtAdaptive(Codec):
 
     @staticmethod
     def _groups(r: torch.Tensor):
-        quietest = torch.where(r > 0, r, torch.full_like(r, float("inf")))
-        quietest = quietest.amin(dim=-1, keepdim=True)
+        # the quietest nonzero lane, by bit patterns (zero lanes sort last as +Inf's pattern)
+        bits = r.view(torch.int32)
+        quietest = torch.where(bits > 0, bits, 0x7F800000).amin(dim=-1, keepdim=True)
         # abs: a NaN whose sign bit is set would sort below every value in the bit max
-        return _groups(r.abs(), lambda top: quietest * _SWITCH < top)
+        return _groups(r.abs(), lambda top: quietest.view(torch.float32) * 32.0 < top)
 
     def encode(self, x, noise=None):
         r = torch.sqrt(x)
         relative, top, paper = self._groups(r)
-        rel = _encode_magnitude(r, top, 4, noise)
+        rel = _offset_encode(r, top, 4, noise)
         lin = _round(r * inverse_scale(paper, 255), noise, 255)
         code = torch.maximum(torch.where(relative, rel, lin), (r > 0).to(torch.int32))
         return code.to(torch.uint8), _scale(relative, top, paper)
@@ -122,7 +157,7 @@ class SqrtAdaptive(Codec):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
         # c * s exact: code 255 decodes to the scale itself, as sqrt_uint8
-        r = torch.where(relative, _decode_magnitude(c, top, 4), int_to_float(c) * s / 255)
+        r = torch.where(relative, _offset_decode(c, top, 4), int_to_float(c) * s / 255)
         return r * r
 
     def error_bound(self, x):
@@ -132,8 +167,9 @@ class SqrtAdaptive(Codec):
         step = 1 / 255 if self.stochastic else 1 / 510
         # the paper's half step (stochastic: a step), or a value below it stored as one step
         lin = torch.maximum(s * (step + FP32_SLACK), s * (1 / 255 + FP32_SLACK) - r)
-        lowest = pow2(torch.clamp(top - _SPAN + 1 - 127 - 4, min=-126))  # relative's first step
-        rel = torch.maximum(_bound(r, top, 4, self.stochastic), lowest * (1 + FP32_SLACK) - r)
+        first = pow2(top - _SPAN - 127 - 4)  # the relative code's first step
+        rel = torch.maximum(_offset_bound(r, top, 4, self.stochastic),
+                            first * (1 + FP32_SLACK) - r)
         dr = torch.where(relative, rel, lin)
         dr = torch.where(top >= _NAN_TOP, torch.full_like(dr, float("inf")), dr)
         return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
@@ -154,14 +190,15 @@ class SoftsignAdaptive(Codec):
 
     @staticmethod
     def _groups(mag: torch.Tensor):
-        def few_loud(top):
-            return (mag * _SWITCH >= top).sum(dim=-1, keepdim=True) <= _LOUD_LANES
+        def few_loud(top):  # a float count: an integer sum of bools would run in int64
+            loud = torch.where(mag * 16.0 >= top, 1.0, 0.0)
+            return loud.sum(dim=-1, keepdim=True) <= 8.0
         return _groups(mag, few_loud)
 
     def encode(self, x, noise=None):
         mag = x.abs()
         relative, top, paper = self._groups(mag)
-        rel = _encode_magnitude(mag, top, 3, noise)
+        rel = _offset_encode(mag, top, 3, noise)
         rel = torch.where(x < 0, -rel, rel)
         # softsign_int8's 254 x / (s + |x|); the floor keeps an all-zero group at 0
         s = torch.clamp_min(paper.float(), 2.0**-126)
@@ -171,9 +208,9 @@ class SoftsignAdaptive(Codec):
     def decode(self, codes, scale):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
-        rel = _decode_magnitude(c.abs(), top, 3)
-        rel = torch.where(c < 0, -rel, rel)
-        lin = int_to_float(c) * s / (254 - c.abs())
+        cf = int_to_float(c)
+        rel = torch.copysign(_offset_decode(c.abs(), top, 3), cf)
+        lin = cf * s / (254 - cf.abs())  # softsign_int8's, its denominator in float (no I2F)
         return torch.where(relative, rel, lin)
 
     def error_bound(self, x):
@@ -184,7 +221,7 @@ class SoftsignAdaptive(Codec):
         dz = 1 / 127 if self.stochastic else 1 / 254
         z_far = torch.clamp(2 * y / (1 + y) + dz, max=1.0)
         lin = s * (2 / (2 - z_far) ** 2 * dz + FP32_SLACK)  # as softsign_int8's
-        out = torch.where(relative, _bound(mag, top, 3, self.stochastic), lin)
+        out = torch.where(relative, _offset_bound(mag, top, 3, self.stochastic), lin)
         return torch.where(top >= _NAN_TOP, torch.full_like(out, float("inf")), out)
 
 

@@ -1,4 +1,5 @@
-"""Which codec stores what by default: the presets ("flash", "fp32") and user mappings."""
+"""Which codec stores what by default: the presets ("flash", "paper", "fp32", "relative") and user
+mappings."""
 
 from __future__ import annotations
 
@@ -13,36 +14,43 @@ from flashcompile.codecs import PARAM, Codec
 if TYPE_CHECKING:  # rules are read by their states and flash_codecs only
     from flashcompile.language.dsl import Rule
 
-PRESETS = ("flash", "fp32", "relative")
+PRESETS = ("flash", "paper", "fp32", "relative")
 
 
 def default_codec(fact: str, preset: str) -> Codec:
     """The state codec a preset picks for a state's declared fact.
 
-    "flash": ``softsign_int8`` for signed states (FlashOptim's momentum codec) and
-    ``sqrt_uint8_nonzero`` for nonnegative ones: FlashOptim's ``sqrt_uint8`` except that a nonzero
-    value never decodes to 0, so a second moment drowned by a louder neighbour in its group of 32
-    cannot turn a step into ``m / eps``. A rule may name its own (``rule(flash_codecs=...)``):
-    Adam clips its step at its own bound instead and keeps ``sqrt_uint8``, which the collapse
-    study (``python -m flashcompile study collapse``) finds closer to fp32 Adam.
+    "flash" (the default): per group of 32 the paper's codes or codes relative to each value
+    (``codecs/adaptive.py``): ``softsign_adaptive`` for signed states, ``sqrt_adaptive_sr`` for
+    nonnegative ones (rounded stochastically: a second moment's slow EMA keeps moving late in
+    training; a nonzero value never decodes to 0). Chosen by the numerics studies
+    (``docs/numerics.md``): as close to fp32 Adam's update as the paper's codecs where a group's
+    values are alike (the same codes), the update's direction kept where a group mixes scales,
+    and the late-training loss of fp32 states. A rule may name its own
+    (``rule(flash_codecs=...)``).
+
+    "paper": FlashOptim's codecs (arXiv 2602.23349), ``softsign_int8`` and ``sqrt_uint8``; with
+    Adam's ``step_guard=False`` this is FlashOptim's AdamW exactly.
 
     "relative": 8-bit little floats relative to each value, rounded stochastically
-    (``e4m3_int8_sr``, ``sqrt_e4m4_sr``): the studies' candidate for the next default, which keeps
-    the update's direction in groups that mix scales and lets slow EMAs move. Same bytes, same
-    weight split. "sign" states take ``sign_int8`` under every preset but fp32.
+    (``e4m3_int8_sr``, ``sqrt_e4m4_sr``). Same bytes and weight split under every preset but
+    fp32; "sign" states take ``sign_int8`` under every preset but fp32.
     """
     if preset == "fp32":
         return _codecs.fp32
     if fact == "sign":  # exact in one byte: -1, 0 and +1 need no scale
         return _codecs.sign_int8
-    if preset == "relative":  # candidates for the next default (docs/numerics.md, Numerics studies)
-        return _codecs.sqrt_e4m4_sr if fact == "nonnegative" else _codecs.e4m3_int8_sr
-    return _codecs.sqrt_uint8_nonzero if fact == "nonnegative" else _codecs.softsign_int8
+    nonnegative = fact == "nonnegative"
+    if preset == "relative":
+        return _codecs.sqrt_e4m4_sr if nonnegative else _codecs.e4m3_int8_sr
+    if preset == "paper":
+        return _codecs.sqrt_uint8 if nonnegative else _codecs.softsign_int8
+    return _codecs.sqrt_adaptive_sr if nonnegative else _codecs.softsign_adaptive
 
 
 def default_param_codec(dtype: torch.dtype, preset: str) -> Codec:
     """The master-weight codec a preset picks for a param dtype."""
-    if preset in ("flash", "relative") and dtype != torch.float32:
+    if preset != "fp32" and dtype != torch.float32:
         return _codecs.WeightSplit(dtype, torch.int8)
     return _codecs.fp32.for_param(dtype)
 

@@ -5,22 +5,25 @@ Round to nearest drops any change smaller than half a code step, so an 8-bit EMA
 Rounding ``y`` to ``floor(y + u)`` with ``u`` uniform in [0, 1) is right on average, so small
 increments accumulate (arXiv 2502.20566 trains bf16 AdamW this way).
 
-``u`` comes from a 32-bit integer hash (two multiply-xorshift rounds with constants from Chris
-Wellons' hash-prospector, both below 2^31 so every product stays int32) of the element's index in
-the call, the step and a per-state salt: no RNG state, no extra memory traffic, the same noise for
-the same step, layout and seed (a resumed run repeats it), and fused into the one kernel. The index
-restarts in every call: params stepped one per call (the per-tensor path) share a step's noise
-pattern, those in one flat bucket do not. The
-int32 products wrap (two's complement) in eager torch and in Inductor's Triton and C++ code alike.
+``u`` comes from a 32-bit integer hash (a multiply-xorshift round with a constant from Chris
+Wellons' hash-prospector, below 2^31 so every product stays int32) of the element's own
+values, its gradient and its (decoded) weight, with the step and a per-state salt: no RNG state, no
+extra memory traffic, fused into the one kernel, and the same noise for the same element whatever
+the layout: a flat bucket, one param per call, gradient release's buckets, an FSDP shard or a
+checkpoint resharded onto other ranks all round alike (bit-identical steps), and a resumed run
+repeats it. Elements whose gradient and weight are both equal share a step's noise; over steps
+each element's noise is still uniform (the step is hashed in), which is what unbiased rounding
+needs. The int32 products wrap (two's complement) in eager torch and in Inductor's Triton and C++
+code alike.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flashcompile.codecs.base import GROUP
 
 _STEP_MIX = 0x2545F491  # decorrelates successive steps before the hash
+_KEY_MIX = 0x2C1B3C6D  # odd, below 2^31: a second key's bits spread before they are mixed in
 
 
 def salt(seed: int, state_index: int) -> int:
@@ -28,17 +31,18 @@ def salt(seed: int, state_index: int) -> int:
     return (seed * 0x9E3779B1 + state_index * 0x632BE5AB + 0x5851F42D) % (2**31 - 1)
 
 
-def uniform_noise(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
-    """Uniform values in [0, 1) on 2^-23 steps, one per element of ``like`` (``(G, GROUP)``)."""
-    return _unit_interval(_hash(step, state_salt, like) >> 9)
+def uniform_noise(step: torch.Tensor, state_salt: int, *keys: torch.Tensor) -> torch.Tensor:
+    """Uniform values in [0, 1) on 2^-23 steps, one per element of the fp32 ``keys`` (the
+    element's gradient and weight, ``(G, GROUP)`` each), hashed with the step."""
+    return _unit_interval(_hash(step, state_salt, keys) >> 9)
 
 
-def uniform_noise_pair(step: torch.Tensor, pair_salt: int, like: torch.Tensor
+def uniform_noise_pair(step: torch.Tensor, pair_salt: int, *keys: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two noises from one hash (its high and low 16 bits, on 2^-16 steps): two
     stochastic states of a plan share the hash's instructions. 2^-16 of a code step is far below
     what an 8-bit code resolves."""
-    h = _hash(step, pair_salt, like)
+    h = _hash(step, pair_salt, keys)
     return _unit_interval((h >> 16) << 7), _unit_interval(h << 7)
 
 
@@ -49,12 +53,15 @@ def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
     return ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0
 
 
-def _hash(step: torch.Tensor, state_salt: int, like: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(like.shape[0], device=like.device, dtype=torch.int32)[:, None]
-    lanes = torch.arange(GROUP, device=like.device, dtype=torch.int32)
-    h = (rows * GROUP + lanes) ^ (step.to(torch.int32) * _STEP_MIX + state_salt)
-    h = h ^ ((h >> 16) & 0xFFFF)  # logical shifts: mask what the arithmetic shift smeared
+def _hash(step: torch.Tensor, state_salt: int, keys) -> torch.Tensor:
+    h = keys[0].view(torch.int32)
+    for key in keys[1:]:  # multiplied first: equal values in two keys must not cancel
+        h = h ^ (key.view(torch.int32) * _KEY_MIX)
+    h = h ^ (step.to(torch.int32) * _STEP_MIX + state_salt)
+    # one multiply-xorshift round: the product's high bits depend on every input bit, and the
+    # shift folds them into the low ones (a logical shift: mask what the arithmetic one smeared).
+    # The keys are values that change from step to step, not a counter, so one round spreads
+    # them enough; each further round costs 3 instructions per element of an instruction-bound
+    # kernel
     h = h * 0x21F0AAAD
-    h = h ^ ((h >> 15) & 0x1FFFF)
-    h = h * 0x735A2D97
     return h ^ ((h >> 15) & 0x1FFFF)

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from flashcompile.codecs import GROUP, PARAM, Codec, stochastic
+from flashcompile.runtime.amp import FACTOR
 from flashcompile.compiler.lowering import Lowered
 from flashcompile.compiler.segments import segment_totals
 from flashcompile.language.trace import Traced, keeps_zero
@@ -130,7 +131,12 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
     stores = []
     written = {n: c for n, c in codecs.items()
                if outputs[0 if n == PARAM else names.index(n)] is not None}
-    noises = _noise_lines(step_slot, written)
+    # the noise's keys: the gradient as the rule sees it (unscaled: GradScaler's power-of-two
+    # scale must not change the noise) and the weight
+    grad = traced.grad.name
+    if FACTOR in traced.rule.device_scalars:
+        grad = f"{grad} * {FACTOR}"
+    noises = _noise_lines(step_slot, written, (grad, traced.param.name))
     for name, codec in codecs.items():
         out = outputs[0 if name == PARAM else names.index(name)]
         if out is None:
@@ -141,7 +147,7 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
         if name != PARAM and not keeps_zero(traced, index):
             # padding lanes must stay zero so they never enlarge a group's scale
             out = f"torch.where(_valid, {out}, 0.0)"
-        if name in noises:  # noise from position, step and state, made in the kernel
+        if name in noises:  # noise from the element's values, step and state, in the kernel
             lines += noises.pop(name)
             out = f"{out}, _u_{name}"
         lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
@@ -151,11 +157,14 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
     return lines + stores
 
 
-def _noise_lines(step_slot: int, codecs: Mapping[str, Codec]) -> dict[str, list[str]]:
+def _noise_lines(step_slot: int, codecs: Mapping[str, Codec], keys: Sequence[str]
+                 ) -> dict[str, list[str]]:
     """Per stochastically rounded state among ``codecs`` (those written back), the lines that make
     its noise (``_u_<name>``), emitted before the first of a pair is encoded: states taken two by
     two share one hash (its two 16-bit halves), salted by both seeds; ``_s[step_slot]`` is the
-    step."""
+    step, ``keys`` the fp32 gradient and decoded weight the hash reads (the same noise for an
+    element in any layout)."""
+    key_args = ", ".join(keys)
     names = [n for n, c in codecs.items() if getattr(c, "stochastic", False)]
     step = f"_s[{step_slot}]"
     out: dict[str, list[str]] = {}
@@ -164,10 +173,10 @@ def _noise_lines(step_slot: int, codecs: Mapping[str, Codec]) -> dict[str, list[
         salt = stochastic.salt(sum(codecs[n].seed << (16 * j) for j, n in enumerate(pair)), k)
         if len(pair) == 2:
             out[pair[0]] = [f"    _u_{pair[0]}, _u_{pair[1]} = _uniform_noise_pair({step}, {salt}, "
-                            "_grad)"]
+                            f"{key_args})"]
             out[pair[1]] = []
         else:
-            out[pair[0]] = [f"    _u_{pair[0]} = _uniform_noise({step}, {salt}, _grad)"]
+            out[pair[0]] = [f"    _u_{pair[0]} = _uniform_noise({step}, {salt}, {key_args})"]
     return out
 
 

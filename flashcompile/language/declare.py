@@ -40,8 +40,8 @@ def rule(
         ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
             every other float in [0, inf). Values outside raise at optimizer construction and step.
         flash_codecs: optional state -> codec name the "flash" preset stores that state with, where
-            the rule's math makes another codec the better default than its fact's (Adam guards
-            its own step, so it keeps FlashOptim's ``sqrt_uint8`` for v).
+            the rule's math makes another codec the better default than its fact's (AdEMAMix's
+            slow momentum, beta3 = 0.9999, is rounded stochastically: ``softsign_adaptive_sr``).
         choices: optional hyperparameter -> its allowed values (strings or None; the default
             among them). Static like the bool flags: the rule branches on the value in Python
             (torch.optim.Muon's ``adjust_lr_fn``).

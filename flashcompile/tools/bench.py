@@ -53,6 +53,10 @@ OPTIMIZERS: dict[str, tuple[torch.dtype, Callable, float | None]] = {
         p, fused=p[0].is_cuda, foreach=not p[0].is_cuda or None), 28.0),
     "adamw_flash": (torch.bfloat16, _flash(fc.AdamW), None),
     "adamw_fp32": (torch.float32, _flash(fc.AdamW, codecs="fp32"), None),
+    # the paper's codecs without the guard (FlashOptim's AdamW) and the relative preset, beside
+    # the default's adaptive codecs (adamw_flash)
+    "adamw_paper": (torch.bfloat16, _flash(fc.AdamW, codecs="paper", step_guard=False), None),
+    "adamw_relative": (torch.bfloat16, _flash(fc.AdamW, codecs="relative"), None),
     "sgd_flash": (torch.bfloat16, _flash(fc.SGD, lr=1e-2, momentum=0.9), None),
     "sgd_fp32": (torch.float32, _flash(fc.SGD, lr=1e-2, momentum=0.9, codecs="fp32"), None),
     "lion_flash": (torch.bfloat16, _flash(fc.Lion), None),

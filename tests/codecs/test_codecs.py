@@ -235,6 +235,10 @@ def test_relative_codecs_keep_each_values_precision_beside_a_loud_lane(name):
         rel = ((y - x).abs() / x.abs())[:, 1:]
         # sqrt(v) within 2^-(mant+1) of itself: v within twice that, to first order
         allowed = 2.0 ** -(mant + 1) * (2.02 if mant == 4 else 1.0001) + 1e-6
+        if "adaptive" in name:
+            # an offset float (y = x + F0, F0 15 binades under the top): within
+            # 2^-(mant + 1) (1 + F0 / x) of x; the quietest lanes lie 13.3 binades down
+            allowed *= 1 + 2.0**-1.7
         assert rel.max() <= allowed, (name, top, rel.max().item())
 
 
@@ -243,9 +247,13 @@ SR_CODECS = ["softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt
 
 
 def _noise(step: int, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's noise for elements whose gradient and weight (the hash's keys) are fixed
+    random values: keys independent of the value being rounded, as in a step."""
     from flashcompile.codecs.stochastic import uniform_noise
 
-    return uniform_noise(torch.tensor(float(step)), 12345, x)
+    gen = torch.Generator().manual_seed(99)
+    grad, weight = torch.randn(2, *x.shape, generator=gen)
+    return uniform_noise(torch.tensor(float(step)), 12345, grad, weight)
 
 
 @pytest.mark.parametrize("name", SR_CODECS)

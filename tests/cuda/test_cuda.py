@@ -26,6 +26,8 @@ CASES = {
     "lars": (lambda p: fc.LARS(p, lr=1e-2, momentum=0.9), None),
     # stochastic rounding's in-kernel hash (int32 products that must wrap as on the CPU)
     "adamw_relative": (lambda p: fc.AdamW(p, lr=1e-3, codecs="relative"), None),
+    # the paper's codecs (the default's adaptive codecs are "adamw")
+    "adamw_paper": (lambda p: fc.AdamW(p, lr=1e-3, codecs="paper", step_guard=False), None),
     # the rules beyond torch.optim: ADOPT's clip, cautious masking's agreeing count (a
     # reduction), MARS's gradient norm clip, schedule-free's z under the weight split
     "adopt": (lambda p: fc.ADOPT(p, lr=1e-3), None),

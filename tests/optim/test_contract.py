@@ -28,7 +28,9 @@ LIVE = {"sgd": {"momentum": 0.9}, "sgdw": {"momentum": 0.9, "weight_decay": 0.1}
         "rmsprop": {"momentum": 0.9, "centered": True}, "adam": {"amsgrad": True}}
 SHAPES = [(30, 20), (7,), (64,)]
 SIBLINGS = {"softsign_int8": "linear_int8", "linear_int8": "softsign_int8",
-            "sqrt_uint8": "sqrt_uint8_nonzero", "sqrt_uint8_nonzero": "sqrt_uint8"}
+            "sqrt_uint8": "sqrt_uint8_nonzero", "sqrt_uint8_nonzero": "sqrt_uint8",
+            "softsign_adaptive": "softsign_int8", "softsign_adaptive_sr": "softsign_int8",
+            "sqrt_adaptive_sr": "sqrt_uint8"}
 
 
 def make(name, params, **options):

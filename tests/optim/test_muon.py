@@ -95,7 +95,7 @@ def test_flash_muon_keeps_the_weight_split_and_8_bit_momentum():
     opt.step()
     plan = opt.plan_for(p, opt.flags_of(opt.param_groups[0]))
     assert {k: c.name for k, c in plan.codecs.items()} == {
-        "param": "weight_split(bf16+int8)", "momentum_buffer": "softsign_int8"}
+        "param": "weight_split(bf16+int8)", "momentum_buffer": "softsign_adaptive"}
     assert plan.bytes_per_param == 3 + 1.0625  # + the bf16 gradient: 6.06 B/param
 
 

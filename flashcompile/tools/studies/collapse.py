@@ -12,9 +12,10 @@ states' codecs differ. Cases:
   are log-normal, ``g = scale_row * (snr * mu + noise)``.
 
 Runs per case: the paper's codecs under plain Adam (FlashOptim), the same under Adam's step guard
-(the default: ``rules/adam.py`` clips each step at the bound exact Adam never exceeds), the earlier
-default (``sqrt_uint8_nonzero``, a nonzero v never decodes to 0; no guard) and the linear_int8
-ablation.
+(``rules/adam.py`` clips each step at the bound exact Adam never exceeds; the default before the
+adaptive codecs), the one before it (``sqrt_uint8_nonzero``, a nonzero v never decodes to 0; no
+guard), the linear_int8 ablation, the relative codecs, stochastic rounding, and the default: the
+adaptive codecs (``codecs/adaptive.py``) with v rounded stochastically, under the guard.
 
 Reported per case and codec pair: the largest step ``|dp| / lr`` against Adam's own bound (no Adam
 step exceeds it: see :func:`adam_bound`), the share of steps beyond that bound, the error of the
@@ -36,7 +37,7 @@ LR, BETAS = 1e-3, (0.9, 0.999)
 PAPER = {"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"}
 PAIRS = {  # name -> (codecs, Adam's step guard)
     "paper (softsign_int8 + sqrt_uint8)": (PAPER, False),
-    "default (paper codecs + step guard)": ({}, True),
+    "paper codecs + step guard (earlier default)": (PAPER, True),
     "sqrt_uint8_nonzero, no guard (earlier default)":
         ({"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8_nonzero"}, False),
     "linear_int8 (ablation)": ({"exp_avg": "linear_int8", "exp_avg_sq": "linear_int8"}, False),
@@ -51,8 +52,7 @@ PAIRS = {  # name -> (codecs, Adam's step guard)
         ({"exp_avg": "e4m3_int8_sr", "exp_avg_sq": "sqrt_e4m4_sr"}, True),
     # the paper's code or the relative one per group (codecs/adaptive.py), under the step guard
     "adaptive, guard": ({"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive"}, True),
-    "adaptive, v stochastic, guard":
-        ({"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive_sr"}, True),
+    "default (adaptive, v stochastic, guard)": ({}, True),
     "adaptive, m and v stochastic, guard":
         ({"exp_avg": "softsign_adaptive_sr", "exp_avg_sq": "sqrt_adaptive_sr"}, True),
 }

@@ -6,8 +6,9 @@ its peak. Gradients shrink and spread as the loss falls: this is where 8-bit sta
 relative to their group's largest value stop resolving the update, and where fine-tuning and the end
 of every schedule live. All runs keep the model in bf16 with the weight split (the default master
 weight); only Adam's states differ: fp32 (the reference), the paper's codecs under the step guard
-(the default), the codecs of ``codecs/relative.py``, and the paper's codecs with stochastic rounding
-(``codecs/stochastic.py``).
+(the earlier default), the codecs of ``codecs/relative.py``, the paper's codecs with stochastic
+rounding (``codecs/stochastic.py``), and the adaptive codecs (``codecs/adaptive.py``; the default
+rounds v stochastically).
 
 Reported per codec pair: the final loss on a fixed evaluation set (mean and spread over seeds) and
 its ratio to the fp32-state loss of the same seed.
@@ -33,7 +34,8 @@ from flashcompile.tools.studies.report import (
 
 RUNS = {  # name -> codecs of Adam's states (the master weight is the weight split in every run)
     "fp32 states": {"exp_avg": "fp32", "exp_avg_sq": "fp32"},
-    "default (paper codecs + step guard)": {},
+    "paper codecs + step guard (earlier default)": {"exp_avg": "softsign_int8",
+                                                    "exp_avg_sq": "sqrt_uint8"},
     "v in fp32, m softsign_int8": {"exp_avg_sq": "fp32"},
     "softsign_int8 + sqrt_e4m4": {"exp_avg_sq": "sqrt_e4m4"},
     "e4m3_int8 + sqrt_e4m4": {"exp_avg": "e4m3_int8", "exp_avg_sq": "sqrt_e4m4"},
@@ -43,7 +45,7 @@ RUNS = {  # name -> codecs of Adam's states (the master weight is the weight spl
     "softsign_int8 + sqrt_e4m4_sr": {"exp_avg_sq": "sqrt_e4m4_sr"},
     "e4m3_int8_sr + sqrt_e4m4_sr": {"exp_avg": "e4m3_int8_sr", "exp_avg_sq": "sqrt_e4m4_sr"},
     "adaptive": {"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive"},
-    "adaptive, v stochastic": {"exp_avg": "softsign_adaptive", "exp_avg_sq": "sqrt_adaptive_sr"},
+    "default (adaptive, v stochastic)": {},
     "adaptive, m and v stochastic": {"exp_avg": "softsign_adaptive_sr",
                                      "exp_avg_sq": "sqrt_adaptive_sr"},
 }

@@ -6,8 +6,9 @@ laid out as the optimizer stores it (flat, zero-padded groups of 32 per paramete
 
 * NMSE ``sum (decoded - x)^2 / sum x^2`` over all parameters, for m, v and Adam's direction
   ``u = m_hat / (sqrt(v_hat) + eps)`` (m and v decoded together: linear/linear, the paper's
-  softsign/sqrt, the default (the paper's codecs under Adam's step guard, ``rules/adam.py``) and
-  softsign/sqrt-nonzero, the default of rules without a guard);
+  softsign/sqrt, the earlier default (the paper's codecs under Adam's step guard,
+  ``rules/adam.py``), softsign/sqrt-nonzero, and the default: the adaptive codecs
+  (``codecs/adaptive.py``) with v rounded stochastically, under the guard);
 * for v, the share of non-zero values stored as exactly 0 (the paper: 18% with linear codes, 0.02%
   with sqrt companding on synthetic data);
 * for u, the share of coordinates whose decoded direction exceeds the true one by more than 2x.
@@ -27,28 +28,28 @@ from flashcompile.rules import adam
 from flashcompile.tools.studies import tasks
 from flashcompile.tools.studies.report import pyplot, save_figure, table, write_csv, write_summary
 
-ADAM_M = default_codec("signed", "flash").name
-ADAM_V = adam.flash_codecs["exp_avg_sq"]
-M_CODECS = {"linear_int8": "linear_int8", f"{ADAM_M} (paper, default)": ADAM_M,
+ADAM_M = default_codec("signed", "flash").name  # the default's codecs for Adam's m and v
+ADAM_V = adam.flash_codecs.get("exp_avg_sq", default_codec("nonnegative", "flash").name)
+M_CODECS = {"linear_int8": "linear_int8", "softsign_int8 (paper)": "softsign_int8",
             "e4m3_int8 (relative)": "e4m3_int8",
             "e4m3_int8_sr (relative, stochastic)": "e4m3_int8_sr",
-            "softsign_adaptive": "softsign_adaptive",
+            f"{ADAM_M} (default)": ADAM_M,
             "softsign_adaptive_sr (stochastic)": "softsign_adaptive_sr"}
-V_CODECS = {"linear_int8": "linear_int8", f"{ADAM_V} (paper, Adam's default)": ADAM_V,
-            "sqrt_uint8_nonzero (default without a guard)": "sqrt_uint8_nonzero",
+V_CODECS = {"linear_int8": "linear_int8", "sqrt_uint8 (paper)": "sqrt_uint8",
+            "sqrt_uint8_nonzero (earlier default without a guard)": "sqrt_uint8_nonzero",
             "sqrt_e4m4 (relative)": "sqrt_e4m4",
             "sqrt_e4m4_sr (relative, stochastic)": "sqrt_e4m4_sr",
             "sqrt_adaptive": "sqrt_adaptive",
-            "sqrt_adaptive_sr (stochastic)": "sqrt_adaptive_sr"}
+            f"{ADAM_V} (default)": ADAM_V}
 PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
     "linear": ("linear_int8", "linear_int8", False),
     "paper": ("softsign_int8", "sqrt_uint8", False),
-    "default (paper codecs + step guard)": (ADAM_M, ADAM_V, True),
+    "paper codecs + step guard (earlier default)": ("softsign_int8", "sqrt_uint8", True),
     "sqrt_uint8_nonzero, no guard": ("softsign_int8", "sqrt_uint8_nonzero", False),
     "relative (e4m3_int8 + sqrt_e4m4), guard": ("e4m3_int8", "sqrt_e4m4", True),
     "relative, stochastic (the 'relative' preset)": ("e4m3_int8_sr", "sqrt_e4m4_sr", True),
     "adaptive, guard": ("softsign_adaptive", "sqrt_adaptive", True),
-    "adaptive, v stochastic, guard": ("softsign_adaptive", "sqrt_adaptive_sr", True),
+    "default (adaptive, v stochastic, guard)": (ADAM_M, ADAM_V, True),
     "adaptive, m and v stochastic, guard": ("softsign_adaptive_sr", "sqrt_adaptive_sr", True),
 }
 LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
