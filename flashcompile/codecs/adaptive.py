@@ -13,18 +13,17 @@ whose rounding up costs the codes over 2^-7 of their range). The paper's states 
 codec's (their scales are positive): checkpoints of the earlier default load unchanged.
 
 * ``sqrt_adaptive`` (nonnegative states, e.g. Adam's v, a denominator: each lane's relative error
-  is what counts): the paper's ``sqrt_uint8`` of ``sqrt(v)``, unless the relative code would store
-  the group's square roots with the smaller mean squared relative error (the linear code's is
-  ``sum((max / sqrt)^2) / (12 * 255^2)``: one lane about 64x quieter than the max, or 16 lanes
-  16x quieter, tip it); then ``sqrt_e4m4``, within 1/32 of every lane down to 15 binades under
-  the max. A nonzero value never decodes to 0 (one code step instead, as
-  ``sqrt_uint8_nonzero``).
+  is what counts): the paper's ``sqrt_uint8`` of ``sqrt(v)``, unless a nonzero lane lies 32x or
+  more below the group's max square root, where the linear code's half step (1/510 of the max)
+  is over 6% of the lane; then 8-bit little floats of ``sqrt(v)`` (4 exponent, 4 mantissa bits:
+  within about 1/32 of every lane down to 13 binades under the max). A nonzero value never
+  decodes to 0 (one code step instead, as ``sqrt_uint8_nonzero``).
 * ``softsign_adaptive`` (signed states, e.g. momentum): the paper's ``softsign_int8``, unless at
   most a quarter of the group (8 lanes) reaches 1/16 of its absmax: one or a few loud lanes would
-  leave the rest a code step or none, so the group takes sign + ``e4m3`` (each value within 1/16
-  of itself). A momentum's lanes alike in scale cross zero often; those near zero are small for
-  their lane and the linear code serves them, so the test counts loud lanes instead of looking for
-  the quietest one.
+  leave the rest a code step or none, so the group takes sign + a little float of 4 exponent and
+  3 mantissa bits (each value within about 1/16 of itself). A momentum's lanes alike in scale
+  cross zero often; those near zero are small for their lane and the linear code serves them, so
+  the test counts loud lanes instead of looking for the quietest one.
 
 ``stochastic=True`` (``*_sr``) rounds either code stochastically (``stochastic.py``). A NaN or Inf in
 a group makes the whole group decode to NaN, as in the other codecs.
