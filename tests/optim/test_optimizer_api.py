@@ -441,6 +441,29 @@ def test_a_checkpoint_saved_with_other_state_codecs_is_reencoded_on_load():
         fc.Rprop([p], codecs={"param": "fp32"}, compile=False).load_state_dict(saved)
 
 
+def test_a_checkpoint_of_the_earlier_default_loads_into_the_adaptive_default_unchanged():
+    """AdamW saved under the paper's codecs and the guard (the default before the adaptive codecs)
+    loads into today's default: its states re-encoded, and where a group's values are alike the
+    adaptive codecs hold the paper's very codes, so every state decodes as saved up to the
+    adaptive codec's own bound (a group with a quiet lane is stored relative to each value)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 40, generator=gen).bfloat16())
+    old = fc.AdamW([p], codecs={"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"},
+                   compile=False)
+    for _ in range(3):
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        old.step()
+    new = fc.AdamW([p], compile=False)
+    new.load_state_dict(copy.deepcopy(old.state_dict()))
+    plan = new.plan_for(p, new.flags_of(new.param_groups[0]))
+    for state in ("exp_avg", "exp_avg_sq"):
+        want = old.state_value(p, state).float().reshape(-1, 32)
+        got = new.state_value(p, state).float().reshape(-1, 32)
+        assert ((got - want).abs() <= plan.codecs[state].error_bound(want)).all(), state
+        alike = new.state[p][f"{state}.scale"].float().view(-1) > 0  # the paper's code kept
+        assert alike.any() and torch.equal(got[alike], want[alike]), state
+
+
 def test_a_per_tensor_param_is_checked_again_when_its_shape_gradient_or_state_changes():
     """The per-tensor path skips its checks for a param as it was last step; a reshaped param, a
     gradient of another shape or layout, or a replaced state entry is noticed, as at the first
