@@ -285,17 +285,21 @@ def test_stochastic_rounding_unsticks_a_slow_ema(name):
     under round to nearest most steps change nothing (0.1% is below half a code, and below the
     fp16 scale's own step), so after 1000 steps the state is far from 0.999^1000 = 0.37 of where
     it began; stochastic rounding follows it on average: in the coded quantity, which for the sqrt
-    codecs is sqrt(v) (the square of an unbiased sqrt is biased up by its variance)."""
+    codecs is sqrt(v) (the square of an unbiased sqrt is biased up by its variance). 64 groups
+    walk independently; each group's sum wanders by its code steps' noise (2-6% over 1000 steps
+    for these codes), so the mean over groups must land within 4 standard errors of the decay."""
     rn, sr = codecs.get(name), codecs.get(name + "_sr")
-    x0 = torch.linspace(0.05, 1.0, 32)[None, :]
+    x0 = torch.linspace(0.05, 1.0, 32)[None, :].repeat(64, 1)
     a, b = x0.clone(), x0.clone()
     for t in range(1, 1001):
         a = rn.decode(*rn.encode(0.999 * a))
         b = sr.decode(*sr.encode(0.999 * b, _noise(t, b)))
     coded = torch.sqrt if rn.domain == "nonnegative" else (lambda t: t)
-    want = coded(x0 * 0.999**1000)
-    assert abs(coded(a).sum() / want.sum() - 1) > 0.1  # stalled on the way
-    assert abs(coded(b).sum() / want.sum() - 1) < 0.05  # each lane walks about its 0.999^t
+    want = coded(x0 * 0.999**1000).sum(dim=1)
+    assert ((coded(a).sum(dim=1) / want - 1).abs() > 0.1).all()  # stalled on the way
+    walked = coded(b).sum(dim=1) / want - 1  # each lane walks about its 0.999^t
+    assert walked.mean().abs() <= 4 * walked.std() / 64**0.5, (walked.mean(), walked.std())
+    assert walked.abs().max() < 0.25
 
 
 @pytest.mark.parametrize("name, paper", [("sqrt_adaptive", "sqrt_uint8_nonzero"),
