@@ -380,11 +380,11 @@ def test_cuda_muon_with_fp32_codecs_tracks_torch_optim_muon(flat):
         assert (p - q).abs().max().item() <= tol
 
 
-def test_cuda_flash_muon_on_a_bf16_model_steps_within_a_code_step_of_its_fp32_twin():
+def test_cuda_flash_muon_on_a_bf16_model_stays_within_one_steps_size_of_its_fp32_twin():
     """The default codecs (weight split, 8-bit momentum) against fp32 codecs from the same bf16
-    weights: one step moves each weight by lr * ratio * |O| (|O| < 1.5); the 8-bit momentum's
-    error moves O by its code step's share, and the bf16 weight rounds, so the two stay within
-    one step's size of each other and the flash step is not a no-op."""
+    weights: one step moves each weight by lr * ratio * |O| (|O| < 1.5, ratio sqrt(128 / 64));
+    the 8-bit momentum's error moves O by its code step's share, and the bf16 weight rounds, so
+    the two stay within one step's size of each other and the flash step is not a no-op."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     w = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in [(128, 64)] * 3]
     flash = [torch.nn.Parameter(x.clone()) for x in w]
@@ -399,4 +399,4 @@ def test_cuda_flash_muon_on_a_bf16_model_steps_within_a_code_step_of_its_fp32_tw
     for p, q, x in zip(flash, twin, w):
         moved = (q - x.float()).abs().max().item()
         assert moved > 0.02 * 0.1
-        assert (p.float() - q).abs().max().item() <= 0.02 * 1.5
+        assert (p.float() - q).abs().max().item() <= 0.02 * 2**0.5 * 1.5
