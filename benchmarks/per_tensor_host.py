@@ -3,8 +3,9 @@
     python benchmarks/per_tensor_host.py [--device cpu|cuda] [--params 300] [--numel 1000]
 
 Per param and step: torch.optim.AdamW(foreach=False) (the single-tensor baseline) beside
-flashcompile's AdamW with ``flat=False``: fp32 codecs on fp32 params (torch's math and storage) and
-the default flash codecs on bf16 params. Setups alternate round by round (noisy shared machines);
+flashcompile's AdamW with ``flat=False``: fp32 codecs on fp32 params (torch's math and storage),
+the default flash codecs on bf16 params, and the paper's codecs on bf16 params (``codecs="paper"``,
+the default before the adaptive codecs, whose kernel computes two codes per group). Setups alternate round by round (noisy shared machines);
 the figure is the median over rounds of the mean step time. On CUDA "host" is the time ``step()``
 takes to return (work still queued), "synced" includes waiting for the GPU; flashcompile's steps
 replay one CUDA graph of the launches from the third step on (the gradients stay where they are,
@@ -24,14 +25,15 @@ import flashcompile as fc
 
 def make(setup: str, device: str, count: int, numel: int):
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if setup == "flash AdamW (bf16 params)" else torch.float32
+    dtype = torch.bfloat16 if setup.startswith("flash AdamW (bf16") else torch.float32
     params = [torch.nn.Parameter(torch.randn(numel, device=device, dtype=dtype))
               for _ in range(count)]
     for p in params:
         p.grad = torch.randn_like(p)
     if setup == "torch AdamW (foreach=False)":
         return torch.optim.AdamW(params, foreach=False)
-    codecs = "fp32" if setup == "flash AdamW (fp32 codecs)" else "flash"
+    codecs = {"flash AdamW (fp32 codecs)": "fp32",
+              "flash AdamW (bf16, paper codecs)": "paper"}.get(setup, "flash")
     return fc.AdamW(params, codecs=codecs, flat=False)
 
 
@@ -58,7 +60,7 @@ def main() -> None:
                         help="also print where the flash fp32 setup's host time goes (cProfile)")
     args = parser.parse_args()
     setups = ["torch AdamW (foreach=False)", "flash AdamW (fp32 codecs)",
-              "flash AdamW (bf16 params)"]
+              "flash AdamW (bf16 params)", "flash AdamW (bf16, paper codecs)"]
     opts = {s: make(s, args.device, args.params, args.numel) for s in setups}
     for opt in opts.values():  # compile, verify, warm caches
         round_ms(opt, 3, True)
