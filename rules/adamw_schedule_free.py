@@ -12,7 +12,7 @@ sequence z and its weighted average x, which is what to evaluate (``optimizer.ev
 z is a weight, not a moment: stored as the weight is (bf16 + int8 residual) under the flash codecs.
 """
 
-from flashcompile.language import maximum, minimum, rule, sqrt, where
+from flashcompile.language import maximum, rule, sqrt, where
 
 
 @rule(

@@ -21,9 +21,7 @@ from flashcompile.language import exp, log, maximum, minimum, rule, sqrt, where
     defaults=dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, eps=1e-8, weight_decay=0.0,
                   alpha_warmup=0.0, beta3_warmup=0.0, maximize=False),
     states={"exp_avg_fast": "signed", "exp_avg_slow": "signed", "exp_avg_sq": "nonnegative"},
-    # beta3 = 0.9999: the slow average moves 1e-4 of itself a step, far below half a code step;
-    # rounded to nearest it would stall (docs/numerics.md)
-    flash_codecs={"exp_avg_slow": "softsign_adaptive_sr"},
+    flash_codecs={"exp_avg_slow": "softsign_adaptive_sr"},  # its slow EMA stalls rounded to nearest
 )
 def ademamix(p, g, exp_avg_fast, exp_avg_slow, exp_avg_sq, *, step, lr, betas, alpha, eps,
              weight_decay, alpha_warmup, beta3_warmup, maximize):

@@ -1,15 +1,14 @@
 """Codecs: how each optimizer state (and the master weight) is stored.
 
 Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
-``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_int8``,
-``sqrt_uint8_nonzero`` (the flash defaults for states), ``sqrt_uint8`` (the paper's second-moment
-codec), ``linear_int8``, ``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to each value:
-``relative.py``), ``sqrt_adaptive`` and ``softsign_adaptive`` (the paper's code or the relative one,
-picked per group: ``adaptive.py``), ``sign_int8`` (states that are -1, 0 or +1: ``sign.py``), and stochastically
-rounded variants ``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``,
+``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_adaptive`` and
+``sqrt_adaptive`` (the flash defaults for states: the paper's code or one relative to each value,
+picked per group: ``adaptive.py``), ``softsign_int8`` and ``sqrt_uint8`` (the paper's codecs),
+``sqrt_uint8_nonzero``, ``linear_int8``, ``sqrt_e4m4`` and ``e4m3_int8`` (precision relative to
+each value: ``relative.py``), ``sign_int8`` (states that are -1, 0 or +1: ``sign.py``), and
+stochastically rounded variants ``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``,
 ``sqrt_e4m4_sr``, ``e4m3_int8_sr``, ``sqrt_adaptive_sr``, ``softsign_adaptive_sr``
-(``stochastic.py``); or any :class:`Codec` instance.
-:func:`register` adds a name.
+(``stochastic.py``); or any :class:`Codec` instance. :func:`register` adds a name.
 """
 
 from __future__ import annotations

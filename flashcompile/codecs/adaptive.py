@@ -25,8 +25,8 @@ codec's (their scales are positive): checkpoints of the earlier default load unc
   cross zero often; those near zero are small for their lane and the linear code serves them, so
   the test counts loud lanes instead of looking for the quietest one.
 
-``stochastic=True`` (``*_sr``) rounds either code stochastically (``stochastic.py``). A NaN or Inf in
-a group makes the whole group decode to NaN, as in the other codecs.
+``stochastic=True`` (``*_sr``) rounds either code stochastically (``stochastic.py``). A NaN or Inf
+in a group makes the whole group decode to NaN, as in the other codecs.
 """
 
 from __future__ import annotations
@@ -40,13 +40,19 @@ from flashcompile.codecs.base import (
     Codec,
     Field,
     int_to_float,
-    inverse_scale,
     pow2,
     round_to_int,
     round_up_fp16,
     sr_suffix,
 )
-from flashcompile.codecs.companded import _round
+from flashcompile.codecs.companded import (
+    softsign_bound,
+    softsign_codes,
+    softsign_values,
+    sqrt_codes,
+    sqrt_root_bound,
+    sqrt_roots,
+)
 from flashcompile.codecs.relative import _LOWEST_TOP, _NAN_TOP
 
 _SPAN = 15  # binades of the relative code under its group's top
@@ -108,7 +114,8 @@ def _groups(mag: torch.Tensor, mixed):
 
 
 def _scale(relative: torch.Tensor, top: torch.Tensor, paper_scale: torch.Tensor) -> torch.Tensor:
-    """The stored fp16: the paper's scale, ``-top`` for a relative group, NaN for a non-finite one."""
+    """The stored fp16: the paper's scale, ``-top`` for a relative group, NaN for a non-finite
+    one."""
     s = torch.where(relative, -top.float(), paper_scale.float())
     return torch.where(top >= _NAN_TOP, torch.full_like(s, float("nan")), s).to(torch.float16)
 
@@ -148,24 +155,20 @@ class SqrtAdaptive(Codec):
         r = torch.sqrt(x)
         relative, top, paper = self._groups(r)
         rel = _offset_encode(r, top, 4, noise)
-        lin = _round(r * inverse_scale(paper, 255), noise, 255)
-        code = torch.maximum(torch.where(relative, rel, lin), (r > 0).to(torch.int32))
+        code = torch.where(relative, rel, sqrt_codes(r, paper, noise, keep_nonzero=False))
+        code = torch.maximum(code, (r > 0).to(torch.int32))  # nonzero in either code
         return code.to(torch.uint8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
-        # c * s exact: code 255 decodes to the scale itself, as sqrt_uint8
-        r = torch.where(relative, _offset_decode(c, top, 4), int_to_float(c) * s / 255)
+        r = torch.where(relative, _offset_decode(c, top, 4), sqrt_roots(c, s))
         return r * r
 
     def error_bound(self, x):
         r = torch.sqrt(x)
         relative, top, paper = self._groups(r)
-        s = paper.float()
-        step = 1 / 255 if self.stochastic else 1 / 510
-        # the paper's half step (stochastic: a step), or a value below it stored as one step
-        lin = torch.maximum(s * (step + FP32_SLACK), s * (1 / 255 + FP32_SLACK) - r)
+        lin = sqrt_root_bound(r, paper.float(), self.stochastic, keep_nonzero=True)
         first = pow2(top - _SPAN - 127 - 4)  # the relative code's first step
         rel = torch.maximum(_offset_bound(r, top, 4, self.stochastic),
                             first * (1 + FP32_SLACK) - r)
@@ -199,9 +202,7 @@ class SoftsignAdaptive(Codec):
         relative, top, paper = self._groups(mag)
         rel = _offset_encode(mag, top, 3, noise)
         rel = torch.where(x < 0, -rel, rel)
-        # softsign_int8's 254 x / (s + |x|); the floor keeps an all-zero group at 0
-        s = torch.clamp_min(paper.float(), 2.0**-126)
-        lin = _round(254 * x / (s + mag), noise, 127)
+        lin = softsign_codes(x, paper, noise)
         return torch.where(relative, rel, lin).to(torch.int8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):
@@ -209,17 +210,12 @@ class SoftsignAdaptive(Codec):
         c = codes.to(torch.int32)
         cf = int_to_float(c)
         rel = torch.copysign(_offset_decode(c.abs(), top, 3), cf)
-        lin = cf * s / (254 - cf.abs())  # softsign_int8's, its denominator in float (no I2F)
-        return torch.where(relative, rel, lin)
+        return torch.where(relative, rel, softsign_values(cf, s))
 
     def error_bound(self, x):
         mag = x.abs()
         relative, top, paper = self._groups(mag)
-        s = paper.float()
-        y = mag / torch.where(s > 0, s, 1)
-        dz = 1 / 127 if self.stochastic else 1 / 254
-        z_far = torch.clamp(2 * y / (1 + y) + dz, max=1.0)
-        lin = s * (2 / (2 - z_far) ** 2 * dz + FP32_SLACK)  # as softsign_int8's
+        lin = softsign_bound(mag, paper.float(), self.stochastic)
         out = torch.where(relative, _offset_bound(mag, top, 3, self.stochastic), lin)
         return torch.where(top >= _NAN_TOP, torch.full_like(out, float("inf")), out)
 

@@ -69,6 +69,58 @@ def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tenso
 
 
 
+# The paper's two codes under a given scale, shared with the adaptive codecs (``adaptive.py``),
+# whose groups of alike values hold exactly these codes.
+def softsign_codes(x: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """int32 codes ``round(127 z)``, ``z = 2y / (1 + |y|)``, ``y = x / scale`` (scale >= |x|)."""
+    # written as one quotient: 254 x / (s + |x|). |.| <= 127 since s >= |x| (the scale is rounded
+    # up, so no clamp is needed); the floor on s keeps an all-zero group at 0 / tiny = 0.
+    s = torch.clamp_min(scale16.float(), _TINY)
+    return _round(254 * x / (s + x.abs()), noise, 127)
+
+
+def softsign_values(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Decoded values of float codes ``c`` under the fp32 scale ``s``."""
+    # z / (2 - |z|) * s with z = c / 127 is c s / (254 - |c|): one multiply fewer per value
+    return c * s / (254 - c.abs())
+
+
+def softsign_bound(mag: torch.Tensor, s: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """Bound on the decoded error of magnitudes ``mag`` under the fp32 scale ``s``."""
+    y = mag / torch.where(s > 0, s, 1)
+    z = 2 * y / (1 + y)
+    # |z - z_q| <= 1/254 (stochastic: 1/127) and d/dz [z / (2 - |z|)] = 2 / (2 - |z|)^2 grows
+    # with |z|.
+    dz = 1 / 127 if stochastic else 1 / 254
+    z_far = torch.clamp(z + dz, max=1.0)
+    return s * (2 / (2 - z_far) ** 2 * dz + FP32_SLACK)
+
+
+def sqrt_codes(r: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | None,
+               keep_nonzero: bool) -> torch.Tensor:
+    """int32 codes ``round(255 r / scale)`` of square roots ``r``; ``keep_nonzero``: a nonzero
+    ``r`` gets at least code 1."""
+    code = _round(r * inverse_scale(scale16, 255), noise, 255)
+    if keep_nonzero:
+        code = torch.maximum(code, (r > 0).to(torch.int32))  # NaN: its group decodes to NaN
+    return code
+
+
+def sqrt_roots(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The square roots codes stand for under the fp32 scale ``s``."""
+    return int_to_float(codes) * s / 255  # c * s exact: code 255 decodes to s itself
+
+
+def sqrt_root_bound(r: torch.Tensor, s: torch.Tensor, stochastic: bool, keep_nonzero: bool
+                    ) -> torch.Tensor:
+    """Bound on the stored square root's error for roots ``r`` under the fp32 scale ``s``."""
+    dr = s * ((1 / 255 if stochastic else 1 / 510) + FP32_SLACK)
+    if keep_nonzero:  # a value below half a step decodes to one step
+        dr = torch.maximum(dr, s * (1 / 255 + FP32_SLACK) - r)
+    return dr
+
+
 @dataclass(frozen=True)
 class SoftsignInt8(Codec):
     """int8 codes of ``2x / (1 + |x|)`` + fp16 absmax per 32: 1.0625 bytes per value.
@@ -86,26 +138,13 @@ class SoftsignInt8(Codec):
 
     def encode(self, x, noise=None):
         scale = _group_scale(x.abs())
-        # 127 z = 127 * 2y / (1 + |y|) with y = x / s, written as one quotient: 254 x / (s + |x|).
-        # |.| <= 127 since s >= |x| (the scale is rounded up, so no clamp is needed); the floor on
-        # s keeps an all-zero group at 0 / tiny = 0.
-        s = torch.clamp_min(scale.float(), _TINY)
-        return _round(254 * x / (s + x.abs()), noise, 127).to(torch.int8), scale
+        return softsign_codes(x, scale, noise).to(torch.int8), scale
 
     def decode(self, codes, scale):
-        # z / (2 - |z|) * s with z = c / 127 is c s / (254 - |c|): one multiply fewer per value
-        c = int_to_float(codes)
-        return c * scale.float() / (254 - c.abs())
+        return softsign_values(int_to_float(codes), scale.float())
 
     def error_bound(self, x):
-        s = _group_scale(x.abs()).float()
-        y = (x / torch.where(s > 0, s, 1)).abs()
-        z = 2 * y / (1 + y)
-        # |z - z_q| <= 1/254 (stochastic: 1/127) and d/dz [z / (2 - |z|)] = 2 / (2 - |z|)^2
-        # grows with |z|.
-        dz = 1 / 127 if self.stochastic else 1 / 254
-        z_far = torch.clamp(z + dz, max=1.0)
-        return s * (2 / (2 - z_far) ** 2 * dz + FP32_SLACK)
+        return softsign_bound(x.abs(), _group_scale(x.abs()).float(), self.stochastic)
 
 
 @dataclass(frozen=True)
@@ -132,21 +171,15 @@ class SqrtUint8(Codec):
     def encode(self, x, noise=None):
         r = torch.sqrt(x)
         scale = _group_scale(r)
-        code = _round(r * inverse_scale(scale, 255), noise, 255)
-        if self.keep_nonzero:
-            code = torch.maximum(code, (r > 0).to(torch.int32))  # NaN: its group decodes to NaN
-        return code.to(torch.uint8), scale
+        return sqrt_codes(r, scale, noise, self.keep_nonzero).to(torch.uint8), scale
 
     def decode(self, codes, scale):
-        r = int_to_float(codes) * scale.float() / 255  # c * s exact: code 255 decodes to s itself
+        r = sqrt_roots(codes, scale.float())
         return r * r
 
     def error_bound(self, x):
         r = torch.sqrt(x)
-        s = _group_scale(r).float()
-        dr = s * ((1 / 255 if self.stochastic else 1 / 510) + FP32_SLACK)  # of the stored sqrt
-        if self.keep_nonzero:  # a value below half a step decodes to one step
-            dr = torch.maximum(dr, s * (1 / 255 + FP32_SLACK) - r)
+        dr = sqrt_root_bound(r, _group_scale(r).float(), self.stochastic, self.keep_nonzero)
         return dr * (2 * r + dr) + x * FP32_SLACK  # |a^2 - b^2| = |a - b| (a + b)
 
     def code_step(self, x):

@@ -61,10 +61,10 @@ def quantize(codec, x: torch.Tensor) -> torch.Tensor:
     codec = codecs.get(codec)
     x32 = padded(x, torch.float32)
     stochastic = getattr(codec, "stochastic", False)
-    # the kernel keys its noise on each element's gradient and weight, not on the value it rounds:
-    # keys drawn independently of x stand for them
-    keys = torch.randn(2, *x32.shape, generator=torch.Generator().manual_seed(0))
-    noise = (uniform_noise(torch.tensor(1.0), 0, *keys),) if stochastic else ()
+    noise = ()
+    if stochastic:  # the kernel keys its noise on gradient and weight, not the rounded value:
+        keys = torch.randn(2, *x32.shape, generator=torch.Generator().manual_seed(0))
+        noise = (uniform_noise(torch.tensor(1.0), 0, *keys),)  # keys independent of x
     y = codec.decode(*codec.encode(x32, *noise))
     return y.reshape(-1)[: x.numel()].view_as(x)
 
