@@ -25,7 +25,7 @@ import flashcompile as fc
 
 def make(setup: str, device: str, count: int, numel: int):
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if setup.startswith("flash AdamW (bf16") else torch.float32
+    dtype = torch.bfloat16 if setup.startswith(("flash AdamW (bf16", "bf16 ")) else torch.float32
     params = [torch.nn.Parameter(torch.randn(numel, device=device, dtype=dtype))
               for _ in range(count)]
     for p in params:
@@ -34,6 +34,8 @@ def make(setup: str, device: str, count: int, numel: int):
         return torch.optim.AdamW(params, foreach=False)
     codecs = {"flash AdamW (fp32 codecs)": "fp32",
               "flash AdamW (bf16, paper codecs)": "paper"}.get(setup, "flash")
+    if setup.startswith("bf16 "):  # --codecs: a state=codec,... mapping
+        codecs = dict(item.split("=") for item in setup[len("bf16 "):].split(","))
     return fc.AdamW(params, codecs=codecs, flat=False)
 
 
@@ -56,11 +58,15 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--codecs", nargs="*", default=[], metavar="STATE=CODEC,...",
+                        help="more bf16 setups, each a codec mapping, e.g. "
+                             "exp_avg_sq=sqrt_adaptive,exp_avg=softsign_adaptive")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the flash fp32 setup's host time goes (cProfile)")
     args = parser.parse_args()
     setups = ["torch AdamW (foreach=False)", "flash AdamW (fp32 codecs)",
-              "flash AdamW (bf16 params)", "flash AdamW (bf16, paper codecs)"]
+              "flash AdamW (bf16 params)", "flash AdamW (bf16, paper codecs)",
+              *(f"bf16 {mapping}" for mapping in args.codecs)]
     opts = {s: make(s, args.device, args.params, args.numel) for s in setups}
     for opt in opts.values():  # compile, verify, warm caches
         round_ms(opt, 3, True)
@@ -83,11 +89,12 @@ def main() -> None:
     where = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{where}, torch {torch.__version__}: {args.params} params of {args.numel} elements, "
           f"median of {args.rounds} rounds x {args.steps} steps")
-    print(f"{'setup':<30} {'step ms':>8} {'us/param':>9} {'vs torch':>9}"
+    width = max(30, *(len(s) for s in setups))
+    print(f"{'setup':<{width}} {'step ms':>8} {'us/param':>9} {'vs torch':>9}"
           + (f" {'synced us/param':>16}" if cuda else ""))
     for s in setups:
         ms = statistics.median(host[s])
-        line = f"{s:<30} {ms:8.3f} {ms * 1e3 / args.params:9.1f} {ms / base:9.2f}"
+        line = f"{s:<{width}} {ms:8.3f} {ms * 1e3 / args.params:9.1f} {ms / base:9.2f}"
         if cuda:
             line += f" {statistics.median(synced[s]) * 1e3 / args.params:16.1f}"
             graphs = getattr(opts[s], "_tensor_graphs", None)

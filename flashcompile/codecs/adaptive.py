@@ -40,6 +40,7 @@ from flashcompile.codecs.base import (
     Codec,
     Field,
     int_to_float,
+    on_cuda,
     pow2,
     round_to_int,
     round_up_fp16,
@@ -103,10 +104,16 @@ def _offset_bound(mag: torch.Tensor, top: torch.Tensor, mant: int, stochastic: b
 def _groups(mag: torch.Tensor, mixed):
     """(relative mode, the relative code's top binade, the paper's fp16 scale) per group of the
     magnitudes ``mag`` (fp32 >= 0 or NaN), given the code's own test for a ``mixed`` group (a
-    function of the group max). The max runs on bit patterns (integer order is float order for
-    values >= 0, NaN sorts above Inf)."""
-    max_bits = mag.view(torch.int32).amax(dim=-1, keepdim=True)
-    top_value = max_bits.view(torch.float32)
+    function of the group max). On CUDA the max runs on bit patterns (integer order is float order
+    for values >= 0, NaN sorts above Inf: one instruction where a NaN-propagating float max is
+    three); on the CPU on floats (the same max: Inductor's C++ kernel moves bit views lane by lane,
+    and the bit max and min cost the per-tensor step 0.3x torch's)."""
+    if on_cuda(mag):
+        max_bits = mag.view(torch.int32).amax(dim=-1, keepdim=True)
+        top_value = max_bits.view(torch.float32)
+    else:  # the same max (NaN included) as floats: bit views are slow in C++ kernels
+        top_value = mag.amax(dim=-1, keepdim=True)
+        max_bits = top_value.view(torch.int32)
     out_of_range = (top_value > 65504.0) | ((top_value < 7.62939453125e-06) & (top_value > 0))
     relative = mixed(top_value) | out_of_range
     top = torch.clamp(max_bits >> 23, min=_LOWEST_TOP)
@@ -146,10 +153,14 @@ class SqrtAdaptive(Codec):
     @staticmethod
     def _groups(r: torch.Tensor):
         # the quietest nonzero lane, by bit patterns (zero lanes sort last as +Inf's pattern)
-        bits = r.view(torch.int32)
-        quietest = torch.where(bits > 0, bits, 0x7F800000).amin(dim=-1, keepdim=True)
+        if on_cuda(r):
+            bits = r.view(torch.int32)
+            quietest = torch.where(bits > 0, bits, 0x7F800000).amin(dim=-1, keepdim=True)
+            quietest = quietest.view(torch.float32)
+        else:  # as floats, the same values (a NaN lane is left to the max)
+            quietest = torch.where(r > 0, r, float("inf")).amin(dim=-1, keepdim=True)
         # abs: a NaN whose sign bit is set would sort below every value in the bit max
-        return _groups(r.abs(), lambda top: quietest.view(torch.float32) * 32.0 < top)
+        return _groups(r.abs(), lambda top: quietest * 32.0 < top)
 
     def encode(self, x, noise=None):
         r = torch.sqrt(x)

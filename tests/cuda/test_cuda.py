@@ -349,7 +349,7 @@ def test_cuda_grad_scaler_unscales_fp16_gradients_in_the_kernel():
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     for _ in range(3):
         g = torch.randn(4096, device="cuda") * 1e-3
-        p.grad = (g * scaler.get_scale()).half()
+        p.grad = scaler.scale(g).half()  # as scaler.scale(loss).backward() leaves it
         ref.grad = p.grad.float() / scaler.get_scale()
         scaler.step(opt)
         scaler.update()
