@@ -344,7 +344,7 @@ def test_cuda_grad_scaler_unscales_fp16_gradients_in_the_kernel():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4096, device="cuda").half())
     ref = torch.nn.Parameter(p.detach().float().clone())
-    opt = fc.AdamW([p], lr=1e-3, codecs={"param": "fp32"})
+    opt = fc.AdamW([p], lr=1e-3, codecs="fp32")  # fp32 master weight and states: torch's math
     ref_opt = torch.optim.AdamW([ref], lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
     for _ in range(3):
