@@ -302,6 +302,29 @@ def test_stochastic_rounding_unsticks_a_slow_ema(name):
     assert walked.abs().max() < 0.25
 
 
+
+@pytest.mark.parametrize("name", ["sqrt_adaptive", "softsign_adaptive"])
+@given(x=value_tensors())
+def test_adaptive_codecs_store_the_same_bytes_in_their_cpu_and_cuda_forms(name, x):
+    """The group max and quietest lane as floats (CPU) or as bit patterns (CUDA's kernel) pick
+    the same code and scale for every group: zeros, subnormals, Inf and NaN lanes included."""
+    from unittest import mock
+
+    from flashcompile.codecs import adaptive
+
+    codec = codecs.get(name)
+    groups = x.reshape(-1, 32) if x.numel() % 32 == 0 else torch.nn.functional.pad(
+        x.view(-1), (0, -x.numel() % 32)).reshape(-1, 32)
+    special = torch.tensor([0.0, 1e-45, 1e-38, 3e-6, 7e4, float("inf"), float("nan"), 1.0] * 4)
+    groups = torch.cat([groups, special[None], special[None] * 0 + 1e-45])
+    if codec.domain == "nonnegative":
+        groups = groups.abs()
+    native = codec.encode(groups)
+    with mock.patch.object(adaptive, "on_cuda", lambda t: True):
+        by_bits = codec.encode(groups)
+    for a, b in zip(native, by_bits):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
 @pytest.mark.parametrize("name, paper", [("sqrt_adaptive", "sqrt_uint8_nonzero"),
                                          ("softsign_adaptive", "softsign_int8"),
                                          ("sqrt_adaptive_sr", "sqrt_uint8_nonzero_sr"),
