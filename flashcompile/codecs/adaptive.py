@@ -39,7 +39,6 @@ from flashcompile.codecs.base import (
     FP32_SLACK,
     Codec,
     Field,
-    int_to_float,
     on_cuda,
     pow2,
     round_to_int,
@@ -48,11 +47,11 @@ from flashcompile.codecs.base import (
 )
 from flashcompile.codecs.companded import (
     softsign_bound,
-    softsign_codes,
+    softsign_unrounded,
     softsign_values,
-    sqrt_codes,
     sqrt_root_bound,
-    sqrt_roots,
+    sqrt_roots_of,
+    sqrt_unrounded,
 )
 from flashcompile.codecs.relative import _LOWEST_TOP, _NAN_TOP
 
@@ -69,22 +68,43 @@ _SPAN = 15  # binades of the relative code under its group's top
 # each value keeps ``mant`` bits of its own precision; below it the steps are uniform
 # (``2^(base - 127 - mant)``), down to an exact 0. One float add, an integer add and a shift each
 # way: no branch between normal and subnormal codes (the kernel is instruction-bound).
-def _offset_encode(mag: torch.Tensor, top: torch.Tensor, mant: int,
-                   noise: torch.Tensor | None) -> torch.Tensor:
+#
+# The paper's code rounds by the same three steps: ``t + 1.5 * 2^23`` holds ``round(t)`` in its low
+# bits (``base.round_to_int_by_bits``), so it is the offset code with ``F0 = 1.5 * 2^23`` and no
+# bits dropped. Each group's mode picks the three constants, and every lane computes one code
+# instead of both: the kernel's instruction count, not its bytes, bounds the step.
+def _code_constants(relative: torch.Tensor, top: torch.Tensor, mant: int):
+    """Per group: (``F0``, the bits of ``F0``'s binade floor, the bits dropped)."""
     base = top - _SPAN
-    y = mag + pow2(base - 127)
-    drop = 23 - mant
-    # round to nearest: half of the dropped bits; stochastically: the top ``drop`` bits of u's
-    # mantissa (1 + u is exact), unbiased within a binade, where the code is linear
-    carry = ((1 << (drop - 1)) if noise is None
-             else ((noise + 1.0).view(torch.int32) & 0x7FFFFF) >> mant)
-    code = (y.view(torch.int32) - (base << 23) + carry) >> drop
-    return torch.clamp(code, max=(1 << (4 + mant)) - 1)  # a carry out of the top binade
+    f0 = torch.where(relative, pow2(base - 127), 12582912.0)
+    floor = torch.where(relative, base << 23, 0x4B400000)
+    return f0, floor, relative.to(torch.int32) * (23 - mant)  # int32, as torch.where's would not be
 
 
-def _offset_decode(code: torch.Tensor, top: torch.Tensor, mant: int) -> torch.Tensor:
-    base = top - _SPAN
-    return ((code << (23 - mant)) + (base << 23)).view(torch.float32) - pow2(base - 127)
+def _encode(t: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: int,
+            noise: torch.Tensor | None) -> torch.Tensor:
+    """int32 codes of ``t``: in a relative group the offset code of the magnitude ``t``, else
+    ``round(t)`` exactly as ``companded._round`` rounds the paper's code (``t`` signed, unclamped
+    when stochastic)."""
+    f0, floor, drop = _code_constants(relative, top, mant)
+    if noise is None:
+        # relative: half of the dropped bits; the paper's: the add's own rounding
+        carry = relative.to(torch.int32) << (22 - mant)
+    else:
+        # the paper's: round(t + u - 1/2), in its order; relative: the top ``drop`` bits of u's
+        # mantissa (1 + u is exact) as the carry, unbiased within a binade, where the code is linear
+        paper = ~relative
+        t = (t + torch.where(paper, noise, 0.0)) - torch.where(paper, 0.5, 0.0)
+        mask = relative.to(torch.int32) * 0x7FFFFF
+        carry = ((noise + 1.0).view(torch.int32) & mask) >> mant
+    return ((t + f0).view(torch.int32) - floor + carry) >> drop
+
+
+def _decode(code: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: int
+            ) -> torch.Tensor:
+    """The magnitude a relative group's ``code`` stands for, else the code as a float (exact)."""
+    f0, floor, drop = _code_constants(relative, top, mant)
+    return ((code << drop) + floor).view(torch.float32) - f0
 
 
 def _offset_bound(mag: torch.Tensor, top: torch.Tensor, mant: int, stochastic: bool
@@ -165,15 +185,17 @@ class SqrtAdaptive(Codec):
     def encode(self, x, noise=None):
         r = torch.sqrt(x)
         relative, top, paper = self._groups(r)
-        rel = _offset_encode(r, top, 4, noise)
-        code = torch.where(relative, rel, sqrt_codes(r, paper, noise, keep_nonzero=False))
+        code = _encode(torch.where(relative, r, sqrt_unrounded(r, paper)), relative, top, 4, noise)
+        # a carry out of the relative code's top binade; the paper's stochastic clamp
+        code = torch.clamp(code, max=255)
         code = torch.maximum(code, (r > 0).to(torch.int32))  # nonzero in either code
         return code.to(torch.uint8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
-        r = torch.where(relative, _offset_decode(c, top, 4), sqrt_roots(c, s))
+        t = _decode(c, relative, top, 4)
+        r = torch.where(relative, t, sqrt_roots_of(t, s))
         return r * r
 
     def error_bound(self, x):
@@ -211,17 +233,20 @@ class SoftsignAdaptive(Codec):
     def encode(self, x, noise=None):
         mag = x.abs()
         relative, top, paper = self._groups(mag)
-        rel = _offset_encode(mag, top, 3, noise)
-        rel = torch.where(x < 0, -rel, rel)
-        lin = softsign_codes(x, paper, noise)
-        return torch.where(relative, rel, lin).to(torch.int8), _scale(relative, top, paper)
+        # relative groups code the magnitude and take the sign after, the paper's the signed value
+        code = _encode(torch.where(relative, mag, softsign_unrounded(x, paper)), relative, top, 3,
+                       noise)
+        code = torch.where(relative & (x < 0), -code, code)
+        # a carry out of the relative code's top binade; the paper's stochastic clamp
+        return torch.clamp(code, -127, 127).to(torch.int8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
-        cf = int_to_float(c)
-        rel = torch.copysign(_offset_decode(c.abs(), top, 3), cf)
-        return torch.where(relative, rel, softsign_values(cf, s))
+        t = _decode(c.abs(), relative, top, 3)
+        # the paper's value of a negative code is minus that of its magnitude, exactly
+        mag = torch.where(relative, t, softsign_values(t, s))
+        return (mag.view(torch.int32) | (c & -2147483648)).view(torch.float32)  # c's sign
 
     def error_bound(self, x):
         mag = x.abs()

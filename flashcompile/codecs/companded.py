@@ -74,10 +74,15 @@ def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tenso
 def softsign_codes(x: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | None
                    ) -> torch.Tensor:
     """int32 codes ``round(127 z)``, ``z = 2y / (1 + |y|)``, ``y = x / scale`` (scale >= |x|)."""
+    return _round(softsign_unrounded(x, scale16), noise, 127)
+
+
+def softsign_unrounded(x: torch.Tensor, scale16: torch.Tensor) -> torch.Tensor:
+    """``127 z`` before rounding, as :func:`softsign_codes` rounds it."""
     # written as one quotient: 254 x / (s + |x|). |.| <= 127 since s >= |x| (the scale is rounded
     # up, so no clamp is needed); the floor on s keeps an all-zero group at 0 / tiny = 0.
     s = torch.clamp_min(scale16.float(), _TINY)
-    return _round(254 * x / (s + x.abs()), noise, 127)
+    return 254 * x / (s + x.abs())
 
 
 def softsign_values(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -101,15 +106,25 @@ def sqrt_codes(r: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | Non
                keep_nonzero: bool) -> torch.Tensor:
     """int32 codes ``round(255 r / scale)`` of square roots ``r``; ``keep_nonzero``: a nonzero
     ``r`` gets at least code 1."""
-    code = _round(r * inverse_scale(scale16, 255), noise, 255)
+    code = _round(sqrt_unrounded(r, scale16), noise, 255)
     if keep_nonzero:
         code = torch.maximum(code, (r > 0).to(torch.int32))  # NaN: its group decodes to NaN
     return code
 
 
+def sqrt_unrounded(r: torch.Tensor, scale16: torch.Tensor) -> torch.Tensor:
+    """``255 r / scale`` before rounding, as :func:`sqrt_codes` rounds it."""
+    return r * inverse_scale(scale16, 255)
+
+
 def sqrt_roots(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The square roots codes stand for under the fp32 scale ``s``."""
-    return int_to_float(codes) * s / 255  # c * s exact: code 255 decodes to s itself
+    return sqrt_roots_of(int_to_float(codes), s)
+
+
+def sqrt_roots_of(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`sqrt_roots` of the codes ``c`` as exact floats."""
+    return c * s / 255  # c * s exact: code 255 decodes to s itself
 
 
 def sqrt_root_bound(r: torch.Tensor, s: torch.Tensor, stochastic: bool, keep_nonzero: bool
