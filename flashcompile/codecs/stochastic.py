@@ -1,4 +1,4 @@
-"""Noise for stochastic rounding, made inside the kernel from the element's position and the step.
+"""Noise for stochastic rounding, made inside the kernel from each element's values and the step.
 
 Round to nearest drops any change smaller than half a code step, so an 8-bit EMA with beta >=
 0.999 (Adam's v, AdEMAMix's slow momentum) stops moving once its increments fall below that.
@@ -6,16 +6,17 @@ Rounding ``y`` to ``floor(y + u)`` with ``u`` uniform in [0, 1) is right on aver
 increments accumulate (arXiv 2502.20566 trains bf16 AdamW this way).
 
 ``u`` comes from a 32-bit integer hash (a multiply-xorshift round with a constant from Chris
-Wellons' hash-prospector, below 2^31 so every product stays int32) of the element's own
-values, its gradient and its (decoded) weight (their top 16 bits), with the step and a per-state
-salt: no RNG state, no
-extra memory traffic, fused into the one kernel, and the same noise for the same element whatever
-the layout: a flat bucket, one param per call, gradient release's buckets, an FSDP shard or a
-checkpoint resharded onto other ranks all round alike (bit-identical steps), and a resumed run
-repeats it. Elements whose gradient and weight agree in those bits share a step's noise; over steps
-each element's noise is still uniform (the step is hashed in), which is what unbiased rounding
-needs. The int32 products wrap (two's complement) in eager torch and in Inductor's Triton and C++
-code alike.
+Wellons' hash-prospector, below 2^31 so every product stays int32) of two fp32 values of the
+element (their top 16 bits), with the step and a per-state salt. The kernel passes the new weight
+and the first state it rounds to nearest (Adam's momentum), as computed before encoding
+(``codegen._noise_keys``; without such a state, the gradient and the weight): values of the
+element, not of the value being rounded. No RNG state, no extra memory traffic, fused into the
+one kernel, and the same noise for the same element whatever the layout: a flat bucket, one param
+per call, gradient release's buckets, an FSDP shard or a checkpoint resharded onto other ranks all
+round alike (bit-identical steps), and a resumed run repeats it. Elements whose keys agree in those
+bits share a step's noise; over steps each element's noise is still uniform (the step is hashed
+in), which is what unbiased rounding needs. The int32 products wrap (two's complement) in eager
+torch and in Inductor's Triton and C++ code alike.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def salt(seed: int, state_index: int) -> int:
 
 
 def uniform_noise(step: torch.Tensor, state_salt: int, *keys: torch.Tensor) -> torch.Tensor:
-    """Uniform values in [0, 1) on 2^-23 steps, one per element of the fp32 ``keys`` (the
-    element's gradient and weight, ``(G, GROUP)`` each), hashed with the step."""
+    """Uniform values in [0, 1) on 2^-23 steps, one per element of the fp32 ``keys`` (two
+    values of the element, ``(G, GROUP)`` each), hashed with the step."""
     return _unit_interval(_hash(step, state_salt, keys) >> 9)
 
 

@@ -131,12 +131,12 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
     stores = []
     written = {n: c for n, c in codecs.items()
                if outputs[0 if n == PARAM else names.index(n)] is not None}
-    # the noise's keys: the gradient as the rule sees it (unscaled: GradScaler's power-of-two
-    # scale must not change the noise) and the weight
-    grad = traced.grad.name
-    if FACTOR in traced.rule.device_scalars:
-        grad = f"{grad} * {FACTOR}"
-    noises = _noise_lines(step_slot, written, (grad, traced.param.name))
+    keys = _noise_keys(traced, outputs, written)
+    if any(getattr(c, "stochastic", False) for c in written.values()) and keys[0] == "_key_param":
+        # computed once: eager plans run the source as written
+        lines.append(f"    _key_param = {outputs[0]}")
+        outputs = ["_key_param", *outputs[1:]]
+    noises = _noise_lines(step_slot, written, keys)
     for name, codec in codecs.items():
         out = outputs[0 if name == PARAM else names.index(name)]
         if out is None:
@@ -155,6 +155,25 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
             # straight into the input (G, 32): the store fuses into the reduction kernel
             stores.append(f"    {name}__{f.name}.copy_(_new_{name}[{j}])")
     return lines + stores
+
+
+def _noise_keys(traced: Traced, outputs, written: Mapping[str, Codec]) -> tuple[str, str]:
+    """The two fp32 values per element the stochastic rounding noise is hashed from: the new
+    weight and the first state rounded to nearest, as computed before encoding (both from the
+    unscaled gradient: GradScaler's scale must not change the noise). Values the kernel has just
+    computed, where the gradient and the decoded weight would be read again: Inductor's C++ kernel
+    reloads its padded inputs through lane masks in every loop that reads them, which cost the
+    per-tensor CPU step a third of torch's. Without such a state (every written state stochastic):
+    the unscaled gradient and the weight."""
+    names = [traced.param.name, *traced.rule.states]
+    state = next((n for n in traced.rule.states if n in written
+                  and not getattr(written[n], "stochastic", False)), None)
+    if outputs[0] is not None and state is not None:
+        return "_key_param", outputs[names.index(state)]
+    grad = traced.grad.name
+    if FACTOR in traced.rule.device_scalars:
+        grad = f"{grad} * {FACTOR}"
+    return grad, traced.param.name
 
 
 def _noise_lines(step_slot: int, codecs: Mapping[str, Codec], keys: Sequence[str]

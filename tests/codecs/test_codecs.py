@@ -247,8 +247,8 @@ SR_CODECS = ["softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt
 
 
 def _noise(step: int, x: torch.Tensor) -> torch.Tensor:
-    """The kernel's noise for elements whose gradient and weight (the hash's keys) are fixed
-    random values: keys independent of the value being rounded, as in a step."""
+    """The kernel's noise for elements whose keys (the hash's two values of the element) are
+    fixed random values: keys independent of the value being rounded, as in a step."""
     from flashcompile.codecs.stochastic import uniform_noise
 
     gen = torch.Generator().manual_seed(99)

@@ -62,7 +62,7 @@ def quantize(codec, x: torch.Tensor) -> torch.Tensor:
     x32 = padded(x, torch.float32)
     stochastic = getattr(codec, "stochastic", False)
     noise = ()
-    if stochastic:  # the kernel keys its noise on gradient and weight, not the rounded value:
+    if stochastic:  # the kernel keys its noise on other values of the element, not the rounded one:
         keys = torch.randn(2, *x32.shape, generator=torch.Generator().manual_seed(0))
         noise = (uniform_noise(torch.tensor(1.0), 0, *keys),)  # keys independent of x
     y = codec.decode(*codec.encode(x32, *noise))
