@@ -17,15 +17,18 @@ import torch
 
 import flashcompile as fc
 
-OPTIMIZERS = ["SGD", "SGDW", "AdamW", "Adam", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam",
+# (name as listed, class, its arguments); the others at their defaults
+SETUPS = [("SGD (momentum 0.9)", "SGD", {"momentum": 0.9}), ("SGD (momentum 0)", "SGD", {}),
+          ("RMSprop (momentum 0.9)", "RMSprop", {"momentum": 0.9})]
+OPTIMIZERS = ["SGDW", "AdamW", "Adam", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam",
               "RAdam", "ASGD", "Rprop", "Lion", "LAMB", "LARS", "AdEMAMix", "Adan", "ADOPT",
               "CautiousAdamW", "MARS", "AdamWScheduleFree", "Muon"]
 
 
-def state_bytes(name: str, dtype: torch.dtype, codecs: str) -> tuple[float, list[str]]:
+def state_bytes(name: str, kwargs: dict, dtype: torch.dtype, codecs: str
+                ) -> tuple[float, list[str]]:
     """(state bytes per param, the state tensors' keys) after one step."""
     p = torch.nn.Parameter(torch.randn(256, 4096).to(dtype))
-    kwargs = {"momentum": 0.9} if name in ("SGD", "SGDW") else {}
     opt = getattr(fc, name)([p], compile=False, codecs=codecs, **kwargs)
     p.grad = torch.randn_like(p)
     opt.step()
@@ -38,20 +41,22 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="a markdown table")
     args = parser.parse_args()
     rows = []
-    for name in OPTIMIZERS:
-        flash, keys = state_bytes(name, torch.bfloat16, "flash")
-        fp32, _ = state_bytes(name, torch.float32, "fp32")
+    setups = SETUPS + [("SGDW (momentum 0.9)", "SGDW", {"momentum": 0.9})]
+    setups += [(name, name, {}) for name in OPTIMIZERS if name != "SGDW"]
+    for label, name, kwargs in setups:
+        flash, keys = state_bytes(name, kwargs, torch.bfloat16, "flash")
+        fp32, _ = state_bytes(name, kwargs, torch.float32, "fp32")
         states = sorted({k.split(".")[0] for k in keys} - {"param"})
-        rows.append((name, ", ".join(states), 2 + flash + 2, 2 + flash, 4 + fp32 + 4))
+        rows.append((label, ", ".join(states) or "none", 2 + flash + 2, 2 + flash, 4 + fp32 + 4))
     if args.markdown:
         print("| optimizer | states | B/param | with gradient release | fp32 twin |")
         print("|---|---|---|---|---|")
         for name, states, total, release, twin in rows:
             print(f"| `{name}` | {states} | {total:g} | {release:g} | {twin:g} |")
         return
-    print(f"{'optimizer':<18} {'B/param':>8} {'release':>8} {'fp32 twin':>10}  states")
+    print(f"{'optimizer':<24} {'B/param':>8} {'release':>8} {'fp32 twin':>10}  states")
     for name, states, total, release, twin in rows:
-        print(f"{name:<18} {total:8g} {release:8g} {twin:10g}  {states}")
+        print(f"{name:<24} {total:8g} {release:8g} {twin:10g}  {states}")
 
 
 if __name__ == "__main__":

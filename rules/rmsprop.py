@@ -25,6 +25,7 @@ from flashcompile.language import maximum, rule, sqrt
     flash_codecs={"square_avg": "sqrt_uint8_nonzero", "grad_avg": "softsign_int8",
                   "momentum_buffer": "softsign_int8"},
     ranges={"alpha": (0.0, 1.0)},
+    zero_branches=("momentum",),  # no momentum buffer at momentum 0, as torch.optim.RMSprop
 )
 def rmsprop(p, g, square_avg, momentum_buffer, grad_avg, *, step, lr, alpha, eps, weight_decay,
             momentum, centered, maximize):

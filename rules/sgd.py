@@ -18,6 +18,7 @@ from flashcompile.language import rule, where
     defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                   maximize=False, decoupled_weight_decay=False),
     states={"momentum_buffer": "signed"},
+    zero_branches=("momentum",),  # no momentum buffer at momentum 0, as torch.optim.SGD
 )
 def sgd(p, g, momentum_buffer, *, step, lr, momentum, dampening, weight_decay, nesterov, maximize,
         decoupled_weight_decay):

@@ -19,6 +19,7 @@ def rule(
     ranges: Mapping[str, tuple[float, float]] | None = None,
     flash_codecs: Mapping[str, str] | None = None,
     choices: Mapping[str, tuple[Any, ...]] | None = None,
+    zero_branches: tuple[str, ...] = (),
 ) -> Callable[[Callable], Rule]:
     """Declare an optimizer update rule.
 
@@ -45,6 +46,10 @@ def rule(
         choices: optional hyperparameter -> its allowed values (strings or None; the default
             among them). Static like the bool flags: the rule branches on the value in Python
             (torch.optim.Muon's ``adjust_lr_fn``).
+        zero_branches: optional float hyperparameters whose value 0 is a static branch: the rule
+            is traced with the literal 0 there, so a state only a nonzero value reads gets no
+            storage (SGD's momentum buffer at momentum 0, as torch.optim). Other values stay
+            runtime inputs. Going from 0 to another value mid-training starts that state at zero.
 
     The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>)``
     and returns ``(p, <states in declared order>)``.
@@ -52,7 +57,12 @@ def rule(
 
     def wrap(fn: Callable) -> Rule:
         r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
-                 dict(flash_codecs or {}), {k: tuple(v) for k, v in (choices or {}).items()})
+                 dict(flash_codecs or {}), {k: tuple(v) for k, v in (choices or {}).items()},
+                 zero_branches=tuple(zero_branches))
+        for name in r.zero_branches:
+            if name not in r.floats or isinstance(r.defaults[name], tuple):
+                raise ValueError(f"rule {r.name}: zero_branches names {name!r}, which is not a "
+                                 "float hyperparameter")
         _check_signature(r)
         for name, fact in r.states.items():
             if fact not in STATE_FACTS:

@@ -259,6 +259,11 @@ def norm(x):
 abs = abs  # noqa: A001 - the builtin dispatches through Sym.__abs__ and Tensor.__abs__
 
 
+def zero_flag(name: str) -> str:
+    """The static flag saying a :attr:`Rule.zero_branches` hyperparameter is 0."""
+    return f"{name}==0"
+
+
 @dataclass(frozen=True, eq=False)
 class Rule:
     """An update rule: the function, its hyperparameter defaults and the facts of its states."""
@@ -274,6 +279,10 @@ class Rule:
     # keyword arguments that are positive numbers held on the device, one per call (the gradient
     # factor of amp.unscaling): never hoisted to the host, each its own kernel argument
     device_scalars: tuple[str, ...] = ()
+    # float hyperparameters whose value 0 is a static branch of its own (SGD's and RMSprop's
+    # momentum): the rule is traced with the literal 0, so a state only that value used (the
+    # momentum buffer) gets no storage, as torch.optim allocates none
+    zero_branches: tuple[str, ...] = ()
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -303,8 +312,13 @@ class Rule:
         """Every combination of the static hyperparameters' values."""
         import itertools
 
-        options = [self.choices.get(k, (False, True)) for k in self.flags]
-        return [dict(zip(self.flags, v)) for v in itertools.product(*options)]
+        names = [*self.flags, *map(zero_flag, self.zero_branches)]
+        options = [self.choices.get(k, (False, True)) for k in names]
+        return [dict(zip(names, v)) for v in itertools.product(*options)]
+
+    def zero_flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
+        """The static flags of :attr:`zero_branches` for a group's values: whether each is 0."""
+        return tuple((zero_flag(k), bool(group[k] == 0)) for k in self.zero_branches)
 
     @functools.cached_property  # read per param per step by flat buckets' host path
     def scalar_states(self) -> tuple[str, ...]:

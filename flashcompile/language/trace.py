@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from flashcompile.language.dsl import Orthogonalize, Rule, SumAll, Sym, _to_sympy
+from flashcompile.language.dsl import Orthogonalize, Rule, SumAll, Sym, _to_sympy, zero_flag
 
 STEP = sympy.Symbol("step", positive=True, integer=True)
 
@@ -54,7 +54,9 @@ class Traced:
         """Per-element states that need storage: read by some output, or written with a new value.
 
         A state the rule passes through untouched and never reads (``max_exp_avg_sq`` without
-        amsgrad) gets no storage at all. Scalar states are kept on the host, never here.
+        amsgrad) gets no storage at all, nor one a zero branch leaves unread (SGD's momentum
+        buffer at momentum 0: the step's value is the gradient, and no later step at momentum 0
+        reads it). Scalar states are kept on the host, never here.
         """
         live = []
         for i, (name, sym) in enumerate(zip(self.rule.states, self.states)):
@@ -62,9 +64,25 @@ class Traced:
                 continue
             rewritten = self.outputs[i + 1] != sym
             read = any(sym in out.free_symbols for j, out in enumerate(self.outputs) if j != i + 1)
-            if rewritten or read:
+            if read or (rewritten and name not in _zeroed(self)):
                 live.append(name)
         return tuple(live)
+
+
+def _zeroed(traced: Traced) -> frozenset[str]:
+    """States ``traced`` reads nowhere that the rule's general trace (no zero branch taken)
+    reads: a zero branch made them dead (:meth:`Traced.live_states`)."""
+    flags = dict(traced.flags)
+    taken = [zero_flag(k) for k in traced.rule.zero_branches if flags.get(zero_flag(k))]
+    if not taken:
+        return frozenset()
+    general = trace(traced.rule, {**flags, **dict.fromkeys(taken, False)})
+    out = set()
+    for name, sym in zip(traced.rule.states, traced.states):
+        if not any(sym in o.free_symbols for o in traced.outputs) and any(
+                sym in o.free_symbols for o in general.outputs):
+            out.add(name)
+    return frozenset(out)
 
 
 def _hyper_symbol(name: str, default) -> sympy.Symbol | tuple[sympy.Symbol, ...]:
@@ -84,7 +102,11 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
     )
     hyper = {k: _hyper_symbol(k, rule.defaults[k]) for k in rule.floats}
     kwargs = {k: (tuple(Sym(s) for s in v) if isinstance(v, tuple) else Sym(v)) for k, v in hyper.items()}
-    kwargs.update(dict(flags))
+    static = dict(flags)
+    for name in rule.zero_branches:  # traced with the literal 0 where its flag says so
+        if static.pop(zero_flag(name), False):
+            kwargs[name] = 0.0
+    kwargs.update(static)
     device = {k: sympy.Symbol(k, positive=True) for k in rule.device_scalars}
     kwargs.update({k: Sym(s) for k, s in device.items()})
     out = rule.fn(Sym(param), Sym(grad), *(Sym(s) for s in states), step=Sym(STEP), **kwargs)
@@ -112,7 +134,9 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
 def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:
     """Trace ``rule`` with its bool hyperparameters fixed to ``flags`` (cached)."""
     key = tuple(sorted((k, rule.static_value(k, flags[k])) for k in rule.flags))
-    return _trace_cached(rule, key)
+    # a zero branch's flag absent: the general trace (the hyperparameter a runtime input)
+    zero = tuple((zero_flag(k), bool(flags.get(zero_flag(k), False))) for k in rule.zero_branches)
+    return _trace_cached(rule, key + zero)
 
 
 def _reparametrize(traced: Traced) -> dict[sympy.Symbol, sympy.Expr]:

@@ -151,8 +151,10 @@ class Checkpoints:
             p, (i, j) = id_map[pid], where[pid]
             plan = self.plan_for(p, self.flags_of(new_groups[i]))
             _check_step(saved.get("step"), pid)
+            saved = _without_unstored(plan, saved)
             encoded = not interop.is_torch_format(plan.key.rule.states, saved, p)
             recorded = (saved_groups[i].get("codecs") or {}).get(str(p.dtype)) if encoded else None
+            recorded = recorded and _without_unstored_codecs(plan, recorded)
             reencoded = None
             if recorded is not None and recorded != codec_names(plan) and not is_dtensor(p):
                 # saved with other state codecs (an older default): re-encode them
@@ -223,7 +225,7 @@ def _check_identity(p: torch.Tensor, plan: Plan, group: Mapping[str, Any], index
         raise ValueError(
             f"state of param {pid} ({tuple(p.shape)}) was saved for {sorted(codecs)} params, this "
             f"one is {p.dtype}: cast the model as it was when saved")
-    if codecs and codecs[str(p.dtype)] != codec_names(plan):
+    if codecs and _without_unstored_codecs(plan, codecs[str(p.dtype)]) != codec_names(plan):
         raise _other_codecs(p, plan, codecs[str(p.dtype)], pid)
 
 
@@ -232,6 +234,27 @@ def _other_codecs(p: torch.Tensor, plan: Plan, recorded: str, pid) -> ValueError
         f"state of param {pid} ({tuple(p.shape)}) was saved with codecs {recorded}; this "
         f"optimizer stores {codec_names(plan)}. Build it with the codecs it was saved with, or "
         "load the saver's torch_state_dict() to re-encode")
+
+
+def _unstored(plan: Plan) -> set[str]:
+    """The rule's per-element states this plan keeps no storage for: never read under its flags
+    (SGD's momentum buffer at momentum 0, Adam's max_exp_avg_sq without amsgrad)."""
+    rule = plan.key.rule
+    return {n for n in rule.states if n not in plan.codecs and n not in rule.scalar_states}
+
+
+def _without_unstored(plan: Plan, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` without the fields of :func:`_unstored` states: a state dict saved while such a
+    state had storage (a momentum buffer at momentum 0, stored before zero_branches; torch.optim's
+    ``momentum_buffer: None``) loads, losing nothing the step reads."""
+    dead = _unstored(plan)
+    return {k: v for k, v in saved.items() if k.split(".", 1)[0] not in dead}
+
+
+def _without_unstored_codecs(plan: Plan, recorded: str) -> str:
+    """A recorded :func:`codec_names` string without the :func:`_unstored` states."""
+    dead = _unstored(plan)
+    return " ".join(item for item in recorded.split() if item.split("=", 1)[0] not in dead)
 
 
 def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: str,

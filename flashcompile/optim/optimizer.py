@@ -209,6 +209,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         group of another rule than the optimizer's starts with ``(RULE_FLAG, its name)``."""
         rule = self.rule_of(group)
         flags = tuple(sorted((k, rule.static_value(k, group[k])) for k in rule.flags))
+        flags += rule.zero_flags(group)
         if rule is not self.rule:
             flags = ((RULE_FLAG, rule.name), *flags)
         return flags + (amp.UNSCALE,) if self.scales_gradients else flags

@@ -45,7 +45,8 @@ def unscaling(rule: Rule) -> Rule:
     fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
     fn.__name__ = fn.__qualname__ = rule.name
     return Rule(fn, rule.name, dict(rule.defaults), dict(rule.states), dict(rule.ranges),
-                dict(rule.flash_codecs), dict(rule.choices), (*rule.device_scalars, FACTOR))
+                dict(rule.flash_codecs), dict(rule.choices), (*rule.device_scalars, FACTOR),
+                rule.zero_branches)
 
 
 def rule_and_flags(rule: Rule, flags: tuple) -> tuple[Rule, tuple]:

@@ -441,6 +441,58 @@ def test_a_checkpoint_saved_with_other_state_codecs_is_reencoded_on_load():
         fc.Rprop([p], codecs={"param": "fp32"}, compile=False).load_state_dict(saved)
 
 
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_momentum_zero_keeps_no_momentum_buffer_as_torch_optim(name):
+    """At momentum 0 (both classes' default) the buffer is never read, so it gets no storage
+    (1.06 B/param and its traffic), as torch.optim allocates none; any other momentum keeps one."""
+    def held(**kw):
+        p = torch.nn.Parameter(torch.randn(8, 40).bfloat16())
+        opt = getattr(fc, name)([p], lr=0.01, compile=False, **kw)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        return {k.split(".")[0] for k in opt.state[p]}
+
+    assert "momentum_buffer" not in held()
+    assert "momentum_buffer" in held(momentum=0.9)
+
+
+def test_momentum_raised_from_zero_mid_training_starts_its_buffer_as_torch_sgd():
+    """A group whose momentum goes from 0 to 0.9 (a schedule) gets its buffer then, starting from
+    the gradient as torch.optim.SGD's missing buffer does."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 40))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = fc.SGD([p], lr=0.1, codecs="fp32", compile=False)
+    theirs = torch.optim.SGD([q], lr=0.1)
+    for step in range(6):
+        if step == 3:
+            ours.param_groups[0]["momentum"] = theirs.param_groups[0]["momentum"] = 0.9
+        g = torch.randn(p.shape)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_dict_holding_a_momentum_buffer_loads_at_momentum_zero():
+    """A state dict saved while the buffer had storage at momentum 0 (before it got none), or
+    with a nonzero momentum, loads into an optimizer at momentum 0: the buffer is dropped (no step
+    at momentum 0 reads it) and the other states load as saved."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 40).bfloat16())
+    saver = fc.RMSprop([p], lr=0.01, momentum=0.9, compile=False)
+    p.grad = torch.randn_like(p)
+    saver.step()
+    saved = copy.deepcopy(saver.state_dict())
+    saved["param_groups"][0]["momentum"] = 0.0
+    loader = fc.RMSprop([p], lr=0.01, compile=False)
+    loader.load_state_dict(saved)
+    assert "momentum_buffer.codes" not in loader.state[p]
+    assert torch.equal(loader.state[p]["square_avg.codes"], saver.state[p]["square_avg.codes"])
+    p.grad = torch.randn_like(p)
+    loader.step()
+
+
 def test_a_checkpoint_of_the_earlier_default_loads_into_the_adaptive_default_unchanged():
     """AdamW saved under the paper's codecs and the guard (the default before the adaptive codecs)
     loads into today's default: its states re-encoded, and where a group's values are alike the
