@@ -82,3 +82,28 @@ def test_a_quotient_of_nonnegatives_is_proven_nonnegative():
         return p - lr * g, rho * v + (1 - rho) * (v + eps) / (v + g * g + eps) * g * g
 
     check_facts(trace(ratio, {}))
+
+
+def test_a_zero_branch_must_name_a_float_hyperparameter():
+    """``zero_branches`` names floats only: a bool is already a branch, a tuple has no single 0."""
+    for name in ("nesterov", "betas", "missing"):
+        with pytest.raises(ValueError, match="not a float hyperparameter"):
+            @fc.rule(defaults=dict(lr=0.1, nesterov=False, betas=(0.9, 0.99)), states={},
+                     zero_branches=(name,))
+            def plain(p, g, *, step, lr, nesterov, betas):
+                return (p - lr * g,)
+
+
+def test_a_zero_branch_drops_only_the_state_its_zero_leaves_unread():
+    """SGD at momentum 0 stores no momentum buffer; a state a rule writes without reading (a
+    value kept for the user) stays stored: only the zero branch makes a state dead."""
+    at_zero = trace(sgd, {"momentum==0": True, "nesterov": False, "maximize": False,
+                          "decoupled_weight_decay": False})
+    general = trace(sgd, {"nesterov": False, "maximize": False, "decoupled_weight_decay": False})
+    assert at_zero.live_states() == () and general.live_states() == ("momentum_buffer",)
+
+    @fc.rule(defaults=dict(lr=0.1), states={"last": "signed"})
+    def keeps_last(p, g, last, *, step, lr):
+        return p - lr * g, g
+
+    assert trace(keeps_last, {}).live_states() == ("last",)
