@@ -280,8 +280,8 @@ class Rule:
     # factor of amp.unscaling): never hoisted to the host, each its own kernel argument
     device_scalars: tuple[str, ...] = ()
     # float hyperparameters whose value 0 is a static branch of its own (SGD's and RMSprop's
-    # momentum): the rule is traced with the literal 0, so a state only that value used (the
-    # momentum buffer) gets no storage, as torch.optim allocates none
+    # momentum): the rule is traced with the literal 0, so a state only a nonzero value reads
+    # (the momentum buffer) gets no storage, as torch.optim allocates none
     zero_branches: tuple[str, ...] = ()
 
     @property
