@@ -18,10 +18,8 @@ from flashcompile.language import maximum, rule, sqrt
     defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
                   maximize=False),
     states={"square_avg": "nonnegative", "momentum_buffer": "signed", "grad_avg": "signed"},
-    # centered, the denominator is v - grad_avg^2, a difference of two stored values that can
-    # nearly cancel: the relative code's 3% steps (and stochastic rounding's one-step errors) turn
-    # it negative where the paper's fine steps do not (PyTorch's test_param_groups_lr diverged),
-    # so RMSprop keeps the earlier default's codecs
+    # the earlier default's codecs: centered, v - grad_avg^2 can nearly cancel, and the adaptive
+    # codes' coarser steps turned it negative (PyTorch's test_param_groups_lr diverged)
     flash_codecs={"square_avg": "sqrt_uint8_nonzero", "grad_avg": "softsign_int8",
                   "momentum_buffer": "softsign_int8"},
     ranges={"alpha": (0.0, 1.0)},

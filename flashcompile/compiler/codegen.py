@@ -181,8 +181,8 @@ def _noise_lines(step_slot: int, codecs: Mapping[str, Codec], keys: Sequence[str
     """Per stochastically rounded state among ``codecs`` (those written back), the lines that make
     its noise (``_u_<name>``), emitted before the first of a pair is encoded: states taken two by
     two share one hash (its two 16-bit halves), salted by both seeds; ``_s[step_slot]`` is the
-    step, ``keys`` the fp32 gradient and decoded weight the hash reads (the same noise for an
-    element in any layout)."""
+    step, ``keys`` the two fp32 values of each element the hash reads (:func:`_noise_keys`: the
+    same noise for an element in any layout)."""
     key_args = ", ".join(keys)
     names = [n for n, c in codecs.items() if getattr(c, "stochastic", False)]
     step = f"_s[{step_slot}]"

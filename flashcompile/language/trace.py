@@ -58,13 +58,13 @@ class Traced:
         buffer at momentum 0: the step's value is the gradient, and no later step at momentum 0
         reads it). Scalar states are kept on the host, never here.
         """
-        live = []
+        live, zeroed = [], _zeroed(self)
         for i, (name, sym) in enumerate(zip(self.rule.states, self.states)):
             if name in self.rule.scalar_states:
                 continue
             rewritten = self.outputs[i + 1] != sym
             read = any(sym in out.free_symbols for j, out in enumerate(self.outputs) if j != i + 1)
-            if read or (rewritten and name not in _zeroed(self)):
+            if read or (rewritten and name not in zeroed):
                 live.append(name)
         return tuple(live)
 
