@@ -34,6 +34,7 @@ from flashcompile.language import (  # noqa: E402
     sign,
     sqrt,
     sum_all,
+    total,
     where,
 )
 from flashcompile.optim.model import (  # noqa: E402
@@ -53,7 +54,7 @@ globals().update({cls.__name__: cls for cls in _OPTIMIZERS.values()})
 
 __all__ = [
     "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log", "sum_all", "norm",
-    "orthogonalize",
+    "total", "orthogonalize",
     "Optimizer", "codecs", "explain", *(cls.__name__ for cls in _OPTIMIZERS.values()),
     "cast_model", "BATCH_NORMS", "NORM_LAYERS", "enable_gradient_release", "fp32_state_dict",
     "load_fp32_state_dict", "muon_groups",

@@ -34,6 +34,10 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
     if not reduces:
         update = _update_lines(traced, lowered.statements, lowered.outputs, codecs,
                                lowered.step_slot)
+        if lowered.totals:  # before the stores: a decoded fp32 input is its own storage
+            update.insert(len(update) - sum(".copy_(_new_" in line for line in update),
+                          _accumulate_totals(lowered))
+            args = [*args, TOTALS]
         masked = any("_valid" in line for line in update)
         return "\n".join([_function("step", args + ["_lanes"] * masked, doc, decode, update, False),
                           _padded(args, doc, decode, update)])
@@ -53,6 +57,18 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
                                               codecs, lowered.step_slot)
     sources.append(_function("_update", [*args, "_totals"], doc, decode, update, True))
     return "\n".join(sources)
+
+
+TOTALS = "_totals_acc"  # the step's accumulator of a rule's totals: fp32, one per total
+
+
+def _accumulate_totals(lowered: Lowered) -> str:
+    """The line adding this call's sum of each ``total`` term to :data:`TOTALS` (padding lanes
+    masked unless the terms are provably 0 there)."""
+    terms = (lowered.totals if lowered.totals_skip_pads
+             else [f"torch.where(_valid, {t}, 0.0)" for t in lowered.totals])
+    sums = ", ".join(f"({t}).sum()" for t in terms)
+    return f"    {TOTALS}.copy_({TOTALS} + torch.stack([{sums}]))"
 
 
 def _staged(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec], args: list[str],

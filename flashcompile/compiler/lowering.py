@@ -6,6 +6,10 @@ hoisted out of the element-wise code into a prologue that runs once per step on 
 its results reach the kernel as one small fp32 vector ``_s``, so changing a hyperparameter never
 recompiles. ``_s[0]`` is reserved for the number of valid lanes in the last group (the tail mask).
 
+A sum over every parameter (``total``, read by a rule's shared numbers only) is summed by the
+update itself into the step's accumulator (``_totals_acc``, one fp32 per total); the shared numbers'
+new values are then computed from it once per step (:attr:`Lowered.shared_source`).
+
 A reduction over the parameter (``sum_all``) is a phase of its own: its argument is lowered like
 the outputs (computed over all ``(G, 32)`` lanes; the plan masks padding lanes and sums each
 parameter's groups), and the update reads the result as ``_sum0``, ``_sum1``, ... (one value per
@@ -22,8 +26,8 @@ import sympy
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 from sympy.printing.pycode import PythonCodePrinter
 
-from flashcompile.language.dsl import Orthogonalize, SumAll
-from flashcompile.language.trace import STEP, Traced, is_nonnegative
+from flashcompile.language.dsl import Orthogonalize, SumAll, Total
+from flashcompile.language.trace import STEP, Traced, is_nonnegative, keeps_zero_expr
 
 _RELATIONS = {
     sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
@@ -50,6 +54,13 @@ class Lowered:
     # a matrix stage (orthogonalize): the phase before it; ``statements`` and ``outputs`` above
     # are then the phase after it, which reads the stage's result as ``_stage0``
     stage: Stage | None = None
+    # one torch expression per Traced.totals entry (what the update adds to ``_totals_acc``),
+    # and whether each is provably 0 on padding lanes (else it is masked)
+    totals: tuple[str, ...] = ()
+    totals_skip_pads: bool = True
+    # ``shared_update(_totals, <shared numbers>, step, <hyperparameters>)``: the shared numbers'
+    # new values (float64 tensors) from the step's totals; empty for a rule without shared numbers
+    shared_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,7 @@ class _TorchPrinter:
         self.guards: tuple[sympy.Basic, ...] = ()  # scalar conditions of the where() being printed
 
     def is_scalar(self, e: sympy.Basic) -> bool:
-        return e.free_symbols <= self.scalars and not e.has(SumAll, Orthogonalize)
+        return e.free_symbols <= self.scalars and not e.has(SumAll, Orthogonalize, Total)
 
     def hoist(self, e: sympy.Basic) -> str:
         if self.guards and not (e.is_Number or _is_boolean(e)):
@@ -228,6 +239,11 @@ def lower(traced: Traced) -> Lowered:
                 f"rule {traced.rule.name} has both a reduction (sum_all, norm) and a matrix stage "
                 "(orthogonalize); one of them per rule for now")
         stage, live = _stage(traced, printer, live)
+    totals = [_split_scalar_powers(traced, t.args[0]) for t in traced.totals]
+    if totals and (sums or stage is not None):
+        raise NotImplementedError(
+            f"rule {traced.rule.name} has both total(...) and a reduction over the parameter "
+            "(sum_all, norm) or a matrix stage; one of them per rule for now")
     phases, phase_reads = [], []
     for depth in sorted({d for d in sums.values()}):
         args = [_split_scalar_powers(traced, r.args[0].xreplace(named))
@@ -236,19 +252,27 @@ def lower(traced: Traced) -> Lowered:
         phases.append((statements, tuple(codes)))
         read = {str(s) for a in args for s in a.free_symbols}
         phase_reads.append(frozenset(read & {*names, traced.grad.name}))
-    statements, codes = _lower_exprs(printer, [o for _, o in live])
+    # the totals' terms share subexpressions with the outputs (Prodigy's |s| and s)
+    statements, codes = _lower_exprs(printer, [o for _, o in live] + totals)
+    codes, total_codes = codes[:len(live)], codes[len(live):]
     outputs: list[str | None] = [None] * len(names)
     lane_free = traced.scalars | set(named.values()) | set(traced.device.values())
-    for (i, expr), code in zip(live, codes):
+
+    def on_lanes(expr: sympy.Expr, code: str) -> str:
         if expr.free_symbols <= lane_free:  # a constant or a reduction: broadcast over the group
-            code = f"({code} + torch.zeros_like({traced.grad.name}))"
-        outputs[i] = code
+            return f"({code} + torch.zeros_like({traced.grad.name}))"
+        return code
+
+    for (i, expr), code in zip(live, codes):
+        outputs[i] = on_lanes(expr, code)
+    total_codes = [on_lanes(t, c) for t, c in zip(totals, total_codes)]
     step_slot = printer.hoisted.setdefault(STEP, len(printer.hoisted) + 1)  # after the rule's own
     hoisted = tuple(sorted(printer.hoisted, key=printer.hoisted.get))
     updates = tuple(traced.outputs[names.index(n)] for n in scalar_states)
     return Lowered(tuple(statements), tuple(outputs), hoisted,
                    _prologue(traced, hoisted + updates), tuple(phases), tuple(phase_reads),
-                   step_slot, stage)
+                   step_slot, stage, tuple(total_codes),
+                   all(keeps_zero_expr(traced, t) for t in totals), _shared_source(traced))
 
 
 STAGE = sympy.Symbol("_stage0", real=True)  # the matrix stage's result, in the phase after it
@@ -361,3 +385,69 @@ def _opaque(e: sympy.Basic, lazy: dict[sympy.Basic, sympy.Dummy]) -> sympy.Basic
     if not e.args:
         return e
     return e.func(*(_opaque(a, lazy) for a in e.args))
+
+
+def _shared_source(traced: Traced) -> str:
+    """Python source of ``shared_update(_totals, <shared numbers>, step, <hyperparameters>)``:
+    the shared numbers' new values as float64 tensors on the totals' device (no host sync),
+    ``_totals`` holding the step's sums in :attr:`Traced.totals` order."""
+    if not traced.rule.shared:
+        return ""
+    index = {t: i for i, t in enumerate(traced.totals)}
+    args = ", ".join(["_totals", *traced.rule.shared, "step", *traced.hyper])
+    lines = [f"def shared_update({args}):",
+             "    _t = lambda x: torch.as_tensor(x, dtype=torch.float64, device=_totals.device)"]
+    for name, syms in traced.hyper.items():
+        if isinstance(syms, tuple):
+            lines.append(f"    {', '.join(s.name for s in syms)}, = {name}")
+    values = ", ".join(f"_t({_host(e, index)})" for e in traced.shared_outputs)
+    lines.append(f"    return [{values}]")
+    return "\n".join(lines) + "\n"
+
+
+def _host(e: sympy.Basic, index: dict) -> str:
+    """``e`` as Python over float64 tensors (``_t`` makes one of a number; conditions are bool
+    tensors): the shared numbers' update, a few scalar operations once per step."""
+    def t(a: sympy.Basic) -> str:
+        return f"_t({_host(a, index)})"
+
+    if isinstance(e, Total):
+        return f"_totals[{index[e]}]"
+    if e is sympy.true or e is sympy.false:
+        return repr(bool(e))
+    if e.is_Number:
+        return repr(float(e))
+    if e.is_Symbol:
+        return e.name
+    if isinstance(e, sympy.Add):
+        return "(" + " + ".join(_host(a, index) for a in e.args) + ")"
+    if isinstance(e, sympy.Mul):
+        return "(" + " * ".join(_host(a, index) for a in e.args) + ")"
+    if isinstance(e, sympy.Pow):
+        return f"({t(e.base)} ** {_host(e.exp, index)})"
+    if isinstance(e, sympy.Piecewise):
+        (value, cond), rest = e.args[0], e.args[1:]
+        if cond is sympy.true or not rest:
+            return t(value)
+        return f"torch.where({_host(cond, index)}, {t(value)}, {t(sympy.Piecewise(*rest))})"
+    if type(e) in _RELATIONS:
+        return f"({t(e.lhs)} {_RELATIONS[type(e)]} {t(e.rhs)})"
+    if isinstance(e, (sympy.And, sympy.Or)):
+        fn = "torch.logical_and" if isinstance(e, sympy.And) else "torch.logical_or"
+        out = _host(e.args[0], index)
+        for a in e.args[1:]:
+            out = f"{fn}({out}, {_host(a, index)})"
+        return out
+    if isinstance(e, sympy.Not):
+        return f"torch.logical_not({_host(e.args[0], index)})"
+    if isinstance(e, (sympy.Max, sympy.Min)):
+        fn = "torch.maximum" if isinstance(e, sympy.Max) else "torch.minimum"
+        out = t(e.args[0])
+        for a in e.args[1:]:
+            out = f"{fn}({out}, {t(a)})"
+        return out
+    if isinstance(e, sympy.sign):
+        return f"torch.sign({t(e.args[0])})"
+    if type(e) in _FUNCTIONS:
+        return f"{_FUNCTIONS[type(e)]}({t(e.args[0])})"
+    raise NotImplementedError(f"cannot compute a shared number's {type(e).__name__}: {e}")

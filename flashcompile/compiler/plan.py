@@ -40,6 +40,7 @@ from flashcompile.compiler import fast_math
 from flashcompile.compiler.codegen import StageCall, assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.compiler.lowering import Lowered, lower
+from flashcompile.runtime.amp import FACTOR
 from flashcompile.compiler.verify import as_one, compare_compiled, sample_inputs
 from flashcompile.language.dsl import Rule, SumAll
 from flashcompile.language.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
@@ -59,6 +60,16 @@ INDUCTOR_TUNED_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
 def state_key(state: str, field: Field) -> str:
     """Key of a stored field in ``optimizer.state[p]``: ``exp_avg`` or ``exp_avg.codes``."""
     return state if field.name == "value" else f"{state}.{field.name}"
+
+
+@dataclass
+class Shared:
+    """A rule's shared numbers as its kernels read them (``values``: name -> 1-element fp32
+    tensor on the device) and the step's totals they add to (``totals``: fp32, one per
+    ``Traced.totals`` entry), both held by the optimizer from step to step."""
+
+    values: dict[str, torch.Tensor]
+    totals: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,10 @@ class Plan:
         exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
         self.prologue = namespace["prologue"]
+        if self.lowered.shared_source:
+            exec(compile(self.lowered.shared_source, "<flashcompile shared>", "exec"), namespace)
+        # the rule's shared numbers' update, once per step (None: the rule has none)
+        self.shared_update = namespace.get("shared_update")
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         slots = self.lowered.stage.slots if self.lowered.stage is not None else ()
         self.eager = fn = assemble(namespace, slots=slots)
@@ -223,6 +238,8 @@ class Plan:
         states = range(1, len(self.traced.outputs))
         if not all(keeps_zero(self.traced, i) for i in states):
             return True
+        if not self.lowered.totals_skip_pads:  # a total's term might count padding lanes
+            return True
         return self.reduces and not self.reductions_skip_pads
 
     @property
@@ -305,11 +322,11 @@ class Plan:
 
     def run(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
             scalars: list[float], combine=None, matrices=None,
-            factor: torch.Tensor | None = None) -> None:
+            factor: torch.Tensor | None = None, shared: Shared | None = None) -> None:
         """Update ``p`` and its stored fields in place. ``p`` and ``grad``: the parameter's values
         and gradient, flat (1-D) or in its shape, both contiguous. ``combine``: see :meth:`call`
         (an empty ``p`` still takes part in it). ``matrices``: for a rule with a matrix stage,
-        the parameter's (:meth:`matrices`). ``factor``: see :meth:`call`."""
+        the parameter's (:meth:`matrices`). ``factor``, ``shared``: see :meth:`call`."""
         n = p.numel()
         if not n:
             if combine is not None and self.reduces:
@@ -320,7 +337,7 @@ class Plan:
         flat_p, flat_g = p.detach().view(-1), grad.detach().view(-1)
         s = scalar_vector(last_group_lanes(n), scalars, p.device)
         if not self.reduces and not self.stages:
-            self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count), factor)
+            self.call_one(s, flat_g, flat_p, self.field_args(stored, 0, count), factor, shared)
             return
         # a reducing or staged rule sees the whole parameter in one call: pad weight and gradient
         pad_p, pad_g = padded(flat_p), padded(flat_g)
@@ -332,40 +349,55 @@ class Plan:
             stage = StageCall(matrices, [float(last_group_lanes(n)), *scalars])
         lanes = lane_counts([n], p.device) if self.reduces and self.masks_lanes else None
         self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
-                  combine=combine, lanes=lanes, stage=stage, factor=factor)
+                  combine=combine, lanes=lanes, stage=stage, factor=factor, shared=shared)
         flat_p.copy_(pad_p.view(-1)[:n])
 
     def call_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-                 fields: Sequence[torch.Tensor], factor: torch.Tensor | None = None) -> None:
+                 fields: Sequence[torch.Tensor], factor: torch.Tensor | None = None,
+                 shared: Shared | None = None) -> None:
         """One launch over one whole parameter (non-reducing rules): ``grad`` and ``value`` flat
         and contiguous (``n`` values), ``fields`` as :meth:`field_args` gives them, ``s[0]`` the
-        valid lanes of the last group; ``factor``: see :meth:`call`."""
+        valid lanes of the last group; ``factor``, ``shared``: see :meth:`call`."""
         if not self._verified["one"]:
             self.verify(grad.device, "one")
-        self.fn_one(s, grad, value, *fields, *self.device_args(factor, grad.device))
+        self.fn_one(s, grad, value, *fields, *self.device_args(factor, grad.device, shared))
 
     def bind_one(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
-                 fields: Sequence[torch.Tensor], factor: torch.Tensor | None = None):
+                 fields: Sequence[torch.Tensor], factor: torch.Tensor | None = None,
+                 shared: Shared | None = None):
         """:meth:`call_one` for later calls with the same ``value`` and ``fields`` and a scalar
         vector and gradient of these sizes (flashcompile.compiler.direct.Bound, taking ``(s,
         grad, value, *fields)``); None where not compiled or not yet called with them."""
         if self._verified["one"] and isinstance(self.fn_one, DirectFunction):
             return self.fn_one.bound(s, grad, value, *fields,
-                                     *self.device_args(factor, grad.device), fresh=(0, 1))
+                                     *self.device_args(factor, grad.device, shared),
+                                     fresh=(0, 1))
         return None
 
-    def device_args(self, factor: torch.Tensor | None, device: torch.device) -> list:
-        """The device scalars a call passes after the fields: the gradient ``factor`` (a
+    def device_args(self, factor: torch.Tensor | None, device: torch.device,
+                    shared: Shared | None = None) -> list:
+        """The device tensors a call passes after the fields: the gradient ``factor`` (a
         1-element fp32 tensor on the device; 1 where None) for a plan whose rule scales its
-        gradients (:func:`flashcompile.runtime.amp.unscaling`), nothing otherwise."""
+        gradients (:func:`flashcompile.runtime.amp.unscaling`), then the rule's shared numbers
+        and the step's totals accumulator (``shared``, for a rule with shared numbers)."""
         if not self.traced.device:
             return []
-        return [factor if factor is not None else torch.ones(1, device=device)]
+        out = []
+        if FACTOR in self.traced.device:
+            out.append(factor if factor is not None else torch.ones(1, device=device))
+        if self.key.rule.shared:
+            if shared is None:
+                raise ValueError(f"{self.key.rule.name} reads shared numbers "
+                                 f"{list(self.key.rule.shared)}: pass them (shared=)")
+            out += [shared.values[k] for k in self.key.rule.shared]
+            if self.lowered.totals:
+                out.append(shared.totals)
+        return out
 
     def call(self, s: torch.Tensor, grad: torch.Tensor, value: torch.Tensor,
              stored: Mapping[str, torch.Tensor], ends: torch.Tensor | None = None,
              combine=None, lanes: torch.Tensor | None = None, stage=None,
-             factor: torch.Tensor | None = None) -> None:
+             factor: torch.Tensor | None = None, shared: Shared | None = None) -> None:
         """One launch over whole groups: grad and value ``(G, 32)``, fields as :func:`groups` views
         them. For a reducing rule, ``ends`` (int64) lists the group index after each parameter's
         last group (None: the call holds one parameter), and ``combine(totals)``, if given,
@@ -374,14 +406,16 @@ class Plan:
         ``lanes`` gives each group's valid lanes (None: ``s[0]`` in every group). For a rule with
         a matrix stage, ``stage`` (a :class:`~flashcompile.compiler.codegen.StageCall`) says where
         each parameter's matrix lies. ``factor``: what every gradient is multiplied by first, a
-        1-element fp32 tensor on the device, for a plan whose rule scales its gradients."""
+        1-element fp32 tensor on the device, for a plan whose rule scales its gradients.
+        ``shared``: the rule's shared numbers and the step's totals (:class:`Shared`), which the
+        call adds its sums to, for a rule with shared numbers."""
         if not self._verified["groups"]:
             self.verify(grad.device)
         args = []
         for name, codec in self.codecs.items():
             for f in codec.fields:
                 args.append(value if name == PARAM and f.name == "value" else stored[state_key(name, f)])
-        args += self.device_args(factor, grad.device)
+        args += self.device_args(factor, grad.device, shared)
         if self.stages:
             self.fn(s, grad, *args, stage)
             return

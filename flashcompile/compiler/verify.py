@@ -17,6 +17,11 @@ from flashcompile.codecs.layout import (
 )
 
 
+class _Shared:  # flashcompile.compiler.plan.Shared's fields (this module sits below the plan)
+    def __init__(self, values, totals):
+        self.values, self.totals = values, totals
+
+
 def sample_inputs(plan, groups: int, device: torch.device | str,
                   seed: int = 0) -> list[torch.Tensor]:
     """Inputs for ``plan.fn`` at step 4: scalars, a random gradient, then every field holding the
@@ -37,8 +42,12 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
     for name, codec in plan.codecs.items():
         x = randn() if name == PARAM else torch.zeros(groups, GROUP, device=device)
         args += [t.contiguous() for t in codec.encode(x)]
-    if plan.traced.device:  # the gradient factor of a scaling plan (amp.unscaling)
-        args.append(torch.full((1,), 0.75, device=device))
+    # the gradient factor of a scaling plan (amp.unscaling), the rule's shared numbers at their
+    # start and the totals accumulator
+    rule = plan.key.rule
+    shared = _Shared({k: torch.full((1,), rule.shared_start(k, rule.defaults), device=device)
+                      for k in rule.shared}, torch.zeros(len(plan.lowered.totals), device=device))
+    args += plan.device_args(torch.full((1,), 0.75, device=device), device, shared)
     halves = [n for n in (groups // 2, groups - groups // 2) if n]
     if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
         args.append(segment_ends(halves, device))
@@ -127,7 +136,18 @@ def compare_compiled(plan, device: torch.device | str, groups: int = 4, seed: in
             return describe_mismatch(plan, name, eager, compiled, want[name], got[name], tol)
     if not torch.equal(compiled[0], eager[0]):
         return "the scalar vector was written to"
+    if plan.lowered.totals:  # the accumulator: sums in another order, rounded in fp32
+        i = _totals_index(plan)
+        want_t, got_t = eager[i], compiled[i]
+        if not torch.all((got_t - want_t).abs() <= 1e-4 * (want_t.abs() + got_t.abs()) + 1e-30):
+            return f"totals: eager {want_t.tolist()} compiled {got_t.tolist()}"
     return None
+
+
+def _totals_index(plan) -> int:
+    """Where the totals accumulator is in a ``plan.fn`` argument list: after the fields and the
+    device scalars (the lane counts, where taken, come last)."""
+    return -2 if plan.masks_lanes else -1
 
 
 def as_one(plan, args: list[torch.Tensor], n: int) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
 """The rule language: element-wise fp32 math on named states (the DSL), plus whole-parameter
-reductions and matrix stages; its trace into sympy with the proofs of each state's fact, and the
+reductions, sums over the whole optimizer and matrix stages; its trace into sympy with the proofs of each state's fact, and the
 error envelopes the property tests hold a rule to.
 
 A rule imports its primitives and the ``rule`` decorator from here."""
@@ -16,8 +16,9 @@ from flashcompile.language.dsl import (
     sign,
     sqrt,
     sum_all,
+    total,
     where,
 )
 
 __all__ = ["rule", "abs", "exp", "log", "maximum", "minimum", "norm", "orthogonalize", "sign",
-           "sqrt", "sum_all", "where"]
+           "sqrt", "sum_all", "total", "where"]

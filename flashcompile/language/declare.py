@@ -20,6 +20,7 @@ def rule(
     flash_codecs: Mapping[str, str] | None = None,
     choices: Mapping[str, tuple[Any, ...]] | None = None,
     zero_branches: tuple[str, ...] = (),
+    shared: Mapping[str, float | str] | None = None,
 ) -> Callable[[Callable], Rule]:
     """Declare an optimizer update rule.
 
@@ -50,20 +51,37 @@ def rule(
             is traced with the literal 0 there, so a state only a nonzero value reads gets no
             storage (SGD's momentum buffer at momentum 0, as torch.optim). Other values stay
             runtime inputs. Going from 0 to another value mid-training starts that state at zero.
+        shared: optional numbers the whole optimizer shares (Prodigy's step size ``d``), each
+            with its start: a number, or the name of a float hyperparameter that gives it. The
+            rule reads them as keywords (every parameter's kernel the same value, from the
+            device, never synced) and returns their new values after the states'. A new value
+            may read the old shared numbers, hyperparameters and ``total(x)``, the sum of ``x``
+            over every element of every parameter: computed once the step has seen them all, it
+            is read from the next step on. Kept in every param group of the rule, as
+            1-element fp32 tensors (``opt.param_groups[0]["d"]``), so state dicts carry them;
+            their update reads the hyperparameters of the rule's groups, which must agree on
+            those it reads.
 
-    The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>)``
-    and returns ``(p, <states in declared order>)``.
+    The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>,
+    <shared numbers>)`` and returns ``(p, <states in declared order>, <new shared numbers>)``.
     """
 
     def wrap(fn: Callable) -> Rule:
         r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
                  dict(flash_codecs or {}), {k: tuple(v) for k, v in (choices or {}).items()},
-                 zero_branches=tuple(zero_branches))
+                 zero_branches=tuple(zero_branches), shared=dict(shared or {}))
         for name in r.zero_branches:
             if name not in r.floats or isinstance(r.defaults[name], tuple):
                 raise ValueError(f"rule {r.name}: zero_branches names {name!r}, which is not a "
                                  "float hyperparameter")
         _check_signature(r)
+        for name, start in r.shared.items():
+            if name in r.defaults or name in r.states or name == "step":
+                raise ValueError(f"rule {r.name}: shared number {name!r} has the name of a "
+                                 "hyperparameter, a state or step")
+            if not isinstance(start, (int, float)) and start not in r.floats:
+                raise ValueError(f"rule {r.name}: shared number {name!r} starts at {start!r}; "
+                                 "give a number or the name of a float hyperparameter")
         for name, fact in r.states.items():
             if fact not in STATE_FACTS:
                 raise ValueError(
@@ -87,11 +105,11 @@ def _check_signature(r: Rule) -> None:
             f"rule {r.name}: positional parameters are {positional}; expected (p, g, "
             f"{', '.join(r.states)}) - the param, its gradient, then the states in declared order"
         )
-    want_kw = {"step", *r.defaults}
+    want_kw = {"step", *r.defaults, *r.shared}
     if set(keywords) != want_kw:
         raise TypeError(
             f"rule {r.name}: keyword-only parameters are {sorted(keywords)}; expected step plus every "
-            f"hyperparameter in defaults: {sorted(want_kw)}"
+            f"hyperparameter in defaults and every shared number: {sorted(want_kw)}"
         )
     for k, values in r.choices.items():
         if k not in r.defaults or r.defaults[k] not in values:

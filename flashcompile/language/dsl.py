@@ -11,7 +11,9 @@ Every primitive has one row in :data:`PRIMITIVES`: its torch implementation, its
 Python-float implementation, so adding an op touches one place.
 
 All primitives are element-wise except :func:`sum_all`, the sum over every element of the parameter
-(:func:`norm` builds on it). Its value is one number per parameter, broadcast back to every element.
+(:func:`norm` builds on it; its value is one number per parameter, broadcast back to every element),
+and :func:`total`, the sum over every element of every parameter the optimizer steps, which only a
+rule's optimizer-wide numbers (``shared``, Prodigy's step size ``d``) read, from the next step on.
 """
 
 from __future__ import annotations
@@ -126,6 +128,21 @@ class SumAll(sympy.Function):
         return rf"\textstyle\sum_{{\mathrm{{all}}}}\left({printer._print(self.args[0])}\right)"
 
 
+class Total(sympy.Function):
+    """``total(x)``: the sum of ``x`` over every element of every parameter the optimizer steps
+    with the rule (all its param groups; padding excluded). Only the new values of the rule's
+    shared numbers may read it: they are computed once the step has seen every parameter."""
+
+    nargs = 1
+
+    def _eval_is_extended_real(self): return self.args[0].is_extended_real
+    def _eval_is_extended_nonnegative(self): return self.args[0].is_extended_nonnegative
+    def _sympystr(self, printer): return f"total({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return rf"\textstyle\sum_{{\mathrm{{model}}}}\left({printer._print(self.args[0])}\right)"
+
+
 class Orthogonalize(sympy.Function):
     """``orthogonalize(x, steps, a, b, c, eps, ratio)``: the parameter's matrix ``x`` (its 2-D
     shape) orthogonalized by ``steps`` Newton-Schulz iterations with coefficients ``a, b, c``
@@ -206,6 +223,8 @@ PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "where": (torch.where, _where_sympy, _where_float),
     # the one reduction: over the whole parameter (a Python float is a one-element parameter)
     "sum_all": (torch.sum, SumAll, lambda x: x),
+    # over every parameter of the optimizer (eagerly: the tensor given, as one parameter)
+    "total": (torch.sum, Total, lambda x: x),
     # the one matrix stage: over the whole parameter as a matrix
     "orthogonalize": (_orthogonalize_torch, Orthogonalize, _orthogonalize_float),
 }
@@ -235,6 +254,7 @@ def maximum(a, b): return _apply("maximum", a, b)
 def minimum(a, b): return _apply("minimum", a, b)
 def where(cond, a, b): return _apply("where", cond, a, b)
 def sum_all(x): return _apply("sum_all", x)
+def total(x): return _apply("total", x)
 
 
 def orthogonalize(x, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
@@ -283,6 +303,10 @@ class Rule:
     # momentum): the rule is traced with the literal 0, so a state only a nonzero value reads
     # (the momentum buffer) gets no storage, as torch.optim allocates none
     zero_branches: tuple[str, ...] = ()
+    # numbers shared by the whole optimizer (Prodigy's d), each with its start: a number or the
+    # name of a float hyperparameter; passed to the rule as keywords, their new values returned
+    # after the states'. See :func:`flashcompile.language.declare.rule`.
+    shared: Mapping[str, float | str] = field(default_factory=dict)
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -324,6 +348,11 @@ class Rule:
     def scalar_states(self) -> tuple[str, ...]:
         """States of one number per parameter, updated on the host (see :func:`rule`)."""
         return tuple(k for k, fact in self.states.items() if fact == "scalar")
+
+    def shared_start(self, name: str, group: Mapping[str, Any]) -> float:
+        """The value shared number ``name`` starts at for a param group of this rule."""
+        start = self.shared[name]
+        return float(group[start]) if isinstance(start, str) else float(start)
 
     @property
     def floats(self) -> tuple[str, ...]:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import sympy
 
-from flashcompile.language.dsl import Orthogonalize, Rule, SumAll, Sym, _to_sympy, zero_flag
+from flashcompile.language.dsl import (Orthogonalize, Rule, SumAll, Sym, Total, _to_sympy,
+                                       zero_flag)
 
 STEP = sympy.Symbol("step", positive=True, integer=True)
 
@@ -30,8 +31,19 @@ class Traced:
     states: tuple[sympy.Symbol, ...]
     hyper: Mapping[str, sympy.Symbol | tuple[sympy.Symbol, ...]]
     outputs: tuple[sympy.Expr, ...]
-    # the rule's device scalars (positive numbers passed to the kernel as 1-element tensors)
+    # the rule's device scalars (passed to the kernel as 1-element tensors): its own
+    # (device_scalars, positive) and its shared numbers (Rule.shared), in that order
     device: Mapping[str, sympy.Symbol] = dataclasses.field(default_factory=dict)
+    # the shared numbers' new values, in Rule.shared's order: read totals (``Total``), the shared
+    # numbers, step and hyperparameters
+    shared_outputs: tuple[sympy.Expr, ...] = ()
+
+    @property
+    def totals(self) -> tuple[Total, ...]:
+        """Every ``total`` the shared numbers' new values read, in a fixed order: the kernels
+        add each one's sum over their parameters to the step's accumulator, in this order."""
+        found = set().union(*(o.atoms(Total) for o in self.shared_outputs))
+        return tuple(sorted(found, key=str))
 
     @property
     def scalars(self) -> frozenset[sympy.Symbol]:
@@ -63,7 +75,8 @@ class Traced:
             if name in self.rule.scalar_states:
                 continue
             rewritten = self.outputs[i + 1] != sym
-            read = any(sym in out.free_symbols for j, out in enumerate(self.outputs) if j != i + 1)
+            read = any(sym in out.free_symbols for j, out in enumerate(self.outputs)
+                       if j != i + 1) or any(sym in t.free_symbols for t in self.totals)
             if read or (rewritten and name not in zeroed):
                 live.append(name)
         return tuple(live)
@@ -108,17 +121,21 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
             kwargs[name] = 0.0
     kwargs.update(static)
     device = {k: sympy.Symbol(k, positive=True) for k in rule.device_scalars}
+    device.update({k: sympy.Symbol(k, real=True) for k in rule.shared})
     kwargs.update({k: Sym(s) for k, s in device.items()})
     out = rule.fn(Sym(param), Sym(grad), *(Sym(s) for s in states), step=Sym(STEP), **kwargs)
-    want = 1 + len(states)
+    want = 1 + len(states) + len(rule.shared)
     if not isinstance(out, tuple) or len(out) != want:
         got = len(out) if isinstance(out, tuple) else f"a {type(out).__name__}"
         raise TypeError(
             f"rule {rule.name} returned {got} values; it must return {want}: the new param then the "
             f"new {', '.join(rule.states) or '(no states)'} in declared order"
+            + (f", then the new {', '.join(rule.shared)}" if rule.shared else "")
         )
-    traced = Traced(rule, flags, param, grad, states, hyper, tuple(_to_sympy(o) for o in out),
-                    device)
+    out = tuple(_to_sympy(o) for o in out)
+    traced = Traced(rule, flags, param, grad, states, hyper, out[:1 + len(states)], device,
+                    out[1 + len(states):])
+    _check_totals(traced)
     for name, sym in traced.scalar_states.items():
         new = traced.outputs[1 + states.index(sym)]
         if not new.free_symbols <= traced.scalars:
@@ -129,6 +146,29 @@ def _trace_cached(rule: Rule, flags: tuple[tuple[str, bool], ...]) -> Traced:
                 "'signed' or 'nonnegative' to keep one value per element)"
             )
     return traced
+
+
+def _check_totals(traced: Traced) -> None:
+    """``total`` only in the shared numbers' new values, summing per-element terms; those values
+    read nothing per element outside a ``total``."""
+    rule = traced.rule.name
+    if any(o.has(Total) for o in traced.outputs):
+        raise TypeError(f"rule {rule}: total(x) sums over every parameter, so it is known only "
+                        "once the step has seen them all; only a shared number's new value may "
+                        "read it (sum_all(x) sums over the parameter being stepped)")
+    lane_free = traced.scalars | set(traced.device.values())
+    for name, new in zip(traced.rule.shared, traced.shared_outputs):
+        for t in new.atoms(Total):
+            if t.args[0].has(Total, SumAll, Orthogonalize):
+                raise NotImplementedError(f"rule {rule}: total({t.args[0]}) reads a reduction or "
+                                          "a matrix stage")
+        rest = new.xreplace({t: sympy.Dummy() for t in new.atoms(Total)})
+        if rest.has(SumAll, Orthogonalize) or not rest.free_symbols <= lane_free | rest.atoms(
+                sympy.Dummy):
+            raise TypeError(
+                f"rule {rule}: shared number {name!r} is updated to {new}, which reads "
+                "per-element values outside total(...); a shared number is one value for the "
+                "whole optimizer")
 
 
 def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:

@@ -31,7 +31,7 @@ from flashcompile.runtime.tensor_graph import TensorGraphs
 # rebuilt from the state at the next step; a copy of a released optimizer is not released
 _TRANSIENT = ("_buckets", "_buckets_of_group", "_plans", "_gradient_release", "_grad_unscale",
               "_per_tensor", "_flat_ids", "_tensor_graphs", "_factors", "last_grad_norm",
-              "_release_total")
+              "_release_total", "_shared")
 SAVED_METADATA = ("param_shapes", "codecs")  # per saved group, checked on load and not loaded
 
 
@@ -65,6 +65,7 @@ class Checkpoints:
         self.__dict__.setdefault("_gradient_release", None)
         self.__dict__.setdefault("_grad_unscale", None)
         self.__dict__.setdefault("_factors", {})
+        self.__dict__.setdefault("_shared", {})
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("max_grad_norm", None)
 

@@ -86,8 +86,8 @@ def values(rule: Rule, group: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{name} must be a tuple of {len(default)} floats, got {value!r}")
             out[name] = tuple(_number(f"{name}[{i}]", v, lo, hi, _label(name, i))
                               for i, v in enumerate(value))
-        else:
-            out[name] = _number(name, value, lo, hi, _label(name))
+        else:  # inf is allowed where it is the default (Prodigy's growth_rate: no limit)
+            out[name] = _number(name, value, lo, hi, _label(name), default == math.inf)
     return out
 
 
@@ -99,7 +99,8 @@ def _label(name: str, index: int | None = None) -> str:
     return _TORCH_WORDING.get(name, f"Invalid {name} value: {{value}}")
 
 
-def _number(name: str, value: Any, lo: float, hi: float, label: str) -> float:
+def _number(name: str, value: Any, lo: float, hi: float, label: str,
+            inf_allowed: bool = False) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
@@ -109,7 +110,8 @@ def _number(name: str, value: Any, lo: float, hi: float, label: str) -> float:
     else:  # a string would convert through float() and a bool would read as 0 or 1: refuse both
         raise TypeError(f"{name} must be a float (or a 1-element tensor), got "
                         f"{type(value).__name__} {value!r}")
-    if math.isnan(number) or number < lo or number >= hi:
+    if math.isnan(number) or number < lo or (number >= hi and not (inf_allowed and
+                                                                   number == math.inf)):
         allowed = f"be finite and >= {lo}" if hi == math.inf else f"lie in [{lo}, {hi})"
         raise ValueError(f"{label.format(value=value)}; {name} must {allowed}")
     return number

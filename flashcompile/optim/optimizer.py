@@ -22,6 +22,7 @@ from flashcompile.language.trace import check_facts, trace
 from flashcompile.optim import clipping, groups
 from flashcompile.optim import hyperparameters as _hyper
 from flashcompile.optim.checkpoint import Checkpoints
+from flashcompile.optim.shared import SharedNumbers
 from flashcompile.optim.stored_values import StoredValues
 from flashcompile.runtime import amp, distributed, guards
 from flashcompile.runtime.arena import Bucket
@@ -114,6 +115,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None  # the norm max_grad_norm last clipped
         self._factors: dict[torch.device, torch.Tensor] = {}  # this step's gradient factor
+        self._shared: dict[str, SharedNumbers] = {}  # by rule name: rules with shared numbers
         super().__init__(params, {**defaults, **implementation})
         self._check_codec_names()
         self.state = OptimizerState()  # counts its changes; missing keys say where a state lives
@@ -143,6 +145,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         try:
             self.hyperparameters_of(group)
             rule = self.rule_of(group)
+            for name in rule.shared:  # visible before the first step, as prodigyopt's d
+                group.setdefault(name, rule.shared_start(name, group))
             traced = trace(rule, dict(self.flags_of(group)))
             check_facts(traced)
             index = len(self.param_groups) - 1
@@ -311,6 +315,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             done = {id(p) for b in stepped for p in b.params}
             self._step_each([p for p in group["params"] if p.grad is not None and id(p) not in done],
                             flags, scalars)
+        self.finish_shared()
         return loss
 
     @torch.no_grad()
@@ -327,13 +332,14 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
         done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
         scalars = scalars or ScalarCache(self.hyperparameters_of(group))
+        numbers = self._shared_for(bucket.plan, bucket.device)
         shared = bucket.stores_scalar_states  # one vector per scalar state: read one, store all
         held = (() if not bucket.plan.key.rule.scalar_states else [self.state[bucket.params[0]]]
                 if shared
                 else [self.state[p] for p in bucket.params])
         factor = self._factors.get(bucket.device) if self.scales_gradients else None
         if bucket.try_step(functools.partial(scalars, bucket.plan, states=held,
-                                             advance=not shared), factor):
+                                             advance=not shared), factor, numbers):
             return True
         bucket.uniform_steps = None  # re-checked when it next tries
         return False
@@ -388,14 +394,18 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """Step each of ``params`` in its own launch (per-tensor path). Their step counts advance
         in one call, their scalar states in one call per set of values: per param, either cost
         about as much host time as the launch's own bookkeeping."""
-        if not params or self._tensor_graphs.replay(params, flags, self.state, scalars):
+        if not params:
+            return
+        first = to_local(params[0])
+        numbers = self._shared_for(self.plan_for(first, flags), first.device)
+        if self._tensor_graphs.replay(params, flags, self.state, scalars):
             return
         ready = [self._per_tensor_ready(p, flags) for p in params]
         torch._foreach_add_([r.state["step"] for r in ready], 1.0)
         values = [scalars(r.plan, int(r.state["step"].item()), (r.state,), defer=True)
                   for r in ready]
         for p, r, v in zip(params, ready, values):
-            self._launch_one(p, r, v, scalars)
+            self._launch_one(p, r, v, scalars, numbers)
         scalars.advance_deferred()
         self._tensor_graphs.after_eager(params, ready, flags, values)
 
@@ -420,7 +430,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         return ready
 
     def _launch_one(self, p: torch.Tensor, ready: PerTensor, values: list[float],
-                    scalars: ScalarCache) -> None:
+                    scalars: ScalarCache, numbers=None) -> None:
         grad, plan, combine = p.grad, ready.plan, None
         if is_dtensor(p):  # a view of FSDP2's storage; grad likewise
             combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
@@ -437,12 +447,38 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             s = scalars.tensor(values, ready.tail, p.device)
             if ready.launch is not None:
                 ready.launch(s, grad, ready.weight, *ready.fields,
-                             *plan.device_args(factor, p.device))
+                             *plan.device_args(factor, p.device, numbers))
             else:
-                plan.call_one(s, grad, ready.weight, ready.fields, factor)
-                ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields, factor)
+                plan.call_one(s, grad, ready.weight, ready.fields, factor, numbers)
+                ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields, factor, numbers)
         if ready.copies:  # a param with gaps in its storage: its values were copied out
             p.copy_(ready.weight.view(p.shape))
+
+    def _shared_for(self, plan: Plan, device: torch.device):
+        """The shared numbers (:mod:`flashcompile.optim.shared`) ``plan``'s kernels read and add
+        their totals to this step; None for a rule without them."""
+        rule = plan.key.rule
+        if not rule.shared:
+            return None
+        held = self._shared.get(rule.name)
+        if held is None:
+            held = self._shared[rule.name] = SharedNumbers(rule, device)
+        return held.for_step(self._groups_of_rule(rule.name), plan, device)
+
+    def _groups_of_rule(self, name: str) -> list[dict[str, Any]]:
+        return [g for g in self.param_groups if self.rule_of(g).name == name]
+
+    def finish_shared(self) -> None:
+        """Update the rules' shared numbers from this step's totals (every param has stepped):
+        ``step()`` calls it, and gradient release at the end of the iteration."""
+        for name, held in self._shared.items():
+            groups = self._groups_of_rule(name)
+            if held.plan is None or not groups:
+                continue
+            state = next((self.state[p] for g in groups for p in g["params"]
+                          if "step" in self.state.get(p, {})), None)
+            step = int(state["step"]) if state is not None else 1
+            held.finish(groups, self.hyperparameters_of(groups[0]), step)
 
     def _flat_buckets(self, index: int, group: Mapping[str, Any], flags) -> list[Bucket]:
         """The group's buckets (one per dtype and device), built or rebuilt as needed.

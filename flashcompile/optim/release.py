@@ -121,6 +121,7 @@ class GradientRelease:
             for p in group["params"]:
                 if p.grad is not None and id(p) not in self._params:
                     self.optimizer.step_param(p, group)
+        self.optimizer.finish_shared()  # every param has stepped: Prodigy's d for the next
 
     def remove(self) -> None:
         """Unhook every parameter: ``optimizer.step()`` steps after backward again."""

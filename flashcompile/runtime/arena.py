@@ -192,7 +192,7 @@ class Bucket:
 
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]],
-                 factor: torch.Tensor | None = None) -> bool:
+                 factor: torch.Tensor | None = None, shared=None) -> bool:
         """Step every param in one launch. Returns False (and does nothing) when that would differ
         from stepping each param (see :meth:`ready`). ``factor``: a scaling plan's gradient
         factor this step (a 1-element tensor on the device; copied into the bucket's own)."""
@@ -219,7 +219,8 @@ class Bucket:
             self.factor.copy_(factor)
         if not self.weights.is_cuda:
             self.plan.call(scalar_vector(values[0], values[1:], self.weights.device), grads,
-                           weights, fields, ends, lanes=lanes, stage=stage, factor=self.factor)
+                           weights, fields, ends, lanes=lanes, stage=stage, factor=self.factor,
+                           shared=shared)
             return True
         if self._scalars is None:
             self._scalars = _ScalarUpload(len(values), self.weights.device)
@@ -229,12 +230,13 @@ class Bucket:
             return True
         # compiles, tunes on first use
         self.plan.call(s, grads, weights, fields, ends, lanes=lanes, stage=stage,
-                       factor=self.factor)
+                       factor=self.factor, shared=shared)
         # staged gradients move; a matrix stage's host loop reads this step's scalars
         if self.plan.key.compiled and not staged and stage is None and self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records the launch; runs nothing now
-                self.plan.call(s, grads, weights, fields, ends, lanes=lanes, factor=self.factor)
+                self.plan.call(s, grads, weights, fields, ends, lanes=lanes, factor=self.factor,
+                               shared=shared)
         return True
 
     def _staged_grads(self) -> torch.Tensor:

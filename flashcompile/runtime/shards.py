@@ -101,10 +101,10 @@ class ShardBucket:
 
     @torch.no_grad()
     def try_step(self, scalars: Callable[[int], list[float]],
-                 factor: torch.Tensor | None = None) -> bool:
+                 factor: torch.Tensor | None = None, shared=None) -> bool:
         """Step every shard in one launch; False (nothing done) where that would differ from
         stepping each: a grad is None, or step counts (or scalar states) differ. ``factor``: the
-        gradient factor of a scaling plan (``Plan.call``)."""
+        gradient factor of a scaling plan, ``shared`` the rule's shared numbers (``Plan.call``)."""
         if not self.plan.steps_flat or (self.plan.reduces and self._combine is False):
             return False
         if any(p.grad is None for p in self.params):
@@ -130,7 +130,8 @@ class ShardBucket:
         weights, staged = self._staged(shards)
         self.plan.call(scalar_vector(values[0], values[1:], self.device), groups(grads, False, 0, self.groups),
                        groups(weights, False, 0, self.groups), self._fields, self._ends,
-                       self._combine if self.plan.reduces else None, self._lanes, factor=factor)
+                       self._combine if self.plan.reduces else None, self._lanes, factor=factor,
+                       shared=shared)
         _copy(shards, staged)
         return True
 
