@@ -40,7 +40,7 @@ from flashcompile import codecs as _codecs
 from flashcompile.codecs import GROUP, PARAM, Codec
 from flashcompile.codecs.layout import padded
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
-from flashcompile.compiler.plan import PlanKey, get_plan, state_key
+from flashcompile.compiler.plan import PlanKey, Shared, get_plan, state_key
 from flashcompile.language.dsl import Rule
 from flashcompile.language.sensitivity import Sensitivity
 from flashcompile.language.trace import check_facts, trace
@@ -131,9 +131,22 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     # scalar states (NAdam's mu_product) are read from opt's state, not advanced
     values = plan.scalars(step, opt.hyperparameters_of(group), opt.state.get(p))
     plan.run(master, p.grad, stored, values,
-             matrices=plan.matrices([p], p.device) if plan.stages else None)
+             matrices=plan.matrices([p], p.device) if plan.stages else None,
+             shared=_shared_as_held(opt, rule, group, plan, p.device))
     new = {PARAM: master, **{k: stored[k][: p.numel()].view_as(p) for k in stored}}
     return flash, new, old
+
+
+def _shared_as_held(opt: Optimizer, rule: Rule, group, plan, device) -> Shared | None:
+    """The rule's shared numbers as ``opt``'s next step reads them (copies, and a scratch
+    accumulator: the fp32 step must not add to ``opt``'s totals)."""
+    if not rule.shared:
+        return None
+    fresh = not any(float(opt.state.get(q, {}).get("step", 0))
+                    for g in opt._groups_of_rule(rule.name) for q in g["params"])
+    values = {k: torch.full((1,), rule.shared_start(k, group) if fresh or k not in group
+                            else float(group[k]), device=device) for k in rule.shared}
+    return Shared(values, torch.zeros(len(plan.lowered.totals), device=device))
 
 
 def assert_within_bounds(opt: Optimizer, params, refs, step: int, compiled: bool = False,
@@ -382,10 +395,13 @@ def check_rule(rule: Rule, *, codecs: Any = "flash",
 class UntrackedRule(UserWarning):
     """:func:`check_rule` could not run property 4: the rule uses an op the error envelope has no
     interval rule for (today ``sum_all`` and ``orthogonalize``: LAMB, LARS and Muon run properties
-    1-3 and 5)."""
+    1-3 and 5), or the rule has shared numbers (Prodigy's d: a sum over every parameter)."""
 
 
 def _untracked_reason(rule: Rule, flags: Mapping[str, bool]) -> str:
+    if rule.shared:
+        return (f"shared numbers {list(rule.shared)}: each step's values depend on every "
+                "parameter (total), not on one parameter's float64 run")
     key = tuple(sorted(flags.items()))
     return _sensitivity(rule, key, (PARAM, *trace(rule, flags).live_states())).unsupported
 

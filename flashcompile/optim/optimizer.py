@@ -463,7 +463,14 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         held = self._shared.get(rule.name)
         if held is None:
             held = self._shared[rule.name] = SharedNumbers(rule, device)
-        return held.for_step(self._groups_of_rule(rule.name), plan, device)
+        groups = self._groups_of_rule(rule.name)
+
+        def fresh() -> bool:
+            # no step taken (a flat bucket allocates its states, step 0, before it steps)
+            return not any(float(self.state.get(p, {}).get("step", 0)) for g in groups
+                           for p in g["params"])
+
+        return held.for_step(groups, plan, device, fresh)
 
     def _groups_of_rule(self, name: str) -> list[dict[str, Any]]:
         return [g for g in self.param_groups if self.rule_of(g).name == name]

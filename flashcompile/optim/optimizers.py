@@ -31,6 +31,7 @@ from flashcompile.rules import (
     mars,
     muon,
     nadam,
+    prodigy,
     radam,
     rmsprop,
     rprop,
@@ -271,6 +272,44 @@ MARS = optimizer_class(mars, "MARS", """MARS-AdamW (arXiv 2411.10438), the autho
     form: AdamW on ``g + gamma * beta1 / (1 - beta1) * (g - g_prev)``, its norm clipped to 1 per
     param; keeps the previous gradient as an 8-bit state (8.19 B/param with the flash codecs).""")
 
+class Prodigy(optimizer_class(prodigy, "Prodigy", "")):
+    """Prodigy (arXiv 2306.06101), as the authors' ``prodigyopt.Prodigy`` (Adam form): Adam whose
+    step size ``d`` grows from ``d0`` as it learns how far the weights are from where they
+    started; ``lr`` (default 1) scales it. ``beta3=None`` is ``sqrt(betas[1])``, resolved when the
+    group is added. ``d``, ``d_max`` and ``d_numerator`` are shared by every param group
+    (``optimizer.param_groups[0]["d"]``, a float64 tensor on the device) and saved in state
+    dicts; each step's sums over every parameter set the next step's ``d`` inside the kernels
+    (no host sync, gradient release included). Its groups must agree on the hyperparameters
+    ``d`` is updated with (``beta3``, ``d0``, ``d_coef``, ``growth_rate``). With the flash codecs
+    it keeps the initial weight in bf16 and ``s`` as an 8-bit state rounded stochastically
+    (10.19 B/param with the gradient)."""
+
+    def __init__(self, params: Iterable, lr: float = 1.0,
+                 betas: tuple[float, float] = (0.9, 0.999), beta3: float | None = None,
+                 eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True,
+                 use_bias_correction: bool = False, safeguard_warmup: bool = False,
+                 d0: float = 1e-6, d_coef: float = 1.0, growth_rate: float = float("inf"),
+                 **options: Any):
+        betas = tuple(betas)
+        super().__init__(params, lr=lr, betas=betas,
+                         beta3=_sqrt_beta2(betas) if beta3 is None else beta3, eps=eps,
+                         weight_decay=weight_decay, decouple=decouple,
+                         use_bias_correction=use_bias_correction,
+                         safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef,
+                         growth_rate=growth_rate, **options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("beta3", 0.0) is None:  # a group's own betas give its beta3
+            param_group = {**param_group, "beta3": _sqrt_beta2(
+                tuple(param_group.get("betas", self.defaults["betas"])))}
+        super().add_param_group(param_group)
+
+
+def _sqrt_beta2(betas) -> float:
+    beta2 = betas[1]
+    return float(beta2) ** 0.5 if isinstance(beta2, (int, float)) else float(beta2.item()) ** 0.5
+
+
 class AdamWScheduleFree(optimizer_class(adamw_schedule_free, "AdamWScheduleFree", "")):
     """Schedule-free AdamW (arXiv 2405.15682), as the authors' ``AdamWScheduleFree``: no learning
     rate schedule (``warmup_steps`` only). While training the params hold the point the gradient
@@ -321,4 +360,4 @@ class AdamWScheduleFree(optimizer_class(adamw_schedule_free, "AdamWScheduleFree"
 # the contract tests iterate this.
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in (
     SGD, SGDW, Adam, AdamW, Lion, LAMB, LARS, AdEMAMix, Adan, Adagrad, RMSprop, Adadelta, Adamax,
-    NAdam, RAdam, ASGD, Rprop, Muon, ADOPT, CautiousAdamW, MARS, AdamWScheduleFree)}
+    NAdam, RAdam, ASGD, Rprop, Muon, ADOPT, CautiousAdamW, MARS, AdamWScheduleFree, Prodigy)}

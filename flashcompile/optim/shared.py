@@ -11,7 +11,7 @@ user) is copied into them before the next step reads it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,15 +31,21 @@ class SharedNumbers:
                              torch.zeros(0, device=device))
         self.plan: Plan | None = None  # the plan whose totals this step accumulated
 
-    def for_step(self, groups: Sequence[dict[str, Any]], plan: Plan,
-                 device: torch.device) -> Shared:
-        """What ``plan``'s kernels read and add to this step (values adopted from ``groups``)."""
+    def for_step(self, groups: Sequence[dict[str, Any]], plan: Plan, device: torch.device,
+                 fresh: Callable[[], bool]) -> Shared:
+        """What ``plan``'s kernels read and add to this step (values adopted from ``groups``;
+        ``fresh()``: whether no param of the rule has state, as after ``optimizer.state.clear()``,
+        which starts the shared numbers again too)."""
         if device != self.device:
             raise NotImplementedError(
                 f"{self.rule.name}'s shared numbers {list(self.rule.shared)} live on "
                 f"{self.device}; a parameter on {device} cannot read them (keep the optimizer's "
                 "params on one device)")
         if self.plan is None:
+            if fresh():
+                for group in groups:
+                    for name in self.rule.shared:
+                        group[name] = self.rule.shared_start(name, group)
             self.adopt(groups)
             self.plan = plan
             count = len(plan.lowered.totals)

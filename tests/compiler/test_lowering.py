@@ -340,9 +340,14 @@ def test_every_primitive_lowers_to_what_its_torch_form_computes(op):
     operands = _OPERANDS.get(op, lambda p, g: (g,))
     primitive = getattr(fc, op)
 
-    @fc.rule(defaults=dict(lr=0.0), states={"s": "signed"})
-    def applies(p, g, s, *, step, lr):
-        return p - lr * g, primitive(*operands(p, g)) + 0 * s
+    if op == "total":  # a sum over every parameter: a shared number reads it
+        @fc.rule(defaults=dict(lr=0.0), states={}, shared={"t": 0.0})
+        def applies(p, g, *, step, lr, t):
+            return p - lr * g, primitive(*operands(p, g))
+    else:
+        @fc.rule(defaults=dict(lr=0.0), states={"s": "signed"})
+        def applies(p, g, s, *, step, lr):
+            return p - lr * g, primitive(*operands(p, g)) + 0 * s
 
     gen = torch.Generator().manual_seed(0)
     shape = (10, 7) if op == "orthogonalize" else (70,)  # a matrix stage: a matrix
@@ -351,5 +356,5 @@ def test_every_primitive_lowers_to_what_its_torch_form_computes(op):
     want = torch_fn(*operands(param.detach(), param.grad), *_DEFAULTS.get(op, ()))
     opt = fc.Optimizer([param], applies, codecs="fp32", compile=False)
     opt.step()
-    got = opt.state_value(param, "s")
+    got = opt.param_groups[0]["t"].float() if op == "total" else opt.state_value(param, "s")
     torch.testing.assert_close(got, want.expand_as(got), rtol=1e-6, atol=1e-6)

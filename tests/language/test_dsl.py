@@ -107,3 +107,80 @@ def test_a_zero_branch_drops_only_the_state_its_zero_leaves_unread():
         return p - lr * g, g
 
     assert trace(keeps_last, {}).live_states() == ("last",)
+
+
+def test_total_is_read_only_by_shared_numbers():
+    """``total`` is known once the step has seen every parameter: an update of the parameter
+    or a state cannot read it (sum_all is the per-parameter sum)."""
+    with pytest.raises(TypeError, match="only a shared number's new value may read it"):
+        @fc.rule(defaults=dict(lr=0.1), states={}, shared={"n": 0.0})
+        def early(p, g, *, step, lr, n):
+            return p - lr * g / fc.total(g * g), n
+
+
+def test_a_shared_number_may_read_elements_only_inside_total():
+    with pytest.raises(TypeError, match="shared number 'n' .* per-element values"):
+        @fc.rule(defaults=dict(lr=0.1), states={}, shared={"n": 0.0})
+        def leaky(p, g, *, step, lr, n):
+            return p - lr * g, n + g
+
+
+def test_shared_numbers_are_declared_with_a_start_and_taken_as_keywords():
+    with pytest.raises(ValueError, match="starts at 'nope'"):
+        @fc.rule(defaults=dict(lr=0.1), states={}, shared={"n": "nope"})
+        def unnamed(p, g, *, step, lr, n):
+            return p - lr * g, n
+    with pytest.raises(ValueError, match="has the name of a hyperparameter"):
+        @fc.rule(defaults=dict(lr=0.1), states={}, shared={"lr": 0.0})
+        def clash(p, g, *, step, lr):
+            return p - lr * g, lr
+    with pytest.raises(TypeError, match="every shared number"):
+        @fc.rule(defaults=dict(lr=0.1), states={}, shared={"n": 0.0})
+        def missing(p, g, *, step, lr):
+            return p - lr * g, 0.0
+    with pytest.raises(TypeError, match="then the new n"):
+        @fc.rule(defaults=dict(lr=0.1), states={}, shared={"n": 0.0})
+        def short(p, g, *, step, lr, n):
+            return (p - lr * g,)
+
+
+@fc.rule(defaults=dict(lr=0.1, start=0.0), states={"m": "signed"},
+         shared={"count": "start", "sum_sq": 0.0})
+def counting(p, g, m, *, step, lr, start, count, sum_sq):
+    """Counts every element it steps (a term that is 1 on padding lanes too: masked) and sums
+    the squares of the gradients; steps by the previous step's count."""
+    return (p - lr * count * g, g, count + fc.total(g * 0 + 1.0),
+            sum_sq + fc.total(g * g))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_totals_sum_every_element_of_every_parameter_once(flat, compiled):
+    """A flat bucket lays odd sizes end to end with padding lanes between them: a total's term
+    that is not 0 there (the count) is masked, one that is (g * g) needs no mask; the per-tensor
+    path sums each padded parameter. Shared numbers start from their hyperparameter, are read
+    by the step after, and live in every group."""
+    shapes = [(40,), (7,), (5, 33)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = fc.Optimizer(params[:2], counting, codecs="fp32", flat=flat, compile=compiled,
+                       start=2.0)
+    opt.add_param_group({"params": params[2:]})
+    assert float(opt.param_groups[0]["count"]) == 2.0
+    numel = sum(p.numel() for p in params)
+    for step in range(1, 3):
+        before = [p.detach().clone() for p in params]
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        count = 2.0 + numel * (step - 1)  # what this step read
+        for p, b, g in zip(params, before, grads):
+            torch.testing.assert_close(p.detach(), b - 0.1 * count * g)
+        groups = opt.param_groups
+        assert float(groups[0]["count"]) == 2.0 + numel * step
+        assert groups[1]["count"] is groups[0]["count"]
+        want = sum(float((g.double() ** 2).sum()) for g in grads)
+        assert float(groups[0]["sum_sq"]) == pytest.approx(want + (
+            0.0 if step == 1 else prev), rel=1e-6)
+        prev = float(groups[0]["sum_sq"])

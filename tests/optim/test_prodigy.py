@@ -1,0 +1,195 @@
+"""Prodigy: a rule whose shared numbers (d, d_max, the numerator) are updated from sums over every
+parameter (``total``) once per step.
+
+With fp32 codecs it must track a float64 implementation written here from the paper (arXiv
+2306.06101) and the authors' prodigyopt: the d it learns and the weights it moves. The kernel
+computes in fp32: each step's sums and updates carry a few fp32 roundings (2^-24 relative each),
+which the next steps' d amplifies by at most its growth; over 12 steps that stays below 1e-5
+relative, so the bars are 1e-4 on d and on the weights (relative to the largest weight). A wrong
+factor (dlr, d/d0, beta3, the decay form) moves d by tens of percent within two steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import flashcompile as fc
+
+RTOL = 1e-4
+SHAPES = [(37,), (8, 9), (64,)]
+OPTIONS = [
+    dict(),
+    dict(weight_decay=0.1, decouple=False),
+    dict(use_bias_correction=True, growth_rate=1.5),
+    dict(safeguard_warmup=True, weight_decay=0.1),
+    dict(betas=(0.8, 0.99), beta3=0.9, d_coef=0.5, eps=1e-6),
+]
+
+
+def prodigy_float64(params, grads_per_step, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8,
+                    weight_decay=0.0, decouple=True, use_bias_correction=False,
+                    safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=math.inf):
+    """Prodigy's Adam form in float64, as prodigyopt 1.0 computes it, except that the update's
+    eps term reads the step's d (flashcompile's one-pass form: the next d is known only after
+    every parameter stepped). Returns (d, weights) after each step."""
+    beta1, beta2 = betas
+    beta3 = math.sqrt(beta2) if beta3 is None else beta3
+    x = [p.detach().double().clone() for p in params]
+    x0 = [p.clone() for p in x]
+    m, v, s = ([torch.zeros_like(p) for p in x] for _ in range(3))
+    d, d_max, numerator = d0, d0, 0.0
+    out = []
+    for k, grads in enumerate(grads_per_step, start=1):
+        bias = math.sqrt(1 - beta2**k) / (1 - beta1**k) if use_bias_correction else 1.0
+        dlr = d * lr * bias
+        numerator *= beta3
+        denominator = 0.0
+        for i, g in enumerate(grads):
+            g = g.double() + (weight_decay * x[i] if not decouple else 0.0)
+            numerator += (d / d0) * dlr * float((g * (x0[i] - x[i])).sum())
+            m[i] = beta1 * m[i] + d * (1 - beta1) * g
+            v[i] = beta2 * v[i] + d * d * (1 - beta2) * g * g
+            s[i] = beta3 * s[i] + (d / d0) * (d if safeguard_warmup else dlr) * g
+            denominator += float(s[i].abs().sum())
+        for i in range(len(x)):
+            if decouple:
+                x[i] = x[i] - weight_decay * dlr * x[i]
+            x[i] = x[i] - dlr * m[i] / (v[i].sqrt() + d * eps)
+        d_hat = d_coef * numerator / denominator if denominator > 0 else 0.0
+        if d == d0:
+            d = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d = min(d_max, d * growth_rate)
+        out.append((d, [t.clone() for t in x]))
+    return out
+
+
+def _problem(seed, steps=12):
+    """Weights of a network's scale (0.05) and gradients with a steady direction, so Prodigy's d
+    grows from d0 = 1e-4 (its estimate of the distance to travel) step after step."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [0.05 * torch.randn(s, generator=gen) for s in SHAPES]
+    drift = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [[d + 0.3 * torch.randn(d.shape, generator=gen) for d in drift]
+             for _ in range(steps)]
+    return init, grads
+
+
+def _run(opt, params, grads):
+    ds = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone().to(p.dtype)
+        opt.step()
+        ds.append(float(opt.param_groups[0]["d"]))
+    return ds
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize("flat", [False, True])
+def test_prodigy_with_fp32_codecs_tracks_float64_prodigy(options, flat):
+    init, grads = _problem(0)
+    want = prodigy_float64(init, grads, d0=1e-4, **options)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fc.Prodigy(params, codecs="fp32", flat=flat, compile=False, d0=1e-4, **options)
+    got = _run(opt, params, grads)
+    assert want[-1][0] > 10 * 1e-4  # d grew: the sums did their work
+    for k, (d, _) in enumerate(want):
+        assert got[k] == pytest.approx(d, rel=RTOL), f"step {k + 1}"
+    scale = max(float(t.abs().max()) for t in want[-1][1])
+    for p, x in zip(params, want[-1][1]):
+        assert float((p.detach().double() - x).abs().max()) <= RTOL * scale
+
+
+def test_prodigy_compiled_steps_as_its_eager_plan_in_both_layouts():
+    """The kernels Inductor builds (one per bucket, one per tensor) sum the totals in their own
+    order, and a compiled 8-bit code may sit one code step from the eager one (fused multiply-
+    adds): an element of s one step (1/127 of its group's scale) off moves ||s||_1, so d, by
+    up to about 1e-4 of itself per step; 1e-3 over 6 steps."""
+    init, grads = _problem(1, steps=6)
+    runs = []
+    for flat, compiled in [(False, False), (False, True), (True, True)]:
+        params = [torch.nn.Parameter(t.clone().bfloat16()) for t in init]
+        opt = fc.Prodigy(params, flat=flat, compile=compiled, d0=1e-4)
+        runs.append((_run(opt, params, grads), params))
+    (base, base_params), *others = runs
+    for ds, params in others:
+        assert ds == pytest.approx(base, rel=1e-3)
+        for p, q in zip(params, base_params):
+            assert torch.allclose(p.float(), q.float(), rtol=0, atol=2 ** -7 * 0.2)
+
+
+def test_prodigy_resumes_from_its_state_dict_bit_for_bit():
+    init, grads = _problem(2, steps=6)
+    params = [torch.nn.Parameter(t.clone().bfloat16()) for t in init]
+    opt = fc.Prodigy(params, d0=1e-4, compile=False)
+    _run(opt, params, grads[:3])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved_params = [p.detach().clone() for p in params]
+    _run(opt, params, grads[3:])
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    twin = fc.Prodigy(resumed, d0=1e-4, compile=False)
+    buf.seek(0)
+    twin.load_state_dict(torch.load(buf))
+    assert float(twin.param_groups[0]["d"]) > 1e-4
+    _run(twin, resumed, grads[3:])
+    for name in ("d", "d_max", "d_numerator"):
+        assert torch.equal(twin.param_groups[0][name], opt.param_groups[0][name]), name
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q)
+
+
+def test_prodigy_shares_d_across_groups_and_a_copy_carries_it():
+    init, grads = _problem(3, steps=4)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = fc.Prodigy([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.01}],
+                     d0=1e-4, compile=False)
+    assert opt.param_groups[1]["d"] == 1e-4  # visible before the first step, as prodigyopt's
+    _run(opt, params, grads[:2])
+    first, second = opt.param_groups
+    assert second["d"] is first["d"] and first["d"].dtype == torch.float64
+    twin = copy.deepcopy(opt)
+    _run(opt, params, grads[2:])
+    _run(twin, [p for g in twin.param_groups for p in g["params"]], grads[2:])
+    assert torch.equal(twin.param_groups[1]["d"], opt.param_groups[0]["d"])
+
+
+def test_prodigy_groups_must_agree_on_what_updates_d():
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(2)]
+    opt = fc.Prodigy([{"params": params[:1]}, {"params": params[1:], "d_coef": 0.5}],
+                     compile=False)
+    for p in params:
+        p.grad = torch.randn(8)
+    with pytest.raises(ValueError, match="same d_coef"):
+        opt.step()
+
+
+def test_prodigy_under_gradient_release_learns_the_same_d():
+    """Released params step inside backward, each adding its sums; d is updated when the
+    iteration ends (``optimizer.step()``), as without release."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    opt = fc.Prodigy(model.parameters(), d0=1e-4, compile=False, codecs="fp32")
+    released = fc.Prodigy(twin.parameters(), d0=1e-4, compile=False, codecs="fp32")
+    handle = fc.enable_gradient_release(twin, released)
+    for _ in range(5):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        released.step()
+    handle.remove()
+    assert float(released.param_groups[0]["d"]) == pytest.approx(
+        float(opt.param_groups[0]["d"]), rel=1e-5)
+    assert float(opt.param_groups[0]["d"]) > 1e-4
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
