@@ -332,8 +332,10 @@ def _fsdp_trust_ratio(rank, world_size, tmp_path, device):
         x, y = torch.randn(8, 10, generator=gen), torch.randint(0, 3, (8,), generator=gen)
         return F.cross_entropy(model(x.to(device)), y.to(device))
 
-    for make in (fc.LAMB, fc.LARS):
+    for make in (fc.LAMB, fc.LARS, fc.Prodigy):  # Prodigy: sums over every param, all ranks
         kw = {"lr": 1e-2, "codecs": "fp32", "compile": False}
+        if make is fc.Prodigy:
+            kw.update(lr=1.0, d0=1e-3)
         runs = []
         for mode in ("flat", "per tensor", "release"):
             model = _shard(fp32_uneven())
@@ -344,13 +346,20 @@ def _fsdp_trust_ratio(rank, world_size, tmp_path, device):
         ref = fp32_uneven()
         ref_opt = make(ref.parameters(), flat=False, **kw)
         start = [q.detach().clone() for q in ref.parameters()]
-        for step in range(3):
+        # Prodigy: d moves from step 3 on, where the same batches keep the gradients steady
+        for step in range(6 if make is fc.Prodigy else 3):
+            batch = 0 if make is fc.Prodigy else step
             for _, model, opt in runs:
-                batch_loss(model, step, rank).backward()
+                batch_loss(model, batch, rank).backward()
                 opt.step()
                 opt.zero_grad()
-            _reference_step(ref, ref_opt, batch_loss, step, world_size)
+            _reference_step(ref, ref_opt, batch_loss, batch, world_size)
         assert len(runs[0][2]._buckets) >= 1  # the flat run stepped shard buckets
+        if make is fc.Prodigy:
+            d = float(ref_opt.param_groups[0]["d"])
+            assert d > 2e-3, d  # the distance estimate grew: the sums over every param count
+            for mode, _, opt in runs:
+                assert float(opt.param_groups[0]["d"]) == pytest.approx(d, rel=1e-5), mode
         for mode, model, _ in runs:
             for (name, p), q, q0 in zip(model.named_parameters(), ref.parameters(), start):
                 # each rank sums its shard, the all-reduce adds the ranks' sums: fp32 rounding of
@@ -410,7 +419,8 @@ def test_fsdp2_uneven_shards_step_within_codec_bounds(tmp_path, device):
 def test_fsdp2_trust_ratio_rules_take_norms_over_the_whole_param(tmp_path, device):
     """LAMB and LARS under FSDP2 (shards starting mid-group, an empty shard): each rank sums its
     shard and the sums are all-reduced before any weight moves, so flat shard buckets, per-tensor
-    steps and gradient release all match one process stepping the whole model."""
+    steps and gradient release all match one process stepping the whole model. Prodigy's sums
+    over every parameter are all-reduced before d is updated, likewise."""
     _launch(_fsdp_trust_ratio, 2, tmp_path, device)
 
 
