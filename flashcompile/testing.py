@@ -124,7 +124,8 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     master = opt.master_weight(p).clone()
     started = bool(opt.state.get(p))
     old = {PARAM: master.clone(),
-           **{k: opt.state_value(p, k) if started else torch.zeros_like(master) for k in live}}
+           **{k: opt.state_value(p, k) if started else master.clone() if k in rule.starts
+              else torch.zeros_like(master) for k in live}}
     stored = {state_key(k, c.fields[0]): padded(old[k], torch.float32).view(-1)
               for k, c in plan.codecs.items() if k != PARAM}
     step = int(opt.state[p]["step"].item()) + 1 if started else 1
@@ -264,9 +265,9 @@ def track_fp64(rule: Rule, hyper: Mapping[str, Any], shapes_: list[tuple[int, ..
         return None
     scalar_states = getattr(rule, "scalar_states", ())
     scalars = [v for name in traced.hyper for v in np.atleast_1d(values[name]).tolist()]
-    ref = [{PARAM: p.detach().double(), **{k: torch.zeros(p.shape, dtype=torch.float64)
-                                           for k in rule.states if k not in scalar_states}}
-           for p in params]
+    ref = [{PARAM: p.detach().double(), **{
+        k: p.detach().double() if k in rule.starts else torch.zeros(p.shape, dtype=torch.float64)
+        for k in rule.states if k not in scalar_states}} for p in params]
     start = [r[PARAM].clone() for r in ref]
     host = [dict.fromkeys(scalar_states, 0.0) for _ in params]
     tol = [{k: np.zeros(p.numel()) for k in (PARAM, *live)} for p in params]

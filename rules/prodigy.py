@@ -31,6 +31,7 @@ from flashcompile.language import abs, maximum, minimum, rule, sqrt, total, wher
     # s is a slow EMA (beta3 = sqrt(beta2)): rounded stochastically, as AdEMAMix's slow momentum;
     # p0 - p must resolve the first steps' moves: p0 in bf16, exact for a bf16 model's weights
     flash_codecs={"s": "softsign_adaptive_sr", "p0": "bf16"},
+    starts={"p0": "param"},  # read, never written: no store per step
     ranges={"beta3": (0.0, 1.0), "d0": (1e-30, math.inf), "growth_rate": (1.0, math.inf)},
     shared={"d": "d0", "d_max": "d0", "d_numerator": 0.0},
 )
@@ -42,7 +43,6 @@ def prodigy(p, g, exp_avg, exp_avg_sq, s, p0, *, step, lr, betas, beta3, eps, we
     dlr = d * lr * bias
     if not decouple:
         g = g + weight_decay * p
-    p0 = where(step == 1, p, p0)
     m = beta1 * exp_avg + d * (1 - beta1) * g
     v = beta2 * exp_avg_sq + d * d * (1 - beta2) * g * g
     s = beta3 * s + (d / d0) * (d if safeguard_warmup else dlr) * g

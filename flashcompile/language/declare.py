@@ -21,6 +21,7 @@ def rule(
     choices: Mapping[str, tuple[Any, ...]] | None = None,
     zero_branches: tuple[str, ...] = (),
     shared: Mapping[str, float | str] | None = None,
+    starts: Mapping[str, str] | None = None,
 ) -> Callable[[Callable], Rule]:
     """Declare an optimizer update rule.
 
@@ -36,7 +37,8 @@ def rule(
             a step size set from the previous step's lr). Its update may depend only on step,
             hyperparameters and scalar states; it is computed on the host in float64 and kept as a
             0-d fp32 tensor in the parameter's state, as torch.optim keeps such values.
-            Every state starts at zero; a nonzero start is ``where(step == 1, start, state)``. A
+            Every state starts at zero (see ``starts``); a nonzero start is ``where(step == 1,
+            start, state)``. A
             scalar state missing from a loaded state dict (torch.optim's, or one saved before the
             rule had it) also loads as zero: after step 1 the rule must read that as "unknown".
         ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
@@ -62,6 +64,11 @@ def rule(
             their update reads the hyperparameters of the rule's groups, which must agree on
             those it reads.
 
+        starts: optional state -> ``"param"``: the state starts at the parameter's value when its
+            state is allocated (Prodigy's initial weight ``p0``), where ``where(step == 1, p,
+            state)`` would store it again every step. A state that only keeps its start is
+            read and never written.
+
     The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>,
     <shared numbers>)`` and returns ``(p, <states in declared order>, <new shared numbers>)``.
     """
@@ -69,12 +76,17 @@ def rule(
     def wrap(fn: Callable) -> Rule:
         r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
                  dict(flash_codecs or {}), {k: tuple(v) for k, v in (choices or {}).items()},
-                 zero_branches=tuple(zero_branches), shared=dict(shared or {}))
+                 zero_branches=tuple(zero_branches), shared=dict(shared or {}),
+                 starts=dict(starts or {}))
         for name in r.zero_branches:
             if name not in r.floats or isinstance(r.defaults[name], tuple):
                 raise ValueError(f"rule {r.name}: zero_branches names {name!r}, which is not a "
                                  "float hyperparameter")
         _check_signature(r)
+        for name, start in r.starts.items():
+            if name not in r.states or r.states[name] == "scalar" or start != "param":
+                raise ValueError(f"rule {r.name}: starts={{{name!r}: {start!r}}}; name a "
+                                 "per-element state and 'param' (its start: the parameter)")
         for name, start in r.shared.items():
             if name in r.defaults or name in r.states or name == "step":
                 raise ValueError(f"rule {r.name}: shared number {name!r} has the name of a "

@@ -307,6 +307,8 @@ class Rule:
     # name of a float hyperparameter; passed to the rule as keywords, their new values returned
     # after the states'. See :func:`flashcompile.language.declare.rule`.
     shared: Mapping[str, float | str] = field(default_factory=dict)
+    # states that start at the parameter's value instead of 0 (Prodigy's p0): state -> "param"
+    starts: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def flags(self) -> tuple[str, ...]:

@@ -252,7 +252,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
 
     def init_state(self, p: torch.Tensor, plan: Plan, state: dict[str, Any],
                    into: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Allocate missing fields by encoding the initial values (zeros; the param for 'param'),
+        """Allocate missing fields by encoding the initial values (zeros; the param for 'param'
+        and for the states the rule ``starts`` there),
         in the param's memory order (flashcompile.codecs.layout). ``into``: flat buffer views by state
         key; every such field ends up there (missing ones encoded in place, adopted or loaded
         ones copied in) and the state holds the view."""
@@ -271,7 +272,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
                 continue
             out = None if into is None else [
                 into.get(state_key(name, f)) if f in missing else None for f in codec.fields]
-            if name == PARAM:
+            if name == PARAM or plan.key.rule.starts.get(name) == "param":
                 encoded = layout.encode_flat(codec, layout.flat(p.detach(), layout.memory_order(p)),
                                              out)
             else:

@@ -184,3 +184,14 @@ def test_totals_sum_every_element_of_every_parameter_once(flat, compiled):
         assert float(groups[0]["sum_sq"]) == pytest.approx(want + (
             0.0 if step == 1 else prev), rel=1e-6)
         prev = float(groups[0]["sum_sq"])
+
+
+def test_a_state_starts_at_the_param_only_when_declared_so():
+    with pytest.raises(ValueError, match="starts="):
+        @fc.rule(defaults=dict(lr=0.1), states={"w0": "signed"}, starts={"w0": "zero"})
+        def bad_start(p, g, w0, *, step, lr):
+            return p - lr * g, w0
+    with pytest.raises(ValueError, match="starts="):
+        @fc.rule(defaults=dict(lr=0.1), states={"w0": "signed"}, starts={"w1": "param"})
+        def unknown(p, g, w0, *, step, lr):
+            return p - lr * g, w0
