@@ -281,13 +281,14 @@ def keeps_zero_expr(traced: Traced, expr: sympy.Expr) -> bool:
 
 
 def math_text(traced: Traced, latex: bool = False) -> str:
-    """The update as equations, one per output, for docs and ``explain``.
+    """The update as equations, one per output (the shared numbers' last: they read ``total``,
+    sums over every parameter), for docs and ``explain``.
 
     A per-element subexpression used more than once (LAMB's update, inside its norm and outside) is
     written once as ``u_0 = ...`` and the equations refer to it.
     """
-    names = [traced.param.name, *traced.rule.states]
-    changed = [(name, out) for name, out in zip(names, traced.outputs)
+    names = [traced.param.name, *traced.rule.states, *traced.rule.shared]
+    changed = [(name, out) for name, out in zip(names, (*traced.outputs, *traced.shared_outputs))
                if out not in (sympy.Symbol(name, real=True), sympy.Symbol(name, nonnegative=True))]
     temps, reduced = sympy.cse([out for _, out in changed], symbols=sympy.numbered_symbols("u_"))
     show = sympy.latex if latex else sympy.sstr
