@@ -147,7 +147,8 @@ def _shared_as_held(opt: Optimizer, rule: Rule, group, plan, device) -> Shared |
                     for g in opt._groups_of_rule(rule.name) for q in g["params"])
     values = {k: torch.full((1,), rule.shared_start(k, group) if fresh or k not in group
                             else float(group[k]), device=device) for k in rule.shared}
-    return Shared(values, torch.zeros(len(plan.lowered.totals), device=device))
+    return Shared(values, torch.zeros(len(plan.lowered.totals), dtype=torch.float64,
+                                      device=device))
 
 
 def assert_within_bounds(opt: Optimizer, params, refs, step: int, compiled: bool = False,

@@ -59,15 +59,18 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
     return "\n".join(sources)
 
 
-TOTALS = "_totals_acc"  # the step's accumulator of a rule's totals: fp32, one per total
+TOTALS = "_totals_acc"  # the step's accumulator of a rule's totals: float64, one per total
 
 
 def _accumulate_totals(lowered: Lowered) -> str:
     """The line adding this call's sum of each ``total`` term to :data:`TOTALS` (padding lanes
-    masked unless the terms are provably 0 there)."""
+    masked unless the terms are provably 0 there). Each fp32 term is summed in float64: the sum
+    then hardly depends on its order (one bucket or many, per tensor, inside backward), so the
+    shared numbers it sets, rounded to fp32 for the kernels, come out the same in every layout
+    (gradient release stays bit-identical to stepping after backward)."""
     terms = (lowered.totals if lowered.totals_skip_pads
              else [f"torch.where(_valid, {t}, 0.0)" for t in lowered.totals])
-    sums = ", ".join(f"({t}).sum()" for t in terms)
+    sums = ", ".join(f"({t}).double().sum()" for t in terms)
     return f"    {TOTALS}.copy_({TOTALS} + torch.stack([{sums}]))"
 
 

@@ -65,7 +65,7 @@ def state_key(state: str, field: Field) -> str:
 @dataclass
 class Shared:
     """A rule's shared numbers as its kernels read them (``values``: name -> 1-element fp32
-    tensor on the device) and the step's totals they add to (``totals``: fp32, one per
+    tensor on the device) and the step's totals they add to (``totals``: float64, one per
     ``Traced.totals`` entry), both held by the optimizer from step to step."""
 
     values: dict[str, torch.Tensor]

@@ -46,7 +46,8 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
     # start and the totals accumulator
     rule = plan.key.rule
     shared = _Shared({k: torch.full((1,), rule.shared_start(k, rule.defaults), device=device)
-                      for k in rule.shared}, torch.zeros(len(plan.lowered.totals), device=device))
+                      for k in rule.shared},
+                     torch.zeros(len(plan.lowered.totals), dtype=torch.float64, device=device))
     args += plan.device_args(torch.full((1,), 0.75, device=device), device, shared)
     halves = [n for n in (groups // 2, groups - groups // 2) if n]
     if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart

@@ -4,7 +4,7 @@ by every kernel of a step, updated once the step has seen every parameter.
 Each rule with shared numbers gets one :class:`SharedNumbers`: the float64 values (what the
 update computes with, and what every param group of the rule holds under the number's name, so
 state dicts carry them exactly), their fp32 copies the kernels read, and the step's totals
-accumulator the kernels add their sums to. The tensors stay the same objects from step to step
+accumulator the kernels add their sums to (float64). The tensors stay the same objects from step to step
 (bound launches and CUDA graphs read them); a value set from outside (a loaded state dict, a
 user) is copied into them before the next step reads it.
 """
@@ -28,7 +28,7 @@ class SharedNumbers:
         self.rule, self.device = rule, device
         self.exact = {k: torch.zeros((), dtype=torch.float64, device=device) for k in rule.shared}
         self.kernel = Shared({k: torch.zeros(1, device=device) for k in rule.shared},
-                             torch.zeros(0, device=device))
+                             torch.zeros(0, dtype=torch.float64, device=device))
         self.plan: Plan | None = None  # the plan whose totals this step accumulated
 
     def for_step(self, groups: Sequence[dict[str, Any]], plan: Plan, device: torch.device,
@@ -50,7 +50,7 @@ class SharedNumbers:
             self.plan = plan
             count = len(plan.lowered.totals)
             if self.kernel.totals.numel() != count:
-                self.kernel.totals = torch.zeros(count, device=self.device)
+                self.kernel.totals = torch.zeros(count, dtype=torch.float64, device=self.device)
         elif plan.lowered.totals != self.plan.lowered.totals:
             raise ValueError(
                 f"the param groups of {self.rule.name} sum different totals (their bools differ:"
@@ -83,7 +83,7 @@ class SharedNumbers:
         sharded = next((p for g in groups for p in g["params"] if is_dtensor(p)), None)
         if sharded is not None:  # each rank summed its shards
             torch.distributed.all_reduce(totals, group=sharded.device_mesh.get_group())
-        new = plan.shared_update(totals.double(), *self.exact.values(), float(step),
+        new = plan.shared_update(totals, *self.exact.values(), float(step),
                                  **{k: hyper[k] for k in plan.traced.hyper})
         for (name, held), value in zip(self.exact.items(), new):
             held.copy_(value)

@@ -34,6 +34,8 @@ CASES = {
     "cautious_adamw": (lambda p: fc.CautiousAdamW(p, lr=1e-3), None),
     "mars": (lambda p: fc.MARS(p, lr=1e-3), None),
     "schedule_free": (lambda p: fc.AdamWScheduleFree(p, lr=1e-3), None),
+    # sums over every parameter into the step's accumulator, shared numbers read from the device
+    "prodigy": (lambda p: fc.Prodigy(p, d0=1e-4), None),
 }
 
 
@@ -400,3 +402,38 @@ def test_cuda_flash_muon_on_a_bf16_model_stays_within_one_steps_size_of_its_fp32
         moved = (q - x.float()).abs().max().item()
         assert moved > 0.02 * 0.1
         assert (p.float() - q).abs().max().item() <= 0.02 * 2**0.5 * 1.5
+
+
+def test_cuda_prodigy_learns_one_d_in_graphs_replays_and_release():
+    """Prodigy's kernels add their float64 sums to one accumulator and read d from the device:
+    flat buckets replaying their CUDA graph, per-tensor steps replayed as one graph, and
+    gradient release (buckets inside backward, no graph) must learn one d. Release runs the flat
+    path's kernel: bit for bit. The per-tensor kernel is another compiled kernel (fused
+    multiply-adds may fall elsewhere): d within 1e-5, states within a code step."""
+    from flashcompile.tools.bench_models import build
+
+    runs = {}
+    for mode in ("flat", "per_tensor", "release"):
+        torch.manual_seed(0)
+        model = fc.cast_model(build("tiny_llama", "cuda"))
+        opt = fc.Prodigy(model.parameters(), d0=1e-4, flat=mode != "per_tensor")
+        if mode == "release":
+            fc.enable_gradient_release(model, opt)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        tokens = torch.randint(0, 256, (2, 33), device="cuda", generator=gen)
+        for _ in range(8):  # one batch: the gradients keep their direction and d grows
+            model(tokens).backward()
+            opt.step()
+            opt.zero_grad()
+        runs[mode] = (model, opt)
+    flat_model, flat_opt = runs["flat"]
+    d = float(flat_opt.param_groups[0]["d"])
+    assert d > 1e-3, d
+    assert flat_opt._buckets and all(b._graph is not None for b in flat_opt._buckets.values())
+    assert runs["per_tensor"][1]._tensor_graphs.replays >= 3
+    model, opt = runs["release"]  # float64 sums in another order: d within a float64 rounding
+    assert torch.equal(opt.param_groups[0]["d"].float(), flat_opt.param_groups[0]["d"].float())
+    for p, q in zip(flat_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    model, opt = runs["per_tensor"]
+    assert float(opt.param_groups[0]["d"]) == pytest.approx(d, rel=1e-5)
