@@ -15,7 +15,8 @@ use_bias_correction, else 1. d, d_max and r are shared by every parameter (``par
 this step's sums give the d of the next step, as the paper's algorithm reads d_k in step k, so one
 pass over the parameters does everything (gradient release included). prodigyopt adds the new d
 to eps in the update; here the update's eps term reads this step's d (one step behind, on eps
-only). A group with lr 0 contributes to the sums like any other (prodigyopt skips it).
+only: docs/behaviour.md says when that shows). A group with lr 0 contributes to the sums like any
+other (prodigyopt skips it).
 """
 
 import math
