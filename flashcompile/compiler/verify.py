@@ -48,6 +48,7 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
     shared = _Shared({k: torch.full((1,), rule.shared_start(k, rule.defaults), device=device)
                       for k in rule.shared},
                      torch.zeros(len(plan.lowered.totals), dtype=torch.float64, device=device))
+    torch._dynamo.mark_static(shared.totals, 0)
     args += plan.device_args(torch.full((1,), 0.75, device=device), device, shared)
     halves = [n for n in (groups // 2, groups - groups // 2) if n]
     if plan.reduces:  # two parameters laid end to end, so the sums must keep them apart
@@ -117,6 +118,8 @@ def compare_compiled(plan, device: torch.device | str, groups: int = 4, seed: in
         if isinstance(a, torch.Tensor) and a.dim() == 2:  # symbolic, into a looped two-pass
             # reduction (5x slower)
             torch._dynamo.mark_static(a, 1)
+        elif isinstance(a, torch.Tensor) and a.dtype == torch.float64:  # the totals' count
+            torch._dynamo.mark_static(a, 0)
     if variant == "one":  # the weight and gradient as one parameter's flat storage: n values
         args = as_one(plan, args, n)
         eager, compiled = as_one(plan, eager, n), as_one(plan, compiled, n)

@@ -446,9 +446,9 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             plan.run(ready.weight, grad, ready.stored, values, combine, factor=factor)
         else:
             s = scalars.tensor(values, ready.tail, p.device)
+            ready.device_args = plan.device_args(factor, p.device, numbers)
             if ready.launch is not None:
-                ready.launch(s, grad, ready.weight, *ready.fields,
-                             *plan.device_args(factor, p.device, numbers))
+                ready.launch(s, grad, ready.weight, *ready.fields, *ready.device_args)
             else:
                 plan.call_one(s, grad, ready.weight, ready.fields, factor, numbers)
                 ready.launch = plan.bind_one(s, grad, ready.weight, ready.fields, factor, numbers)

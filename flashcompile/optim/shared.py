@@ -51,6 +51,8 @@ class SharedNumbers:
             count = len(plan.lowered.totals)
             if self.kernel.totals.numel() != count:
                 self.kernel.totals = torch.zeros(count, dtype=torch.float64, device=self.device)
+                # a size of its own, not a symbol: compiled graphs are then called directly
+                torch._dynamo.mark_static(self.kernel.totals, 0)
         elif plan.lowered.totals != self.plan.lowered.totals:
             raise ValueError(
                 f"the param groups of {self.rule.name} sum different totals (their bools differ:"

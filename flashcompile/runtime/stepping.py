@@ -71,6 +71,7 @@ class PerTensor:
         self.numel, self.ptr = p.numel(), p.data_ptr()
         self.shape, self.stride, self.dtype = p.shape, p.stride(), p.dtype
         self.launch = None  # the plan's call_one bound to these arguments, after the first call
+        self.device_args: list = []  # what the last launch read after the fields (shared numbers)
         self.matrices = None  # where the param's matrix lies, for a rule with a matrix stage
         # set by the optimizer: what picked the plan (flags, compile), whether p is the param
         # itself (not an FSDP2 shard), and optimizer.state's change count when last checked

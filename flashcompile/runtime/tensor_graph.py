@@ -55,7 +55,7 @@ class _Recorded:
         with torch.cuda.graph(self.graph):  # records the launches; runs nothing now
             for i, (p, r, n) in enumerate(zip(params, ready, lengths)):
                 grad = layout.flat(p.grad.detach(), r.order)
-                r.launch(self.rows[i, :n], grad, r.weight, *r.fields)
+                r.launch(self.rows[i, :n], grad, r.weight, *r.fields, *r.device_args)
 
     def holds(self, params: Sequence[torch.Tensor], flags, state: Mapping) -> bool:
         try:

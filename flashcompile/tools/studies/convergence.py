@@ -6,8 +6,8 @@ transformer on the characters of Python's help text. Per seed every run starts f
 over the first 5% of steps and follows a cosine to 10%; chars clips the gradient norm at 1 (as GPT-2
 recipes do). Hyperparameters (:data:`HYPER`) were set once from the fp32 runs.
 
-* fp32 twins: ``torch.optim.AdamW``, ``torch.optim.SGD`` (momentum 0.9), and flashcompile's Lion and
-  Muon with ``codecs="fp32"`` (torch has no Lion; Muon's fp32 codecs track torch.optim.Muon, and
+* fp32 twins: ``torch.optim.AdamW``, ``torch.optim.SGD`` (momentum 0.9), and flashcompile's Lion,
+  Muon and Prodigy with ``codecs="fp32"`` (torch has no Lion nor Prodigy; Muon's fp32 codecs track torch.optim.Muon, and
   its embeddings, head and 1-D params go to an AdamW group, ``fc.muon_groups``). They keep fp32
   weights and fp32 states and compute under bf16 autocast: mixed-precision training, the baseline
   the paper (arXiv 2602.23349) compresses. So a gap measures what flashcompile stores, not bf16
@@ -49,13 +49,16 @@ from flashcompile.tools.studies.report import (
 
 PAPER = {"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"}
 LINEAR = {"exp_avg": "linear_int8", "exp_avg_sq": "linear_int8"}
-HYPER = {  # per task: AdamW, SGD, Lion and Muon hyperparameters (Muon's other params: AdamW's)
+# Prodigy: lr 1 (it learns the step size), the warmup guarded as its authors advise
+PRODIGY = {"lr": 1.0, "weight_decay": 1e-2, "safeguard_warmup": True}
+HYPER = {  # per task: AdamW, SGD, Lion, Muon and Prodigy hyperparameters (Muon's other params:
+    # AdamW's)
     "digits": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.05, "momentum": 0.9},
                "lion": {"lr": 3e-4, "weight_decay": 0.1},
-               "muon": {"lr": 0.02, "weight_decay": 1e-2}},
+               "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY},
     "chars": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.2, "momentum": 0.9},
               "lion": {"lr": 3e-4, "weight_decay": 0.1},
-              "muon": {"lr": 0.02, "weight_decay": 1e-2}},
+              "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY},
 }
 CLIP = {"digits": None, "chars": 1.0}  # gradient-norm clipping per task, for every run
 MIXED = "mixed"  # model "dtype" of the twins: fp32 weights, bf16 autocast compute
@@ -100,6 +103,10 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # fp32 codecs: torch.optim.Muon's update (tests/optim/test_muon.py) beside AdamW's
         "muon fp32": ("", MIXED, muon("fp32")),
         "muon flash": ("muon fp32", torch.bfloat16, muon("flash")),
+        # fp32 codecs: prodigyopt's update (tests/optim/test_prodigy.py); d learned from sums over
+        # every parameter, so a step size of its own per run
+        "prodigy fp32": ("", MIXED, flash(fc.Prodigy, "fp32", **h["prodigy"])),
+        "prodigy flash": ("prodigy fp32", torch.bfloat16, flash(fc.Prodigy, **h["prodigy"])),
     }
 
 
@@ -224,7 +231,7 @@ def summarize(finals: list[dict], task_names, curves: list[dict] = ()) -> list[d
 def plot(curves: list[dict], path: Path) -> None:
     plt = pyplot()
     task_names = list(dict.fromkeys(r["task"] for r in curves))
-    groups = [g for g in ("adamw", "sgd", "lion", "muon")
+    groups = [g for g in ("adamw", "sgd", "lion", "muon", "prodigy")
               if any(r["run"].startswith(g) for r in curves)]
     fig, axes = plt.subplots(len(task_names), len(groups),
                              figsize=(5 * len(groups), 3.8 * len(task_names)), squeeze=False)
