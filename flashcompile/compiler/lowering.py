@@ -7,8 +7,8 @@ its results reach the kernel as one small fp32 vector ``_s``, so changing a hype
 recompiles. ``_s[0]`` is reserved for the number of valid lanes in the last group (the tail mask).
 
 A sum over every parameter (``total``, read by a rule's shared numbers only) is summed by the
-update itself into the step's accumulator (``_totals_acc``, one float64 per total); the shared numbers'
-new values are then computed from it once per step (:attr:`Lowered.shared_source`).
+update itself into the step's accumulator (``_totals_acc``, one float64 per total); the shared
+numbers' new values are then computed from it once per step (:attr:`Lowered.shared_source`).
 
 A reduction over the parameter (``sum_all``) is a phase of its own: its argument is lowered like
 the outputs (computed over all ``(G, 32)`` lanes; the plan masks padding lanes and sums each

@@ -40,10 +40,10 @@ from flashcompile.compiler import fast_math
 from flashcompile.compiler.codegen import StageCall, assemble, generate, source_namespace
 from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.compiler.lowering import Lowered, lower
-from flashcompile.runtime.amp import FACTOR
 from flashcompile.compiler.verify import as_one, compare_compiled, sample_inputs
 from flashcompile.language.dsl import Rule, SumAll
 from flashcompile.language.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
+from flashcompile.runtime.amp import FACTOR
 
 FP32_MAX = torch.finfo(torch.float32).max
 

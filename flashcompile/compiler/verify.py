@@ -140,7 +140,8 @@ def compare_compiled(plan, device: torch.device | str, groups: int = 4, seed: in
             return describe_mismatch(plan, name, eager, compiled, want[name], got[name], tol)
     if not torch.equal(compiled[0], eager[0]):
         return "the scalar vector was written to"
-    if plan.lowered.totals:  # the accumulator: sums in another order, rounded in fp32
+    if plan.lowered.totals:  # the accumulator: fp32 terms a few roundings apart (fused
+        # multiply-adds), summed in float64 in another order
         i = _totals_index(plan)
         want_t, got_t = eager[i], compiled[i]
         if not torch.all((got_t - want_t).abs() <= 1e-4 * (want_t.abs() + got_t.abs()) + 1e-30):

@@ -37,10 +37,10 @@ def rule(
             a step size set from the previous step's lr). Its update may depend only on step,
             hyperparameters and scalar states; it is computed on the host in float64 and kept as a
             0-d fp32 tensor in the parameter's state, as torch.optim keeps such values.
-            Every state starts at zero (see ``starts``); a nonzero start is ``where(step == 1,
-            start, state)``. A
-            scalar state missing from a loaded state dict (torch.optim's, or one saved before the
-            rule had it) also loads as zero: after step 1 the rule must read that as "unknown".
+            Every state starts at zero (or at the parameter: ``starts``); another start is
+            ``where(step == 1, start, state)``. A scalar state missing from a loaded state dict
+            (torch.optim's, or one saved before the rule had it) also loads as zero: after step 1
+            the rule must read that as "unknown".
         ranges: optional [lo, hi) interval per float hyperparameter. Default: ``betas`` in [0, 1),
             every other float in [0, inf). Values outside raise at optimizer construction and step.
         flash_codecs: optional state -> codec name the "flash" preset stores that state with, where
@@ -59,11 +59,9 @@ def rule(
             device, never synced) and returns their new values after the states'. A new value
             may read the old shared numbers, hyperparameters and ``total(x)``, the sum of ``x``
             over every element of every parameter: computed once the step has seen them all, it
-            is read from the next step on. Kept in every param group of the rule, as
-            1-element fp32 tensors (``opt.param_groups[0]["d"]``), so state dicts carry them;
-            their update reads the hyperparameters of the rule's groups, which must agree on
-            those it reads.
-
+            is read from the next step on. Kept in every param group of the rule as 0-d float64
+            tensors (``opt.param_groups[0]["d"]``), so state dicts carry them; their update
+            reads the hyperparameters of the rule's groups, which must agree on those it reads.
         starts: optional state -> ``"param"``: the state starts at the parameter's value when its
             state is allocated (Prodigy's initial weight ``p0``), where ``where(step == 1, p,
             state)`` would store it again every step. A state that only keeps its start is

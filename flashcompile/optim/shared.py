@@ -3,10 +3,10 @@ by every kernel of a step, updated once the step has seen every parameter.
 
 Each rule with shared numbers gets one :class:`SharedNumbers`: the float64 values (what the
 update computes with, and what every param group of the rule holds under the number's name, so
-state dicts carry them exactly), their fp32 copies the kernels read, and the step's totals
-accumulator the kernels add their sums to (float64). The tensors stay the same objects from step to step
-(bound launches and CUDA graphs read them); a value set from outside (a loaded state dict, a
-user) is copied into them before the next step reads it.
+state dicts carry them exactly), their fp32 copies the kernels read, and the step's float64
+totals the kernels add their sums to. The tensors stay the same objects from step to step (bound
+launches and CUDA graphs read them); a value set from outside (a loaded state dict, a user) is
+copied into them before the next step reads it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class SharedNumbers:
                 f"{self.rule.name}'s shared numbers {list(self.rule.shared)} live on "
                 f"{self.device}; a parameter on {device} cannot read them (keep the optimizer's "
                 "params on one device)")
-        if self.plan is None:
+        if self.plan is None:  # the step's first launch of the rule
+            self._check_groups_agree(groups, plan)  # before anything moves
             if fresh():
                 for group in groups:
                     for name in self.rule.shared:
@@ -80,7 +81,6 @@ class SharedNumbers:
         plan, self.plan = self.plan, None
         if plan is None:
             return  # nothing stepped
-        self._check_groups_agree(groups, plan)
         totals = self.kernel.totals
         sharded = next((p for g in groups for p in g["params"] if is_dtensor(p)), None)
         if sharded is not None:  # each rank summed its shards
