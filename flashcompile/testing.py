@@ -45,6 +45,7 @@ from flashcompile.language.dsl import Rule
 from flashcompile.language.sensitivity import Sensitivity
 from flashcompile.language.trace import check_facts, trace
 from flashcompile.optim.optimizer import Optimizer
+from flashcompile.optim.shared import groups_of_rule, has_stepped
 
 shapes = st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple)
 shape_lists = st.lists(shapes, min_size=1, max_size=3)
@@ -143,8 +144,7 @@ def _shared_as_held(opt: Optimizer, rule: Rule, group, plan, device) -> Shared |
     accumulator: the fp32 step must not add to ``opt``'s totals)."""
     if not rule.shared:
         return None
-    fresh = not any(float(opt.state.get(q, {}).get("step", 0))
-                    for g in opt._groups_of_rule(rule.name) for q in g["params"])
+    fresh = not has_stepped(opt, groups_of_rule(opt, rule.name))
     values = {k: torch.full((1,), rule.shared_start(k, group) if fresh or k not in group
                             else float(group[k]), device=device) for k in rule.shared}
     return Shared(values, torch.zeros(len(plan.lowered.totals), dtype=torch.float64,

@@ -1,22 +1,12 @@
-"""Prodigy: Adam whose step size d learns itself from how far the weights moved (Mishchenko and
-Defazio, arXiv 2306.06101), as the authors' Adam form (prodigyopt), with lr = 1 as the default.
+"""Prodigy (Mishchenko and Defazio, arXiv 2306.06101), the authors' Adam form (prodigyopt): Adam
+on d g with step dlr = d lr (times sqrt(1 - beta2^t) / (1 - beta1^t) with use_bias_correction),
+whose d is learned from sums over every parameter (``total``) and read from the next step on:
 
-    g   <- g + wd p                                 (decouple=False; else decay below)
-    m   <- beta1 m + d (1 - beta1) g
-    v   <- beta2 v + d^2 (1 - beta2) g^2
-    s   <- beta3 s + (d / d0) dlr g                 (safeguard_warmup: d instead of dlr)
-    p   <- p (1 - wd dlr) - dlr m / (sqrt(v) + d eps),   dlr = d lr bias
-    r   <- beta3 r + (d / d0) dlr <g, p0 - p>       (sums over every parameter: total)
-    d_hat = d_coef r / ||s||_1;   d <- max(d, d_hat) while d = d0;   d_max <- max(d_max, d_hat)
-    d   <- min(d_max, d growth_rate)
+    s <- beta3 s + (d / d0) dlr g            r <- beta3 r + (d / d0) dlr <g, p0 - p>
+    d_hat = d_coef r / ||s||_1               d_max <- max(d_max, d_hat)
+    d <- min(d_max, growth_rate * (max(d, d_hat) while d = d0, else d))
 
-p0 is the weight at the first step; bias = sqrt(1 - beta2^t) / (1 - beta1^t) if
-use_bias_correction, else 1. d, d_max and r are shared by every parameter (``param_groups[i]["d"]``):
-this step's sums give the d of the next step, as the paper's algorithm reads d_k in step k, so one
-pass over the parameters does everything (gradient release included). prodigyopt adds the new d
-to eps in the update; here the update's eps term reads this step's d (one step behind, on eps
-only: docs/behaviour.md says when that shows). A group with lr 0 contributes to the sums like any
-other (prodigyopt skips it).
+p0 is the weight at the first step. What differs from prodigyopt: docs/behaviour.md.
 """
 
 import math
@@ -29,8 +19,7 @@ from flashcompile.language import abs, maximum, minimum, rule, sqrt, total, wher
                   decouple=True, use_bias_correction=False, safeguard_warmup=False, d0=1e-6,
                   d_coef=1.0, growth_rate=math.inf),
     states={"exp_avg": "signed", "exp_avg_sq": "nonnegative", "s": "signed", "p0": "signed"},
-    # s is a slow EMA (beta3 = sqrt(beta2)): rounded stochastically, as AdEMAMix's slow momentum;
-    # p0 - p must resolve the first steps' moves: p0 in bf16, exact for a bf16 model's weights
+    # s: a slow EMA, rounded stochastically; p0 in bf16, a bf16 model's weights exactly
     flash_codecs={"s": "softsign_adaptive_sr", "p0": "bf16"},
     starts={"p0": "param"},  # read, never written: no store per step
     ranges={"beta3": (0.0, 1.0), "d0": (1e-30, math.inf), "growth_rate": (1.0, math.inf)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -243,6 +244,17 @@ def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
                  "_uniform_noise_pair": stochastic.uniform_noise_pair}
     namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
     return namespace
+
+
+@dataclass
+class Shared:
+    """What a call of a rule with shared numbers passes after the fields: the numbers as its
+    kernels read them (``values``: name -> 1-element fp32 tensor on the device) and the step's
+    totals it adds to (``totals``: float64, one per ``Traced.totals`` entry), both held by the
+    optimizer from step to step (``Plan.device_args`` orders them)."""
+
+    values: dict[str, torch.Tensor]
+    totals: torch.Tensor
 
 
 class StageCall:

@@ -37,9 +37,16 @@ from flashcompile.codecs.layout import (
     segment_ends,
 )
 from flashcompile.compiler import fast_math
-from flashcompile.compiler.codegen import StageCall, assemble, generate, source_namespace
+from flashcompile.compiler.codegen import (
+    Shared,
+    StageCall,
+    assemble,
+    generate,
+    source_namespace,
+)
 from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.compiler.lowering import Lowered, lower
+from flashcompile.compiler.shared_update import shared_source
 from flashcompile.compiler.verify import as_one, compare_compiled, sample_inputs
 from flashcompile.language.dsl import Rule, SumAll
 from flashcompile.language.trace import Traced, check_facts, keeps_zero, keeps_zero_expr, trace
@@ -60,16 +67,6 @@ INDUCTOR_TUNED_OPTIONS = {**COMPILE_OPTIONS, "coordinate_descent_tuning": True}
 def state_key(state: str, field: Field) -> str:
     """Key of a stored field in ``optimizer.state[p]``: ``exp_avg`` or ``exp_avg.codes``."""
     return state if field.name == "value" else f"{state}.{field.name}"
-
-
-@dataclass
-class Shared:
-    """A rule's shared numbers as its kernels read them (``values``: name -> 1-element fp32
-    tensor on the device) and the step's totals they add to (``totals``: float64, one per
-    ``Traced.totals`` entry), both held by the optimizer from step to step."""
-
-    values: dict[str, torch.Tensor]
-    totals: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -96,9 +93,10 @@ class Plan:
         exec(compile(self.source, f"<flashcompile plan {key.rule.name}>", "exec"), namespace)
         exec(compile(self.lowered.prologue_source, "<flashcompile prologue>", "exec"), namespace)
         self.prologue = namespace["prologue"]
-        if self.lowered.shared_source:
-            exec(compile(self.lowered.shared_source, "<flashcompile shared>", "exec"), namespace)
         # the rule's shared numbers' update, once per step (None: the rule has none)
+        self.shared_source = shared_source(self.traced)
+        if self.shared_source:
+            exec(compile(self.shared_source, "<flashcompile shared>", "exec"), namespace)
         self.shared_update = namespace.get("shared_update")
         self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         slots = self.lowered.stage.slots if self.lowered.stage is not None else ()

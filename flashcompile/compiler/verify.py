@@ -15,11 +15,7 @@ from flashcompile.codecs.layout import (
     scalar_vector,
     segment_ends,
 )
-
-
-class _Shared:  # flashcompile.compiler.plan.Shared's fields (this module sits below the plan)
-    def __init__(self, values, totals):
-        self.values, self.totals = values, totals
+from flashcompile.compiler.codegen import Shared, StageCall
 
 
 def sample_inputs(plan, groups: int, device: torch.device | str,
@@ -45,7 +41,7 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
     # the gradient factor of a scaling plan (amp.unscaling), the rule's shared numbers at their
     # start and the totals accumulator
     rule = plan.key.rule
-    shared = _Shared({k: torch.full((1,), rule.shared_start(k, rule.defaults), device=device)
+    shared = Shared({k: torch.full((1,), rule.shared_start(k, rule.defaults), device=device)
                       for k in rule.shared},
                      torch.zeros(len(plan.lowered.totals), dtype=torch.float64, device=device))
     torch._dynamo.mark_static(shared.totals, 0)
@@ -57,8 +53,6 @@ def sample_inputs(plan, groups: int, device: torch.device | str,
         args.append(lane_counts([n * GROUP - 3 - 2 * i for i, n in enumerate(halves)], device))
     stage = None
     if plan.stages:  # two matrices laid end to end, (rows, 32) each
-        from flashcompile.compiler.codegen import StageCall
-
         stage = StageCall(plan.matrices([torch.empty(n, GROUP, device="meta") for n in halves],
                                         device), [])
         args.append(stage)

@@ -38,7 +38,7 @@ class Traced:
     # numbers, step and hyperparameters
     shared_outputs: tuple[sympy.Expr, ...] = ()
 
-    @property
+    @functools.cached_property  # live_states asks once per state
     def totals(self) -> tuple[Total, ...]:
         """Every ``total`` the shared numbers' new values read, in a fixed order: the kernels
         add each one's sum over their parameters to the step's accumulator, in this order."""

@@ -23,6 +23,7 @@ from flashcompile.codecs import GROUP, PARAM, layout
 from flashcompile.codecs import get as codec_named
 from flashcompile.compiler.plan import Plan, state_key
 from flashcompile.optim.hyperparameters import IMPLEMENTATION_FLAGS
+from flashcompile.optim.shared import SharedByRule
 from flashcompile.runtime import distributed, interop
 from flashcompile.runtime.distributed import is_dtensor
 from flashcompile.runtime.state import OptimizerState, ParamState
@@ -65,7 +66,7 @@ class Checkpoints:
         self.__dict__.setdefault("_gradient_release", None)
         self.__dict__.setdefault("_grad_unscale", None)
         self.__dict__.setdefault("_factors", {})
-        self.__dict__.setdefault("_shared", {})
+        self.__dict__.setdefault("_shared", SharedByRule())
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("max_grad_norm", None)
 

@@ -22,7 +22,7 @@ from flashcompile.language.trace import check_facts, trace
 from flashcompile.optim import clipping, groups
 from flashcompile.optim import hyperparameters as _hyper
 from flashcompile.optim.checkpoint import Checkpoints
-from flashcompile.optim.shared import SharedNumbers
+from flashcompile.optim.shared import SharedByRule
 from flashcompile.optim.stored_values import StoredValues
 from flashcompile.runtime import amp, distributed, guards
 from flashcompile.runtime.arena import Bucket
@@ -115,7 +115,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None  # the norm max_grad_norm last clipped
         self._factors: dict[torch.device, torch.Tensor] = {}  # this step's gradient factor
-        self._shared: dict[str, SharedNumbers] = {}  # by rule name: rules with shared numbers
+        self._shared = SharedByRule()  # the shared numbers of rules that have them (Prodigy's d)
         super().__init__(params, {**defaults, **implementation})
         self._check_codec_names()
         self.state = OptimizerState()  # counts its changes; missing keys say where a state lives
@@ -333,7 +333,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """Step a flat bucket of ``group``'s params in one launch; False if it cannot (nothing
         done: its params then step one by one). ``scalars``: the group's cache, if at hand."""
         scalars = scalars or ScalarCache(self.hyperparameters_of(group))
-        numbers = self._shared_for(bucket.plan, bucket.device)
+        numbers = self._shared.for_plan(self, bucket.plan, bucket.device)
         shared = bucket.stores_scalar_states  # one vector per scalar state: read one, store all
         held = (() if not bucket.plan.key.rule.scalar_states else [self.state[bucket.params[0]]]
                 if shared
@@ -398,7 +398,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         if not params:
             return
         first = to_local(params[0])
-        numbers = self._shared_for(self.plan_for(first, flags), first.device)
+        numbers = self._shared.for_plan(self, self.plan_for(first, flags), first.device)
         if self._tensor_graphs.replay(params, flags, self.state, scalars):
             return
         ready = [self._per_tensor_ready(p, flags) for p in params]
@@ -455,38 +455,10 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         if ready.copies:  # a param with gaps in its storage: its values were copied out
             p.copy_(ready.weight.view(p.shape))
 
-    def _shared_for(self, plan: Plan, device: torch.device):
-        """The shared numbers (:mod:`flashcompile.optim.shared`) ``plan``'s kernels read and add
-        their totals to this step; None for a rule without them."""
-        rule = plan.key.rule
-        if not rule.shared:
-            return None
-        held = self._shared.get(rule.name)
-        if held is None:
-            held = self._shared[rule.name] = SharedNumbers(rule, device)
-        groups = self._groups_of_rule(rule.name)
-
-        def fresh() -> bool:
-            # no step taken (a flat bucket allocates its states, step 0, before it steps)
-            return not any(float(self.state.get(p, {}).get("step", 0)) for g in groups
-                           for p in g["params"])
-
-        return held.for_step(groups, plan, device, fresh)
-
-    def _groups_of_rule(self, name: str) -> list[dict[str, Any]]:
-        return [g for g in self.param_groups if self.rule_of(g).name == name]
-
     def finish_shared(self) -> None:
         """Update the rules' shared numbers from this step's totals (every param has stepped):
         ``step()`` calls it, and gradient release at the end of the iteration."""
-        for name, held in self._shared.items():
-            groups = self._groups_of_rule(name)
-            if held.plan is None or not groups:
-                continue
-            state = next((self.state[p] for g in groups for p in g["params"]
-                          if "step" in self.state.get(p, {})), None)
-            step = int(state["step"]) if state is not None else 1
-            held.finish(groups, self.hyperparameters_of(groups[0]), step)
+        self._shared.finish(self)
 
     def _flat_buckets(self, index: int, group: Mapping[str, Any], flags) -> list[Bucket]:
         """The group's buckets (one per dtype and device), built or rebuilt as needed.

@@ -103,3 +103,46 @@ class SharedNumbers:
                     f"{self.rule.name}'s shared numbers {list(self.rule.shared)} are updated "
                     f"with {name}, and its param groups give it different values {sorted(values)};"
                     f" give every group of {self.rule.name} the same {name}")
+
+
+class SharedByRule:
+    """The shared numbers of one optimizer's rules that have them, by rule name: what each
+    launch passes, and their update once every param has stepped."""
+
+    def __init__(self):
+        self.rules: dict[str, SharedNumbers] = {}
+
+    def for_plan(self, optimizer, plan: Plan, device: torch.device) -> Shared | None:
+        """What ``plan``'s kernels read and add their totals to this step (None: its rule has no
+        shared numbers). The first launch of a step adopts the values the groups hold."""
+        rule = plan.key.rule
+        if not rule.shared:
+            return None
+        held = self.rules.get(rule.name)
+        if held is None:
+            held = self.rules[rule.name] = SharedNumbers(rule, device)
+        groups = groups_of_rule(optimizer, rule.name)
+        return held.for_step(groups, plan, device, lambda: not has_stepped(optimizer, groups))
+
+    def finish(self, optimizer) -> None:
+        for name, held in self.rules.items():
+            groups = groups_of_rule(optimizer, name)
+            if held.plan is None or not groups:
+                continue
+            state = next((optimizer.state[p] for g in groups for p in g["params"]
+                          if "step" in optimizer.state.get(p, {})), None)
+            step = int(state["step"]) if state is not None else 1
+            held.finish(groups, optimizer.hyperparameters_of(groups[0]), step)
+
+
+def groups_of_rule(optimizer, name: str) -> list[dict[str, Any]]:
+    """``optimizer``'s param groups stepped by the rule named ``name``."""
+    return [g for g in optimizer.param_groups if optimizer.rule_of(g).name == name]
+
+
+def has_stepped(optimizer, groups: Sequence[dict[str, Any]]) -> bool:
+    """Whether a param of ``groups`` has taken a step (a flat bucket allocates its states, at
+    step 0, before it steps; a cleared state has none): shared numbers start again where none
+    has."""
+    return any(float(optimizer.state.get(p, {}).get("step", 0)) for g in groups
+               for p in g["params"])
