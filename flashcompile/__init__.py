@@ -24,12 +24,15 @@ from flashcompile import codecs  # noqa: E402
 from flashcompile.compiler.explain import explain  # noqa: E402
 from flashcompile.language import (  # noqa: E402
     abs,
+    col_mean,
     exp,
     log,
     maximum,
+    mean_all,
     minimum,
     norm,
     orthogonalize,
+    row_mean,
     rule,
     sign,
     sqrt,
@@ -54,7 +57,7 @@ globals().update({cls.__name__: cls for cls in _OPTIMIZERS.values()})
 
 __all__ = [
     "rule", "sqrt", "abs", "sign", "where", "maximum", "minimum", "exp", "log", "sum_all", "norm",
-    "total", "orthogonalize",
+    "total", "orthogonalize", "row_mean", "col_mean", "mean_all",
     "Optimizer", "codecs", "explain", *(cls.__name__ for cls in _OPTIMIZERS.values()),
     "cast_model", "BATCH_NORMS", "NORM_LAYERS", "enable_gradient_release", "fp32_state_dict",
     "load_fp32_state_dict", "muon_groups",

@@ -81,6 +81,8 @@ class PlanKey:
 class Plan:
     """The generated step function for one :class:`PlanKey` and how to call it on one parameter."""
 
+    shaped = False  # whole parameters in their own shape (flashcompile.compiler.shaped)
+
     def __init__(self, key: PlanKey):
         self.key = key
         self.traced: Traced = trace(key.rule, dict(key.flags))
@@ -445,5 +447,11 @@ def _is_cuda(device: torch.device | str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def get_plan(key: PlanKey) -> Plan:
-    """The plan for ``key``, built once per process and shared."""
+    """The plan for ``key``, built once per process and shared: a rule that runs in each
+    parameter's shape (``row_mean``, factored states) gets a
+    :class:`~flashcompile.compiler.shaped.ShapedPlan`."""
+    if key.rule.shaped:
+        from flashcompile.compiler.shaped import ShapedPlan
+
+        return ShapedPlan(key)
     return Plan(key)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flashcompile.codecs.presets import check_codec_spec
-from flashcompile.language.dsl import STATE_FACTS, Rule
+from flashcompile.language.dsl import PARAM_FLAGS, STATE_FACTS, Rule
 from flashcompile.language.trace import trace
 
 
@@ -22,6 +22,7 @@ def rule(
     zero_branches: tuple[str, ...] = (),
     shared: Mapping[str, float | str] | None = None,
     starts: Mapping[str, str] | None = None,
+    param_flags: tuple[str, ...] = (),
 ) -> Callable[[Callable], Rule]:
     """Declare an optimizer update rule.
 
@@ -37,6 +38,10 @@ def rule(
             a step size set from the previous step's lr). Its update may depend only on step,
             hyperparameters and scalar states; it is computed on the host in float64 and kept as a
             0-d fp32 tensor in the parameter's state, as torch.optim keeps such values.
+            ``"rows"`` / ``"cols"``: one fp32 number per row / column of the parameter's matrix
+            (its last two dims; leading dims batch matrices), shaped ``(..., rows, 1)`` /
+            ``(..., 1, cols)`` (Adafactor's factored second moment). Made from ``row_mean`` /
+            ``col_mean``; the rule then runs in each parameter's shape, one per call.
             Every state starts at zero (or at the parameter: ``starts``); another start is
             ``where(step == 1, start, state)``. A scalar state missing from a loaded state dict
             (torch.optim's, or one saved before the rule had it) also loads as zero: after step 1
@@ -66,16 +71,23 @@ def rule(
             state is allocated (Prodigy's initial weight ``p0``), where ``where(step == 1, p,
             state)`` would store it again every step. A state that only keeps its start is
             read and never written.
+        param_flags: optional facts of each parameter the rule takes as static keywords and may
+            branch on: ``"matrix"`` (2 or more dims: Adafactor factors those, keeps vectors
+            whole). States a parameter's branch never touches get no storage for it.
 
     The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>,
-    <shared numbers>)`` and returns ``(p, <states in declared order>, <new shared numbers>)``.
+    <shared numbers>, <param flags>)`` and returns ``(p, <states in declared order>, <new shared numbers>)``.
     """
 
     def wrap(fn: Callable) -> Rule:
         r = Rule(fn, fn.__name__, dict(defaults), dict(states), dict(ranges or {}),
                  dict(flash_codecs or {}), {k: tuple(v) for k, v in (choices or {}).items()},
                  zero_branches=tuple(zero_branches), shared=dict(shared or {}),
-                 starts=dict(starts or {}))
+                 starts=dict(starts or {}), param_flags=tuple(param_flags))
+        for name in r.param_flags:
+            if name not in PARAM_FLAGS or name in r.defaults:
+                raise ValueError(f"rule {r.name}: param_flags names {name!r}; the facts of a "
+                                 f"parameter a rule may take are {sorted(PARAM_FLAGS)}")
         for name in r.zero_branches:
             if name not in r.floats or isinstance(r.defaults[name], tuple):
                 raise ValueError(f"rule {r.name}: zero_branches names {name!r}, which is not a "
@@ -100,6 +112,8 @@ def rule(
         if r.flash_codecs:
             check_codec_spec(r.flash_codecs, r)  # names, scalar states, domains
         trace(r, {k: r.defaults[k] for k in r.flags})  # with default flags: checks the output arity
+        if r.shaped:
+            _check_shaped(r)
         return r
 
     return wrap
@@ -115,11 +129,11 @@ def _check_signature(r: Rule) -> None:
             f"rule {r.name}: positional parameters are {positional}; expected (p, g, "
             f"{', '.join(r.states)}) - the param, its gradient, then the states in declared order"
         )
-    want_kw = {"step", *r.defaults, *r.shared}
+    want_kw = {"step", *r.defaults, *r.shared, *r.param_flags}
     if set(keywords) != want_kw:
         raise TypeError(
             f"rule {r.name}: keyword-only parameters are {sorted(keywords)}; expected step plus every "
-            f"hyperparameter in defaults and every shared number: {sorted(want_kw)}"
+            f"hyperparameter in defaults, every shared number and param flag: {sorted(want_kw)}"
         )
     for k, values in r.choices.items():
         if k not in r.defaults or r.defaults[k] not in values:
@@ -136,3 +150,16 @@ def _check_signature(r: Rule) -> None:
                 f"rule {r.name}: hyperparameter {k!r} has default {v!r}; use a bool, a float or "
                 "a tuple of floats"
             )
+
+
+def _check_shaped(r: Rule) -> None:
+    """A rule that runs in each parameter's shape (``row_mean``, factored states) steps one
+    parameter per call with its math in torch: what it does not support yet is refused here."""
+    unsupported = [what for what, present in (
+        ("scalar states", r.scalar_states), ("shared numbers", r.shared),
+        ("starts", r.starts)) if present]
+    if unsupported or r.needs_matrices:
+        raise NotImplementedError(
+            f"rule {r.name} takes means in the parameter's shape (row_mean, col_mean, mean_all, "
+            f"factored states) and {', '.join(unsupported) or 'a matrix stage'}; such rules do not "
+            "support those yet")

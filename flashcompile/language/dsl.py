@@ -12,8 +12,11 @@ Python-float implementation, so adding an op touches one place.
 
 All primitives are element-wise except :func:`sum_all`, the sum over every element of the parameter
 (:func:`norm` builds on it; its value is one number per parameter, broadcast back to every element),
-and :func:`total`, the sum over every element of every parameter the optimizer steps, which only a
-rule's optimizer-wide numbers (``shared``, Prodigy's step size ``d``) read, from the next step on.
+:func:`total`, the sum over every element of every parameter the optimizer steps, which only a
+rule's optimizer-wide numbers (``shared``, Prodigy's step size ``d``) read, from the next step on,
+and the means in the parameter's shape (:func:`row_mean`, :func:`col_mean`, :func:`mean_all`) that
+factored states (Adafactor's row and column second moments) are made of: a rule that uses them
+runs in each parameter's own shape (``flashcompile.compiler.shaped``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ import sympy
 import torch
 
 # "sign": every value is -1, 0 or +1 (Rprop's previous gradient sign), stored exactly in 1 byte;
-# "scalar": one number per parameter rather than one per element (torch.optim.NAdam's mu_product)
-STATE_FACTS = ("signed", "nonnegative", "sign", "scalar")
+# "scalar": one number per parameter rather than one per element (torch.optim.NAdam's mu_product);
+# "rows" / "cols": one fp32 number per row / column of the parameter's matrix (its last two dims;
+# leading dims batch matrices), shaped (..., rows, 1) / (..., 1, cols) as torch.optim.Adafactor's
+STATE_FACTS = ("signed", "nonnegative", "sign", "scalar", "rows", "cols")
+FACTORED_FACTS = ("rows", "cols")
+# facts of the parameter a rule may branch on (``rule(param_flags=...)``): static per parameter
+PARAM_FLAGS: dict[str, Callable[[torch.Tensor], bool]] = {
+    "matrix": lambda p: p.dim() >= 2,  # Adafactor factors matrices, keeps vectors whole
+}
 
 
 class Sym:
@@ -143,6 +153,44 @@ class Total(sympy.Function):
         return rf"\textstyle\sum_{{\mathrm{{model}}}}\left({printer._print(self.args[0])}\right)"
 
 
+class _ShapedMean(sympy.Function):
+    """A mean in the parameter's shape (see :func:`row_mean`): opaque to sympy apart from its sign
+    facts, so a proof sees that a mean of squares is >= 0."""
+
+    nargs = 1
+    label = ""
+
+    def _eval_is_extended_real(self): return self.args[0].is_extended_real
+    def _eval_is_extended_nonnegative(self): return self.args[0].is_extended_nonnegative
+    def _eval_is_extended_positive(self): return self.args[0].is_extended_positive
+    def _eval_is_finite(self): return self.args[0].is_finite
+    def _sympystr(self, printer): return f"{self.label}({printer._print(self.args[0])})"
+
+    def _latex(self, printer):
+        return rf"\operatorname{{{self.label}}}\left({printer._print(self.args[0])}\right)"
+
+
+class RowMean(_ShapedMean):
+    """``row_mean(x)``: the mean of ``x`` along each row (its last dim), one value per row."""
+
+    label = "row_mean"
+
+
+class ColMean(_ShapedMean):
+    """``col_mean(x)``: the mean of ``x`` along each column (its second-to-last dim)."""
+
+    label = "col_mean"
+
+
+class MeanAll(_ShapedMean):
+    """``mean_all(x)``: the mean of ``x`` over every element of the parameter."""
+
+    label = "mean_all"
+
+
+SHAPED_MEANS = (RowMean, ColMean, MeanAll)
+
+
 class Orthogonalize(sympy.Function):
     """``orthogonalize(x, steps, a, b, c, eps, ratio)``: the parameter's matrix ``x`` (its 2-D
     shape) orthogonalized by ``steps`` Newton-Schulz iterations with coefficients ``a, b, c``
@@ -227,6 +275,10 @@ PRIMITIVES: dict[str, tuple[Callable, Callable, Callable]] = {
     "total": (torch.sum, Total, lambda x: x),
     # the one matrix stage: over the whole parameter as a matrix
     "orthogonalize": (_orthogonalize_torch, Orthogonalize, _orthogonalize_float),
+    # means in the parameter's shape, kept as broadcastable dims (a Python float: one element)
+    "row_mean": (lambda x: x.mean(-1, keepdim=True), RowMean, lambda x: x),
+    "col_mean": (lambda x: x.mean(-2, keepdim=True), ColMean, lambda x: x),
+    "mean_all": (torch.mean, MeanAll, lambda x: x),
 }
 
 
@@ -255,6 +307,25 @@ def minimum(a, b): return _apply("minimum", a, b)
 def where(cond, a, b): return _apply("where", cond, a, b)
 def sum_all(x): return _apply("sum_all", x)
 def total(x): return _apply("total", x)
+
+
+def row_mean(x):
+    """The mean of ``x`` along each row of the parameter's matrix (its last dim), broadcast back:
+    shaped ``(..., rows, 1)``, as a ``"rows"`` state is. The rule then runs in each parameter's
+    own shape, one parameter per call (``flashcompile.compiler.shaped``)."""
+    return _apply("row_mean", x)
+
+
+def col_mean(x):
+    """The mean of ``x`` along each column (the second-to-last dim), broadcast back: shaped
+    ``(..., 1, cols)``, as a ``"cols"`` state is. See :func:`row_mean`."""
+    return _apply("col_mean", x)
+
+
+def mean_all(x):
+    """The mean of ``x`` over every element of the parameter (Adafactor's RMS is
+    ``sqrt(mean_all(x * x))``). Runs the rule in the parameter's shape, as :func:`row_mean`."""
+    return _apply("mean_all", x)
 
 
 def orthogonalize(x, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
@@ -309,6 +380,8 @@ class Rule:
     shared: Mapping[str, float | str] = field(default_factory=dict)
     # states that start at the parameter's value instead of 0 (Prodigy's p0): state -> "param"
     starts: Mapping[str, str] = field(default_factory=dict)
+    # facts of each parameter the rule takes as static keywords (PARAM_FLAGS: "matrix")
+    param_flags: tuple[str, ...] = ()
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -335,12 +408,31 @@ class Rule:
                    for flags in self.flag_settings())
 
     def flag_settings(self) -> list[dict[str, Any]]:
-        """Every combination of the static hyperparameters' values."""
+        """Every combination of the static hyperparameters' values (and the parameter's flags)."""
         import itertools
 
-        names = [*self.flags, *map(zero_flag, self.zero_branches)]
+        names = [*self.flags, *map(zero_flag, self.zero_branches), *self.param_flags]
         options = [self.choices.get(k, (False, True)) for k in names]
         return [dict(zip(names, v)) for v in itertools.product(*options)]
+
+    def param_flag_values(self, p: torch.Tensor) -> tuple[tuple[str, bool], ...]:
+        """The :attr:`param_flags` of parameter ``p`` (its local shard's shape for FSDP2)."""
+        return tuple((k, bool(PARAM_FLAGS[k](p))) for k in self.param_flags)
+
+    @functools.cached_property
+    def factored_states(self) -> tuple[str, ...]:
+        """States of one number per row or column of the parameter (``"rows"``, ``"cols"``)."""
+        return tuple(k for k, fact in self.states.items() if fact in FACTORED_FACTS)
+
+    @functools.cached_property
+    def shaped(self) -> bool:
+        """Whether the rule runs in each parameter's own shape, one parameter per call: it has
+        factored states or takes a mean in the parameter's shape (:func:`row_mean`, ...)."""
+        from flashcompile.language.trace import trace
+
+        return bool(self.factored_states) or any(
+            any(out.has(*SHAPED_MEANS) for out in trace(self, flags).outputs)
+            for flags in self.flag_settings())
 
     def zero_flags(self, group: Mapping[str, Any]) -> tuple[tuple[str, bool], ...]:
         """The static flags of :attr:`zero_branches` for a group's values: whether each is 0."""

@@ -68,8 +68,17 @@ class Traced:
         A state the rule passes through untouched and never reads (``max_exp_avg_sq`` without
         amsgrad) gets no storage at all, nor one a zero branch leaves unread (SGD's momentum
         buffer at momentum 0: the step's value is the gradient, and no later step at momentum 0
-        reads it). Scalar states are kept on the host, never here.
+        reads it). Scalar states are kept on the host, never here, and factored ones (one number
+        per row or column) in the parameter's state as they are: :meth:`live_factored_states`.
         """
+        return tuple(n for n in self._live() if n not in self.rule.factored_states)
+
+    def live_factored_states(self) -> tuple[str, ...]:
+        """The factored states (``"rows"``, ``"cols"``) that need storage, as :meth:`live_states`
+        decides it (Adafactor's vectors keep none)."""
+        return tuple(n for n in self._live() if n in self.rule.factored_states)
+
+    def _live(self) -> tuple[str, ...]:
         live, zeroed = [], _zeroed(self)
         for i, (name, sym) in enumerate(zip(self.rule.states, self.states)):
             if name in self.rule.scalar_states:
@@ -176,7 +185,9 @@ def trace(rule: Rule, flags: Mapping[str, bool]) -> Traced:
     key = tuple(sorted((k, rule.static_value(k, flags[k])) for k in rule.flags))
     # a zero branch's flag absent: the general trace (the hyperparameter a runtime input)
     zero = tuple((zero_flag(k), bool(flags.get(zero_flag(k), False))) for k in rule.zero_branches)
-    return _trace_cached(rule, key + zero)
+    # a parameter's flag absent: a matrix (the general case; the plan passes each param's own)
+    own = tuple((k, bool(flags.get(k, True))) for k in rule.param_flags)
+    return _trace_cached(rule, key + zero + own)
 
 
 def _reparametrize(traced: Traced) -> dict[sympy.Symbol, sympy.Expr]:

@@ -41,6 +41,15 @@ def codec_names(plan: Plan) -> str:
     return " ".join(f"{name}={codec.name}" for name, codec in plan.codecs.items())
 
 
+def _merged(recorded: str | None, names: str) -> str:
+    """Two :func:`codec_names` strings as one, each state once (the master weight first)."""
+    if recorded is None or recorded == names:
+        return names
+    items = dict(item.split("=", 1) for item in recorded.split())
+    items.update(item.split("=", 1) for item in names.split())
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
 class Checkpoints:
     """``state_dict``, ``load_state_dict`` and ``torch_state_dict`` for
     :class:`flashcompile.Optimizer` (a mixin: it uses the optimizer's plans, flags and state)."""
@@ -85,7 +94,9 @@ class Checkpoints:
             for p, pid in zip(group["params"], saved["params"]):
                 if pid in sd["state"]:
                     plan = self.plan_for(p, self.flags_of(group))
-                    codecs.setdefault(str(p.dtype), codec_names(plan))
+                    # params of one dtype whose plans store different states (Adafactor's
+                    # matrices and vectors) record every state's codec
+                    codecs[str(p.dtype)] = _merged(codecs.get(str(p.dtype)), codec_names(plan))
                     if is_dtensor(p):
                         sd["state"][pid] = distributed.export_state(p, plan, self.state[p])
                         continue
@@ -187,18 +198,21 @@ class Checkpoints:
         if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
             return distributed.import_state(p, plan, saved, pid, rule.states)
         host = {"step", *rule.scalar_states}
+        factored = set(getattr(plan, "factored", ()))  # fp32 in their own shape (Adafactor's)
         # A scalar state may be missing (saved before the rule had it, as Adam's bound_sq): it
         # loads as 0, which such a state must read as "history unknown" after step 1.
-        required = set(expected) | {"step"}
+        required = set(expected) | {"step"} | factored
         if not required <= set(saved) <= required | host:
             raise ValueError(
                 f"state of param {pid} ({tuple(p.shape)}) has keys {sorted(saved)}, but "
-                f"{rule.name} with these codecs stores {sorted(set(expected) | host)}: it was "
+                f"{rule.name} with these codecs stores {sorted(required | host)}: it was "
                 "saved by a different optimizer or with different codecs"
             )
         groups = layout.group_count(p.numel())
         out = {k: torch.as_tensor(saved[k], dtype=torch.float32).detach().clone().cpu()
                for k in host if k in saved}
+        for name in factored:
+            out[name] = interop.factored_state(p, plan, name, saved[name], pid)
         for key, f in expected.items():
             t = saved[key]
             numel = groups * (1 if f.per_group else GROUP)
@@ -242,7 +256,8 @@ def _unstored(plan: Plan) -> set[str]:
     """The rule's per-element states this plan keeps no storage for: never read under its flags
     (SGD's momentum buffer at momentum 0, Adam's max_exp_avg_sq without amsgrad)."""
     rule = plan.key.rule
-    return {n for n in rule.states if n not in plan.codecs and n not in rule.scalar_states}
+    return {n for n in rule.states if n not in plan.codecs and n not in rule.scalar_states
+            and n not in getattr(plan, "factored", ())}
 
 
 def _without_unstored(plan: Plan, saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -95,7 +95,7 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         _hyper.check_tensor_inputs({k: defaults[k] for k in rule.floats},
                                    implementation["foreach"], implementation["capturable"],
                                    self._refuses_tensor_hyperparameters_with_foreach)
-        _hyper.values(rule, defaults)
+        self._checked_hyperparameters(rule, defaults)
         self.rule = rule
         # other rules param groups name (group["rule"]: the rule's name, its Rule kept here)
         self._group_rules: dict[str, Rule] = {}
@@ -147,10 +147,10 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             rule = self.rule_of(group)
             for name in rule.shared:  # visible before the first step, as prodigyopt's d
                 group.setdefault(name, rule.shared_start(name, group))
-            traced = trace(rule, dict(self.flags_of(group)))
-            check_facts(traced)
             index = len(self.param_groups) - 1
             for i, p in enumerate(group["params"]):
+                traced = trace(rule, dict(self.flags_of(group) + rule.param_flag_values(p)))
+                check_facts(traced)
                 guards.check_param(p, f"param {i} of group {index} (shape {tuple(p.shape)})")
                 distributed.check_sharded(p, traced)
                 guards.check_matrix(rule, traced, p)
@@ -189,7 +189,12 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
 
     def hyperparameters_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as Python values, each checked against its range."""
-        return _hyper.values(self.rule_of(group), group)
+        return self._checked_hyperparameters(self.rule_of(group), group)
+
+    def _checked_hyperparameters(self, rule: Rule, group: Mapping[str, Any]) -> dict[str, Any]:
+        """:func:`flashcompile.optim.hyperparameters.values` (a class whose torch twin takes
+        other values than floats overrides this: Adafactor's ``eps1=None``)."""
+        return _hyper.values(rule, group)
 
     # ---- plans and storage: the runtime, release, checkpoints and testing call these --------------
 
@@ -197,12 +202,16 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """The plan that steps ``p`` under ``flags`` (:meth:`flags_of` its group)."""
         # memoised: resolving costs sympy work per call, and per-tensor steps (gradient release)
         # ask once per param per step
-        key = (p.dtype, p.device.type, flags, self.compile)
+        rule = self.rule
+        if flags and flags[0][0] == RULE_FLAG:  # a group of another rule (flags_of)
+            rule = self._group_rules[flags[0][1]]
+        own = rule.param_flag_values(p) if rule.param_flags else ()  # Adafactor's "matrix"
+        key = (p.dtype, p.device.type, flags, self.compile, own)
         if key not in self._plans:
-            rule = self.rule
-            if flags and flags[0][0] == RULE_FLAG:  # a group of another rule (flags_of)
-                rule, flags = self._group_rules[flags[0][1]], flags[1:]
+            if flags and flags[0][0] == RULE_FLAG:
+                flags = flags[1:]
             rule, flags = amp.rule_and_flags(rule, flags)
+            flags += own
             live = trace(rule, dict(flags)).live_states()
             codecs = resolve_codecs(rule, self.codecs_for(rule), p.dtype, live)
             self._plans[key] = get_plan(PlanKey(rule, flags, codecs, p.device.type, self.compile))
@@ -261,6 +270,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
         for name in plan.key.rule.scalar_states:  # 0-d fp32 on the host, as torch.optim's
             state.setdefault(name, torch.tensor(0.0))
+        if plan.shaped:  # one fp32 number per row or column, in the state as torch.optim's
+            plan.init_factored(p, state)
         for name, codec in plan.codecs.items():
             for f in codec.fields:  # set before the first step (a pre-hook): adopt or refuse
                 key = state_key(name, f)
@@ -436,8 +447,11 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         if is_dtensor(p):  # a view of FSDP2's storage; grad likewise
             combine = distributed.shard_sums(p)  # norms over a sharded param: sum over ranks
             p, grad = p.to_local(), grad.to_local()
-        grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
         factor = self._factors.get(p.device) if self.scales_gradients else None
+        if plan.shaped:  # the parameter in its own shape, its gradient likewise
+            plan.run_shaped(p, grad, ready.stored, values, factor)
+            return
+        grad = layout.flat(grad.detach(), ready.order)  # a view where autograd laid it like p
         if plan.stages:
             if ready.matrices is None:
                 ready.matrices = plan.matrices([p], p.device)

@@ -16,6 +16,7 @@ from flashcompile.language.dsl import Rule
 from flashcompile.optim.optimizer import Optimizer
 from flashcompile.rules import (
     adadelta,
+    adafactor,
     adagrad,
     adam,
     adamax,
@@ -249,6 +250,33 @@ class Muon(Optimizer):
                          ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, **options)
 
 
+class Adafactor(Optimizer):
+    """torch.optim.Adafactor (arXiv 1804.04235): the second moment of each matrix factored into
+    its row and column means (``row_var``, ``col_var``: fp32, 4 bytes per row and column), a full
+    one for vectors (``variance``), relative step sizes and the update clipped by its RMS; no
+    momentum. With the flash codecs a bf16 matrix keeps 3 bytes per parameter plus its factors
+    (5 with its gradient), a vector's variance in 8 bits. ``eps=(None, eps2)``, the default,
+    takes each parameter dtype's machine epsilon for eps1, as torch's foreach path does. Steps
+    each parameter in its own shape, one launch each (``flashcompile.compiler.shaped``)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, beta2_decay: float = -0.8,
+                 eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0,
+                 weight_decay: float = 0.0, *, maximize: bool = False, **options: Any):
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+        super().__init__(params, adafactor, lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
+                         weight_decay=weight_decay, maximize=maximize, **options)
+
+    def _checked_hyperparameters(self, rule: Rule, group: Mapping[str, Any]) -> dict[str, Any]:
+        eps = group.get("eps")
+        if rule is not adafactor or not isinstance(eps, (tuple, list)) or eps[0] is not None:
+            return super()._checked_hyperparameters(rule, group)
+        # None reaches the plan, which reads it as its parameter dtype's epsilon
+        out = super()._checked_hyperparameters(rule, {**group, "eps": (0.0, *eps[1:])})
+        out["eps"] = (None, out["eps"][1])
+        return out
+
+
 # Rules without a torch.optim twin: one line each.
 Lion = optimizer_class(lion, "Lion", """Lion (arXiv 2302.06675) with flash codecs by default.""")
 LAMB = optimizer_class(lamb, "LAMB", """LAMB (arXiv 1904.00962): Adam's direction scaled per param
@@ -360,4 +388,5 @@ class AdamWScheduleFree(optimizer_class(adamw_schedule_free, "AdamWScheduleFree"
 # the contract tests iterate this.
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in (
     SGD, SGDW, Adam, AdamW, Lion, LAMB, LARS, AdEMAMix, Adan, Adagrad, RMSprop, Adadelta, Adamax,
-    NAdam, RAdam, ASGD, Rprop, Muon, ADOPT, CautiousAdamW, MARS, AdamWScheduleFree, Prodigy)}
+    NAdam, RAdam, ASGD, Rprop, Muon, ADOPT, CautiousAdamW, MARS, AdamWScheduleFree, Prodigy,
+    Adafactor)}

@@ -62,6 +62,8 @@ class StoredValues:
             raise KeyError(f"{rule.name} has no state {name!r}; its states: {list(rule.states)}")
         if not self.state.get(p):
             raise KeyError("param has no state yet: step the optimizer first")
-        if name in rule.scalar_states:
+        if name in rule.scalar_states or name in rule.factored_states:  # stored as they are
+            if name not in self.state[p]:
+                raise KeyError(f"{name!r} holds no values for a param of shape {tuple(p.shape)}")
             return self.state[p][name].clone()
         return self._decode(p, name)

@@ -101,6 +101,12 @@ def check_sharded(p: torch.Tensor, traced) -> None:
 
     if not is_dtensor(p):
         return
+    if traced.rule.shaped and any(pl.is_shard() or pl.is_partial() for pl in p.placements):
+        raise ValueError(
+            f"{traced.rule.name} steps each parameter in its own shape (means along its rows and "
+            f"columns); the param of shape {tuple(p.shape)} is sharded ({p.placements}), and "
+            "gathering it inside the step is not supported yet. Keep such params out of "
+            "fully_shard (or replicate them), or optimize them with an element-wise rule")
     if any(out.has(Orthogonalize) for out in traced.outputs) and any(
             pl.is_shard() or pl.is_partial() for pl in p.placements):
         raise ValueError(

@@ -22,7 +22,8 @@ def is_torch_format(rule_states: Mapping[str, str], saved: Mapping[str, Any],
     """Whether one param's saved state is torch.optim's: state names as keys (no codec fields) and
     tensors shaped like the param. (A 1-D param whose size is a multiple of 32 matches both formats;
     for fp32 storage they then hold the same values.)"""
-    host = {"step", *(k for k, fact in rule_states.items() if fact == "scalar")}
+    # one number per param, or per row or column (Adafactor's row_var, col_var): their own shapes
+    host = {"step", *(k for k, fact in rule_states.items() if fact in ("scalar", "rows", "cols"))}
     return set(saved) <= {"step", *rule_states} and all(
         v is None or tuple(v.shape) == tuple(p.shape) for k, v in saved.items() if k not in host)
 
@@ -33,6 +34,7 @@ def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
     plan = opt.plan_for(p, opt.flags_of(_group_of(opt, p)))
     out: dict[str, Any] = {"step": state["step"].detach().clone().float()}
     out.update({k: state[k].detach().clone().float() for k in plan.key.rule.scalar_states})
+    out.update({k: state[k].detach().clone() for k in getattr(plan, "factored", ())})
     for name in plan.codecs:
         if name != PARAM:
             out[name] = opt.state_value(p, name).clone()
@@ -61,6 +63,9 @@ def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> 
     out: dict[str, Any] = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone().cpu()}
     for name in plan.key.rule.scalar_states:  # NAdam's mu_product, ASGD's eta and mu: 0-d tensors
         out[name] = torch.as_tensor(saved.get(name, 0.0), dtype=torch.float32).detach().clone().cpu()
+    for name in getattr(plan, "factored", ()):  # absent: zeros, as a fresh state starts
+        if saved.get(name) is not None:
+            out[name] = factored_state(p, plan, name, saved[name], pid)
     order = layout.memory_order(p)  # states follow the param's memory order
     for name, codec in plan.codecs.items():
         for f, t in zip(codec.fields, layout.encode_flat(codec, layout.flat(values[name], order))):
@@ -68,6 +73,20 @@ def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> 
             if key in plan.owned_fields:
                 out[key] = t
     return out
+
+
+def factored_state(p: torch.Tensor, plan: Plan, name: str, saved: Any, pid) -> torch.Tensor:
+    """A saved factored state (one fp32 number per row or column of ``p``), checked against the
+    shape ``plan`` gives it and copied to ``p``'s device as fp32."""
+    want = plan.factored_shape(name, p.shape)
+    if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != want:
+        got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+        raise ValueError(f"state {name!r} of param {pid} has shape {got}; a param of shape "
+                         f"{tuple(p.shape)} needs {want}: the state dict belongs to other "
+                         "parameters")
+    if not saved.is_floating_point():
+        raise ValueError(f"state {name!r} of param {pid} is {saved.dtype}; it holds fp32 values")
+    return saved.detach().to(device=p.device, dtype=torch.float32, copy=True)
 
 
 def torch_state_dict(opt) -> dict[str, Any]:

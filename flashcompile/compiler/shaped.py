@@ -1,0 +1,250 @@
+"""Plans for rules that run in each parameter's own shape: means along its rows and columns
+(``row_mean``, ``col_mean``, ``mean_all``) and factored states (Adafactor's ``row_var``,
+``col_var``), which the flat ``(G, 32)`` layout cannot express (a row starts anywhere in a group,
+a column is strided).
+
+One call steps one parameter. Its grouped fields (the weight split's residual, 8-bit states) are
+decoded in the flat layout, viewed in the parameter's shape, the rule runs on them as torch code
+(fp32), and the results are flattened, padded and encoded back; factored states are fp32 tensors
+of their own shape, written in place. ``torch.compile`` (Inductor) turns the whole function into
+a few fused kernels per parameter: the reductions and the element-wise work around them. Shapes
+are symbolic, so parameters of many shapes share a graph.
+
+What these plans do not do (yet): flat buckets (every parameter steps on its own), the hardware
+division of ``fast_math``, scalar states, shared numbers and matrix stages (refused where the rule
+is declared).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from flashcompile.codecs import GROUP, PARAM, layout, stochastic
+from flashcompile.compiler.plan import COMPILE_OPTIONS, Plan, PlanKey
+from flashcompile.language.trace import check_facts, trace
+
+# a 0-d float64 tensor would be a graph input per hyperparameter: pass the scalars as one vector
+_STEP_SLOT = 1  # s[0]: the last group's valid lanes (unused here), s[1]: step, then hyperparameters
+
+
+class ShapedPlan(Plan):
+    """A :class:`Plan` whose step runs one parameter in its own shape (see the module docstring).
+    It keeps the plan's interface where the optimizer reads it: ``codecs``, ``owned_fields``,
+    ``scalars``, ``bytes_per_param``; :attr:`factored` names the factored states it stores."""
+
+    def __init__(self, key: PlanKey):  # noqa: super().__init__ lowers to the flat layout
+        self.key = key
+        self.traced = trace(key.rule, dict(key.flags))
+        check_facts(self.traced)
+        self.lowered = None
+        self.codecs = dict(key.codecs)
+        self.factored = self.traced.live_factored_states()
+        self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
+        self.shared_source = self.shared_update = None
+        self.launch = None
+        self.eager = self.eager_one = self.fn = self.fn_one = self._step
+        # compiled steps by the parameter's rank and layout (dynamo recompiles for each, and
+        # counts recompiles per function), and whether each was checked against the eager step
+        self._compiled: dict[tuple, object] = {}
+
+    shaped = True
+    steps_flat = False
+    stages = False
+    masks_lanes = False
+
+    @property
+    def reduces(self) -> bool:
+        return True  # whole parameters per call, as a reducing plan's (never split in groups)
+
+    def steps_flat_over(self, numels) -> bool:
+        return False
+
+    def bytes_moved_per_param(self, grad_bytes: float) -> float:
+        """The gradient read, every grouped field read and written back (a first pass reads the
+        inputs of the means again: counted once more), factored states not counted (a few bytes
+        per row and column)."""
+        moved = 2 * grad_bytes
+        for codec in self.codecs.values():
+            moved += 3 * codec.bytes_per_value
+        return moved
+
+    def scalars(self, step: int, hyper: Mapping[str, object],
+                state: Mapping[str, object] | None = None) -> list[float]:
+        """``_s[1:]``: the step, then every float hyperparameter (tuples flattened) in the rule's
+        order; the rule computes from them inside the graph. A None entry (torch.optim.Adafactor's
+        ``eps1``) is the parameter dtype's machine epsilon."""
+        dtype_eps = torch.finfo(self.codecs[PARAM].fields[0].dtype).eps
+        out = [float(step)]
+        for name in self.traced.hyper:
+            value = hyper[name]
+            for v in value if isinstance(value, tuple) else (value,):
+                out.append(dtype_eps if v is None else float(v))
+        return out
+
+    def new_scalar_states(self, scalars: list[float]) -> list[tuple[str, float]]:
+        return []
+
+    def factored_shape(self, name: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of factored state ``name`` for a parameter of ``shape``: ``(..., rows, 1)``
+        for a ``"rows"`` state, ``(..., 1, cols)`` for a ``"cols"`` one (torch.optim.Adafactor's
+        ``row_var`` and ``col_var``)."""
+        if len(shape) < 2:
+            raise ValueError(f"{self.key.rule.name}: state {name!r} holds one number per row or "
+                             f"column of a matrix; a parameter of shape {tuple(shape)} has none")
+        shape = list(shape)
+        shape[-1 if self.key.rule.states[name] == "rows" else -2] = 1
+        return tuple(shape)
+
+    def init_factored(self, p: torch.Tensor, state: dict) -> None:
+        """Allocate the factored states ``state`` lacks (zeros, fp32, on ``p``'s device); check
+        the shape of those it has (a loaded state dict's)."""
+        for name in self.factored:
+            want = self.factored_shape(name, p.shape)
+            held = state.get(name)
+            if held is None:
+                state[name] = torch.zeros(want, dtype=torch.float32, device=p.device)
+                continue
+            if tuple(held.shape) != want:
+                raise ValueError(f"state {name!r} of a parameter of shape {tuple(p.shape)} has "
+                                 f"shape {tuple(held.shape)}; it must be {want}")
+            if held.dtype != torch.float32 or held.device != p.device:
+                state[name] = held.to(device=p.device, dtype=torch.float32)
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def run_shaped(self, p: torch.Tensor, grad: torch.Tensor, stored: Mapping[str, torch.Tensor],
+                   scalars: list[float], factor: torch.Tensor | None = None) -> None:
+        """Step ``p`` (the parameter itself, any strides) from ``grad`` (its shape), its grouped
+        fields and factored states in ``stored`` (by state key), in place."""
+        if p.numel() == 0:
+            return
+        s = layout.scalar_vector(layout.last_group_lanes(p.numel()), scalars, p.device)
+        fields = self.field_args(stored, 0, layout.group_count(p.numel()))
+        factored = [stored[name] for name in self.factored]
+        device = self.device_args(factor, p.device)
+        p, grad = p.detach(), grad.detach()
+        order = layout.memory_order(p)
+        args = (s, p, grad, fields, factored, device, order)
+        if not self.key.compiled:
+            self._step(*args)
+            return
+        kind = (p.dim(), order, p.stride() == grad.stride(), p.dtype, grad.dtype, p.device.type)
+        fn = self._compiled.get(kind)
+        if fn is None:
+            fn = self._compiled[kind] = self._checked_compile(*args)
+        else:
+            fn(*args)
+
+    def _checked_compile(self, s, p, grad, fields, factored, device, order):
+        """Compile the step for parameters like ``p`` and take this call's step with it, checked
+        against the eager step on copies of the inputs: on disagreement beyond one code step
+        (plus fp32 slack) warn, redo the step eagerly and keep the eager step for such params."""
+        before = [p.clone(), [f.clone() for f in fields], [f.clone() for f in factored]]
+        want_p, want_f, want_r = [p.clone(), [f.clone() for f in fields],
+                                  [f.clone() for f in factored]]
+        self._step(s, want_p, grad, want_f, want_r, device, order)
+        # a fresh code object per compiled step: dynamo keeps graphs, and counts recompiles,
+        # per code object
+        step = types.FunctionType(ShapedPlan._step.__code__.replace(), globals())
+        fn = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=True,
+                           options=dict(COMPILE_OPTIONS))
+        fn(s, p, grad, fields, factored, device, order)
+        mismatch = None
+        want, got = self._decoded(want_p, want_f), self._decoded(p, fields)
+        old = self._decoded(before[0], before[1])
+        for name, codec in self.codecs.items():
+            # one code step, plus fp32 roundings of the values the update combined (a step that
+            # nearly cancels a weight rounds in ulps of the old weight)
+            tol = codec.code_step(want[name]) + 1e-6 * (want[name].abs() + old[name].abs())
+            if not torch.all((got[name] - want[name]).abs() <= tol):
+                mismatch = f"{name}: largest difference {(got[name] - want[name]).abs().max():.3g}"
+        for name, a, b in zip(self.factored, want_r, factored):
+            if not torch.allclose(a, b, rtol=1e-5, atol=0.0):
+                mismatch = f"{name}: largest difference {(a - b).abs().max():.3g}"
+        if mismatch is None:
+            return fn
+        warnings.warn(f"flashcompile: the compiled {self.key.rule.name} plan disagrees with its "
+                      f"eager step for a parameter of shape {tuple(p.shape)}; running such "
+                      f"parameters eagerly. {mismatch}", RuntimeWarning, stacklevel=4)
+        for t, old in zip([p, *fields, *factored], [before[0], *before[1], *before[2]]):
+            t.copy_(old)
+        self._step(s, p, grad, fields, factored, device, order)
+        return self._step
+
+    def _decoded(self, weight: torch.Tensor, fields: Sequence[torch.Tensor]) -> dict:
+        it, out = iter(fields), {}
+        flat_w = layout.padded(layout.flat(weight, layout.memory_order(weight))).view(-1, GROUP)
+        for name, codec in self.codecs.items():
+            parts = [flat_w if name == PARAM and f.name == "value" else next(it)
+                     for f in codec.fields]
+            out[name] = codec.decode(*parts)
+        return out
+
+    def _step(self, s: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+              fields: Sequence[torch.Tensor], factored: Sequence[torch.Tensor],
+              device: Sequence[torch.Tensor], order: tuple[int, ...] | None) -> None:
+        """Decode, run the rule in ``weight``'s shape, encode and store (compiled as one graph).
+        ``order``: the weight's :func:`~flashcompile.codecs.layout.memory_order` (a constant of
+        the graph: dynamo cannot sort symbolic strides)."""
+        rule, n = self.key.rule, weight.numel()
+        count = -(-n // GROUP)
+
+        def groups_of(x: torch.Tensor) -> torch.Tensor:  # memory order, zero-padded, (G, 32)
+            flat = layout.flat_view(x, order)
+            return torch.nn.functional.pad(flat, (0, count * GROUP - n)).view(count, GROUP)
+
+        def in_shape(x: torch.Tensor) -> torch.Tensor:  # (G, 32) back to the weight's shape
+            values = x.reshape(-1)[:n]
+            if order is None:
+                return values.view(weight.shape)
+            # layout.unflat, written without sorted(key=...), which dynamo does not trace
+            inverse = [order.index(d) for d in range(len(order))]
+            return values.view([weight.shape[d] for d in order]).permute(inverse)
+
+        g_groups = groups_of(grad.float())
+        decoded, it = {}, iter(fields)
+        for name, codec in self.codecs.items():
+            parts = [groups_of(weight) if name == PARAM and f.name == "value" else next(it)
+                     for f in codec.fields]
+            decoded[name] = in_shape(codec.decode(*parts))
+        held = dict(zip(self.factored, factored))
+        states = [decoded.get(name, held.get(name)) for name in rule.states]
+        hyper, i = {}, _STEP_SLOT + 1
+        for name in self.traced.hyper:
+            width = len(rule.defaults[name]) if isinstance(rule.defaults[name], tuple) else 0
+            hyper[name] = tuple(s[i + j] for j in range(width)) if width else s[i]
+            i += max(width, 1)
+        flags = dict(self.key.flags)
+        extra = dict(zip(self.traced.device, device))
+        out = rule.fn(decoded[PARAM], in_shape(g_groups), *states, step=s[_STEP_SLOT],
+                      **hyper, **flags, **extra)
+        new = dict(zip([PARAM, *rule.states], out))
+        new_groups = {name: groups_of(new[name].expand(weight.shape))
+                      for name in self.codecs if new[name] is not decoded[name]}
+        encoded = {}
+        for k, (name, values) in enumerate(new_groups.items()):
+            codec = self.codecs[name]
+            if getattr(codec, "stochastic", False):  # the element's gradient and new weight
+                u = stochastic.uniform_noise(s[_STEP_SLOT], stochastic.salt(codec.seed, k),
+                                             g_groups, new_groups.get(PARAM, g_groups))
+                encoded[name] = codec.encode(values, u)
+            else:
+                encoded[name] = codec.encode(values)
+        # every output encoded before any store: a decoded input may alias its storage
+        it = iter(fields)
+        for name, codec in self.codecs.items():
+            for j, f in enumerate(codec.fields):
+                target = None if name == PARAM and f.name == "value" else next(it)
+                if name not in encoded:
+                    continue
+                if target is None:
+                    weight.copy_(in_shape(encoded[name][j]))
+                else:
+                    target.copy_(encoded[name][j])
+        for name, target in held.items():
+            if new[name] is not target:
+                target.copy_(new[name])
