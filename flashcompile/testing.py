@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from hypothesis import strategies as st
 
 from flashcompile import codecs as _codecs
 from flashcompile.codecs import GROUP, PARAM, Codec
+from flashcompile.codecs.base import FP32_SLACK
 from flashcompile.codecs.layout import padded
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
 from flashcompile.compiler.plan import PlanKey, Shared, get_plan, state_key
@@ -82,7 +84,8 @@ def hyperparameters(rule: Rule) -> st.SearchStrategy[dict[str, Any]]:
     """Hyperparameters near the rule's defaults (x0.1 .. x10) inside its declared ranges; flags free."""
     def near(name: str, default: float) -> st.SearchStrategy[float]:
         lo, hi = rule.range_of(name)
-        if hi <= 1.0:  # interval-like (betas): anywhere in [lo, hi), not too close to hi
+        if hi <= 1.0 and math.isfinite(lo):  # interval-like (betas): anywhere in [lo, hi),
+            # not too close to hi
             return st.floats(lo, lo + 0.999 * (hi - lo))
         if default == 0:
             return st.sampled_from([0.0, 1e-3, 0.1])
@@ -132,6 +135,15 @@ def fp32_step(opt: Optimizer, p: torch.Tensor):
     step = int(opt.state[p]["step"].item()) + 1 if started else 1
     # scalar states (NAdam's mu_product) are read from opt's state, not advanced
     values = plan.scalars(step, opt.hyperparameters_of(group), opt.state.get(p))
+    if plan.shaped:  # in the param's shape; factored states (fp32 already) from opt's state
+        for k in flash.factored:
+            old[k] = (opt.state_value(p, k) if started
+                      else torch.zeros(plan.factored_shape(k, p.shape), device=p.device))
+            stored[k] = old[k].clone()
+        plan.run_shaped(master, p.grad, stored, values)
+        new = {PARAM: master, **{k: stored[k][: p.numel()].view_as(p) for k in live},
+               **{k: stored[k] for k in flash.factored}}
+        return flash, new, old
     plan.run(master, p.grad, stored, values,
              matrices=plan.matrices([p], p.device) if plan.stages else None,
              shared=_shared_as_held(opt, rule, group, plan, p.device))
@@ -178,6 +190,12 @@ def assert_within_bounds(opt: Optimizer, params, refs, step: int, compiled: bool
                 f"fp32 step {ref[key].reshape(-1)[i].item():.9g} (its group's largest magnitude "
                 f"{top.item():.3g}{note})"
             )
+        for key in getattr(plan, "factored", ()):  # fp32 on both sides: the same sums
+            got = opt.state_value(p, key)
+            tol = (2 * FP32_SLACK + fp32_ulps * 2.0**-24) * (old[key].abs() + ref[key].abs())
+            assert ((got - ref[key]).abs() <= tol).all(), (
+                f"step {step} {key}: |flash - fp32| up to {(got - ref[key]).abs().max():.3g}, "
+                "over fp32 rounding of the same means")
 
 
 def check_steps(rule: Rule, hyper: Mapping[str, Any], shapes_: list[tuple[int, ...]], seed: int,
@@ -409,7 +427,11 @@ def _untracked_reason(rule: Rule, flags: Mapping[str, bool]) -> str:
 
 
 def _check_compiled_plans(rule, spec, dtypes, flag_settings) -> None:
-    """The compiled kernel of every plan against its eager function (one code step apart at most)."""
+    """The compiled kernel of every plan against its eager function (one code step apart at most).
+    A rule that runs in each parameter's shape checks that at each compiled step's first call
+    (``ShapedPlan``), which the compiled steps above went through."""
+    if rule.shaped:
+        return
     for dtype, flags in itertools.product(dtypes, flag_settings):
         traced = trace(rule, flags)
         key = PlanKey(rule, tuple(sorted(flags.items())),

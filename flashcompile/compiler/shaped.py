@@ -219,7 +219,8 @@ class ShapedPlan(Plan):
             hyper[name] = tuple(s[i + j] for j in range(width)) if width else s[i]
             i += max(width, 1)
         flags = dict(self.key.flags)
-        extra = dict(zip(self.traced.device, device))
+        # device scalars (1-element) as 0-d tensors: they must not give a 0-d param a dim
+        extra = {k: t.reshape(()) for k, t in zip(self.traced.device, device)}
         out = rule.fn(decoded[PARAM], in_shape(g_groups), *states, step=s[_STEP_SLOT],
                       **hyper, **flags, **extra)
         new = dict(zip([PARAM, *rule.states], out))

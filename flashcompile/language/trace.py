@@ -194,13 +194,16 @@ def _reparametrize(traced: Traced) -> dict[sympy.Symbol, sympy.Expr]:
     """Substitutions that encode each hyperparameter's declared range in sympy assumptions.
 
     A value in [lo, hi) is written lo + (hi - lo) * u / (1 + u) with u >= 0 (or lo + u when hi is
-    infinite), so sympy's sign reasoning sees e.g. that 1 - beta2 >= 0.
+    infinite, hi - u when lo is), so sympy's sign reasoning sees e.g. that 1 - beta2 >= 0.
     """
     subs = {}
     for name, syms in traced.hyper.items():
         lo, hi = traced.rule.range_of(name)
         for s in syms if isinstance(syms, tuple) else (syms,):
             u = sympy.Symbol(f"_{s.name}_u", nonnegative=True)
+            if lo == -float("inf"):  # (-inf, hi): Adafactor's beta2_decay <= 0
+                subs[s] = sympy.nsimplify(hi) - u
+                continue
             lo_s = sympy.nsimplify(lo)
             subs[s] = lo_s + u if hi == float("inf") else lo_s + sympy.nsimplify(hi - lo) * u / (1 + u)
     return subs

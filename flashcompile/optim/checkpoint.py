@@ -165,7 +165,11 @@ class Checkpoints:
             plan = self.plan_for(p, self.flags_of(new_groups[i]))
             _check_step(saved.get("step"), pid)
             saved = _without_unstored(plan, saved)
-            encoded = not interop.is_torch_format(plan.key.rule.states, saved, p)
+            # a group that records its codecs was saved here (torch_state_dict drops them): its
+            # states are ours even where they read as torch.optim's (an Adafactor matrix's row_var
+            # and col_var with its weight's residual missing)
+            encoded = bool(saved_groups[i].get("codecs")) or not interop.is_torch_format(
+                plan.key.rule.states, saved, p)
             recorded = (saved_groups[i].get("codecs") or {}).get(str(p.dtype)) if encoded else None
             recorded = recorded and _without_unstored_codecs(plan, recorded)
             reencoded = None
@@ -174,7 +178,7 @@ class Checkpoints:
                 reencoded = _reencoded(p, plan, saved, recorded, pid)
             converted = reencoded is not None
             saved = reencoded if converted else saved
-            checked = self._check_saved_state(p, plan, saved, pid)  # names another optimizer
+            checked = self._check_saved_state(p, plan, saved, pid, encoded)  # names another optimizer
             _check_identity(p, plan, saved_groups[i], j, pid, encoded and not converted)
             new_state[p] = ParamState(checked)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
@@ -188,12 +192,13 @@ class Checkpoints:
         loadable by the torch.optim optimizer of the same name."""
         return interop.torch_state_dict(self)
 
-    def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid) -> dict[str, Any]:
+    def _check_saved_state(self, p, plan: Plan, saved: Mapping[str, Any], pid,
+                           encoded: bool = True) -> dict[str, Any]:
         expected = dict(plan.owned_fields)
         rule = plan.key.rule
         if is_dtensor(p):
             return distributed.import_state(p, plan, saved, pid, rule.states)
-        if interop.is_torch_format(rule.states, saved, p):
+        if not encoded:
             return interop.import_state(p, plan, saved, pid)
         if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
             return distributed.import_state(p, plan, saved, pid, rule.states)

@@ -46,7 +46,7 @@ def unscaling(rule: Rule) -> Rule:
     fn.__name__ = fn.__qualname__ = rule.name
     return Rule(fn, rule.name, dict(rule.defaults), dict(rule.states), dict(rule.ranges),
                 dict(rule.flash_codecs), dict(rule.choices), (*rule.device_scalars, FACTOR),
-                rule.zero_branches, dict(rule.shared), dict(rule.starts))
+                rule.zero_branches, dict(rule.shared), dict(rule.starts), rule.param_flags)
 
 
 def rule_and_flags(rule: Rule, flags: tuple) -> tuple[Rule, tuple]:

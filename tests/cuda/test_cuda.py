@@ -457,3 +457,52 @@ def test_cuda_prodigy_per_tensor_steps_replay_as_one_graph():
     assert torch.equal(oa.param_groups[0]["d"], ob.param_groups[0]["d"])
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
+
+
+def _adafactor_params(dtype, gen):
+    """A matrix, a batch of matrices, a channels_last conv kernel and a vector (full variance)."""
+    shapes = [(64, 48), (3, 16, 8), (8, 3, 3, 3), (37,)]
+    out = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
+    out[2] = out[2].to(memory_format=torch.channels_last)
+    return [torch.nn.Parameter(x) for x in out]
+
+
+def test_cuda_adafactor_with_fp32_codecs_tracks_torch_optim_adafactor():
+    """Each parameter in its own shape, compiled on CUDA (row and column means as Inductor's
+    reductions): torch.optim.Adafactor's update to fp32 rounding (its RMS and means summed in
+    another order), channels_last kept."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ours = _adafactor_params(torch.float32, gen)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fc.Adafactor(ours, lr=1e-2, weight_decay=0.1, codecs="fp32")
+    ref = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert ours[2].is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[ours[1]]["col_var"].shape == (3, 1, 8)
+
+
+def test_cuda_flash_adafactor_on_a_bf16_model_stays_close_to_its_fp32_twin():
+    """The default codecs (weight split; the vector's variance in 8 bits) against fp32 codecs from
+    the same bf16 weights: the weights move alike, within a tenth of how far they moved."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    flash = _adafactor_params(torch.bfloat16, gen)
+    start = [p.detach().float() for p in flash]
+    twin = [torch.nn.Parameter(x.clone()) for x in start]
+    opts = [fc.Adafactor(flash, lr=1e-2), fc.Adafactor(twin, lr=1e-2, codecs="fp32")]
+    for _ in range(5):
+        for p, q in zip(flash, twin):
+            g = torch.randn(p.shape, device="cuda", generator=gen).to(torch.bfloat16)
+            p.grad, q.grad = g.clone(), g.float()
+        for opt in opts:
+            opt.step()
+    for p, q, x in zip(flash, twin, start):
+        moved = (q - x).abs().mean().item()
+        assert moved > 1e-3
+        assert (p.float() - q).abs().mean().item() <= 0.1 * moved

@@ -166,14 +166,15 @@ def test_hooks_fire_in_order(name):
 def _other_codecs(opt):
     """The optimizer's codec mapping with one 8-bit state codec swapped for a sibling whose fields
     have the same dtypes and sizes (their values mean something else)."""
-    plan = opt.plan_for(params_of(opt)[0], opt.flags_of(opt.param_groups[0]))
-    state, codec = next((k, c.name) for k, c in plan.codecs.items() if c.name in SIBLINGS)
+    plans = [opt.plan_for(p, opt.flags_of(opt.param_groups[0])) for p in params_of(opt)]
+    state, codec = next((k, c.name) for plan in plans for k, c in plan.codecs.items()
+                        if c.name in SIBLINGS)  # Adafactor's matrices keep no 8-bit state
     return {state: SIBLINGS[codec]}
 
 
 def _edit_state(field_edit):
-    def edit(sd, opt):
-        state = sd["state"][0]
+    def edit(sd, opt):  # the first param with 8-bit codes (Adafactor's matrices have none)
+        state = next(st for st in sd["state"].values() if any(k.endswith(".codes") for k in st))
         key = max(k for k in state if k.endswith(".codes"))  # a state's, not the residual
         state[key] = field_edit(state[key])
         return key

@@ -303,10 +303,12 @@ def test_params_no_backward_reaches_after_zero_grad_step_as_torch_steps_their_gr
     assert steps == ([6.0, 6.0, 4.0, 4.0] if set_to_none else [7.0] * 4)
 
 
-@pytest.mark.parametrize("name", [cls.__name__ for cls in OPTIMIZERS.values()])
+@pytest.mark.parametrize("name", [cls.__name__ for cls in OPTIMIZERS.values()
+                                  if not rule_of(cls).shaped])  # Adafactor: per param, in shape
 def test_a_plan_passes_lane_counts_exactly_where_its_step_masks_padding_lanes(name):
     """Plan.masks_lanes (what callers pass) and the generated step's signature (what the kernel
-    takes) come from one predicate; every shipped rule steps flat at any param size."""
+    takes) come from one predicate; every shipped rule but those that run in each parameter's
+    shape steps flat at any param size."""
     cls = getattr(fc, name)
     p = torch.nn.Parameter(torch.zeros(shapes_for(rule_of(cls), [(40,)])[0], dtype=torch.bfloat16))
     p.grad = torch.zeros_like(p)

@@ -1,0 +1,249 @@
+"""Adafactor: a rule that runs in each parameter's own shape (row and column means, factored
+states), against torch.optim.Adafactor, its fp32 twin, torch's state dicts and the DSL's checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import flashcompile as fc
+from flashcompile.codecs.base import FP32_SLACK
+from flashcompile.compiler.explain import plan_of
+
+# a matrix, a batch of matrices, a channels_last conv kernel, a vector (full variance), a scalar
+SHAPES = [(16, 24), (3, 8, 5), (8, 3, 3, 3), (37,), ()]
+
+
+def _params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    out[2] = out[2].to(memory_format=torch.channels_last)
+    return [torch.nn.Parameter(x) for x in out]
+
+
+def _grads(params, gen, scale=1.0):
+    return [torch.randn(p.shape, generator=gen) * scale for p in params]
+
+
+def _twins(options, steps=6, compile=False, scale=1.0):
+    """fc.Adafactor (fp32 codecs) and torch.optim.Adafactor from the same fp32 weights and
+    gradients; returns both param lists and optimizers."""
+    ours, gen = _params(), torch.Generator().manual_seed(1)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fc.Adafactor(ours, codecs="fp32", compile=compile, **options)
+    ref = torch.optim.Adafactor(theirs, foreach=False, **options)
+    for _ in range(steps):
+        for p, q, g in zip(ours, theirs, _grads(ours, gen, scale)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    return ours, theirs, opt, ref
+
+
+# fp32 roundings of one step, over the steps taken: of each weight, and of its update, which the
+# RMS and means (summed in another order) scale as a whole, so relative to the param's typical size
+def _assert_tracks(ours, theirs, steps=6):
+    for p, q in zip(ours, theirs):
+        q = q.detach()
+        tol = steps * 8 * FP32_SLACK * (q.abs() + q.abs().mean() + 1e-3)
+        assert ((p - q).abs() <= tol).all(), (p - q).abs().max()
+
+
+@pytest.mark.parametrize("options", [
+    dict(lr=1e-2),
+    dict(lr=0.3, weight_decay=0.1, maximize=True),
+    dict(lr=1e-2, eps=(1e-3, 1e-2), d=4.0, beta2_decay=-0.5),
+], ids=["defaults", "decay_maximize_rho_capped", "eps_d_decay"])
+def test_fp32_codecs_step_as_torch_optim_adafactor_on_every_shape(options):
+    ours, theirs, opt, ref = _twins(options)
+    _assert_tracks(ours, theirs)
+    for p, q in zip(ours, theirs):  # torch's state names; the factored states in its shapes
+        mine, torchs = opt.state[p], ref.state[q]
+        assert set(mine) == set(torchs)
+        assert all(mine[k].shape == torchs[k].shape for k in ("row_var", "col_var") if k in mine)
+
+
+def test_the_compiled_step_equals_torch_and_shares_one_graph_per_rank_and_layout():
+    """Compiled (Inductor's C++ on this CPU) with symbolic shapes: one compiled step per rank and
+    memory layout, not per shape; channels_last kept."""
+    ours, theirs, opt, _ = _twins(dict(lr=1e-2, weight_decay=0.1), compile=True)
+    _assert_tracks(ours, theirs)
+    assert ours[2].is_contiguous(memory_format=torch.channels_last)
+    more = [torch.nn.Parameter(torch.randn(s)) for s in [(7, 5), (40, 3)]]
+    opt.add_param_group({"params": more})
+    for p in [*ours, *more]:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    plan = opt.plan_for(more[0], opt.flags_of(opt.param_groups[1]))
+    # matrices: 2-D, 3-D and the 4-D channels_last kernel; three 2-D shapes share one step
+    assert len(plan._compiled) == 3
+    assert all(fn is not plan._step for fn in plan._compiled.values())  # none fell back to eager
+
+
+def test_eps1_none_is_each_param_dtypes_machine_epsilon():
+    """torch's default eps=(None, 1e-3): bf16 params floor the second moment at (2^-7)^2, fp32
+    ones at (2^-23)^2, so tiny gradients step as with those values given."""
+    for dtype, eps1 in [(torch.bfloat16, 2.0**-7), (torch.float32, 2.0**-23)]:
+        a = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(6, 4), (9,)]]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        opts = [fc.Adafactor(a, compile=False), fc.Adafactor(b, eps=(eps1, 1e-3), compile=False)]
+        for p, q in zip(a, b):
+            p.grad = q.grad = torch.full(p.shape, 1e-4).to(dtype)
+        for opt in opts:
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+        assert opts[0].param_groups[0]["eps"] == (None, 1e-3)  # kept as torch keeps it
+
+
+def test_flash_adafactor_on_a_bf16_model_keeps_the_fp32_twins_weights():
+    """The weight split (3 B/param) and, for vectors, an 8-bit variance, against fp32 codecs from
+    the same bf16 weights and gradients: the weights move alike, within a tenth of how far they
+    moved (the 8-bit variance's few-percent error scales a vector's update by about half that)."""
+    flash, gen = _params(torch.bfloat16), torch.Generator().manual_seed(2)
+    start = [p.detach().float() for p in flash]
+    twin = [torch.nn.Parameter(x.clone()) for x in start]
+    opts = [fc.Adafactor(flash, lr=1e-2, compile=False),
+            fc.Adafactor(twin, lr=1e-2, codecs="fp32", compile=False)]
+    for _ in range(8):
+        for p, q, g in zip(flash, twin, _grads(flash, gen)):
+            p.grad, q.grad = g.bfloat16(), g.bfloat16().float()
+        for opt in opts:
+            opt.step()
+    for p, q, x in zip(flash, twin, start):
+        moved = (q - x).abs().mean()
+        assert moved > 1e-3
+        assert (p.float() - q).abs().mean() <= 0.1 * moved
+
+
+def test_a_matrix_keeps_its_second_moment_in_under_a_tenth_of_a_byte_per_parameter():
+    p = torch.nn.Parameter(torch.zeros(768, 3072, dtype=torch.bfloat16))
+    v = torch.nn.Parameter(torch.zeros(768, dtype=torch.bfloat16))
+    opt = fc.Adafactor([p, v], compile=False)
+    p.grad, v.grad = torch.ones_like(p), torch.ones_like(v)
+    opt.step()
+    state = opt.state[p]
+    second_moment = sum(state[k].numel() * state[k].element_size() for k in ("row_var", "col_var"))
+    assert second_moment / p.numel() < 0.1  # 0.0065
+    assert set(state) == {"step", "param.residual", "row_var", "col_var"}
+    assert "variance.codes" in opt.state[v] and "row_var" not in opt.state[v]
+
+
+def test_state_dicts_go_to_torch_optim_adafactor_and_back_and_training_goes_on():
+    ours, theirs, opt, ref = _twins(dict(lr=1e-2), steps=3)
+    # ours from torch's state dict, torch's from ours: both continue as the other would have
+    mine = fc.Adafactor(ours, codecs="fp32", compile=False)
+    mine.load_state_dict(ref.state_dict())
+    back = torch.optim.Adafactor(theirs, foreach=False)
+    back.load_state_dict(opt.torch_state_dict())
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for p, q, g in zip(ours, theirs, _grads(ours, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        mine.step()
+        back.step()
+    _assert_tracks(ours, theirs)
+
+
+@pytest.mark.parametrize("case", ["row_var_of_another_shape", "col_var_missing", "int_row_var"])
+def test_a_factored_state_that_does_not_fit_fails_to_load_and_changes_nothing(case):
+    ours, _, opt, _ = _twins(dict(lr=1e-2), steps=2)
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    entry = bad["state"][0]
+    if case == "row_var_of_another_shape":
+        entry["row_var"] = torch.zeros(15, 1)
+    elif case == "col_var_missing":
+        del entry["col_var"]
+    else:
+        entry["row_var"] = entry["row_var"].long()
+    with pytest.raises(ValueError, match="row_var|col_var|keys"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][i][k], v) for i, st in before["state"].items()
+               for k, v in st.items())
+
+
+def test_gradient_release_steps_adafactor_bit_identically_to_stepping_after_backward():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(),
+                                  torch.nn.Linear(16, 3)).bfloat16() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    plain = fc.Adafactor(models[0].parameters(), compile=False)
+    released = fc.Adafactor(models[1].parameters(), compile=False)
+    fc.enable_gradient_release(models[1], released)
+    for seed in range(3):
+        x = torch.randn(5, 12, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        for model, opt in zip(models, (plain, released)):
+            model(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_max_grad_norm_clips_inside_the_shaped_step():
+    ours = _params()
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    clipped = fc.Adafactor(ours, codecs="fp32", compile=False, max_grad_norm=0.5)
+    plain = fc.Adafactor(twin, codecs="fp32", compile=False)
+    for p, q, g in zip(ours, twin, _grads(ours, torch.Generator().manual_seed(3), 10.0)):
+        p.grad, q.grad = g.clone(), g.clone()
+    torch.nn.utils.clip_grad_norm_(twin, 0.5)
+    clipped.step()
+    plain.step()
+    _assert_tracks(ours, twin, steps=1)
+
+
+def test_rules_with_factored_states_explain_their_errors():
+    """A factored state on a parameter that has no rows, and what shaped rules refuse."""
+    from flashcompile.language import row_mean, rule
+
+    @rule(defaults=dict(lr=0.1), states={"r": "rows"})
+    def rows_only(p, g, r, *, step, lr):
+        r = r + row_mean(g * g)
+        return p - lr * g / (r + 1.0), r
+
+    v = torch.nn.Parameter(torch.randn(5))
+    v.grad = torch.randn(5)
+    with pytest.raises(ValueError, match="one number per row or column"):
+        fc.Optimizer([v], rows_only, compile=False).step()
+    with pytest.raises(NotImplementedError, match="scalar states"):
+        @rule(defaults=dict(lr=0.1), states={"r": "rows", "k": "scalar"})
+        def with_scalar(p, g, r, k, *, step, lr):
+            return p - lr * g / (row_mean(g * g) + 1.0), row_mean(g * g), k + 1
+    with pytest.raises(ValueError, match="param_flags"):
+        @rule(defaults=dict(lr=0.1), states={}, param_flags=("square",))
+        def unknown_flag(p, g, *, step, lr, square):
+            return (p - lr * g,)
+
+
+def test_adafactor_runs_properties_one_to_three_and_says_why_four_does_not():
+    from flashcompile.testing import UntrackedRule, check_rule
+
+    with pytest.warns(UntrackedRule, match="MeanAll"):
+        check_rule(fc.rules.adafactor, max_examples=3, steps=3)
+
+
+def test_bf16_model_trains_with_flash_adafactor_as_with_its_fp32_twin():
+    """A few dozen steps of a small regression: the losses of the flash optimizer and the fp32
+    twin end within a few percent of each other, and both well below where they started."""
+    losses = {}
+    for codecs in ("flash", "fp32"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 1)).bfloat16()
+        opt = fc.Adafactor(model.parameters(), lr=0.1, codecs=codecs, compile=False)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(256, 8, generator=gen)
+        y = torch.sin(x.sum(1, keepdim=True))
+        for _ in range(60):
+            loss = (model(x.bfloat16()).float() - y).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses[codecs] = loss.item()
+    first = float((y - y.mean()).square().mean())
+    assert losses["fp32"] < 0.5 * first
+    assert math.isclose(losses["flash"], losses["fp32"], rel_tol=0.1)
