@@ -56,6 +56,17 @@ def explain(optimizer, param: torch.Tensor | None = None, *, kernels: bool = Fal
     plan = plan_of(optimizer, param)
     codecs = "\n".join(f"  {name:<16} {c.name:<24} {c.bytes_per_value:.4g} B/value"
                        for name, c in plan.codecs.items())
+    if plan.shaped:  # no generated source: the rule's own torch code, in the param's shape
+        factored = "".join(f"\n  {name:<16} fp32, one per {plan.key.rule.states[name][:-1]}"
+                           for name in plan.factored)
+        return "\n".join([
+            f"# rule {plan.key.rule.name}, flags {dict(plan.key.flags)}",
+            math_text(plan.traced),
+            f"\n# codecs ({plan.bytes_per_param:.4g} bytes per parameter, gradient excluded)",
+            codecs + factored,
+            "\n# stepped in each parameter's own shape (flashcompile.compiler.shaped): fields "
+            "decoded, the rule's torch code run on them, fields encoded back; torch.compile("
+            "fullgraph=True, dynamic=True), one graph per rank and memory layout"])
     parts = [
         f"# rule {plan.key.rule.name}, flags {dict(plan.key.flags)}",
         math_text(plan.traced),

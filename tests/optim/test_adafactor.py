@@ -247,3 +247,9 @@ def test_bf16_model_trains_with_flash_adafactor_as_with_its_fp32_twin():
     first = float((y - y.mean()).square().mean())
     assert losses["fp32"] < 0.5 * first
     assert math.isclose(losses["flash"], losses["fp32"], rel_tol=0.1)
+
+
+def test_explain_shows_the_shaped_rules_math_codecs_and_factored_states():
+    p = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.bfloat16))
+    text = fc.explain(fc.Adafactor([p], compile=False))
+    assert "row_mean" in text and "col_var" in text and "own shape" in text
