@@ -414,8 +414,9 @@ def check_rule(rule: Rule, *, codecs: Any = "flash",
 
 class UntrackedRule(UserWarning):
     """:func:`check_rule` could not run property 4: the rule uses an op the error envelope has no
-    interval rule for (today ``sum_all`` and ``orthogonalize``: LAMB, LARS and Muon run properties
-    1-3 and 5), or the rule has shared numbers (Prodigy's d: a sum over every parameter)."""
+    interval rule for (today ``sum_all``, ``orthogonalize`` and the means in the parameter's shape:
+    LAMB, LARS, Muon and Adafactor run properties 1-3 and 5), or the rule has shared numbers
+    (Prodigy's d: a sum over every parameter)."""
 
 
 def _untracked_reason(rule: Rule, flags: Mapping[str, bool]) -> str:

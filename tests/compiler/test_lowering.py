@@ -350,7 +350,8 @@ def test_every_primitive_lowers_to_what_its_torch_form_computes(op):
             return p - lr * g, primitive(*operands(p, g)) + 0 * s
 
     gen = torch.Generator().manual_seed(0)
-    shape = (10, 7) if op == "orthogonalize" else (70,)  # a matrix stage: a matrix
+    # a matrix stage and the means along rows and columns: a matrix
+    shape = (10, 7) if op in ("orthogonalize", "row_mean", "col_mean") else (70,)
     param = torch.nn.Parameter(torch.randn(shape, generator=gen))
     param.grad = torch.randn(shape, generator=gen)
     want = torch_fn(*operands(param.detach(), param.grad), *_DEFAULTS.get(op, ()))
