@@ -11,7 +11,6 @@ import torch
 
 import flashcompile as fc
 from flashcompile.codecs.base import FP32_SLACK
-from flashcompile.compiler.explain import plan_of
 
 # a matrix, a batch of matrices, a channels_last conv kernel, a vector (full variance), a scalar
 SHAPES = [(16, 24), (3, 8, 5), (8, 3, 3, 3), (37,), ()]

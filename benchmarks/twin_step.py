@@ -1,13 +1,15 @@
-"""Muon's step against torch.optim.Muon on the 2-D tensors of a workload (default GPT-2 124M).
+"""A step of flashcompile's twin of a torch.optim optimizer that is not element-wise (Muon,
+Adafactor) against torch's own, on a workload's tensors (default GPT-2 124M; Muon takes its 2-D
+ones only).
 
-    python benchmarks/muon_step.py [workload] [--steps 20]
+    python benchmarks/twin_step.py {muon,adafactor} [workload] [--steps 20]
 
 Per setup: step ms (median of CUDA-timed steps after warm-up, gradients fixed), bytes per
 parameter the optimizer keeps (weight, its master copy and states; gradient excluded), and, for
-flashcompile with fp32 codecs, the largest difference to torch.optim.Muon's weights after the
-same steps. Setups: torch.optim.Muon on fp32 params (its usual setting), on bf16 params;
-flashcompile's Muon with its defaults on bf16 params (weight split, 8-bit momentum), and with fp32
-codecs on fp32 params.
+flashcompile with fp32 codecs, the largest difference to torch.optim's weights after the same
+steps. Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params;
+flashcompile's with its defaults on bf16 params (weight split, 8-bit states), and with fp32 codecs
+on fp32 params.
 """
 
 from __future__ import annotations
@@ -21,17 +23,23 @@ import flashcompile as fc
 from flashcompile.tools.bench import load_workload
 
 
-def make(setup: str, shapes, seed: int = 0):
+# name -> (torch.optim class, flashcompile class, arguments, matrices only)
+TWINS = {"muon": (torch.optim.Muon, fc.Muon, {"lr": 0.02}, True),
+         "adafactor": (torch.optim.Adafactor, fc.Adafactor, {"lr": 1e-2}, False)}
+
+
+def make(name: str, setup: str, shapes, seed: int = 0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dtype = torch.bfloat16 if "bf16" in setup else torch.float32
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen).to(dtype))
               for s in shapes]
     for p in params:
         p.grad = (torch.randn(p.shape, device="cuda", generator=gen) * 1e-2).to(dtype)
+    theirs, ours, options, _ = TWINS[name]
     if setup.startswith("torch"):
-        return torch.optim.Muon(params, lr=0.02), params
+        return theirs(params, **options), params
     codecs = "fp32" if "fp32 codecs" in setup else "flash"
-    return fc.Muon(params, lr=0.02, codecs=codecs), params
+    return ours(params, codecs=codecs, **options), params
 
 
 def kept_bytes(opt, params) -> float:
@@ -42,7 +50,7 @@ def kept_bytes(opt, params) -> float:
             if isinstance(v, torch.Tensor) and v.is_cuda and v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 total += v.numel() * v.element_size()
-    if hasattr(opt, "_buckets"):  # flat buffers hold the weights and states the views point into
+    if getattr(opt, "_buckets", None):  # flat buffers hold the weights and states the views point into
         total = sum(p.numel() * p.element_size() for p in params)
         for b in opt._buckets.values():
             total += sum(t.numel() * t.element_size() for t in b.fields.values())
@@ -63,18 +71,22 @@ def step_ms(opt, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("optimizer", choices=sorted(TWINS))
     parser.add_argument("workload", nargs="?", default="gpt2_124m")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    shapes = [tuple(s) for s in load_workload(args.workload)[1] if len(s) == 2]
+    name, matrices_only = args.optimizer, TWINS[args.optimizer][3]
+    shapes = [tuple(s) for s in load_workload(args.workload)[1]
+              if len(s) == 2 or not matrices_only]
     n = sum(torch.Size(s).numel() for s in shapes)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.workload}'s "
-          f"{len(shapes)} matrices, {n / 1e6:.1f}M params")
-    setups = ["torch Muon, fp32 params", "torch Muon, bf16 params",
-              "flashcompile Muon, bf16 params", "flashcompile Muon, fp32 codecs"]
+          f"{len(shapes)} {'matrices' if matrices_only else 'tensors'}, {n / 1e6:.1f}M params")
+    label = TWINS[name][1].__name__
+    setups = [f"torch {label}, fp32 params", f"torch {label}, bf16 params",
+              f"flashcompile {label}, bf16 params", f"flashcompile {label}, fp32 codecs"]
     rows = {}
     for setup in setups:
-        opt, params = make(setup, shapes)
+        opt, params = make(name, setup, shapes)
         for _ in range(3):  # compile, verify, warm caches
             opt.step()
         torch.cuda.synchronize()
@@ -82,7 +94,7 @@ def main() -> None:
         del opt, params
         torch.cuda.empty_cache()
     # tracking: the same steps from the same start, fp32 codecs against torch
-    (ours, p1), (theirs, p2) = make("flashcompile Muon, fp32 codecs", shapes), make("torch", shapes)
+    (ours, p1), (theirs, p2) = make(name, setups[3], shapes), make(name, setups[0], shapes)
     for _ in range(5):
         ours.step()
         theirs.step()
@@ -91,7 +103,8 @@ def main() -> None:
     print(f"{'setup':<34} {'step ms':>8} {'vs torch fp32':>13} {'B/param kept':>12}")
     for setup, (ms, kept) in rows.items():
         print(f"{setup:<34} {ms:8.3f} {ms / base:13.2f} {kept:12.2f}")
-    print(f"fp32 codecs vs torch.optim.Muon after 5 steps (lr 0.02): max |diff| {diff:.3g}")
+    print(f"fp32 codecs vs torch.optim.{label} after 5 steps ({TWINS[name][2]}): max |diff| "
+          f"{diff:.3g}")
 
 
 if __name__ == "__main__":
