@@ -22,7 +22,7 @@ SETUPS = [("SGD (momentum 0.9)", "SGD", {"momentum": 0.9}), ("SGD (momentum 0)",
           ("RMSprop (momentum 0.9)", "RMSprop", {"momentum": 0.9})]
 OPTIMIZERS = ["SGDW", "AdamW", "Adam", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam",
               "RAdam", "ASGD", "Rprop", "Lion", "LAMB", "LARS", "AdEMAMix", "Adan", "ADOPT",
-              "CautiousAdamW", "MARS", "AdamWScheduleFree", "Muon", "Prodigy", "Adafactor"]
+              "CautiousAdamW", "MARS", "AdamWScheduleFree", "Muon", "Prodigy", "Adafactor", "CAME"]
 
 
 def state_bytes(name: str, kwargs: dict, dtype: torch.dtype, codecs: str

@@ -25,6 +25,7 @@ from flashcompile.rules import (
     ademamix,
     adopt,
     asgd,
+    came,
     cautious_adamw,
     lamb,
     lars,
@@ -300,6 +301,13 @@ MARS = optimizer_class(mars, "MARS", """MARS-AdamW (arXiv 2411.10438), the autho
     form: AdamW on ``g + gamma * beta1 / (1 - beta1) * (g - g_prev)``, its norm clipped to 1 per
     param; keeps the previous gradient as an 8-bit state (8.19 B/param with the flash codecs).""")
 
+CAME = optimizer_class(came, "CAME", """CAME (arXiv 2307.02047), as the authors' came_pytorch:
+    Adafactor's factored second moment, momentum on the normalized update, and a factored
+    confidence (the EMA of (update - momentum)^2 by rows and columns) that scales the step down
+    where they disagree. With the flash codecs a bf16 matrix keeps its weight split and 8-bit
+    momentum, its factors in fp32 (6.06 B/param with the gradient). ``lr`` has no default in the
+    authors' class; 2e-4 here (the paper's BERT setting). Steps each parameter in its own shape.""")
+
 class Prodigy(optimizer_class(prodigy, "Prodigy", "")):
     """Prodigy (arXiv 2306.06101), as the authors' ``prodigyopt.Prodigy`` (Adam form): Adam whose
     step size ``d`` grows from ``d0`` as it learns how far the weights are from where they
@@ -389,4 +397,4 @@ class AdamWScheduleFree(optimizer_class(adamw_schedule_free, "AdamWScheduleFree"
 OPTIMIZERS: dict[str, type[Optimizer]] = {cls.__name__.lower(): cls for cls in (
     SGD, SGDW, Adam, AdamW, Lion, LAMB, LARS, AdEMAMix, Adan, Adagrad, RMSprop, Adadelta, Adamax,
     NAdam, RAdam, ASGD, Rprop, Muon, ADOPT, CautiousAdamW, MARS, AdamWScheduleFree, Prodigy,
-    Adafactor)}
+    Adafactor, CAME)}

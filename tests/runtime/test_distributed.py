@@ -367,6 +367,13 @@ def _fsdp_trust_ratio(rank, world_size, tmp_path, device):
                 moved = (q.detach() - q0).abs().max().item()
                 diff = (p.full_tensor() - q.detach()).abs().max().item()
                 assert diff <= 1e-5 * moved + 1e-7, (make.__name__, mode, name, diff, moved)
+    # rules that need a whole matrix (its rows and columns, or its Newton-Schulz products)
+    # refuse sharded params when the optimizer is built, naming what to do instead
+    sharded = _shard(fp32_uneven())
+    for make, why in ((fc.Adafactor, "own shape"), (fc.Muon, "whole matrix")):
+        matrices = [p for p in sharded.parameters() if p.dim() == 2]
+        with pytest.raises(ValueError, match=why):
+            make(matrices, compile=False)
 
 
 def _torch_interop(model, opt):
@@ -416,11 +423,13 @@ def test_fsdp2_uneven_shards_step_within_codec_bounds(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fsdp2_trust_ratio_rules_take_norms_over_the_whole_param(tmp_path, device):
+def test_fsdp2_trust_ratio_rules_take_norms_over_the_whole_param_and_shaped_rules_refuse(
+        tmp_path, device):
     """LAMB and LARS under FSDP2 (shards starting mid-group, an empty shard): each rank sums its
     shard and the sums are all-reduced before any weight moves, so flat shard buckets, per-tensor
     steps and gradient release all match one process stepping the whole model. Prodigy's sums
-    over every parameter are all-reduced before d is updated, likewise."""
+    over every parameter are all-reduced before d is updated, likewise. Adafactor and Muon, which
+    need whole matrices, refuse sharded ones with a message that says so."""
     _launch(_fsdp_trust_ratio, 2, tmp_path, device)
 
 
