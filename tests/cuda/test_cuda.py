@@ -488,14 +488,17 @@ def test_cuda_adafactor_with_fp32_codecs_tracks_torch_optim_adafactor():
     assert opt.state[ours[1]]["col_var"].shape == (3, 1, 8)
 
 
-def test_cuda_flash_adafactor_on_a_bf16_model_stays_close_to_its_fp32_twin():
-    """The default codecs (weight split; the vector's variance in 8 bits) against fp32 codecs from
-    the same bf16 weights: the weights move alike, within a tenth of how far they moved."""
+@pytest.mark.parametrize("name", ["Adafactor", "CAME"])
+def test_cuda_flash_factored_rules_on_a_bf16_model_stay_close_to_their_fp32_twins(name):
+    """The default codecs (weight split; 8-bit variance of vectors, CAME's 8-bit momentum) against
+    fp32 codecs from the same bf16 weights: the master weights move alike, within a tenth of how
+    far they moved."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     flash = _adafactor_params(torch.bfloat16, gen)
     start = [p.detach().float() for p in flash]
     twin = [torch.nn.Parameter(x.clone()) for x in start]
-    opts = [fc.Adafactor(flash, lr=1e-2), fc.Adafactor(twin, lr=1e-2, codecs="fp32")]
+    make = getattr(fc, name)
+    opts = [make(flash, lr=1e-2), make(twin, lr=1e-2, codecs="fp32")]
     for _ in range(5):
         for p, q in zip(flash, twin):
             g = torch.randn(p.shape, device="cuda", generator=gen).to(torch.bfloat16)
@@ -505,4 +508,4 @@ def test_cuda_flash_adafactor_on_a_bf16_model_stays_close_to_its_fp32_twin():
     for p, q, x in zip(flash, twin, start):
         moved = (q - x).abs().mean().item()
         assert moved > 1e-3
-        assert (p.float() - q).abs().mean().item() <= 0.1 * moved
+        assert (opts[0].master_weight(p) - q).abs().mean().item() <= 0.1 * moved
