@@ -50,7 +50,7 @@ def kept_bytes(opt, params) -> float:
             if isinstance(v, torch.Tensor) and v.is_cuda and v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 total += v.numel() * v.element_size()
-    if getattr(opt, "_buckets", None):  # flat buffers hold the weights and states the views point into
+    if getattr(opt, "_buckets", None):  # flat buffers hold the weights and states of the views
         total = sum(p.numel() * p.element_size() for p in params)
         for b in opt._buckets.values():
             total += sum(t.numel() * t.element_size() for t in b.fields.values())

@@ -178,7 +178,8 @@ class Checkpoints:
                 reencoded = _reencoded(p, plan, saved, recorded, pid)
             converted = reencoded is not None
             saved = reencoded if converted else saved
-            checked = self._check_saved_state(p, plan, saved, pid, encoded)  # names another optimizer
+            # names another optimizer where one saved it
+            checked = self._check_saved_state(p, plan, saved, pid, encoded)
             _check_identity(p, plan, saved_groups[i], j, pid, encoded and not converted)
             new_state[p] = ParamState(checked)
         self.__setstate__({"state": new_state, "param_groups": new_groups})

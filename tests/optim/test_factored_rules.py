@@ -259,7 +259,8 @@ def _came_float64(params, grads_per_step, lr, eps, clip, betas, wd):
     """The authors' came_pytorch step, in float64 (their (R / mean R)^-1/2 C^-1/2 form)."""
     state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p),
                   r=torch.zeros(p.shape[:-1], dtype=p.dtype),
-                  c=torch.zeros((*p.shape[:-2], p.shape[-1]) if p.dim() >= 2 else (), dtype=p.dtype),
+                  c=torch.zeros((*p.shape[:-2], p.shape[-1]) if p.dim() >= 2 else (),
+                                dtype=p.dtype),
                   rr=torch.zeros(p.shape[:-1], dtype=p.dtype),
                   rc=torch.zeros((*p.shape[:-2], p.shape[-1]) if p.dim() >= 2 else (),
                                  dtype=p.dtype)) for p in params]
