@@ -17,13 +17,13 @@ is declared).
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from flashcompile.codecs import GROUP, PARAM, layout, stochastic
+from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.compiler.plan import COMPILE_OPTIONS, Plan, PlanKey
 from flashcompile.language.trace import check_facts, trace
 
@@ -128,16 +128,39 @@ class ShapedPlan(Plan):
         device = self.device_args(factor, p.device)
         p, grad = p.detach(), grad.detach()
         order = layout.memory_order(p)
-        args = (s, p, grad, fields, factored, device, order)
         if not self.key.compiled:
-            self._step(*args)
+            self._step(s, p, grad, fields, factored, device, order)
             return
         kind = (p.dim(), order, p.stride() == grad.stride(), p.dtype, grad.dtype, p.device.type)
         fn = self._compiled.get(kind)
         if fn is None:
-            fn = self._compiled[kind] = self._checked_compile(*args)
+            fn = self._compiled[kind] = self._checked_compile(s, p, grad, fields, factored,
+                                                              device, order)
+        elif fn is self._step:  # the compiled step disagreed with it for such params
+            fn(s, p, grad, fields, factored, device, order)
         else:
-            fn(*args)
+            fn(s, p, grad, *fields, *factored, *device)
+
+    def _direct(self, order, fields: int, factored: int, device: int):
+        """The step for params of one rank and memory ``order``, compiled with symbolic sizes and
+        called without dynamo once compiled (``flashcompile.compiler.direct``): a function of
+        positional tensors, generated per kind so its graphs and recompile counts are its own."""
+        names = ([f"f{i}" for i in range(fields)] + [f"r{i}" for i in range(factored)]
+                 + [f"d{i}" for i in range(device)])
+        def pack(prefix: str) -> str:  # a tuple of the names starting with prefix
+            return "(" + "".join(f"{n}, " for n in names if n[0] == prefix) + ")"
+
+        source = (f"def shaped_step(s, weight, grad, {', '.join(names)}):\n"
+                  f"    step(s, weight, grad, {pack('f')}, {pack('r')}, {pack('d')}, order)\n")
+        namespace = {"step": self._step, "order": order}
+        exec(compile(source, f"<flashcompile shaped {self.key.rule.name}>", "exec"), namespace)
+
+        def compile_with(fn, backend):
+            return torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
+
+        return DirectFunction(namespace["shaped_step"], compile_with,
+                              lambda gm, example_inputs: inductor(gm, example_inputs,
+                                                                  dict(COMPILE_OPTIONS)))
 
     def _checked_compile(self, s, p, grad, fields, factored, device, order):
         """Compile the step for parameters like ``p`` and take this call's step with it, checked
@@ -147,12 +170,8 @@ class ShapedPlan(Plan):
         want_p, want_f, want_r = [p.clone(), [f.clone() for f in fields],
                                   [f.clone() for f in factored]]
         self._step(s, want_p, grad, want_f, want_r, device, order)
-        # a fresh code object per compiled step: dynamo keeps graphs, and counts recompiles,
-        # per code object
-        step = types.FunctionType(ShapedPlan._step.__code__.replace(), globals())
-        fn = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=True,
-                           options=dict(COMPILE_OPTIONS))
-        fn(s, p, grad, fields, factored, device, order)
+        fn = self._direct(order, len(fields), len(factored), len(device))
+        fn(s, p, grad, *fields, *factored, *device)
         mismatch = None
         want, got = self._decoded(want_p, want_f), self._decoded(p, fields)
         old = self._decoded(before[0], before[1])
@@ -173,8 +192,8 @@ class ShapedPlan(Plan):
         warnings.warn(f"flashcompile: the compiled {self.key.rule.name} plan disagrees with its "
                       f"eager step for a parameter of shape {tuple(p.shape)}; running such "
                       f"parameters eagerly. {mismatch}", RuntimeWarning, stacklevel=4)
-        for t, old in zip([p, *fields, *factored], [before[0], *before[1], *before[2]]):
-            t.copy_(old)
+        for t, kept in zip([p, *fields, *factored], [before[0], *before[1], *before[2]]):
+            t.copy_(kept)
         self._step(s, p, grad, fields, factored, device, order)
         return self._step
 
