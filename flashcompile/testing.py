@@ -190,7 +190,7 @@ def assert_within_bounds(opt: Optimizer, params, refs, step: int, compiled: bool
                 f"fp32 step {ref[key].reshape(-1)[i].item():.9g} (its group's largest magnitude "
                 f"{top.item():.3g}{note})"
             )
-        for key in getattr(plan, "factored", ()):  # fp32 on both sides: the same sums
+        for key in plan.factored:  # fp32 on both sides: the same sums
             got = opt.state_value(p, key)
             tol = (2 * FP32_SLACK + fp32_ulps * 2.0**-24) * (old[key].abs() + ref[key].abs())
             assert ((got - ref[key]).abs() <= tol).all(), (

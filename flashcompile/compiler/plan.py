@@ -82,6 +82,7 @@ class Plan:
     """The generated step function for one :class:`PlanKey` and how to call it on one parameter."""
 
     shaped = False  # whole parameters in their own shape (flashcompile.compiler.shaped)
+    factored: tuple[str, ...] = ()  # a shaped plan's factored states, stored as they are
 
     def __init__(self, key: PlanKey):
         self.key = key

@@ -116,22 +116,25 @@ def _where_float(c, a, b):
     return a if c else b
 
 
-class SumAll(sympy.Function):
-    """``sum_all(x)``: the sum of ``x`` over every element of the parameter (padding excluded).
-
-    Opaque to sympy apart from its sign facts, so proofs see that a sum of squares is >= 0.
-    """
+class _Reduction(sympy.Function):
+    """A reduction of one argument, opaque to sympy apart from the sign facts it keeps from its
+    argument (a sum or mean of squares is >= 0), so proofs can see through it."""
 
     nargs = 1
-
-    @classmethod
-    def eval(cls, x):
-        return sympy.S.Zero if x.is_zero else None
 
     def _eval_is_extended_real(self): return self.args[0].is_extended_real
     def _eval_is_extended_nonnegative(self): return self.args[0].is_extended_nonnegative
     def _eval_is_extended_positive(self): return self.args[0].is_extended_positive
     def _eval_is_finite(self): return self.args[0].is_finite
+
+
+class SumAll(_Reduction):
+    """``sum_all(x)``: the sum of ``x`` over every element of the parameter (padding excluded)."""
+
+    @classmethod
+    def eval(cls, x):
+        return sympy.S.Zero if x.is_zero else None
+
     def _sympystr(self, printer): return f"sum_all({printer._print(self.args[0])})"
 
     def _latex(self, printer):
@@ -153,17 +156,11 @@ class Total(sympy.Function):
         return rf"\textstyle\sum_{{\mathrm{{model}}}}\left({printer._print(self.args[0])}\right)"
 
 
-class _ShapedMean(sympy.Function):
-    """A mean in the parameter's shape (see :func:`row_mean`): opaque to sympy apart from its sign
-    facts, so a proof sees that a mean of squares is >= 0."""
+class _ShapedMean(_Reduction):
+    """A mean in the parameter's shape (see :func:`row_mean`)."""
 
-    nargs = 1
     label = ""
 
-    def _eval_is_extended_real(self): return self.args[0].is_extended_real
-    def _eval_is_extended_nonnegative(self): return self.args[0].is_extended_nonnegative
-    def _eval_is_extended_positive(self): return self.args[0].is_extended_positive
-    def _eval_is_finite(self): return self.args[0].is_finite
     def _sympystr(self, printer): return f"{self.label}({printer._print(self.args[0])})"
 
     def _latex(self, printer):

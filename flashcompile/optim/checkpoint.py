@@ -204,7 +204,7 @@ class Checkpoints:
         if distributed.is_checkpoint_layout(p, plan, saved):  # e.g. a converted DCP checkpoint
             return distributed.import_state(p, plan, saved, pid, rule.states)
         host = {"step", *rule.scalar_states}
-        factored = set(getattr(plan, "factored", ()))  # fp32 in their own shape (Adafactor's)
+        factored = set(plan.factored)  # fp32 in their own shape (Adafactor's)
         # A scalar state may be missing (saved before the rule had it, as Adam's bound_sq): it
         # loads as 0, which such a state must read as "history unknown" after step 1.
         required = set(expected) | {"step"} | factored
@@ -263,7 +263,7 @@ def _unstored(plan: Plan) -> set[str]:
     (SGD's momentum buffer at momentum 0, Adam's max_exp_avg_sq without amsgrad)."""
     rule = plan.key.rule
     return {n for n in rule.states if n not in plan.codecs and n not in rule.scalar_states
-            and n not in getattr(plan, "factored", ())}
+            and n not in plan.factored}
 
 
 def _without_unstored(plan: Plan, saved: Mapping[str, Any]) -> dict[str, Any]:

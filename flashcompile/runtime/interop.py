@@ -15,6 +15,7 @@ import torch
 
 from flashcompile.codecs import PARAM, layout
 from flashcompile.compiler.plan import Plan, state_key
+from flashcompile.language.dsl import FACTORED_FACTS
 
 
 def is_torch_format(rule_states: Mapping[str, str], saved: Mapping[str, Any],
@@ -23,7 +24,7 @@ def is_torch_format(rule_states: Mapping[str, str], saved: Mapping[str, Any],
     tensors shaped like the param. (A 1-D param whose size is a multiple of 32 matches both formats;
     for fp32 storage they then hold the same values.)"""
     # one number per param, or per row or column (Adafactor's row_var, col_var): their own shapes
-    host = {"step", *(k for k, fact in rule_states.items() if fact in ("scalar", "rows", "cols"))}
+    host = {"step", *(k for k, fact in rule_states.items() if fact in ("scalar", *FACTORED_FACTS))}
     return set(saved) <= {"step", *rule_states} and all(
         v is None or tuple(v.shape) == tuple(p.shape) for k, v in saved.items() if k not in host)
 
@@ -34,7 +35,7 @@ def export_state(opt, p: torch.Tensor) -> dict[str, Any]:
     plan = opt.plan_for(p, opt.flags_of(_group_of(opt, p)))
     out: dict[str, Any] = {"step": state["step"].detach().clone().float()}
     out.update({k: state[k].detach().clone().float() for k in plan.key.rule.scalar_states})
-    out.update({k: state[k].detach().clone() for k in getattr(plan, "factored", ())})
+    out.update({k: state[k].detach().clone() for k in plan.factored})
     for name in plan.codecs:
         if name != PARAM:
             out[name] = opt.state_value(p, name).clone()
@@ -63,7 +64,7 @@ def import_state(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], pid) -> 
     out: dict[str, Any] = {"step": torch.as_tensor(step, dtype=torch.float32).detach().clone().cpu()}
     for name in plan.key.rule.scalar_states:  # NAdam's mu_product, ASGD's eta and mu: 0-d tensors
         out[name] = torch.as_tensor(saved.get(name, 0.0), dtype=torch.float32).detach().clone().cpu()
-    for name in getattr(plan, "factored", ()):  # absent: zeros, as a fresh state starts
+    for name in plan.factored:  # absent: zeros, as a fresh state starts
         if saved.get(name) is not None:
             out[name] = factored_state(p, plan, name, saved[name], pid)
     order = layout.memory_order(p)  # states follow the param's memory order

@@ -62,7 +62,7 @@ class PerTensor:
     def __init__(self, p: torch.Tensor, plan: Plan, state: dict[str, Any]):
         self.plan, self.state = plan, state
         # fields by state key, and a shaped plan's factored states (checked by holds() alike)
-        self.stored = {k: state[k] for k in (*plan.owned_fields, *getattr(plan, "factored", ()))}
+        self.stored = {k: state[k] for k in (*plan.owned_fields, *plan.factored)}
         count = layout.group_count(p.numel())
         self.fields = plan.field_args(self.stored, 0, count)
         self.order = layout.memory_order(p)
