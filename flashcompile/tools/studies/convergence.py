@@ -51,14 +51,20 @@ PAPER = {"exp_avg": "softsign_int8", "exp_avg_sq": "sqrt_uint8"}
 LINEAR = {"exp_avg": "linear_int8", "exp_avg_sq": "linear_int8"}
 # Prodigy: lr 1 (it learns the step size), the warmup guarded as its authors advise
 PRODIGY = {"lr": 1.0, "weight_decay": 1e-2, "safeguard_warmup": True}
-HYPER = {  # per task: AdamW, SGD, Lion, Muon and Prodigy hyperparameters (Muon's other params:
-    # AdamW's)
+# Adafactor: torch's defaults with eps1 given as the fp32 twin's default (torch's None takes the
+# param dtype's epsilon: 2^-7 on the bf16 model, 2^-23 on the fp32 twin: another optimizer). Not
+# the paper's 1e-30: torch floors V at eps1^2, which is 0 in fp32, and a zero gradient row is 0/0
+ADAFACTOR = {"lr": 1e-2, "eps": (2.0**-23, 1e-3)}
+CAME = {"lr": 3e-3, "weight_decay": 1e-2}  # AdamW's step size: CAME's update is Adam-like
+HYPER = {  # per task: each optimizer's hyperparameters (Muon's other params: AdamW's)
     "digits": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.05, "momentum": 0.9},
                "lion": {"lr": 3e-4, "weight_decay": 0.1},
-               "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY},
+               "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY,
+               "adafactor": ADAFACTOR, "came": CAME},
     "chars": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.2, "momentum": 0.9},
               "lion": {"lr": 3e-4, "weight_decay": 0.1},
-              "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY},
+              "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY,
+              "adafactor": ADAFACTOR, "came": CAME},
 }
 CLIP = {"digits": None, "chars": 1.0}  # gradient-norm clipping per task, for every run
 MIXED = "mixed"  # model "dtype" of the twins: fp32 weights, bf16 autocast compute
@@ -107,6 +113,14 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # every parameter, so a step size of its own per run
         "prodigy fp32": ("", MIXED, flash(fc.Prodigy, "fp32", **h["prodigy"])),
         "prodigy flash": ("prodigy fp32", torch.bfloat16, flash(fc.Prodigy, **h["prodigy"])),
+        # factored second moments, each parameter stepped in its own shape
+        "adafactor fp32 (torch)": ("", MIXED, torch_optimizer(torch.optim.Adafactor,
+                                                              **h["adafactor"])),
+        "adafactor flash": ("adafactor fp32 (torch)", torch.bfloat16,
+                            flash(fc.Adafactor, **h["adafactor"])),
+        # fp32 codecs: came_pytorch's update (tests/optim/test_factored_rules.py)
+        "came fp32": ("", MIXED, flash(fc.CAME, "fp32", **h["came"])),
+        "came flash": ("came fp32", torch.bfloat16, flash(fc.CAME, **h["came"])),
     }
 
 
@@ -231,7 +245,7 @@ def summarize(finals: list[dict], task_names, curves: list[dict] = ()) -> list[d
 def plot(curves: list[dict], path: Path) -> None:
     plt = pyplot()
     task_names = list(dict.fromkeys(r["task"] for r in curves))
-    groups = [g for g in ("adamw", "sgd", "lion", "muon", "prodigy")
+    groups = [g for g in ("adamw", "sgd", "lion", "muon", "prodigy", "adafactor", "came")
               if any(r["run"].startswith(g) for r in curves)]
     fig, axes = plt.subplots(len(task_names), len(groups),
                              figsize=(5 * len(groups), 3.8 * len(task_names)), squeeze=False)
