@@ -25,10 +25,13 @@ import torch
 from flashcompile.codecs import GROUP, PARAM, layout, stochastic
 from flashcompile.compiler.direct import DirectFunction, inductor
 from flashcompile.compiler.plan import COMPILE_OPTIONS, Plan, PlanKey
+from flashcompile.language.dsl import zero_flag
 from flashcompile.language.trace import check_facts, trace
 
-# a 0-d float64 tensor would be a graph input per hyperparameter: pass the scalars as one vector
-_STEP_SLOT = 1  # s[0]: the last group's valid lanes (unused here), s[1]: step, then hyperparameters
+# The step and the hyperparameters reach the graph as one fp32 vector, uploaded once per step and
+# group as every plan's: s[0] the last group's valid lanes (unused here), s[1] the step, then the
+# float hyperparameters in the rule's order.
+_STEP_SLOT = 1
 
 
 class ShapedPlan(Plan):
@@ -36,7 +39,7 @@ class ShapedPlan(Plan):
     It keeps the plan's interface where the optimizer reads it: ``codecs``, ``owned_fields``,
     ``scalars``, ``bytes_per_param``; :attr:`factored` names the factored states it stores."""
 
-    def __init__(self, key: PlanKey):  # noqa: super().__init__ lowers to the flat layout
+    def __init__(self, key: PlanKey):  # not Plan's: that one lowers to the flat layout
         self.key = key
         self.traced = trace(key.rule, dict(key.flags))
         check_facts(self.traced)
@@ -47,8 +50,8 @@ class ShapedPlan(Plan):
         self.shared_source = self.shared_update = None
         self.launch = None
         self.eager = self.eager_one = self.fn = self.fn_one = self._step
-        # compiled steps by the parameter's rank and layout (dynamo recompiles for each, and
-        # counts recompiles per function), and whether each was checked against the eager step
+        # the step for each rank and memory layout of parameter (each a function of its own,
+        # checked against the eager step on its first call; the eager step where they disagreed)
         self._compiled: dict[tuple, object] = {}
 
     shaped = True
@@ -234,13 +237,22 @@ class ShapedPlan(Plan):
                      for f in codec.fields]
             decoded[name] = in_shape(codec.decode(*parts))
         held = dict(zip(self.factored, factored))
-        states = [decoded.get(name, held.get(name)) for name in rule.states]
+        # a state without storage here (a vector's factors, a momentum at momentum 0) is one 0: a
+        # zero branch still multiplies it by its literal 0; nothing else reads it
+        nothing = torch.zeros((), device=weight.device)
+        states = [decoded.get(name, held.get(name, nothing)) for name in rule.states]
         hyper, i = {}, _STEP_SLOT + 1
         for name in self.traced.hyper:
             width = len(rule.defaults[name]) if isinstance(rule.defaults[name], tuple) else 0
             hyper[name] = tuple(s[i + j] for j in range(width)) if width else s[i]
             i += max(width, 1)
-        flags = dict(self.key.flags)
+        flags = {}
+        zero = {zero_flag(k): k for k in rule.zero_branches}
+        for k, v in self.key.flags:  # a zero branch taken reads its hyperparameter as 0
+            if k not in zero:
+                flags[k] = v
+            elif v:
+                hyper[zero[k]] = 0.0
         # device scalars (1-element) as 0-d tensors: they must not give a 0-d param a dim
         extra = {k: t.reshape(()) for k, t in zip(self.traced.device, device)}
         out = rule.fn(decoded[PARAM], in_shape(g_groups), *states, step=s[_STEP_SLOT],

@@ -351,3 +351,26 @@ def test_came_with_fp32_codecs_tracks_the_authors_update(compile):
     # its confidence factors exist for matrices only, in the parameter's rows and columns
     assert opt.state[ours[1]]["exp_avg_res_col"].shape == (3, 1, 5)
     assert "exp_avg_res_row" not in opt.state[ours[2]]
+
+
+def test_a_shaped_rule_with_a_zero_branch_steps_as_its_torch_reading():
+    """A zero branch (a state only a nonzero momentum reads) in a rule that takes row means: at
+    momentum 0 no momentum is stored and the step is the rule read with momentum 0."""
+    from flashcompile.language import row_mean, rule, sqrt
+
+    @rule(defaults=dict(lr=0.1, momentum=0.0), states={"buf": "signed"},
+          zero_branches=("momentum",))
+    def row_normalized(p, g, buf, *, step, lr, momentum):
+        buf = momentum * buf + g
+        return p - lr * buf / sqrt(row_mean(g * g) + 1e-8), buf
+
+    for momentum in (0.0, 0.5):
+        p = torch.nn.Parameter(torch.randn(4, 6))
+        start = p.detach().clone()
+        g = torch.randn(4, 6)
+        p.grad = g.clone()
+        opt = fc.Optimizer([p], row_normalized, codecs="fp32", compile=False, momentum=momentum)
+        opt.step()
+        want = start - 0.1 * g / (g * g).mean(-1, keepdim=True).add(1e-8).sqrt()
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-6)
+        assert ("buf" in opt.state[p]) == (momentum != 0)
