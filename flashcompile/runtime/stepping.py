@@ -69,7 +69,7 @@ class PerTensor:
         self.weight = layout.flat(p.detach(), self.order)  # a view of p, or a copy (`copies`)
         self.copies = self.weight.data_ptr() != p.data_ptr()
         self.tail = layout.last_group_lanes(p.numel())
-        self.numel, self.ptr = p.numel(), p.data_ptr()
+        self.numel, self.ptr, self.device = p.numel(), p.data_ptr(), p.device
         self.shape, self.stride, self.dtype = p.shape, p.stride(), p.dtype
         self.launch = None  # the plan's call_one bound to these arguments, after the first call
         self.device_args: list = []  # what the last launch read after the fields (shared numbers)
