@@ -22,6 +22,7 @@ import torch
 
 import flashcompile as fc
 from flashcompile.compiler.explain import plan_of
+from flashcompile.language.dsl import Rule
 from flashcompile.optim.optimizers import OPTIMIZERS as OPTIMIZERS_BY_NAME
 
 WORKLOADS = Path(__file__).parent / "workloads"
@@ -64,8 +65,16 @@ OPTIMIZERS: dict[str, tuple[torch.dtype, Callable, float | None]] = {
 }
 # The rest of the shipped optimizers with flash codecs and their defaults: `--optimizers all` (or
 # name them). SGDW and Adam step as SGD and AdamW do.
+def _rule(cls) -> Rule:
+    """The rule behind a drop-in class (built on one throwaway matrix, eagerly)."""
+    return cls([torch.nn.Parameter(torch.zeros(1, 1))], compile=False).rule
+
+
+# the element-wise family ("all"): not Muon (2-D params only) nor the rules stepped in each
+# param's own shape (Adafactor, CAME: never one launch per group; benchmarks/twin_step.py)
 FAMILY = tuple(cls.__name__ for key, cls in OPTIMIZERS_BY_NAME.items()
-               if f"{key}_flash" not in OPTIMIZERS and key not in ("sgdw", "adam"))
+               if f"{key}_flash" not in OPTIMIZERS and key not in ("sgdw", "adam")
+               and not _rule(cls).needs_matrices and not _rule(cls).shaped)
 EXTRA: dict[str, tuple[torch.dtype, Callable, float | None]] = {
     f"{name.lower()}_flash": (torch.bfloat16, _flash(getattr(fc, name)), None) for name in FAMILY
 }
