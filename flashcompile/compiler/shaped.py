@@ -144,32 +144,6 @@ class ShapedPlan(Plan):
         else:
             fn(s, p, grad, *fields, *factored, *device)
 
-    def bind(self, p: torch.Tensor, stored: Mapping[str, torch.Tensor],
-             grad_dtype: torch.dtype):
-        """A launch of this plan for ``p`` in the per-tensor path's form, ``launch(s, grad,
-        weight, *fields, *device)`` with ``grad`` (of ``grad_dtype``: the launch's
-        ``grad_dtype``) and ``weight`` flat in ``p``'s memory order, as
-        :class:`flashcompile.runtime.tensor_graph.TensorGraphs` records launches; ``weight`` and
-        ``fields`` are taken as bound here. None before such params have a compiled step."""
-        p = p.detach()
-        order = layout.memory_order(p)
-        fields = self.field_args(stored, 0, layout.group_count(p.numel()))
-        factored = [stored[name] for name in self.factored]
-        step = self._compiled.get((p.dim(), order, True, p.dtype, grad_dtype, p.device.type))
-        if step is None or not self.key.compiled:
-            return None
-        count = len(fields)
-
-        def launch(s, grad, weight, *rest):
-            grad = layout.unflat(grad, p, order)  # a view: grad was laid out as p
-            if step is self._step:  # the compiled step disagreed: the eager one
-                step(s, p, grad, fields, factored, rest[count:], order)
-            else:
-                step(s, p, grad, *fields, *factored, *rest[count:])
-
-        launch.grad_dtype = grad_dtype
-        return launch
-
     def _direct(self, order, fields: int, factored: int, device: int):
         """The step for params of one rank and memory ``order``, compiled with symbolic sizes and
         called without dynamo once compiled (``flashcompile.compiler.direct``): a function of

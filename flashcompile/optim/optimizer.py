@@ -451,20 +451,11 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             p, grad = p.to_local(), grad.to_local()
         factor = self._factors.get(ready.device) if self.scales_gradients else None
         if plan.shaped:  # the parameter in its own shape, its gradient likewise
-            if plan.traced.device:  # the gradient factor
-                ready.device_args = plan.device_args(factor, ready.device, numbers)
-            if ready.launch is None or grad.dtype != ready.launch.grad_dtype:
-                plan.run_shaped(p, grad, ready.stored, values, factor)
-                # then bound as the per-tensor launches are (CUDA graphs record them)
-                ready.launch = plan.bind(p, ready.stored, grad.dtype)
-                return
+            plan.run_shaped(p, grad, ready.stored, values, factor)
+            return
         # a view where autograd laid it like p (a contiguous one: one call, not three)
         grad = (grad.view(-1) if ready.order is None and grad.is_contiguous()
                 else layout.flat(grad.detach(), ready.order))
-        if plan.shaped:
-            s = scalars.tensor(values, ready.tail, ready.device)
-            ready.launch(s, grad, ready.weight, *ready.fields, *ready.device_args)
-            return
         if plan.stages:
             if ready.matrices is None:
                 ready.matrices = plan.matrices([p], p.device)

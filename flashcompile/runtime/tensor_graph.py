@@ -117,8 +117,7 @@ class TensorGraphs:
             return  # amp unscaling reads a host value per step
         ids = tuple(map(id, params))
         if self.captures.get(ids, 0) >= _MAX_CAPTURES or not all(
-                r.launch is not None and not r.copies and (r.plan.shaped or not r.plan.reduces)
-                for r in ready):
+                r.launch is not None and not r.copies and not r.plan.reduces for r in ready):
             return
         where = _where(params, [p.grad for p in params])
         if self.last_eager.get(ids) != where:
