@@ -226,3 +226,25 @@ def test_prodigy_keeps_the_first_weight_without_storing_it_again(flat):
     _run(opt, params, grads[:1])
     for p, t in zip(params, now):
         assert torch.equal(opt.state_value(p, "p0"), t)
+
+
+def test_prodigys_update_of_d_makes_its_numbers_on_the_device_without_host_copies():
+    """The shared update turns numbers into tensors by fills on the totals' device: a tensor
+    made from a host number (torch.tensor / as_tensor with a device) waits for the GPU stream
+    on CUDA, which cost an H100 step 27 ms of host time. Same values as the step computes."""
+    from unittest import mock
+
+    from flashcompile.compiler.explain import plan_of
+
+    p = torch.nn.Parameter(torch.randn(64))
+    plan = plan_of(fc.Prodigy([p], compile=False, d0=1e-3))
+    totals = torch.tensor([2.0, 4.0], dtype=torch.float64)
+    held = [torch.tensor(v, dtype=torch.float64) for v in (1e-3, 1e-3, 0.5)]
+    hyper = dict(lr=1.0, betas=(0.9, 0.999), beta3=0.99, eps=1e-8, weight_decay=0.0, d0=1e-3,
+                 d_coef=1.0, growth_rate=math.inf)
+    with mock.patch("torch.as_tensor", side_effect=AssertionError("as_tensor")), \
+            mock.patch("torch.tensor", side_effect=AssertionError("tensor")):
+        d, d_max, numerator = plan.shared_update(totals, *held, 3.0, **hyper)
+    assert float(numerator) == pytest.approx(0.99 * 0.5 + 2.0)
+    assert float(d_max) == pytest.approx((0.99 * 0.5 + 2.0) / 4.0)
+    assert float(d) == pytest.approx(float(d_max))  # d == d0: it takes d_hat (no growth limit)
