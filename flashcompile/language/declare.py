@@ -76,7 +76,8 @@ def rule(
             whole). States a parameter's branch never touches get no storage for it.
 
     The decorated function takes ``(p, g, <states in declared order>, *, step, <hyperparameters>,
-    <shared numbers>, <param flags>)`` and returns ``(p, <states in declared order>, <new shared numbers>)``.
+    <shared numbers>, <param flags>)`` and returns ``(p, <states in declared order>, <new shared
+    numbers>)``.
     """
 
     def wrap(fn: Callable) -> Rule:

@@ -257,8 +257,9 @@ class Adafactor(Optimizer):
     one for vectors (``variance``), relative step sizes and the update clipped by its RMS; no
     momentum. With the flash codecs a bf16 matrix keeps 3 bytes per parameter plus its factors
     (5 with its gradient), a vector's variance in 8 bits. ``eps=(None, eps2)``, the default,
-    takes each parameter dtype's machine epsilon for eps1, as torch's foreach path does. Steps
-    each parameter in its own shape, one launch each (``flashcompile.compiler.shaped``)."""
+    takes each parameter dtype's machine epsilon for eps1 (torch takes the first parameter's
+    dtype for all: the same for a model of one dtype). Steps each parameter in its own shape,
+    one launch each (``flashcompile.compiler.shaped``)."""
 
     def __init__(self, params: Iterable, lr: float = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0,
