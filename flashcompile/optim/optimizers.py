@@ -266,6 +266,19 @@ class Adafactor(Optimizer):
                  weight_decay: float = 0.0, *, maximize: bool = False, **options: Any):
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+        # torch.optim.Adafactor's checks and messages first (code written against it matches
+        # them), then the rule's ranges
+        for ok, message in ((not isinstance(lr, (int, float)) or lr >= 0,
+                             f"Learning rate should be >= 0 but is: {lr}"),
+                            (beta2_decay <= 0, f"beta2_decay should be <= 0 but is: {beta2_decay}"),
+                            (eps[0] is None or eps[0] >= 0,
+                             f"epsilon1 should be >= 0 but is: {eps[0]}"),
+                            (eps[1] >= 0, f"epsilon2 should be >= 0 but is: {eps[1]}"),
+                            (d >= 1, f"Clipping threshold d should be >= 1 but is: {d}"),
+                            (weight_decay >= 0,
+                             f"weight_decay should be >= 0 but is: {weight_decay}")):
+            if not ok:
+                raise ValueError(message)
         super().__init__(params, adafactor, lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
                          weight_decay=weight_decay, maximize=maximize, **options)
 

@@ -374,3 +374,19 @@ def test_a_shaped_rule_with_a_zero_branch_steps_as_its_torch_reading():
         want = start - 0.1 * g / (g * g).mean(-1, keepdim=True).add(1e-8).sqrt()
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-6)
         assert ("buf" in opt.state[p]) == (momentum != 0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "Learning rate should be >= 0"),
+    (dict(beta2_decay=0.8), "beta2_decay should be <= 0"),
+    (dict(eps=(-1e-30, 1e-3)), "epsilon1 should be >= 0"),
+    (dict(eps=(None, -1.0)), "epsilon2 should be >= 0"),
+    (dict(d=0.5), "Clipping threshold d should be >= 1"),
+    (dict(weight_decay=-0.1), "weight_decay should be >= 0"),
+])
+def test_adafactor_refuses_what_torch_refuses_with_torchs_message(kwargs, message):
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=message):
+        fc.Adafactor([p], compile=False, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        torch.optim.Adafactor([p], **kwargs)
