@@ -53,7 +53,7 @@ def unflat(values: torch.Tensor, like: torch.Tensor, order: tuple[int, ...] | No
     ``like``'s strides where ``order`` is its memory order."""
     if order is None:
         return values.view(like.shape)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
+    inverse = [order.index(d) for d in range(len(order))]  # no sorted(key=): dynamo traces this
     return values.view([like.shape[d] for d in order]).permute(inverse)
 
 

@@ -223,12 +223,7 @@ class ShapedPlan(Plan):
             return torch.nn.functional.pad(flat, (0, count * GROUP - n)).view(count, GROUP)
 
         def in_shape(x: torch.Tensor) -> torch.Tensor:  # (G, 32) back to the weight's shape
-            values = x.reshape(-1)[:n]
-            if order is None:
-                return values.view(weight.shape)
-            # layout.unflat, written without sorted(key=...), which dynamo does not trace
-            inverse = [order.index(d) for d in range(len(order))]
-            return values.view([weight.shape[d] for d in order]).permute(inverse)
+            return layout.unflat(x.reshape(-1)[:n], weight, order)
 
         g_groups = groups_of(grad.float())
         decoded, it = {}, iter(fields)

@@ -16,6 +16,7 @@ kernels read them on the device). A step with a scale other than 1 runs the plan
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -44,9 +45,8 @@ def unscaling(rule: Rule) -> Rule:
 
     fn.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
     fn.__name__ = fn.__qualname__ = rule.name
-    return Rule(fn, rule.name, dict(rule.defaults), dict(rule.states), dict(rule.ranges),
-                dict(rule.flash_codecs), dict(rule.choices), (*rule.device_scalars, FACTOR),
-                rule.zero_branches, dict(rule.shared), dict(rule.starts), rule.param_flags)
+    # every other field kept as it is (a field listed by hand here was once left behind)
+    return dataclasses.replace(rule, fn=fn, device_scalars=(*rule.device_scalars, FACTOR))
 
 
 def rule_and_flags(rule: Rule, flags: tuple) -> tuple[Rule, tuple]:
