@@ -37,6 +37,7 @@ from flashcompile.codecs.layout import (
     segment_ends,
 )
 from flashcompile.compiler import fast_math
+from flashcompile.compiler.cpu_loads import whole_vector_loads
 from flashcompile.compiler.codegen import (
     Shared,
     StageCall,
@@ -167,14 +168,16 @@ class Plan:
 
     def compiler(self):
         """How this plan compiles each generated function: ``torch.compile`` through Inductor
-        (CUDA: with hardware division and square root, flashcompile.compiler.fast_math), called directly
-        where a compiled graph fits (flashcompile.compiler.direct)."""
+        (CUDA: with hardware division and square root, flashcompile.compiler.fast_math; CPU: whole
+        16-bit vectors loaded unmasked, flashcompile.compiler.cpu_loads), called directly where a
+        compiled graph fits (flashcompile.compiler.direct)."""
         options = self.compile_options()
         if self.key.device_type == "cuda" and fast_math.enabled():
             inner = fast_math.inductor_backend(options)
         else:
             def inner(gm, example_inputs):
-                return inductor(gm, example_inputs, options)
+                with whole_vector_loads():
+                    return inductor(gm, example_inputs, options)
 
         def compile_with(fn, backend):
             return torch.compile(fn, fullgraph=True, dynamic=True, backend=backend)
