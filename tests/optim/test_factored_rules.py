@@ -80,7 +80,49 @@ def test_the_compiled_step_equals_torch_and_shares_one_graph_per_rank_and_layout
     plan = opt.plan_for(more[0], opt.flags_of(opt.param_groups[1]))
     # matrices: 2-D, 3-D and the 4-D channels_last kernel; three 2-D shapes share one step
     assert len(plan._compiled) == 3
-    assert all(fn is not plan._step for fn in plan._compiled.values())  # none fell back to eager
+    assert all(fn != plan._step for fn in plan._compiled.values())  # none fell back to eager
+
+
+def test_a_compiled_step_that_disagrees_falls_back_to_eager_for_every_later_step(monkeypatch):
+    """A compiled graph that disagrees with the eager step (here one that does nothing) is dropped
+    with a warning: that step and every later one for such params run eagerly and equal an eager
+    optimizer's (the later steps used to call the eager step with the compiled graph's
+    arguments)."""
+    from flashcompile.compiler.shaped import ShapedPlan
+
+    monkeypatch.setattr(ShapedPlan, "_direct", lambda self, *a: lambda *args: None)
+    ours, eager = _params(), _params()
+    opts = [fc.Adafactor(ours, lr=1e-2, compile=True), fc.Adafactor(eager, lr=1e-2, compile=False)]
+    plan = opts[0].plan_for(ours[0], opts[0].flags_of(opts[0].param_groups[0]))
+    monkeypatch.setattr(plan, "_compiled", {})  # plans are shared: none compiled by other tests
+    gen = torch.Generator().manual_seed(3)
+    with pytest.warns(RuntimeWarning, match="disagrees with its eager step"):
+        for _ in range(3):
+            for p, q, g in zip(ours, eager, _grads(ours, gen)):
+                p.grad, q.grad = g.clone(), g.clone()
+            for opt in opts:
+                opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, eager))
+
+
+def test_fp32_codecs_compiled_keep_their_graph_where_sums_round_in_another_order():
+    """fp32 codecs leave only fp32 roundings between the compiled and eager steps; the means
+    summed in another order scale a whole matrix's update, so a weight near 0 can differ by
+    more than its own ulps (GPT-2's c_attn / 16, whose check once fell back to eager)."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3141, 48), (48, 144)]]
+    opt = fc.Adafactor(params, lr=1e-2, codecs="fp32", compile=True)
+    plan = opt.plan_for(params[0], opt.flags_of(opt.param_groups[0]))
+    plan._compiled.clear()  # its checks run here, on these shapes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            opt.step()
+    assert plan._compiled and all(fn != plan._step for fn in plan._compiled.values())
 
 
 def test_eps1_none_is_each_param_dtypes_machine_epsilon():
