@@ -10,9 +10,11 @@ group kernel handles 8 lanes per thread, straight-line) for: Inductor's code as 
 
 generates each rule's flash group kernel here, on the CPU (Inductor's Triton code generation for
 CPU tensors, with the plan's own fast_math forms; pointers marked 16-byte aligned as CUDA's
-Inductor marks them), and prints its static SASS per element by instruction class: a rule or
-codec change's instruction count without a GPU. It matched the H200 dump of Rprop's kernel (84
-against 85 per element)."""
+Inductor marks them), at the launch config its plans pin, and prints its static SASS per element
+by instruction class: a rule or codec change's instruction count without a GPU. It matched the
+H200 dump of Rprop's kernel (84 against 85 per element). Beside it, the issue-slot ceiling on an
+H100 and an H200: the % of copy bandwidth at which that many instructions per element fill every
+issue slot (an upper bound; under 100 the kernel cannot reach the copy rate)."""
 
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ def sass_counts(name: str, src: str, fp_fusion: bool, warps: int = 2, xblock: in
         r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
 
 
+GROUP_LANES = 32
+
 VARIANTS = [("Inductor", False, lambda s: s), ("+FMA", True, lambda s: s),
             ("+FMA+div", True, fast_division), ("+FMA+sqrt", True, fast_sqrt),
             ("+FMA+div+sqrt", True, lambda s: fast_sqrt(fast_division(s)))]
@@ -125,15 +129,47 @@ def rule_kernel(name: str) -> tuple[str, str]:
     return kernel, re.sub(r"'configs': \[\{.*?\}\]\}", f"'configs': [{attrs}]}}", src)
 
 
+# Copy bandwidth (measured by `flashcompile bench`), SMs and boost clock: the cards the issue-slot
+# ceiling below is worked out for. An SM issues 4 warp instructions (128 thread instructions) a cycle.
+CARDS = {"H100": (3024e9, 132, 1.98e9), "H200": (4250e9, 132, 1.98e9)}
+
+
+def issue_ceiling(per_element: float, bytes_per_element: float, card: str) -> float:
+    """% of copy bandwidth at which a kernel issuing ``per_element`` instructions per element (and
+    moving ``bytes_per_element``) fills every issue slot of ``card``: an upper bound (no stalls,
+    no dual issue); a kernel below 100 here cannot reach the copy rate."""
+    copy, sms, clock = CARDS[card]
+    elements_per_s = sms * 128 * clock / per_element
+    return 100 * elements_per_s * bytes_per_element / copy
+
+
 def print_rule_classes(names: list[str]) -> None:
+    """Per rule: SASS per element at the launch config its plans pin (launch.config_for), by class,
+    and the issue-slot ceiling on each card of :data:`CARDS`."""
+    import torch
     from sass_histogram import CLASSES  # this folder
 
-    print("| rule | SASS per element | " + " | ".join(CLASSES) + " | top |")
+    import flashcompile as fc
+    from flashcompile.compiler.explain import plan_of
+    from flashcompile.compiler.launch import config_for
+
+    cards = " | ".join(f"{c} ceiling %" for c in CARDS)
+    print("| rule | XBLOCK/warps | SASS per element | B moved | " + cards + " | "
+          + " | ".join(CLASSES) + " | top |")
     for name in names:
-        counts = sass_counts(*rule_kernel(name), fp_fusion=True)
-        by_class = [sum(counts[op] for op in ops) / 8 for ops in CLASSES.values()]
+        rule = name.partition(":")[0]
+        kw = {"momentum": 0.9} if rule == "SGD" else {}
+        plan = plan_of(getattr(fc, rule)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],
+                                         **kw))
+        xblock, warps = config_for(plan.key.rule.name)
+        per_thread = xblock * GROUP_LANES // (32 * warps)  # straight-line code: lanes per thread
+        counts = sass_counts(*rule_kernel(name), fp_fusion=True, warps=warps, xblock=xblock)
+        per_element = sum(counts.values()) / per_thread
+        moved = plan.bytes_moved_per_param(2.0)
+        by_class = [sum(counts[op] for op in ops) / per_thread for ops in CLASSES.values()]
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
-        print(f"| {name} | {sum(counts.values()) / 8:.0f} | "
+        print(f"| {name} | {xblock}/{warps} | {per_element:.0f} | {moved:.2f} | "
+              + " | ".join(f"{issue_ceiling(per_element, moved, c):.0f}" for c in CARDS) + " | "
               + " | ".join(f"{n:.1f}" for n in by_class) + f" | {top} |", flush=True)
 
 
