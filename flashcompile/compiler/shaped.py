@@ -29,8 +29,8 @@ from flashcompile.language.dsl import zero_flag
 from flashcompile.language.trace import check_facts, trace
 
 # The step and the hyperparameters reach the graph as one fp32 vector, uploaded once per step and
-# group as every plan's: s[0] the last group's valid lanes (unused here), s[1] the step, then the
-# float hyperparameters in the rule's order.
+# group as every plan's: s[0] the last group's valid lanes (unused here: GROUP), s[1] the step,
+# then the float hyperparameters in the rule's order.
 _STEP_SLOT = 1
 
 
@@ -125,12 +125,22 @@ class ShapedPlan(Plan):
         fields and factored states in ``stored`` (by state key), in place."""
         if p.numel() == 0:
             return
-        s = layout.scalar_vector(layout.last_group_lanes(p.numel()), scalars, p.device)
-        fields = self.field_args(stored, 0, layout.group_count(p.numel()))
-        factored = [stored[name] for name in self.factored]
+        self.step_shaped(p, grad, layout.scalar_vector(GROUP, scalars, p.device),
+                         self.field_args(stored, 0, layout.group_count(p.numel())),
+                         [stored[name] for name in self.factored], layout.memory_order(p),
+                         factor)
+
+    def step_shaped(self, p: torch.Tensor, grad: torch.Tensor, s: torch.Tensor,
+                    fields: Sequence[torch.Tensor], factored: Sequence[torch.Tensor],
+                    order: tuple[int, ...] | None, factor: torch.Tensor | None = None) -> None:
+        """:meth:`run_shaped` from what the per-tensor path keeps per param: the scalar vector
+        (``s[0]`` unused: params sharing a step share one upload), the fields as
+        :meth:`field_args` gives them, the factored states in :attr:`factored` order, and ``p``'s
+        memory order."""
+        if p.numel() == 0:
+            return
         device = self.device_args(factor, p.device)
         p, grad = p.detach(), grad.detach()
-        order = layout.memory_order(p)
         if not self.key.compiled:
             self._step(s, p, grad, fields, factored, device, order)
             return
@@ -205,10 +215,14 @@ class ShapedPlan(Plan):
         return self._step
 
     def _decoded(self, weight: torch.Tensor, fields: Sequence[torch.Tensor]) -> dict:
-        it, out = iter(fields), {}
         flat_w = layout.padded(layout.flat(weight, layout.memory_order(weight))).view(-1, GROUP)
+        return self._decode_groups(flat_w, fields)
+
+    def _decode_groups(self, weight_groups: torch.Tensor, fields: Sequence[torch.Tensor]) -> dict:
+        """Every codec's values, ``(G, 32)``, from the weight in groups and the grouped fields."""
+        it, out = iter(fields), {}
         for name, codec in self.codecs.items():
-            parts = [flat_w if name == PARAM and f.name == "value" else next(it)
+            parts = [weight_groups if name == PARAM and f.name == "value" else next(it)
                      for f in codec.fields]
             out[name] = codec.decode(*parts)
         return out
@@ -230,11 +244,8 @@ class ShapedPlan(Plan):
             return layout.unflat(x.reshape(-1)[:n], weight, order)
 
         g_groups = groups_of(grad.float())
-        decoded, it = {}, iter(fields)
-        for name, codec in self.codecs.items():
-            parts = [groups_of(weight) if name == PARAM and f.name == "value" else next(it)
-                     for f in codec.fields]
-            decoded[name] = in_shape(codec.decode(*parts))
+        decoded = {name: in_shape(values)
+                   for name, values in self._decode_groups(groups_of(weight), fields).items()}
         held = dict(zip(self.factored, factored))
         # a state without storage here (a vector's factors, a momentum at momentum 0) is one 0: a
         # zero branch still multiplies it by its literal 0; nothing else reads it

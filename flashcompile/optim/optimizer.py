@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import PARAM, layout
+from flashcompile.codecs import GROUP, PARAM, layout
 from flashcompile.codecs.presets import check_codec_spec, resolve_codecs
 from flashcompile.compiler.plan import Plan, PlanKey, get_plan, state_key
 from flashcompile.language.dsl import Rule
@@ -202,15 +202,13 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
         """The plan that steps ``p`` under ``flags`` (:meth:`flags_of` its group)."""
         # memoised: resolving costs sympy work per call, and per-tensor steps (gradient release)
         # ask once per param per step
-        rule = self.rule
+        rule, rule_flags = self.rule, flags
         if flags and flags[0][0] == RULE_FLAG:  # a group of another rule (flags_of)
-            rule = self._group_rules[flags[0][1]]
+            rule, rule_flags = self._group_rules[flags[0][1]], flags[1:]
         own = rule.param_flag_values(p) if rule.param_flags else ()  # Adafactor's "matrix"
         key = (p.dtype, p.device.type, flags, self.compile, own)
         if key not in self._plans:
-            if flags and flags[0][0] == RULE_FLAG:
-                flags = flags[1:]
-            rule, flags = amp.rule_and_flags(rule, flags)
+            rule, flags = amp.rule_and_flags(rule, rule_flags)
             flags += own
             live = trace(rule, dict(flags)).live_states()
             codecs = resolve_codecs(rule, self.codecs_for(rule), p.dtype, live)
@@ -451,7 +449,8 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             p, grad = p.to_local(), grad.to_local()
         factor = self._factors.get(ready.device) if self.scales_gradients else None
         if plan.shaped:  # the parameter in its own shape, its gradient likewise
-            plan.run_shaped(p, grad, ready.stored, values, factor)
+            plan.step_shaped(p, grad, scalars.tensor(values, GROUP, ready.device), ready.fields,
+                             [ready.stored[name] for name in plan.factored], ready.order, factor)
             return
         # a view where autograd laid it like p (a contiguous one: one call, not three)
         grad = (grad.view(-1) if ready.order is None and grad.is_contiguous()
