@@ -27,7 +27,8 @@ from flashcompile.compiler import fast_math
 XBLOCK, NUM_WARPS = 16, 2  # on the XBLOCK = 8 x num_warps line; best or within 5% for all rules
 GROUP_LANES = 32
 # rule name -> (XBLOCK, num_warps) where it beat the default on an H200 (benchmarks/config_sweep.py
-# over 134M params, 2026-12-04; % of copy bandwidth, default -> this): the rules not named here
+# over 134M params, 2026-12-04; % of copy bandwidth, default -> this), ADOPT's on an H100 with the
+# adaptive codecs (2026-12-06, docs/results/config_sweep_adaptive_h100.txt): the rules not named here
 # (SGD, Lion, Adagrad, ASGD, LAMB, LARS) were not swept with today's kernels
 CONFIGS: dict[str, tuple[int, int]] = {
     "adam": (32, 2),  # AdamW 95.4 -> 99.1
@@ -39,6 +40,7 @@ CONFIGS: dict[str, tuple[int, int]] = {
     "rmsprop": (16, 1),  # 92.4 -> 97.3
     "radam": (16, 1),  # 93.7 -> 96.1
     "adadelta": (16, 1),  # 94.9 -> 100.0
+    "adopt": (32, 2),  # H100: 83.8 -> 93.2
 }
 ENVIRONMENT = "FLASHCOMPILE_LAUNCH"
 
