@@ -7,7 +7,7 @@ ones only).
 Per setup: step ms (median of CUDA-timed steps after warm-up, gradients fixed), bytes per
 parameter the optimizer keeps (weight, its master copy and states; gradient excluded), and, for
 flashcompile with fp32 codecs, the largest difference to torch.optim's weights after the same
-steps. Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params;
+steps; and how many of flashcompile's timed steps replayed as one CUDA graph (per-tensor steps). Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params;
 flashcompile's with its defaults on bf16 params (weight split, 8-bit states), and with fp32 codecs
 on fp32 params.
 """
@@ -90,7 +90,11 @@ def main() -> None:
         for _ in range(3):  # compile, verify, warm caches
             opt.step()
         torch.cuda.synchronize()
-        rows[setup] = (step_ms(opt, args.steps), kept_bytes(opt, params))
+        graphs = getattr(opt, "_tensor_graphs", None)  # per-tensor steps replayed as a graph
+        before = graphs.replays if graphs else 0
+        ms = step_ms(opt, args.steps)
+        replayed = f"{graphs.replays - before}/{args.steps}" if graphs else "-"
+        rows[setup] = (ms, kept_bytes(opt, params), replayed)
         del opt, params
         torch.cuda.empty_cache()
     # tracking: the same steps from the same start, fp32 codecs against torch
@@ -100,9 +104,10 @@ def main() -> None:
         theirs.step()
     diff = max((a - b).abs().max().item() for a, b in zip(p1, p2))
     base = rows[setups[0]][0]
-    print(f"{'setup':<34} {'step ms':>8} {'vs torch fp32':>13} {'B/param kept':>12}")
-    for setup, (ms, kept) in rows.items():
-        print(f"{setup:<34} {ms:8.3f} {ms / base:13.2f} {kept:12.2f}")
+    print(f"{'setup':<34} {'step ms':>8} {'vs torch fp32':>13} {'B/param kept':>12} "
+          f"{'graph replays':>13}")
+    for setup, (ms, kept, replayed) in rows.items():
+        print(f"{setup:<34} {ms:8.3f} {ms / base:13.2f} {kept:12.2f} {replayed:>13}")
     print(f"fp32 codecs vs torch.optim.{label} after 5 steps ({TWINS[name][2]}): max |diff| "
           f"{diff:.3g}")
 
