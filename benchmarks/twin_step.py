@@ -7,7 +7,10 @@ ones only).
 Per setup: step ms (median of CUDA-timed steps after warm-up, gradients fixed), bytes per
 parameter the optimizer keeps (weight, its master copy and states; gradient excluded), and, for
 flashcompile with fp32 codecs, the largest difference to torch.optim's weights after the same
-steps; and how many of flashcompile's timed steps replayed as one CUDA graph (per-tensor steps). Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params;
+steps; how many of flashcompile's timed steps replayed as one CUDA graph (per-tensor steps); and
+"step MiB": the most memory the caching allocator reserved beyond the params, gradients and states
+before the first step (the steps' temporaries, a graph's private pool, the states allocated at
+the first step). Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params;
 flashcompile's with its defaults on bf16 params (weight split, 8-bit states), and with fp32 codecs
 on fp32 params.
 """
@@ -86,7 +89,10 @@ def main() -> None:
               f"flashcompile {label}, bf16 params", f"flashcompile {label}, fp32 codecs"]
     rows = {}
     for setup in setups:
+        torch.cuda.empty_cache()
         opt, params = make(name, setup, shapes)
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(3):  # compile, verify, warm caches
             opt.step()
         torch.cuda.synchronize()
@@ -94,7 +100,10 @@ def main() -> None:
         before = graphs.replays if graphs else 0
         ms = step_ms(opt, args.steps)
         replayed = f"{graphs.replays - before}/{args.steps}" if graphs else "-"
-        rows[setup] = (ms, kept_bytes(opt, params), replayed)
+        # what stepping holds beyond params, grads and states: the step's temporaries as the
+        # caching allocator keeps them (a graph's private pool among them)
+        held = (torch.cuda.max_memory_reserved() - start) / 2**20
+        rows[setup] = (ms, kept_bytes(opt, params), replayed, held)
         del opt, params
         torch.cuda.empty_cache()
     # tracking: the same steps from the same start, fp32 codecs against torch
@@ -105,9 +114,9 @@ def main() -> None:
     diff = max((a - b).abs().max().item() for a, b in zip(p1, p2))
     base = rows[setups[0]][0]
     print(f"{'setup':<34} {'step ms':>8} {'vs torch fp32':>13} {'B/param kept':>12} "
-          f"{'graph replays':>13}")
-    for setup, (ms, kept, replayed) in rows.items():
-        print(f"{setup:<34} {ms:8.3f} {ms / base:13.2f} {kept:12.2f} {replayed:>13}")
+          f"{'graph replays':>13} {'step MiB':>8}")
+    for setup, (ms, kept, replayed, held) in rows.items():
+        print(f"{setup:<34} {ms:8.3f} {ms / base:13.2f} {kept:12.2f} {replayed:>13} {held:8.0f}")
     print(f"fp32 codecs vs torch.optim.{label} after 5 steps ({TWINS[name][2]}): max |diff| "
           f"{diff:.3g}")
 
