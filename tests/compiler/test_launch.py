@@ -25,3 +25,13 @@ def test_a_malformed_override_is_refused_with_its_form(monkeypatch, text):
     monkeypatch.setenv(launch.ENVIRONMENT, text)
     with pytest.raises(ValueError, match="FLASHCOMPILE_LAUNCH"):
         launch.config_for("adam")
+
+
+def test_every_pinned_config_names_a_shipped_rule_and_is_a_launchable_pair():
+    """A misspelt key would leave its rule at the default without a word."""
+    from flashcompile.rules import RULES
+
+    names = {rule.name for rule in RULES.values()}
+    for rule, (xblock, warps) in launch.CONFIGS.items():
+        assert rule in names, rule
+        assert xblock >= 1 and warps >= 1 and not xblock & (xblock - 1) and not warps & (warps - 1)
