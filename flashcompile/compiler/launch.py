@@ -18,8 +18,10 @@ pinned and Inductor's choice stands (:attr:`Pin.pinned` says which).
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
+import warnings
 from dataclasses import dataclass
 
 from flashcompile.compiler import fast_math
@@ -64,7 +66,22 @@ def _overrides() -> dict[str, tuple[int, int]]:
         if xblock < 1 or warps < 1 or xblock & (xblock - 1) or warps & (warps - 1):
             raise ValueError(f"{ENVIRONMENT}: {item!r}: XBLOCK and num_warps are powers of two")
         out[name.strip()] = (xblock, warps)
+    for name in out:
+        _warn_if_unknown(name)
     return out
+
+
+@functools.cache  # once per name and process
+def _warn_if_unknown(name: str) -> None:
+    """Keys are rule names (``adam``), not optimizer names (``AdamW``): a key no shipped rule has
+    may be a typo, or a rule of the user's own, which it still reaches."""
+    from flashcompile.rules import RULES  # the shipped rules (imports the DSL: not at load)
+
+    shipped = sorted(rule.name for rule in RULES.values())
+    if name not in shipped:
+        warnings.warn(f"{ENVIRONMENT}: no shipped rule is called {name!r} (keys are rule names: "
+                      f"{', '.join(shipped)}); only a rule of your own by that name takes it",
+                      RuntimeWarning, stacklevel=4)
 
 
 @dataclass

@@ -35,3 +35,21 @@ def test_every_pinned_config_names_a_shipped_rule_and_is_a_launchable_pair():
     for rule, (xblock, warps) in launch.CONFIGS.items():
         assert rule in names, rule
         assert xblock >= 1 and warps >= 1 and not xblock & (xblock - 1) and not warps & (warps - 1)
+
+
+def test_an_override_naming_no_shipped_rule_warns_and_still_reaches_a_rule_of_that_name(
+        monkeypatch):
+    launch._warn_if_unknown.cache_clear()
+    monkeypatch.setenv(launch.ENVIRONMENT, "AdamW=8/1")
+    with pytest.warns(RuntimeWarning, match=r"'AdamW' \(keys are rule names: .*adam,"):
+        assert launch.config_for("adam") == launch.CONFIGS["adam"]  # AdamW is not adam
+    monkeypatch.setenv(launch.ENVIRONMENT, "my_rule=32/2")
+    with pytest.warns(RuntimeWarning, match="'my_rule'"):
+        assert launch.config_for("my_rule") == (32, 2)
+
+
+def test_an_override_of_a_shipped_rule_does_not_warn(monkeypatch, recwarn):
+    monkeypatch.setenv(launch.ENVIRONMENT, "adam=8/1")
+    launch._warn_if_unknown.cache_clear()
+    assert launch.config_for("adam") == (8, 1)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
