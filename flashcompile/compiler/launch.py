@@ -30,8 +30,9 @@ XBLOCK, NUM_WARPS = 16, 2  # on the XBLOCK = 8 x num_warps line; best or within 
 GROUP_LANES = 32
 # rule name -> (XBLOCK, num_warps) where it beat the default on an H200 (benchmarks/config_sweep.py
 # over 134M params, 2026-12-04; % of copy bandwidth, default -> this), ADOPT's on an H100 with the
-# adaptive codecs (2026-12-06, docs/results/config_sweep_adaptive_h100.txt): the rules not named here
-# (SGD, Lion, Adagrad, ASGD, LAMB, LARS) were not swept with today's kernels
+# adaptive codecs (2026-12-06, docs/results/config_sweep_adaptive_h100.txt). Not named here: SGD,
+# Lion, Adagrad, ASGD and LARS (not swept with today's kernels), and LAMB, CautiousAdamW and MARS
+# (the same speed at every config on that H100: their second pass sets the pace)
 CONFIGS: dict[str, tuple[int, int]] = {
     "adam": (32, 2),  # AdamW 95.4 -> 99.1
     "nadam": (16, 1),  # 95.1 -> 98.9
