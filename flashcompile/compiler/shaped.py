@@ -144,7 +144,7 @@ class ShapedPlan(Plan):
         if not self.key.compiled:
             self._step(s, p, grad, fields, factored, device, order)
             return
-        kind = (p.dim(), order, p.stride() == grad.stride(), p.dtype, grad.dtype, p.device.type)
+        kind = self._kind(p, grad, order)
         fn = self._compiled.get(kind)
         if fn is None:
             fn = self._compiled[kind] = self._checked_compile(s, p, grad, fields, factored,
@@ -153,6 +153,30 @@ class ShapedPlan(Plan):
             fn(s, p, grad, fields, factored, device, order)  # method: equal, never identical)
         else:
             fn(s, p, grad, *fields, *factored, *device)
+
+    def bind_shaped(self, p: torch.Tensor, grad: torch.Tensor, fields: Sequence[torch.Tensor],
+                    factored: Sequence[torch.Tensor], order: tuple[int, ...] | None,
+                    factor: torch.Tensor | None = None):
+        """``p``'s compiled step as ``launch(s, grad)``, for a CUDA graph to record
+        (``flashcompile.runtime.tensor_graph``): ``grad`` laid out as this one. None where params
+        like ``p`` have no compiled step (not compiled, not yet called, or fallen back to the
+        eager step, which may read host values)."""
+        if not self.key.compiled or p.numel() == 0:
+            return None
+        p = p.detach()
+        fn = self._compiled.get(self._kind(p, grad, order))
+        if fn is None or fn == self._step:
+            return None
+        device = self.device_args(factor, p.device)  # allocated here, not while a graph records
+
+        def launch(s: torch.Tensor, grad: torch.Tensor) -> None:
+            fn(s, p, grad.detach(), *fields, *factored, *device)
+        return launch
+
+    @staticmethod
+    def _kind(p: torch.Tensor, grad: torch.Tensor, order) -> tuple:
+        """What a compiled step is specific to: rank, memory order, strides alike, dtypes."""
+        return (p.dim(), order, p.stride() == grad.stride(), p.dtype, grad.dtype, p.device.type)
 
     def _direct(self, order, fields: int, factored: int, device: int):
         """The step for params of one rank and memory ``order``, compiled with symbolic sizes and

@@ -449,8 +449,12 @@ class Optimizer(Checkpoints, StoredValues, torch.optim.Optimizer):
             p, grad = p.to_local(), grad.to_local()
         factor = self._factors.get(ready.device) if self.scales_gradients else None
         if plan.shaped:  # the parameter in its own shape, its gradient likewise
+            factored = [ready.stored[name] for name in plan.factored]
             plan.step_shaped(p, grad, scalars.tensor(values, GROUP, ready.device), ready.fields,
-                             [ready.stored[name] for name in plan.factored], ready.order, factor)
+                             factored, ready.order, factor)
+            if p.is_cuda and ready.param_is_local:  # for a CUDA graph of the per-tensor steps
+                ready.launch = plan.bind_shaped(p, grad, ready.fields, factored, ready.order,
+                                                factor)
             return
         # a view where autograd laid it like p (a contiguous one: one call, not three)
         grad = (grad.view(-1) if ready.order is None and grad.is_contiguous()

@@ -54,6 +54,9 @@ class _Recorded:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the launches; runs nothing now
             for i, (p, r, n) in enumerate(zip(params, ready, lengths)):
+                if r.plan.shaped:  # the param in its own shape (ShapedPlan.bind_shaped)
+                    r.launch(self.rows[i, :n], p.grad)
+                    continue
                 grad = layout.flat(p.grad.detach(), r.order)
                 r.launch(self.rows[i, :n], grad, r.weight, *r.fields, *r.device_args)
 
@@ -117,7 +120,8 @@ class TensorGraphs:
             return  # amp unscaling reads a host value per step
         ids = tuple(map(id, params))
         if self.captures.get(ids, 0) >= _MAX_CAPTURES or not all(
-                r.launch is not None and not r.copies and not r.plan.reduces for r in ready):
+                r.launch is not None and not r.copies and (r.plan.shaped or not r.plan.reduces)
+                for r in ready):
             return
         where = _where(params, [p.grad for p in params])
         if self.last_eager.get(ids) != where:

@@ -241,28 +241,33 @@ def test_cuda_per_tensor_steps_call_the_compiled_graph_without_dynamo():
     assert plan.fn_one.direct_calls - before == len(params), plan.fn_one.capture.rejected
 
 
-def test_per_tensor_steps_replayed_as_one_cuda_graph_equal_launching_each_param():
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor", "CAME"])
+def test_per_tensor_steps_replayed_as_one_cuda_graph_equal_launching_each_param(name):
     """flat=False on CUDA: from the third step on the launches replay from one graph while the
-    gradients stay where they were; a moved gradient steps eagerly; lr changes reach the replay."""
+    gradients stay where they were; a moved gradient steps eagerly; lr changes reach the replay.
+    Adafactor and CAME step each param in its own shape (shaped plans: several kernels each,
+    row and column means between them), a channels_last one among them."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(256, 96), (1000,), (7, 3), (33,)]
+    shapes = [(256, 96), (1000,), (7, 3), (33,), (8, 6, 3, 3)]
     start = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    start[-1] = start[-1].to(memory_format=torch.channels_last)
     twins = []
     for graphs in (True, False):
         params = [torch.nn.Parameter(t.clone()) for t in start]
-        opt = fc.AdamW(params, lr=1e-2, flat=False)
+        opt = getattr(fc, name)(params, lr=1e-2, flat=False)
         opt._tensor_graphs.enabled = graphs
         grads = [torch.zeros_like(t) for t in start]
         for p, g in zip(params, grads):
             p.grad = g
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10,
+                                                    cycle_momentum=False)
         twins.append((params, opt, grads, sched))
     for step in range(7):
         new = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
         for params, opt, grads, sched in twins:
             if step == 4:  # gradients at new addresses: this step cannot replay
                 for p, g in zip(params, new):
-                    p.grad = g.clone()
+                    p.grad = g.clone(memory_format=torch.preserve_format)
             else:
                 for p, g in zip(params, new):
                     p.grad.copy_(g)
