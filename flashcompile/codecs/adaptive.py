@@ -73,30 +73,35 @@ _SPAN = 15  # binades of the relative code under its group's top
 # bits (``base.round_to_int_by_bits``), so it is the offset code with ``F0 = 1.5 * 2^23`` and no
 # bits dropped. Each group's mode picks the three constants, and every lane computes one code
 # instead of both: the kernel's instruction count, not its bytes, bounds the step.
-def _code_constants(relative: torch.Tensor, top: torch.Tensor, mant: int):
-    """Per group: (``F0``, the bits of ``F0``'s binade floor, the bits dropped)."""
+def _code_constants(relative: torch.Tensor, top: torch.Tensor, mant: int, fraction: int = 0):
+    """Per group: (``F0``, the bits of ``F0``'s binade floor, the bits dropped). The paper's code
+    keeps ``fraction`` bits below its integer (``F0 = 1.5 * 2^(23 - fraction)``): stochastic
+    rounding's carry replaces them."""
     base = top - _SPAN
-    f0 = torch.where(relative, pow2(base - 127), 12582912.0)
-    floor = torch.where(relative, base << 23, 0x4B400000)
-    return f0, floor, relative.to(torch.int32) * (23 - mant)  # int32, as torch.where's would not be
+    f0 = torch.where(relative, pow2(base - 127), 1.5 * 2.0 ** (23 - fraction))
+    floor = torch.where(relative, base << 23, 0x4B400000 - (fraction << 23))
+    # int32, as torch.where's would not be
+    return f0, floor, relative.to(torch.int32) * (23 - mant - fraction) + fraction
+
+
+_SR_FRACTION = 8  # the paper's code rounded stochastically: t to 2^-8, then floor(t + k / 256)
 
 
 def _encode(t: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: int,
             noise: torch.Tensor | None) -> torch.Tensor:
     """int32 codes of ``t``: in a relative group the offset code of the magnitude ``t``, else
     ``round(t)`` exactly as ``companded._round`` rounds the paper's code (``t`` signed, unclamped
-    when stochastic)."""
-    f0, floor, drop = _code_constants(relative, top, mant)
+    when stochastic). Stochastically (``noise``: ``stochastic.uniform_noise``'s 23 bits) both
+    codes drop low bits of ``t + F0`` and add the noise's top bits as the carry: the paper's
+    keeps 8 bits below its integer for that (``t`` rounded to 2^-8 first: a bias of at most 2^-9
+    of a code step), so neither makes float noise or selects between two roundings."""
     if noise is None:
+        f0, floor, drop = _code_constants(relative, top, mant)
         # relative: half of the dropped bits; the paper's: the add's own rounding
         carry = relative.to(torch.int32) << (22 - mant)
     else:
-        # the paper's: round(t + u - 1/2), in its order; relative: the top ``drop`` bits of u's
-        # mantissa (1 + u is exact) as the carry, unbiased within a binade, where the code is linear
-        paper = ~relative
-        t = (t + torch.where(paper, noise, 0.0)) - torch.where(paper, 0.5, 0.0)
-        mask = relative.to(torch.int32) * 0x7FFFFF
-        carry = ((noise + 1.0).view(torch.int32) & mask) >> mant
+        f0, floor, drop = _code_constants(relative, top, mant, _SR_FRACTION)
+        carry = noise >> (23 - drop)  # the noise's top `drop` bits
     return ((t + f0).view(torch.int32) - floor + carry) >> drop
 
 
@@ -226,7 +231,9 @@ class SoftsignAdaptive(Codec):
     @staticmethod
     def _groups(mag: torch.Tensor):
         def few_loud(top):  # a float count: an integer sum of bools would run in int64
-            loud = torch.where(mag * 16.0 >= top, 1.0, 0.0)
+            # top / 16 once per group, not mag * 16 per lane: the same test (powers of two scale
+            # exactly; a top whose sixteenth is subnormal is out of the fp16 range anyway)
+            loud = torch.where(mag >= top * 0.0625, 1.0, 0.0)
             return loud.sum(dim=-1, keepdim=True) <= 8.0
         return _groups(mag, few_loud)
 

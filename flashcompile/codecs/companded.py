@@ -41,6 +41,7 @@ from flashcompile.codecs.base import (
     round_up_fp16,
     sr_suffix,
 )
+from flashcompile.codecs.stochastic import round_stochastic
 
 _TINY = 2.0**-126  # smallest normal fp32: the floor of a quotient's denominator
 
@@ -58,14 +59,14 @@ def _group_scale(mag: torch.Tensor) -> torch.Tensor:
 
 
 def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tensor:
-    """int32 codes: to nearest, or with ``noise`` (uniform in [0, 1)) stochastically: ``round(y +
-    u - 1/2)`` (``floor(y + u)`` but for ties, of measure 2^-23) is ``y`` on average, and needs no
-    conversion instruction. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one
+    """int32 codes: to nearest, or with ``noise`` (``stochastic.uniform_noise``'s bits)
+    stochastically: ``floor(y + u)`` (``stochastic.round_stochastic``) is ``y`` on average, and
+    needs no conversion instruction. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one
     above): rounding to nearest absorbs that, the stochastic code could step past ``top``, so it
     is clamped."""
     if noise is None:
         return round_to_int(y)
-    return torch.clamp(round_to_int(y + noise - 0.5), -top, top)
+    return torch.clamp(round_stochastic(y, noise), -top, top)
 
 
 

@@ -5,17 +5,19 @@ Round to nearest drops any change smaller than half a code step, so an 8-bit EMA
 Rounding ``y`` to ``floor(y + u)`` with ``u`` uniform in [0, 1) is right on average, so small
 increments accumulate (arXiv 2502.20566 trains bf16 AdamW this way).
 
-``u`` comes from a 32-bit integer hash (a multiply-xorshift round with a constant from Chris
-Wellons' hash-prospector, below 2^31 so every product stays int32) of two fp32 values of the
-element (their top 16 bits), with the step and a per-state salt. The kernel passes the new weight
-and the first state it rounds to nearest (Adam's momentum), as computed before encoding
-(``codegen._noise_keys``; without such a state, the gradient and the weight): values of the
-element, not of the value being rounded. No RNG state, no extra memory traffic, fused into the
-one kernel, and the same noise for the same element whatever the layout: a flat bucket, one param
-per call, gradient release's buckets, an FSDP shard or a checkpoint resharded onto other ranks all
-round alike (bit-identical steps), and a resumed run repeats it. Elements whose keys agree in those
-bits share a step's noise; over steps each element's noise is still uniform (the step is hashed
-in), which is what unbiased rounding needs. The int32 products wrap (two's complement) in eager
+The noise is 23 random bits from a 32-bit integer hash (a multiply round with a constant from
+Chris Wellons' hash-prospector, below 2^31 so every product stays int32; its high bits) of two
+fp32 values of the element (their top 16 bits), with the step and a per-state salt. A code that
+drops low bits of an fp32 pattern (the offset codes of ``adaptive.py``, ``relative.py``) adds the
+top bits of the noise as the carry: ``floor(y + u)`` in integers, no float noise made at all.
+The kernel passes the new weight and the first state it rounds to nearest (Adam's momentum), as
+computed before encoding (``codegen._noise_keys``; without such a state, the gradient and the
+weight): values of the element, not of the value being rounded. No RNG state, no extra memory
+traffic, fused into the one kernel, and the same noise for the same element whatever the layout:
+a flat bucket, one param per call, gradient release's buckets, an FSDP shard or a checkpoint
+resharded onto other ranks all round alike (bit-identical steps), and a resumed run repeats it.
+Elements whose keys agree in those bits share a step's noise; over steps each element's noise is
+still uniform (the step is hashed in), which is what unbiased rounding needs. The int32 products wrap (two's complement) in eager
 torch and in Inductor's Triton and C++ code alike.
 """
 
@@ -34,28 +36,29 @@ def salt(seed: int, state_index: int) -> int:
 
 
 def uniform_noise(step: torch.Tensor, state_salt: int, *keys: torch.Tensor) -> torch.Tensor:
-    """Uniform values in [0, 1) on 2^-23 steps, one per element of the fp32 ``keys`` (two
-    values of the element, ``(G, GROUP)`` each), hashed with the step."""
-    return _unit_interval(_hash(step, state_salt, keys) >> 9)
+    """23 uniform random bits per element (int32 in [0, 2^23)) of the fp32 ``keys`` (two values
+    of the element, ``(G, GROUP)`` each), hashed with the step. Codecs take their top bits as the
+    carry of the bits they drop (one shift; :func:`round_stochastic`)."""
+    return (_hash(step, state_salt, keys) >> 9) & 0x7FFFFF  # the product's high bits
 
 
 def uniform_noise_pair(step: torch.Tensor, pair_salt: int, *keys: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two noises from one hash (its high and low 16 bits, on 2^-16 steps): two
+    """Two noises from one hash (its high and low 16 bits, as the top of 23 bits): two
     stochastic states of a plan share the hash's instructions. 2^-16 of a code step is far below
     what an 8-bit code resolves."""
-    h = _hash(step, pair_salt, keys)
-    return _unit_interval((h >> 16) << 7), _unit_interval(h << 7)
+    h = _hash(step, pair_salt, keys, fold=True)  # the low half needs the high bits folded in
+    return ((h >> 16) << 7) & 0x7FFFFF, (h << 7) & 0x7FFFFF
 
 
-def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
-    """``bits``' low 23 bits as a value in [0, 1): the float ``1.bits`` minus 1, exact, and no
-    int-to-float conversion (a quarter-rate instruction on Hopper; see ``base.round_to_int``).
-    ``1 + u`` is exact too: codecs read random integers back from its mantissa."""
-    return ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0
+def round_stochastic(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """int32 ``floor(y + u)`` for ``|y| < 2^14``: ``y`` on average. ``y + 1.5 * 2^15`` holds ``y``
+    to 2^-8 in its low bits (a bias of at most 2^-9), the noise's top 8 bits are the carry, and
+    the shift floors: integer instructions, no float noise (as the offset codes round)."""
+    return ((y + 49152.0).view(torch.int32) - 0x47400000 + (noise >> 15)) >> 8
 
 
-def _hash(step: torch.Tensor, state_salt: int, keys) -> torch.Tensor:
+def _hash(step: torch.Tensor, state_salt: int, keys, fold: bool = False) -> torch.Tensor:
     # each key's top 16 bits (sign, exponent, 7 mantissa bits: its bf16 truncation): two runs
     # whose values differ in their last bits (a tensor lr against a float one, another summation
     # order) draw the same noise, instead of a fresh one at every element
@@ -63,10 +66,11 @@ def _hash(step: torch.Tensor, state_salt: int, keys) -> torch.Tensor:
     for key in keys[1:]:  # multiplied first: equal values in two keys must not cancel
         h = h ^ ((key.view(torch.int32) >> 16) * _KEY_MIX)
     h = h ^ (step.to(torch.int32) * _STEP_MIX + state_salt)
-    # one multiply-xorshift round: the product's high bits depend on every input bit, and the
-    # shift folds them into the low ones (a logical shift: mask what the arithmetic one smeared).
-    # A second round (3 instructions per element of an instruction-bound kernel) narrows the
-    # spread of test_stochastic_rounding_unsticks_a_slow_ema's walks by about a tenth, and both
-    # are unbiased there
+    # one multiply round: each bit of the product depends on every input bit below it, so its
+    # high bits on all of them; they are what a single stream uses. A pair also uses the low
+    # half, so the shift folds the high bits into it (a logical shift: mask what the arithmetic
+    # one smeared). A second round (3 instructions per element of an instruction-bound kernel)
+    # narrowed the spread of test_stochastic_rounding_unsticks_a_slow_ema's walks by about a
+    # tenth, and both were unbiased there
     h = h * 0x21F0AAAD
-    return h ^ ((h >> 15) & 0x1FFFF)
+    return h ^ ((h >> 15) & 0x1FFFF) if fold else h
