@@ -61,9 +61,9 @@ def _group_scale(mag: torch.Tensor) -> torch.Tensor:
 def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tensor:
     """int32 codes: to nearest, or with ``noise`` (``stochastic.uniform_noise``'s bits)
     stochastically: ``floor(y + u)`` (``stochastic.round_stochastic``) is ``y`` on average, and
-    needs no conversion instruction. ``|y| <= top`` up to an ULP (CUDA's approximate division can land one
-    above): rounding to nearest absorbs that, the stochastic code could step past ``top``, so it
-    is clamped."""
+    needs no conversion instruction. ``|y| <= top`` up to an ULP (CUDA's approximate division can
+    land one above): rounding to nearest absorbs that, the stochastic code could step past
+    ``top``, so it is clamped."""
     if noise is None:
         return round_to_int(y)
     return torch.clamp(round_stochastic(y, noise), -top, top)

@@ -17,8 +17,8 @@ traffic, fused into the one kernel, and the same noise for the same element what
 a flat bucket, one param per call, gradient release's buckets, an FSDP shard or a checkpoint
 resharded onto other ranks all round alike (bit-identical steps), and a resumed run repeats it.
 Elements whose keys agree in those bits share a step's noise; over steps each element's noise is
-still uniform (the step is hashed in), which is what unbiased rounding needs. The int32 products wrap (two's complement) in eager
-torch and in Inductor's Triton and C++ code alike.
+still uniform (the step is hashed in), which is what unbiased rounding needs. The int32 products
+wrap (two's complement) in eager torch and in Inductor's Triton and C++ code alike.
 """
 
 from __future__ import annotations
