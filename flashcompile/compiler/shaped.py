@@ -258,14 +258,20 @@ class ShapedPlan(Plan):
         ``order``: the weight's :func:`~flashcompile.codecs.layout.memory_order` (a constant of
         the graph: dynamo cannot sort symbolic strides)."""
         rule, n = self.key.rule, weight.numel()
-        count = -(-n // GROUP)
+        # whole groups (most matrices): views only. Padding and slicing back cost Inductor's C++
+        # kernel a 64-bit modulo per element on every read (it cannot prove the index below the
+        # padded length), and the reads stay scalar. Compiled graphs guard on it.
+        whole = n % GROUP == 0
+        count = n // GROUP if whole else -(-n // GROUP)
 
         def groups_of(x: torch.Tensor) -> torch.Tensor:  # memory order, zero-padded, (G, 32)
             flat = layout.flat_view(x, order)
+            if whole:
+                return flat.view(count, GROUP)
             return torch.nn.functional.pad(flat, (0, count * GROUP - n)).view(count, GROUP)
 
         def in_shape(x: torch.Tensor) -> torch.Tensor:  # (G, 32) back to the weight's shape
-            return layout.unflat(x.reshape(-1)[:n], weight, order)
+            return layout.unflat(x.reshape(-1) if whole else x.reshape(-1)[:n], weight, order)
 
         g_groups = groups_of(grad.float())
         decoded = {name: in_shape(values)

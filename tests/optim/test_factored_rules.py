@@ -83,6 +83,31 @@ def test_the_compiled_step_equals_torch_and_shares_one_graph_per_rank_and_layout
     assert all(fn != plan._step for fn in plan._compiled.values())  # none fell back to eager
 
 
+def test_matrices_of_whole_and_partial_groups_each_take_their_own_compiled_graph():
+    """A matrix of whole groups of 32 steps through a graph without padding (views only), one
+    with a partial last group through the padded one: both kinds interleaved in one optimizer,
+    compiled and called without dynamo, track torch.optim.Adafactor step after step."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(16, 24), (7, 5), (64, 8), (40, 3)]  # 384 and 512 whole; 35 and 120 not
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fc.Adafactor(ours, codecs="fp32", compile=True, lr=1e-2)
+    ref = torch.optim.Adafactor(theirs, foreach=False, lr=1e-2)
+    calls = []
+    for _ in range(6):
+        for p, q, g in zip(ours, theirs, _grads(ours, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        plan = opt.plan_for(ours[0], opt.flags_of(opt.param_groups[0]))
+        # the plan (and its compiled steps) may be shared with other tests: count this test's
+        fn = plan._compiled[plan._kind(ours[0], ours[0].grad, None)]
+        calls.append(fn.direct_calls)
+    _assert_tracks(ours, theirs)
+    assert fn != plan._step and len(fn.capture.graphs) >= 2, fn.capture.rejected
+    assert calls[-1] - calls[0] == 5 * len(shapes)  # every later step called without dynamo
+
+
 def test_a_compiled_step_that_disagrees_falls_back_to_eager_for_every_later_step(monkeypatch):
     """A compiled graph that disagrees with the eager step (here one that does nothing) is dropped
     with a warning: that step and every later one for such params run eagerly and equal an eager
