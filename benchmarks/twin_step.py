@@ -2,7 +2,7 @@
 Adafactor) against torch's own, on a workload's tensors (default GPT-2 124M; Muon takes its 2-D
 ones only).
 
-    python benchmarks/twin_step.py {muon,adafactor} [workload] [--steps 20]
+    python benchmarks/twin_step.py {muon,adafactor} [workload] [--steps 20] [--device cpu]
 
 Per setup: step ms (median of CUDA-timed steps after warm-up, gradients fixed), bytes per
 parameter the optimizer keeps (weight, its master copy and states; gradient excluded), and, for
@@ -13,13 +13,14 @@ gradients (states, cached temporaries, a CUDA graph's private pool), and "step M
 timed steps allocated beyond what was allocated before them (their temporaries outside a graph).
 Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params; flashcompile's
 with its defaults on bf16 params (weight split, 8-bit states), and with fp32 codecs on fp32
-params.
+params. ``--device cpu``: wall-clock step times (the memory columns and graphs are CUDA's).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -32,13 +33,13 @@ TWINS = {"muon": (torch.optim.Muon, fc.Muon, {"lr": 0.02}, True),
          "adafactor": (torch.optim.Adafactor, fc.Adafactor, {"lr": 1e-2}, False)}
 
 
-def make(name: str, setup: str, shapes, seed: int = 0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def make(name: str, setup: str, shapes, seed: int = 0, device: str = "cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = torch.bfloat16 if "bf16" in setup else torch.float32
-    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen).to(dtype))
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen).to(dtype))
               for s in shapes]
     for p in params:
-        p.grad = (torch.randn(p.shape, device="cuda", generator=gen) * 1e-2).to(dtype)
+        p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-2).to(dtype)
     theirs, ours, options, _ = TWINS[name]
     if setup.startswith("torch"):
         return theirs(params, **options), params
@@ -49,9 +50,11 @@ def make(name: str, setup: str, shapes, seed: int = 0):
 def kept_bytes(opt, params) -> float:
     seen = {p.data_ptr() for p in params}
     total = sum(p.numel() * p.element_size() for p in params)
+    device = params[0].device
     for state in opt.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.is_cuda and v.data_ptr() not in seen:
+        for v in state.values():  # not the step counts (0-d, on the CPU beside CUDA params)
+            if isinstance(v, torch.Tensor) and v.dim() and v.device == device and (
+                    v.data_ptr() not in seen):
                 seen.add(v.data_ptr())
                 total += v.numel() * v.element_size()
     if getattr(opt, "_buckets", None):  # flat buffers hold the weights and states of the views
@@ -63,6 +66,12 @@ def kept_bytes(opt, params) -> float:
 
 def step_ms(opt, steps: int) -> float:
     times = []
+    if not torch.cuda.is_available() or not opt.param_groups[0]["params"][0].is_cuda:
+        for _ in range(steps):
+            start = time.perf_counter()
+            opt.step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -78,40 +87,47 @@ def main() -> None:
     parser.add_argument("optimizer", choices=sorted(TWINS))
     parser.add_argument("workload", nargs="?", default="gpt2_124m")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
     name, matrices_only = args.optimizer, TWINS[args.optimizer][3]
     shapes = [tuple(s) for s in load_workload(args.workload)[1]
               if len(s) == 2 or not matrices_only]
     n = sum(torch.Size(s).numel() for s in shapes)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.workload}'s "
+    card = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{card}, torch {torch.__version__}: {args.workload}'s "
           f"{len(shapes)} {'matrices' if matrices_only else 'tensors'}, {n / 1e6:.1f}M params")
     label = TWINS[name][1].__name__
     setups = [f"torch {label}, fp32 params", f"torch {label}, bf16 params",
               f"flashcompile {label}, bf16 params", f"flashcompile {label}, fp32 codecs"]
     rows = {}
     for setup in setups:
-        torch.cuda.empty_cache()
-        opt, params = make(name, setup, shapes)
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.empty_cache()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        opt, params = make(name, setup, shapes, device=args.device)
         for _ in range(3):  # compile, verify, warm caches
             opt.step()
-        torch.cuda.synchronize()
         graphs = getattr(opt, "_tensor_graphs", None)  # per-tensor steps replayed as a graph
         before = graphs.replays if graphs else 0
-        # the first steps compile and verify (a reference step beside the kernel); what a
-        # training run keeps paying is the timed steps' peak over what is allocated after them
-        settled = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            # the first steps compile and verify (a reference step beside the kernel); what a
+            # training run keeps paying is the timed steps' peak over what is allocated after
+            torch.cuda.synchronize()
+            settled = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         ms = step_ms(opt, args.steps)
-        replayed = f"{graphs.replays - before}/{args.steps}" if graphs else "-"
-        steady = (torch.cuda.max_memory_allocated() - settled) / 2**20
-        held = (torch.cuda.memory_reserved() - start) / 2**20
+        replayed = f"{graphs.replays - before}/{args.steps}" if graphs and cuda else "-"
+        held = steady = float("nan")
+        if cuda:
+            steady = (torch.cuda.max_memory_allocated() - settled) / 2**20
+            held = (torch.cuda.memory_reserved() - start) / 2**20
         rows[setup] = (ms, kept_bytes(opt, params), replayed, held, steady)
         del opt, params
-        torch.cuda.empty_cache()
     # tracking: the same steps from the same start, fp32 codecs against torch
-    (ours, p1), (theirs, p2) = make(name, setups[3], shapes), make(name, setups[0], shapes)
+    (ours, p1), (theirs, p2) = (make(name, setups[3], shapes, device=args.device),
+                                make(name, setups[0], shapes, device=args.device))
     for _ in range(5):
         ours.step()
         theirs.step()

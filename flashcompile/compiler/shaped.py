@@ -251,6 +251,30 @@ class ShapedPlan(Plan):
             out[name] = codec.decode(*parts)
         return out
 
+    def _elementwise(self, name: str) -> bool:
+        """Whether ``name``'s codec stores each element on its own (no per-group field) and
+        rounds to nearest: it decodes and encodes in the parameter's shape."""
+        codec = self.codecs[name]
+        return not any(f.per_group for f in codec.fields) and not getattr(codec, "stochastic",
+                                                                          False)
+
+    def _decode_in_shape(self, weight: torch.Tensor, fields: Sequence[torch.Tensor], groups_of,
+                         in_shape) -> dict:
+        """Every codec's values in ``weight``'s shape. A codec without per-group fields (the
+        weight split) decodes element by element from its fields read in that shape: reading a
+        padded ``(G, 32)`` result back in shape costs Inductor's C++ kernel a 64-bit modulo per
+        element and a scalar loop, where reading a stored field in shape is a plain index."""
+        it, out = iter(fields), {}
+        for name, codec in self.codecs.items():
+            parts = [weight if name == PARAM and f.name == "value" else next(it)
+                     for f in codec.fields]
+            if self._elementwise(name):
+                out[name] = codec.decode(*[t if t is weight else in_shape(t) for t in parts])
+            else:
+                grouped = [groups_of(t) if t is weight else t for t in parts]
+                out[name] = in_shape(codec.decode(*grouped))
+        return out
+
     def _step(self, s: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
               fields: Sequence[torch.Tensor], factored: Sequence[torch.Tensor],
               device: Sequence[torch.Tensor], order: tuple[int, ...] | None) -> None:
@@ -274,8 +298,7 @@ class ShapedPlan(Plan):
             return layout.unflat(x.reshape(-1) if whole else x.reshape(-1)[:n], weight, order)
 
         g_groups = groups_of(grad.float())
-        decoded = {name: in_shape(values)
-                   for name, values in self._decode_groups(groups_of(weight), fields).items()}
+        decoded = self._decode_in_shape(weight, fields, groups_of, in_shape)
         held = dict(zip(self.factored, factored))
         # a state without storage here (a vector's factors, a momentum at momentum 0) is one 0: a
         # zero branch still multiplies it by its literal 0; nothing else reads it
@@ -295,20 +318,29 @@ class ShapedPlan(Plan):
                 hyper[zero[k]] = 0.0
         # device scalars (1-element) as 0-d tensors: they must not give a 0-d param a dim
         extra = {k: t.reshape(()) for k, t in zip(self.traced.device, device)}
-        out = rule.fn(decoded[PARAM], in_shape(g_groups), *states, step=s[_STEP_SLOT],
+        # the gradient as it is (its values in the weight's shape): no pad to read back through
+        out = rule.fn(decoded[PARAM], grad.float(), *states, step=s[_STEP_SLOT],
                       **hyper, **flags, **extra)
         new = dict(zip([PARAM, *rule.states], out))
-        new_groups = {name: groups_of(new[name].expand(weight.shape))
-                      for name in self.codecs if new[name] is not decoded[name]}
+        values = {name: new[name].expand(weight.shape)
+                  for name in self.codecs if new[name] is not decoded[name]}
+        # codecs without per-group fields (the weight split) encode in the weight's shape and
+        # store through views of their fields (see _decode_in_shape); the others in groups
+        in_place = {name for name in values if self._elementwise(name)}
+        new_groups = {name: groups_of(v) for name, v in values.items() if name not in in_place}
         encoded = {}
-        for k, (name, values) in enumerate(new_groups.items()):
+        for k, name in enumerate(values):
             codec = self.codecs[name]
-            if getattr(codec, "stochastic", False):  # the element's gradient and new weight
+            if name in in_place:
+                encoded[name] = codec.encode(values[name])
+            elif getattr(codec, "stochastic", False):  # the element's gradient and new weight
+                key = (new_groups[PARAM] if PARAM in new_groups
+                       else groups_of(values[PARAM]) if PARAM in values else g_groups)
                 u = stochastic.uniform_noise(s[_STEP_SLOT], stochastic.salt(codec.seed, k),
-                                             g_groups, new_groups.get(PARAM, g_groups))
-                encoded[name] = codec.encode(values, u)
+                                             g_groups, key)
+                encoded[name] = codec.encode(new_groups[name], u)
             else:
-                encoded[name] = codec.encode(values)
+                encoded[name] = codec.encode(new_groups[name])
         # every output encoded before any store: a decoded input may alias its storage
         it = iter(fields)
         for name, codec in self.codecs.items():
@@ -316,7 +348,9 @@ class ShapedPlan(Plan):
                 target = None if name == PARAM and f.name == "value" else next(it)
                 if name not in encoded:
                     continue
-                if target is None:
+                if name in in_place:
+                    (weight if target is None else in_shape(target)).copy_(encoded[name][j])
+                elif target is None:
                     weight.copy_(in_shape(encoded[name][j]))
                 else:
                     target.copy_(encoded[name][j])
