@@ -54,6 +54,7 @@ from flashcompile.codecs.companded import (
     sqrt_unrounded,
 )
 from flashcompile.codecs.relative import _LOWEST_TOP, _NAN_TOP
+from flashcompile.codecs.stochastic import FRACTION_BITS
 
 _SPAN = 15  # binades of the relative code under its group's top
 # The thresholds are literals where they are used (a float global would become an input of the
@@ -84,7 +85,6 @@ def _code_constants(relative: torch.Tensor, top: torch.Tensor, mant: int, fracti
     return f0, floor, relative.to(torch.int32) * (23 - mant - fraction) + fraction
 
 
-_SR_FRACTION = 8  # the paper's code rounded stochastically: t to 2^-8, then floor(t + k / 256)
 
 
 def _encode(t: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: int,
@@ -93,14 +93,15 @@ def _encode(t: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: in
     ``round(t)`` exactly as ``companded._round`` rounds the paper's code (``t`` signed, unclamped
     when stochastic). Stochastically (``noise``: ``stochastic.uniform_noise``'s 23 bits) both
     codes drop low bits of ``t + F0`` and add the noise's top bits as the carry: the paper's
-    keeps 8 bits below its integer for that (``t`` rounded to 2^-8 first: a bias of at most 2^-9
-    of a code step), so neither makes float noise or selects between two roundings."""
+    keeps 8 bits below its integer for that, as ``stochastic.round_stochastic`` (``t`` rounded to
+    2^-8 first: a bias of at most 2^-9 of a code step), so neither makes float noise or selects
+    between two roundings."""
     if noise is None:
         f0, floor, drop = _code_constants(relative, top, mant)
         # relative: half of the dropped bits; the paper's: the add's own rounding
         carry = relative.to(torch.int32) << (22 - mant)
     else:
-        f0, floor, drop = _code_constants(relative, top, mant, _SR_FRACTION)
+        f0, floor, drop = _code_constants(relative, top, mant, FRACTION_BITS)
         carry = noise >> (23 - drop)  # the noise's top `drop` bits
     return ((t + f0).view(torch.int32) - floor + carry) >> drop
 

@@ -51,11 +51,19 @@ def uniform_noise_pair(step: torch.Tensor, pair_salt: int, *keys: torch.Tensor
     return ((h >> 16) << 7) & 0x7FFFFF, (h << 7) & 0x7FFFFF
 
 
+# bits below an integer that stochastic rounding keeps before its carry: y to 2^-8
+FRACTION_BITS = 8
+
+
 def round_stochastic(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """int32 ``floor(y + u)`` for ``|y| < 2^14``: ``y`` on average. ``y + 1.5 * 2^15`` holds ``y``
-    to 2^-8 in its low bits (a bias of at most 2^-9), the noise's top 8 bits are the carry, and
-    the shift floors: integer instructions, no float noise (as the offset codes round)."""
-    return ((y + 49152.0).view(torch.int32) - 0x47400000 + (noise >> 15)) >> 8
+    to 2^-8 (:data:`FRACTION_BITS`) in its low bits (a bias of at most 2^-9), the noise's top 8
+    bits are the carry, and the shift floors: integer instructions, no float noise (as the offset
+    codes round; ``adaptive._encode`` is this with per-group constants)."""
+    offset = 1.5 * 2.0 ** (23 - FRACTION_BITS)
+    floor = 0x4B400000 - (FRACTION_BITS << 23)  # offset's fp32 bits
+    carry = noise >> (23 - FRACTION_BITS)
+    return ((y + offset).view(torch.int32) - floor + carry) >> FRACTION_BITS
 
 
 def _hash(step: torch.Tensor, state_salt: int, keys, fold: bool = False) -> torch.Tensor:

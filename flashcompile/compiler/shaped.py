@@ -297,7 +297,6 @@ class ShapedPlan(Plan):
         def in_shape(x: torch.Tensor) -> torch.Tensor:  # (G, 32) back to the weight's shape
             return layout.unflat(x.reshape(-1) if whole else x.reshape(-1)[:n], weight, order)
 
-        g_groups = groups_of(grad.float())
         decoded = self._decode_in_shape(weight, fields, groups_of, in_shape)
         held = dict(zip(self.factored, factored))
         # a state without storage here (a vector's factors, a momentum at momentum 0) is one 0: a
@@ -334,6 +333,7 @@ class ShapedPlan(Plan):
             if name in in_place:
                 encoded[name] = codec.encode(values[name])
             elif getattr(codec, "stochastic", False):  # the element's gradient and new weight
+                g_groups = groups_of(grad.float())
                 key = (new_groups[PARAM] if PARAM in new_groups
                        else groups_of(values[PARAM]) if PARAM in values else g_groups)
                 u = stochastic.uniform_noise(s[_STEP_SLOT], stochastic.salt(codec.seed, k),
