@@ -33,6 +33,19 @@ from flashcompile.language.trace import check_facts, trace
 # then the float hyperparameters in the rule's order.
 _STEP_SLOT = 1
 
+# Inductor shapes a graph's reductions by the sizes of the call that compiled it (its size hints):
+# a mean over a whole param is split across the card into a number of programs fixed at compile
+# time, or, compiled on a small matrix, runs as one program (Triton code generated on the CPU for a
+# 64 x 48 matrix against a 50257 x 768 one). A graph compiled on small params then takes the large
+# ones through a handful of SMs. So params step through one compiled graph per range of sizes,
+# [low, high) elements, each a factor of 16 wide and compiled on a param of its range.
+SIZE_CLASSES = ((0, 2**12), (2**12, 2**16), (2**16, 2**20), (2**20, 2**24), (2**24, None))
+
+
+def size_class(numel: int) -> int:
+    """The index in :data:`SIZE_CLASSES` of a param of ``numel`` elements."""
+    return next(i for i, (_, high) in enumerate(SIZE_CLASSES) if high is None or numel < high)
+
 
 class ShapedPlan(Plan):
     """A :class:`Plan` whose step runs one parameter in its own shape (see the module docstring).
@@ -175,21 +188,28 @@ class ShapedPlan(Plan):
 
     @staticmethod
     def _kind(p: torch.Tensor, grad: torch.Tensor, order) -> tuple:
-        """What a compiled step is specific to: rank, memory order, strides alike, dtypes."""
-        return (p.dim(), order, p.stride() == grad.stride(), p.dtype, grad.dtype, p.device.type)
+        """What a compiled step is specific to: rank, memory order, strides alike, dtypes, and
+        the size class (:func:`size_class`)."""
+        return (p.dim(), order, p.stride() == grad.stride(), p.dtype, grad.dtype, p.device.type,
+                size_class(p.numel()))
 
-    def _direct(self, order, fields: int, factored: int, device: int):
-        """The step for params of one rank and memory ``order``, compiled with symbolic sizes and
-        called without dynamo once compiled (``flashcompile.compiler.direct``): a function of
-        positional tensors, generated per kind so its graphs and recompile counts are its own."""
+    def _direct(self, order, fields: int, factored: int, device: int, sizes: int):
+        """The step for params of one rank, memory ``order`` and size class ``sizes``, compiled
+        with symbolic sizes and called without dynamo once compiled
+        (``flashcompile.compiler.direct``): a function of positional tensors, generated per kind
+        so its graphs and recompile counts are its own. It checks the size class: a guard of the
+        graph, so neither a call nor Inductor's graph cache gives one class another's kernels."""
         names = ([f"f{i}" for i in range(fields)] + [f"r{i}" for i in range(factored)]
                  + [f"d{i}" for i in range(device)])
         def pack(prefix: str) -> str:  # a tuple of the names starting with prefix
             return "(" + "".join(f"{n}, " for n in names if n[0] == prefix) + ")"
 
+        low, high = SIZE_CLASSES[sizes]
         source = (f"def shaped_step(s, weight, grad, {', '.join(names)}):\n"
-                  f"    step(s, weight, grad, {pack('f')}, {pack('r')}, {pack('d')}, order)\n")
-        namespace = {"step": self._step, "order": order}
+                  + (f"    torch._check(weight.numel() >= {low})\n" if low else "")
+                  + (f"    torch._check(weight.numel() < {high})\n" if high else "")
+                  + f"    step(s, weight, grad, {pack('f')}, {pack('r')}, {pack('d')}, order)\n")
+        namespace = {"step": self._step, "order": order, "torch": torch}
         exec(compile(source, f"<flashcompile shaped {self.key.rule.name}>", "exec"), namespace)
 
         def compile_with(fn, backend):
@@ -207,7 +227,7 @@ class ShapedPlan(Plan):
         want_p, want_f, want_r = [p.clone(), [f.clone() for f in fields],
                                   [f.clone() for f in factored]]
         self._step(s, want_p, grad, want_f, want_r, device, order)
-        fn = self._direct(order, len(fields), len(factored), len(device))
+        fn = self._direct(order, len(fields), len(factored), len(device), size_class(p.numel()))
         fn(s, p, grad, *fields, *factored, *device)
         mismatch = None
         want, got = self._decoded(want_p, want_f), self._decoded(p, fields)

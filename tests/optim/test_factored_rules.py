@@ -108,6 +108,45 @@ def test_matrices_of_whole_and_partial_groups_each_take_their_own_compiled_graph
     assert calls[-1] - calls[0] == 5 * len(shapes)  # every later step called without dynamo
 
 
+def test_params_of_each_size_range_step_through_a_graph_compiled_on_their_range(monkeypatch):
+    """Inductor fixes how a reduction is split across the card by the sizes it compiled on, so a
+    matrix of 2^16 elements or more steps through a graph of its own size range, compiled on it:
+    the smaller matrix's graphs guard against its arguments, and the other way round. Both
+    track torch.optim.Adafactor."""
+    from flashcompile.compiler.direct import DirectFunction
+    from flashcompile.compiler.shaped import size_class
+
+    calls = {}  # the arguments each compiled function was last called with
+    call = DirectFunction.__call__
+
+    def recording(self, *args):
+        calls[id(self)] = args
+        return call(self, *args)
+    monkeypatch.setattr(DirectFunction, "__call__", recording)
+    gen = torch.Generator().manual_seed(4)
+    # 6144 and 81920 elements, whole groups of 32 both (Inductor's own guards, at 4096 elements
+    # on the CPU, would tell 1280 from 6144 apart)
+    shapes = [(96, 64), (512, 160)]
+    assert [size_class(a * b) for a, b in shapes] == [1, 2]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = fc.Adafactor(ours, codecs="fp32", compile=True, lr=1e-2)
+    ref = torch.optim.Adafactor(theirs, foreach=False, lr=1e-2)
+    for _ in range(3):
+        for p, q, g in zip(ours, theirs, _grads(ours, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    _assert_tracks(ours, theirs)
+    plan = opt.plan_for(ours[0], opt.flags_of(opt.param_groups[0]))
+    small, large = (plan._compiled[plan._kind(p, p.grad, None)] for p in ours)
+    assert plan._step not in (small, large) and small is not large
+    assert small.capture.graphs and large.capture.graphs
+    for fn, other in ((small, large), (large, small)):
+        args = calls[id(other)]
+        assert not any(g.guard(g.inputs(args)) for g in fn.capture.graphs if g.guard)
+
+
 def test_a_compiled_step_that_disagrees_falls_back_to_eager_for_every_later_step(monkeypatch):
     """A compiled graph that disagrees with the eager step (here one that does nothing) is dropped
     with a warning: that step and every later one for such params run eagerly and equal an eager
