@@ -33,12 +33,14 @@ from flashcompile.language.trace import check_facts, trace
 # then the float hyperparameters in the rule's order.
 _STEP_SLOT = 1
 
-# Inductor shapes a graph's reductions by the sizes of the call that compiled it (its size hints):
-# a mean over a whole param is split across the card into a number of programs fixed at compile
-# time, or, compiled on a small matrix, runs as one program (Triton code generated on the CPU for a
-# 64 x 48 matrix against a 50257 x 768 one). A graph compiled on small params then takes the large
-# ones through a handful of SMs. So params step through one compiled graph per range of sizes,
-# [low, high) elements, each a factor of 16 wide and compiled on a param of its range.
+# Inductor shapes a graph's reductions by the sizes of the call that compiled it (its size hints),
+# and guards only some of those choices: a mean over a whole param is split across the card into
+# a number of programs fixed at compile time, unguarded, or, compiled on a small matrix, runs as
+# one program (Triton code generated on the CPU for a 64 x 48 matrix against a 50257 x 768 one).
+# A graph compiled on small params (or found in Inductor's graph cache, filled by other sizes)
+# could then take a large one through a handful of SMs. So params step through one compiled graph
+# per range of sizes, [low, high) elements, each a factor of 16 wide and compiled on a param of
+# its range.
 SIZE_CLASSES = ((0, 2**12), (2**12, 2**16), (2**16, 2**20), (2**20, 2**24), (2**24, None))
 
 
