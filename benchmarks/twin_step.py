@@ -8,7 +8,8 @@ Per setup: step ms (median of CUDA-timed steps after warm-up, gradients fixed), 
 parameter the optimizer keeps (weight, its master copy and states; gradient excluded), and, for
 flashcompile with fp32 codecs, the largest difference to torch.optim's weights after the same
 steps; how many of flashcompile's timed steps replayed as one CUDA graph (per-tensor steps); and
-"held MiB": what the caching allocator holds after the timed steps beyond the params and
+"first s": the first step's wall time (flashcompile compiles
+and checks its kernels there); "held MiB": what the caching allocator holds after the timed steps beyond the params and
 gradients (states, cached temporaries, a CUDA graph's private pool), and "step MiB": the most the
 timed steps allocated beyond what was allocated before them (their temporaries outside a graph).
 Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params; flashcompile's
@@ -108,7 +109,12 @@ def main() -> None:
         if cuda:  # beyond the params and gradients
             start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):  # compile, verify, warm caches
+        first = time.perf_counter()
+        opt.step()  # compiles and verifies (flashcompile); the next two warm caches
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - first
+        for _ in range(2):
             opt.step()
         graphs = getattr(opt, "_tensor_graphs", None)  # per-tensor steps replayed as a graph
         before = graphs.replays if graphs else 0
@@ -124,7 +130,7 @@ def main() -> None:
         if cuda:
             steady = (torch.cuda.max_memory_allocated() - settled) / 2**20
             held = (torch.cuda.memory_reserved() - start) / 2**20
-        rows[setup] = (ms, kept_bytes(opt, params), replayed, held, steady)
+        rows[setup] = (ms, kept_bytes(opt, params), replayed, held, steady, first)
         del opt, params
     # tracking: the same steps from the same start, fp32 codecs against torch
     (ours, p1), (theirs, p2) = (make(name, setups[3], shapes, device=args.device),
@@ -135,10 +141,10 @@ def main() -> None:
     diff = max((a - b).abs().max().item() for a, b in zip(p1, p2))
     base = rows[setups[0]][0]
     print(f"{'setup':<34} {'step ms':>8} {'vs torch fp32':>13} {'B/param kept':>12} "
-          f"{'graph replays':>13} {'held MiB':>8} {'step MiB':>8}")
-    for setup, (ms, kept, replayed, held, steady) in rows.items():
+          f"{'graph replays':>13} {'held MiB':>8} {'step MiB':>8} {'first s':>7}")
+    for setup, (ms, kept, replayed, held, steady, first) in rows.items():
         print(f"{setup:<34} {ms:8.3f} {ms / base:13.2f} {kept:12.2f} {replayed:>13} {held:8.0f} "
-              f"{steady:8.0f}")
+              f"{steady:8.0f} {first:7.1f}")
     print(f"fp32 codecs vs torch.optim.{label} after 5 steps ({TWINS[name][2]}): max |diff| "
           f"{diff:.3g}")
 
