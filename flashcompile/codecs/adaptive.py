@@ -38,6 +38,7 @@ import torch
 from flashcompile.codecs.base import (
     FP32_SLACK,
     Codec,
+    inverse_scale,
     Field,
     on_cuda,
     pow2,
@@ -45,14 +46,7 @@ from flashcompile.codecs.base import (
     round_up_fp16,
     sr_suffix,
 )
-from flashcompile.codecs.companded import (
-    softsign_bound,
-    softsign_unrounded,
-    softsign_values,
-    sqrt_root_bound,
-    sqrt_roots_of,
-    sqrt_unrounded,
-)
+from flashcompile.codecs.companded import _TINY, softsign_bound, sqrt_root_bound
 from flashcompile.codecs.relative import _LOWEST_TOP, _NAN_TOP
 from flashcompile.codecs.stochastic import FRACTION_BITS
 
@@ -191,7 +185,10 @@ class SqrtAdaptive(Codec):
     def encode(self, x, noise=None):
         r = torch.sqrt(x)
         relative, top, paper = self._groups(r)
-        code = _encode(torch.where(relative, r, sqrt_unrounded(r, paper)), relative, top, 4, noise)
+        # the paper's t = r 255 / scale: one multiply per value by a per-group factor, 1 in a
+        # relative group (exact), instead of a select per value
+        code = _encode(r * torch.where(relative, 1.0, inverse_scale(paper, 255)), relative, top,
+                       4, noise)
         # a carry out of the relative code's top binade; the paper's stochastic clamp
         code = torch.clamp(code, max=255)
         code = torch.maximum(code, (r > 0).to(torch.int32))  # nonzero in either code
@@ -201,7 +198,9 @@ class SqrtAdaptive(Codec):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
         t = _decode(c, relative, top, 4)
-        r = torch.where(relative, t, sqrt_roots_of(t, s))
+        # the paper's t s / 255 (code 255 decodes to s itself: decoded groups re-encode to the
+        # same codes and scale), t in a relative group, by per-group factors: no select per value
+        r = t * torch.where(relative, 1.0, s) / torch.where(relative, 1.0, 255.0)
         return r * r
 
     def error_bound(self, x):
@@ -241,19 +240,31 @@ class SoftsignAdaptive(Codec):
     def encode(self, x, noise=None):
         mag = x.abs()
         relative, top, paper = self._groups(mag)
-        # relative groups code the magnitude and take the sign after, the paper's the signed value
-        code = _encode(torch.where(relative, mag, softsign_unrounded(x, paper)), relative, top, 3,
-                       noise)
-        code = torch.where(relative & (x < 0), -code, code)
-        # a carry out of the relative code's top binade; the paper's stochastic clamp
+        # the paper's 254 x / (s + |x|), or a relative group's |x| (its sign taken after), as
+        # y a / (b + c |x|) with per-group a, b, c (1, 1, 0 there: exact), not a select per value
+        s = torch.clamp_min(paper.float(), _TINY)
+        a, b = torch.where(relative, 1.0, 254.0), torch.where(relative, 1.0, s)
+        c = torch.where(relative, 0.0, 1.0)
+        if noise is None:
+            # rounding the paper's magnitude to nearest (ties to even) and negating is its
+            # rounding of the signed value: both codes take the sign after
+            code = _encode(mag * a / (b + c * mag), relative, top, 3, None)
+            code = torch.where(x < 0, -code, code)
+        else:  # the paper's floor(t + u) of the signed t, as softsign_int8_sr draws it
+            code = _encode(torch.where(relative, mag, x) * a / (b + c * mag), relative, top, 3,
+                           noise)
+            code = torch.where(relative & (x < 0), -code, code)
         return torch.clamp(code, -127, 127).to(torch.int8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):
         relative, top, s = _read_scale(scale)
         c = codes.to(torch.int32)
         t = _decode(c.abs(), relative, top, 3)
-        # the paper's value of a negative code is minus that of its magnitude, exactly
-        mag = torch.where(relative, t, softsign_values(t, s))
+        # the paper's value of a negative code is minus that of its magnitude, exactly: t s /
+        # (254 - t) for t >= 0, and t in a relative group (t 1 / (1 - 0): exact), with per-group
+        # factors instead of a select per value
+        mag = t * torch.where(relative, 1.0, s) / (torch.where(relative, 1.0, 254.0)
+                                                   - torch.where(relative, 0.0, 1.0) * t)
         return (mag.view(torch.int32) | (c & -2147483648)).view(torch.float32)  # c's sign
 
     def error_bound(self, x):
