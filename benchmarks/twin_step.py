@@ -14,7 +14,10 @@ gradients (states, cached temporaries, a CUDA graph's private pool), and "step M
 timed steps allocated beyond what was allocated before them (their temporaries outside a graph).
 Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params; flashcompile's
 with its defaults on bf16 params (weight split, 8-bit states), and with fp32 codecs on fp32
-params. ``--device cpu``: wall-clock step times (the memory columns and graphs are CUDA's).
+params. ``--device cpu``: wall-clock step times (the memory columns and graphs are CUDA's). There
+the weights' difference is torch's: on the CPU its ``Tensor.norm`` of a 50257 x 768 fp32 matrix
+(the RMS Adafactor scales by) was 0.27% off an fp64 one (torch 2.13), and torch.optim.Adafactor's
+step 1.5e-4 off an fp64 run of it, flashcompile's 2.5e-7.
 """
 
 from __future__ import annotations
