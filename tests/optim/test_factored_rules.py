@@ -28,6 +28,15 @@ def _grads(params, gen, scale=1.0):
     return [torch.randn(p.shape, generator=gen) * scale for p in params]
 
 
+def _step_alike(ours, theirs, optimizers, gen, steps, scale=1.0):
+    """``steps`` steps of every optimizer in ``optimizers``, the same gradients on both lists."""
+    for _ in range(steps):
+        for p, q, g in zip(ours, theirs, _grads(ours, gen, scale)):
+            p.grad, q.grad = g.clone(), g.clone()
+        for opt in optimizers:
+            opt.step()
+
+
 def _twins(options, steps=6, compile=False, scale=1.0):
     """fc.Adafactor (fp32 codecs) and torch.optim.Adafactor from the same fp32 weights and
     gradients; returns both param lists and optimizers."""
@@ -35,11 +44,7 @@ def _twins(options, steps=6, compile=False, scale=1.0):
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = fc.Adafactor(ours, codecs="fp32", compile=compile, **options)
     ref = torch.optim.Adafactor(theirs, foreach=False, **options)
-    for _ in range(steps):
-        for p, q, g in zip(ours, theirs, _grads(ours, gen, scale)):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+    _step_alike(ours, theirs, (opt, ref), gen, steps, scale)
     return ours, theirs, opt, ref
 
 
@@ -132,11 +137,7 @@ def test_params_of_each_size_range_step_through_a_graph_compiled_on_their_range(
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = fc.Adafactor(ours, codecs="fp32", compile=True, lr=1e-2)
     ref = torch.optim.Adafactor(theirs, foreach=False, lr=1e-2)
-    for _ in range(3):
-        for p, q, g in zip(ours, theirs, _grads(ours, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+    _step_alike(ours, theirs, (opt, ref), gen, 3)
     _assert_tracks(ours, theirs)
     plan = opt.plan_for(ours[0], opt.flags_of(opt.param_groups[0]))
     small, large = (plan._compiled[plan._kind(p, p.grad, None)] for p in ours)
@@ -246,12 +247,7 @@ def test_state_dicts_go_to_torch_optim_adafactor_and_back_and_training_goes_on()
     mine.load_state_dict(ref.state_dict())
     back = torch.optim.Adafactor(theirs, foreach=False)
     back.load_state_dict(opt.torch_state_dict())
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(3):
-        for p, q, g in zip(ours, theirs, _grads(ours, gen)):
-            p.grad, q.grad = g.clone(), g.clone()
-        mine.step()
-        back.step()
+    _step_alike(ours, theirs, (mine, back), torch.Generator().manual_seed(5), 3)
     _assert_tracks(ours, theirs)
 
 
