@@ -7,11 +7,11 @@ ones only).
 Per setup: step ms (median of CUDA-timed steps after warm-up, gradients fixed), bytes per
 parameter the optimizer keeps (weight, its master copy and states; gradient excluded), and, for
 flashcompile with fp32 codecs, the largest difference to torch.optim's weights after the same
-steps; how many of flashcompile's timed steps replayed as one CUDA graph (per-tensor steps); and
-"first s": the first step's wall time (flashcompile compiles
-and checks its kernels there); "held MiB": what the caching allocator holds after the timed steps beyond the params and
-gradients (states, cached temporaries, a CUDA graph's private pool), and "step MiB": the most the
-timed steps allocated beyond what was allocated before them (their temporaries outside a graph).
+steps; how many of flashcompile's timed steps replayed as one CUDA graph (per-tensor steps);
+"held MiB": what the caching allocator holds after the timed steps beyond the params and gradients
+(states, cached temporaries, a CUDA graph's private pool); "step MiB": the most the timed steps
+allocated beyond what was allocated before them (their temporaries outside a graph); and "first
+s": the first step's wall time (flashcompile compiles and checks its kernels there).
 Setups: torch.optim's optimizer on fp32 params (its usual setting), on bf16 params; flashcompile's
 with its defaults on bf16 params (weight split, 8-bit states), and with fp32 codecs on fp32
 params. ``--device cpu``: wall-clock step times (the memory columns and graphs are CUDA's). There

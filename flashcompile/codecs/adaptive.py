@@ -38,8 +38,8 @@ import torch
 from flashcompile.codecs.base import (
     FP32_SLACK,
     Codec,
-    inverse_scale,
     Field,
+    inverse_scale,
     on_cuda,
     pow2,
     round_to_int,
