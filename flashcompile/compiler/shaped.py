@@ -266,12 +266,16 @@ class ShapedPlan(Plan):
 
     def _decode_groups(self, weight_groups: torch.Tensor, fields: Sequence[torch.Tensor]) -> dict:
         """Every codec's values, ``(G, 32)``, from the weight in groups and the grouped fields."""
-        it, out = iter(fields), {}
+        return {name: codec.decode(*parts)
+                for name, codec, parts in self._parts(weight_groups, fields)}
+
+    def _parts(self, weight: torch.Tensor, fields: Sequence[torch.Tensor]):
+        """Per codec: its name, itself and its stored tensors (``weight`` for the weight split's
+        value, the rest taken from ``fields`` in order)."""
+        it = iter(fields)
         for name, codec in self.codecs.items():
-            parts = [weight_groups if name == PARAM and f.name == "value" else next(it)
-                     for f in codec.fields]
-            out[name] = codec.decode(*parts)
-        return out
+            yield name, codec, [weight if name == PARAM and f.name == "value" else next(it)
+                                for f in codec.fields]
 
     def _elementwise(self, name: str) -> bool:
         """Whether ``name``'s codec stores each element on its own (no per-group field) and
@@ -286,10 +290,8 @@ class ShapedPlan(Plan):
         weight split) decodes element by element from its fields read in that shape: reading a
         padded ``(G, 32)`` result back in shape costs Inductor's C++ kernel a 64-bit modulo per
         element and a scalar loop, where reading a stored field in shape is a plain index."""
-        it, out = iter(fields), {}
-        for name, codec in self.codecs.items():
-            parts = [weight if name == PARAM and f.name == "value" else next(it)
-                     for f in codec.fields]
+        out = {}
+        for name, codec, parts in self._parts(weight, fields):
             if self._elementwise(name):
                 out[name] = codec.decode(*[t if t is weight else in_shape(t) for t in parts])
             else:
@@ -349,17 +351,18 @@ class ShapedPlan(Plan):
         # store through views of their fields (see _decode_in_shape); the others in groups
         in_place = {name for name in values if self._elementwise(name)}
         new_groups = {name: groups_of(v) for name, v in values.items() if name not in in_place}
-        encoded = {}
+        encoded, keys = {}, []
         for k, name in enumerate(values):
             codec = self.codecs[name]
             if name in in_place:
                 encoded[name] = codec.encode(values[name])
             elif getattr(codec, "stochastic", False):  # the element's gradient and new weight
-                g_groups = groups_of(grad.float())
-                key = (new_groups[PARAM] if PARAM in new_groups
-                       else groups_of(values[PARAM]) if PARAM in values else g_groups)
+                if not keys:  # in groups, once for every stochastic state
+                    keys.append(groups_of(grad.float()))
+                    keys.append(new_groups[PARAM] if PARAM in new_groups
+                                else groups_of(values[PARAM]) if PARAM in values else keys[0])
                 u = stochastic.uniform_noise(s[_STEP_SLOT], stochastic.salt(codec.seed, k),
-                                             g_groups, key)
+                                             *keys)
                 encoded[name] = codec.encode(new_groups[name], u)
             else:
                 encoded[name] = codec.encode(new_groups[name])
