@@ -8,7 +8,8 @@ picked per group: ``adaptive.py``), ``softsign_int8`` and ``sqrt_uint8`` (the pa
 each value: ``relative.py``), ``sign_int8`` (states that are -1, 0 or +1: ``sign.py``), and
 stochastically rounded variants ``softsign_int8_sr``, ``sqrt_uint8_sr``, ``sqrt_uint8_nonzero_sr``,
 ``sqrt_e4m4_sr``, ``e4m3_int8_sr``, ``sqrt_adaptive_sr``, ``softsign_adaptive_sr``
-(``stochastic.py``); or any :class:`Codec` instance. :func:`register` adds a name.
+(``stochastic.py``); 4-bit codes two to a byte, ``softsign_int4`` and ``sqrt_uint4`` (and
+``_sr``: ``four_bit.py``); or any :class:`Codec` instance. :func:`register` adds a name.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ from flashcompile.codecs.companded import (
     sqrt_uint8_sr,
 )
 from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
+from flashcompile.codecs.four_bit import (
+    SoftsignInt4,
+    SqrtUint4,
+    softsign_int4,
+    softsign_int4_sr,
+    sqrt_uint4,
+    sqrt_uint4_sr,
+)
 from flashcompile.codecs.relative import (
     E4M3Int8,
     SqrtE4M4,
@@ -75,6 +84,10 @@ _REGISTRY: dict[str, Codec] = {
     "e4m3_int8_sr": e4m3_int8_sr,
     "sqrt_adaptive_sr": sqrt_adaptive_sr,
     "softsign_adaptive_sr": softsign_adaptive_sr,
+    "softsign_int4": softsign_int4,
+    "sqrt_uint4": sqrt_uint4,
+    "softsign_int4_sr": softsign_int4_sr,
+    "sqrt_uint4_sr": sqrt_uint4_sr,
 }
 
 
@@ -100,9 +113,10 @@ def names() -> list[str]:
 
 __all__ = [
     "GROUP", "Codec", "E4M3Int8", "Field", "Float", "Fp32Master", "LinearInt8", "SignInt8",
-    "SoftsignAdaptive", "SoftsignInt8", "SqrtAdaptive", "SqrtE4M4", "SqrtUint8", "WeightSplit",
-    "bf16", "e4m3_int8", "e4m3_int8_sr", "fp32", "get", "linear_int8", "names", "register",
-    "sign_int8", "softsign_adaptive", "softsign_adaptive_sr", "softsign_int8", "softsign_int8_sr",
-    "sqrt_adaptive", "sqrt_adaptive_sr", "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint8",
+    "SoftsignAdaptive", "SoftsignInt4", "SoftsignInt8", "SqrtAdaptive", "SqrtE4M4", "SqrtUint4",
+    "SqrtUint8", "WeightSplit", "bf16", "e4m3_int8", "e4m3_int8_sr", "fp32", "get", "linear_int8",
+    "names", "register", "sign_int8", "softsign_adaptive", "softsign_adaptive_sr", "softsign_int4",
+    "softsign_int4_sr", "softsign_int8", "softsign_int8_sr", "sqrt_adaptive", "sqrt_adaptive_sr",
+    "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint4", "sqrt_uint4_sr", "sqrt_uint8",
     "sqrt_uint8_nonzero", "sqrt_uint8_nonzero_sr", "sqrt_uint8_sr", "weight_split",
 ]

@@ -21,7 +21,8 @@ FP32_SLACK = 8 * 2.0**-24
 
 @dataclass(frozen=True)
 class Field:
-    """One stored tensor of a codec: per element (``(G, GROUP)``) or per group (``(G, 1)``).
+    """One stored tensor of a codec: per element (``(G, GROUP)``), per group (``(G, 1)``), or
+    ``pack`` values per stored element (``(G, GROUP // pack)``: two 4-bit codes in a byte).
 
     In the master-weight role the field named ``value`` is the user's parameter itself.
     """
@@ -29,11 +30,28 @@ class Field:
     name: str
     dtype: torch.dtype
     per_group: bool = False
+    pack: int = 1
+
+    def __post_init__(self):
+        if self.pack != 1 and (self.pack not in (2, 4, 8) or self.per_group
+                               or self.dtype != torch.uint8):
+            raise ValueError(f"field {self.name!r}: pack={self.pack} packs 2, 4 or 8 codes into "
+                             "the bytes of a per-element uint8 field (codecs/packing.py)")
+
+    @property
+    def width(self) -> int:
+        """Stored elements per group of :data:`GROUP` values."""
+        return 1 if self.per_group else GROUP // self.pack
+
+    @property
+    def per_value(self) -> bool:
+        """Whether the field stores one element per value (a param-shaped layout is its own)."""
+        return self.width == GROUP
 
     @property
     def bytes_per_value(self) -> float:
         size = torch.empty((), dtype=self.dtype).element_size()
-        return size / GROUP if self.per_group else float(size)
+        return size * self.width / GROUP
 
 
 class Codec:

@@ -92,13 +92,15 @@ def softsign_values(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return c * s / (254 - c.abs())
 
 
-def softsign_bound(mag: torch.Tensor, s: torch.Tensor, stochastic: bool) -> torch.Tensor:
-    """Bound on the decoded error of magnitudes ``mag`` under the fp32 scale ``s``."""
+def softsign_bound(mag: torch.Tensor, s: torch.Tensor, stochastic: bool, levels: int = 127
+                   ) -> torch.Tensor:
+    """Bound on the decoded error of magnitudes ``mag`` under the fp32 scale ``s``, for codes
+    ``round(levels z)``."""
     y = mag / torch.where(s > 0, s, 1)
     z = 2 * y / (1 + y)
     # |z - z_q| <= 1/254 (stochastic: 1/127) and d/dz [z / (2 - |z|)] = 2 / (2 - |z|)^2 grows
     # with |z|.
-    dz = 1 / 127 if stochastic else 1 / 254
+    dz = 1 / levels if stochastic else 0.5 / levels
     z_far = torch.clamp(z + dz, max=1.0)
     return s * (2 / (2 - z_far) ** 2 * dz + FP32_SLACK)
 
@@ -128,12 +130,13 @@ def sqrt_roots_of(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return c * s / 255  # c * s exact: code 255 decodes to s itself
 
 
-def sqrt_root_bound(r: torch.Tensor, s: torch.Tensor, stochastic: bool, keep_nonzero: bool
-                    ) -> torch.Tensor:
-    """Bound on the stored square root's error for roots ``r`` under the fp32 scale ``s``."""
-    dr = s * ((1 / 255 if stochastic else 1 / 510) + FP32_SLACK)
+def sqrt_root_bound(r: torch.Tensor, s: torch.Tensor, stochastic: bool, keep_nonzero: bool,
+                    levels: int = 255) -> torch.Tensor:
+    """Bound on the stored square root's error for roots ``r`` under the fp32 scale ``s``, for
+    codes ``round(levels r / s)``."""
+    dr = s * ((1 / levels if stochastic else 0.5 / levels) + FP32_SLACK)
     if keep_nonzero:  # a value below half a step decodes to one step
-        dr = torch.maximum(dr, s * (1 / 255 + FP32_SLACK) - r)
+        dr = torch.maximum(dr, s * (1 / levels + FP32_SLACK) - r)
     return dr
 
 

@@ -65,13 +65,13 @@ def padded(values: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return out.view(-1, GROUP)
 
 
-def groups(t: torch.Tensor, per_group: bool, first: int, count: int) -> torch.Tensor:
-    """Groups [first, first + count) of a contiguous field as a flat tensor over the same memory.
+def groups(t: torch.Tensor, width: int, first: int, count: int) -> torch.Tensor:
+    """Groups [first, first + count) of a contiguous field of ``width`` elements per group
+    (``Field.width``) as a ``(count, width)`` tensor over the same memory.
 
     Not a view: dynamo guards a view's base, whose shape differs from param to param, and would
     recompile for each new base shape. A fresh tensor set to the same storage has no base.
     """
-    width = 1 if per_group else GROUP
     out = t.new_empty(0)
     out.set_(t.untyped_storage(), t.storage_offset() + first * width, (count, width), (width, 1))
     torch._dynamo.mark_static(out, 1)  # the group size is a constant of the kernel; only G varies
@@ -95,7 +95,7 @@ def lane_counts(numels: Sequence[int], device: torch.device | str) -> torch.Tens
     for end, n in zip(itertools.accumulate(counts), numels):
         if n % GROUP:
             lanes[end - 1] = n % GROUP
-    return groups(lanes.to(device), True, 0, lanes.numel())
+    return groups(lanes.to(device), 1, 0, lanes.numel())
 
 
 def last_group_lanes(numel: int) -> int:
@@ -167,7 +167,7 @@ def encode_zeros(codec, numel: int, device: torch.device,
 def decode_flat(codec, fields: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
     """Inverse of :func:`encode_flat`: the first ``numel`` decoded values, flat (fp32)."""
     count = group_count(numel)
-    views = [t.view(count, 1 if f.per_group else GROUP) for f, t in zip(codec.fields, fields)]
+    views = [t.view(count, f.width) for f, t in zip(codec.fields, fields)]
     return codec.decode(*views).reshape(-1)[:numel]
 
 
@@ -177,7 +177,7 @@ def adopt_field(p: torch.Tensor, codec, field, key: str, given: torch.Tensor) ->
     a single-field codec's values shaped like ``p``, from a float dtype the field holds exactly
     (no precision lost), encoded; anything else refused, since the kernel would read it as
     padded groups."""
-    stored = group_count(p.numel()) * (1 if field.per_group else GROUP)
+    stored = group_count(p.numel()) * field.width
     if given.dtype == field.dtype and given.numel() == stored and given.is_contiguous():
         return given
     if (len(codec.fields) == 1 and given.shape == p.shape and given.is_floating_point()

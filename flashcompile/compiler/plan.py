@@ -102,7 +102,7 @@ class Plan:
         if self.shared_source:
             exec(compile(self.shared_source, "<flashcompile shared>", "exec"), namespace)
         self.shared_update = namespace.get("shared_update")
-        self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
+        self.widths = {k: f.width for k, f in self.owned_fields.items()}
         slots = self.lowered.stage.slots if self.lowered.stage is not None else ()
         self.eager = fn = assemble(namespace, slots=slots)
         # one whole parameter per call, its weight and gradient unpadded (element-wise rules)
@@ -320,7 +320,7 @@ class Plan:
                    count: int) -> list[torch.Tensor]:
         """Groups [first, first + count) of ``stored`` (flat fields by state key), in the order of
         the step function's arguments after the weight."""
-        return [groups(stored[state_key(name, f)], f.per_group, first, count)
+        return [groups(stored[state_key(name, f)], f.width, first, count)
                 for name, codec in self.codecs.items() for f in codec.fields
                 if not (name == PARAM and f.name == "value")]
 
@@ -345,14 +345,14 @@ class Plan:
             return
         # a reducing or staged rule sees the whole parameter in one call: pad weight and gradient
         pad_p, pad_g = padded(flat_p), padded(flat_g)
-        fields = {k: groups(v, self.per_group[k], 0, count) for k, v in stored.items()}
+        fields = {k: groups(v, self.widths[k], 0, count) for k, v in stored.items()}
         stage = None
         if self.stages:
             if matrices is None:
                 raise ValueError("a rule with a matrix stage needs the parameter's matrices")
             stage = StageCall(matrices, [float(last_group_lanes(n)), *scalars])
         lanes = lane_counts([n], p.device) if self.reduces and self.masks_lanes else None
-        self.call(s, groups(pad_g, False, 0, count), groups(pad_p, False, 0, count), fields,
+        self.call(s, groups(pad_g, GROUP, 0, count), groups(pad_p, GROUP, 0, count), fields,
                   combine=combine, lanes=lanes, stage=stage, factor=factor, shared=shared)
         flat_p.copy_(pad_p.view(-1)[:n])
 
@@ -426,7 +426,7 @@ class Plan:
         if not self.reduces:
             if self.masks_lanes:
                 args.append(lanes if lanes is not None else groups(
-                    s[:1].to(torch.uint8).expand(grad.shape[0]).contiguous(), True, 0,
+                    s[:1].to(torch.uint8).expand(grad.shape[0]).contiguous(), 1, 0,
                     grad.shape[0]))
             self.fn(s, grad, *args)
             return

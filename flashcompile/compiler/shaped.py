@@ -61,7 +61,6 @@ class ShapedPlan(Plan):
         self.lowered = None
         self.codecs = dict(key.codecs)
         self.factored = self.traced.live_factored_states()
-        self.per_group = {k: f.per_group for k, f in self.owned_fields.items()}
         self.shared_source = self.shared_update = None
         self.launch = None
         self.eager = self.eager_one = self.fn = self.fn_one = self._step
@@ -278,11 +277,10 @@ class ShapedPlan(Plan):
                                 for f in codec.fields]
 
     def _elementwise(self, name: str) -> bool:
-        """Whether ``name``'s codec stores each element on its own (no per-group field) and
-        rounds to nearest: it decodes and encodes in the parameter's shape."""
+        """Whether ``name``'s codec stores each value in an element of its own (no per-group or
+        packed field) and rounds to nearest: it decodes and encodes in the parameter's shape."""
         codec = self.codecs[name]
-        return not any(f.per_group for f in codec.fields) and not getattr(codec, "stochastic",
-                                                                          False)
+        return all(f.per_value for f in codec.fields) and not getattr(codec, "stochastic", False)
 
     def _decode_in_shape(self, weight: torch.Tensor, fields: Sequence[torch.Tensor], groups_of,
                          in_shape) -> dict:

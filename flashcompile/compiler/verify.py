@@ -89,8 +89,8 @@ def describe_mismatch(plan, key: str, want_args, got_args, want, got, tol) -> st
     row, lane = divmod(flat, GROUP)
     i = 2 + sum(len(c.fields) for k, c in plan.codecs.items() if list(plan.codecs).index(k)
                 < list(plan.codecs).index(key))
-    fields = {f.name: (want_args[i + j].reshape(-1, 1 if f.per_group else GROUP)[row].tolist(),
-                       got_args[i + j].reshape(-1, 1 if f.per_group else GROUP)[row].tolist())
+    fields = {f.name: (want_args[i + j].reshape(-1, f.width)[row].tolist(),
+                       got_args[i + j].reshape(-1, f.width)[row].tolist())
               for j, f in enumerate(plan.codecs[key].fields)}
     return (f"{key}: group {row} lane {lane}: eager {want.reshape(-1)[flat].item():.9g} compiled "
             f"{got.reshape(-1)[flat].item():.9g} tol {tol.reshape(-1)[flat].item():.3g}; "

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flashcompile.codecs import GROUP, PARAM, layout
+from flashcompile.codecs import PARAM, layout
 from flashcompile.codecs import get as codec_named
 from flashcompile.compiler.plan import Plan, state_key
 from flashcompile.optim.hyperparameters import IMPLEMENTATION_FLAGS
@@ -221,7 +221,7 @@ class Checkpoints:
             out[name] = interop.factored_state(p, plan, name, saved[name], pid)
         for key, f in expected.items():
             t = saved[key]
-            numel = groups * (1 if f.per_group else GROUP)
+            numel = groups * f.width
             if t.dtype != f.dtype or t.numel() != numel:
                 raise ValueError(
                     f"state {key!r} of param {pid} is {t.dtype} x {t.numel()}, expected {f.dtype} x "
@@ -307,7 +307,7 @@ def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: 
         fields = []
         for f in old.fields:
             t = saved.get(state_key(name, f))
-            lanes = 1 if f.per_group else GROUP
+            lanes = f.width
             if not isinstance(t, torch.Tensor) or t.dtype != f.dtype or t.numel() != groups * lanes:
                 raise refuse
             fields.append(t.detach().to(p.device).reshape(groups, lanes))

@@ -65,7 +65,7 @@ class Bucket:
         self.grads = torch.zeros(total if keep_grads else 0, dtype=first.dtype,
                                  device=first.device)
         self.fields = {
-            key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
+            key: torch.zeros(self.groups * f.width, dtype=f.dtype,
                              device=first.device)
             for key, f in plan.owned_fields.items()
         }
@@ -75,7 +75,7 @@ class Bucket:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 st = state[p]
-                init_state(p, plan, st, {key: self._slice(self.fields[key], i, f.per_group)
+                init_state(p, plan, st, {key: self._slice(self.fields[key], i, f.width)
                                          for key, f in plan.owned_fields.items()})
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
@@ -105,9 +105,9 @@ class Bucket:
         self._zeroed_grads: list[torch.Tensor] = []  # see zero_grad
         self._zeroed_versions: list[int] | None = None
         self._args = (
-            groups(self.grads, False, 0, self.groups) if keep_grads else None,
-            groups(self.weights, False, 0, self.groups),
-            {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
+            groups(self.grads, GROUP, 0, self.groups) if keep_grads else None,
+            groups(self.weights, GROUP, 0, self.groups),
+            {k: groups(v, plan.owned_fields[k].width, 0, self.groups)
              for k, v in self.fields.items()},
             # where each param's groups end, for rules that reduce over each param (LAMB's norms)
             segment_ends(counts, first.device) if plan.reduces else None,
@@ -124,8 +124,7 @@ class Bucket:
         start = self.offsets[i] * GROUP
         return slice(start, start + self.params[i].numel())
 
-    def _slice(self, buffer: torch.Tensor, i: int, per_group: bool) -> torch.Tensor:
-        width = 1 if per_group else GROUP
+    def _slice(self, buffer: torch.Tensor, i: int, width: int) -> torch.Tensor:
         count = layout.group_count(self.params[i].numel())
         return buffer[self.offsets[i] * width:(self.offsets[i] + count) * width]
 
@@ -209,7 +208,7 @@ class Bucket:
         # zero_grad() points .grad back into the gradient buffer
         staged = not views
         if staged:
-            grads = groups(self._staged_grads(), False, 0, self.groups)
+            grads = groups(self._staged_grads(), GROUP, 0, self.groups)
         self.steps += 1
         values = [GROUP, *scalars(int(self.steps[0].item()))]
         for name, value in self.plan.new_scalar_states(values):

@@ -36,7 +36,8 @@ Checkpoints. ``Optimizer.state_dict()`` exports a DTensor parameter's state as D
 the parameter, which ``torch.distributed.checkpoint`` saves and reshards to any number of ranks:
 
 * per-element fields (8-bit codes, the weight split's residual, fp32 values): shaped like the
-  parameter, so they reshard element by element;
+  parameter, so they reshard element by element; packed codes (4-bit, two to a byte) likewise,
+  one code per element (``packing.py``);
 * per-group fields (the fp16 scales), ``rows`` layout: when the parameter is sharded on dim 0 only
   and each row holds whole groups (``numel / shape[0]`` a multiple of 32: every weight matrix whose
   input size is), shaped ``(rows, row_len / 32)``. A shard is whole rows on any number of ranks, so
@@ -64,7 +65,7 @@ from typing import Any
 
 import torch
 
-from flashcompile.codecs import GROUP, PARAM, Codec, layout
+from flashcompile.codecs import GROUP, PARAM, Codec, layout, packing
 from flashcompile.compiler.plan import Plan, state_key
 from flashcompile.runtime import interop
 
@@ -197,8 +198,10 @@ def export_state(p: torch.Tensor, plan: Plan, state: Mapping[str, Any]) -> dict[
     out = {k: v for k, v in state.items() if k not in plan.owned_fields}  # step, scalar states
     for key, f in plan.owned_fields.items():
         t = state[key]
-        if not f.per_group:
+        if f.per_value:
             out[key] = like(p, t[:n].view(local.shape))
+        elif not f.per_group:  # packed codes: one per element
+            out[key] = like(p, _unpacked(t, f)[:n].view(local.shape))
         elif per_row is not None:
             out[key] = like(p, t.view(-1, per_row), (p.shape[0], per_row))
         else:
@@ -215,7 +218,7 @@ def is_checkpoint_layout(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any]) 
         return False
     per_row = groups_per_row(p)
     layouts = {tuple(p.shape)} | ({(p.shape[0], per_row)} if per_row else set())
-    flat = [layout.group_count(p.numel()) * (1 if f.per_group else GROUP) for f in fields.values()]
+    flat = [layout.group_count(p.numel()) * f.width for f in fields.values()]
     return any(tuple(saved[k].shape) in layouts and tuple(saved[k].shape) != (m,)
                for k, m in zip(fields, flat))
 
@@ -279,7 +282,36 @@ def _regroup(codec: Codec, name: str, local: torch.Tensor, parts: Mapping[str, t
     lanes = [f for f in codec.fields if f.per_group and f.name in parts and per_row is None]
     if lanes:
         flat.update(_one_scale_per_group(codec, name, local, flat, lanes))
+    for f in codec.fields:  # packed codes, one per element in the checkpoint
+        if f.name in parts and not (f.per_value or f.per_group):
+            flat[f.name] = _packed(flat[f.name], f)
     return {state_key(name, f): flat[f.name] for f in codec.fields if f.name in parts}
+
+
+def _unpacked(stored: torch.Tensor, f) -> torch.Tensor:
+    """A packed field's codes, one element each (flat, ``f.dtype``)."""
+    return packing.unpack(stored.view(-1, f.width), packing.code_bits(f)).to(f.dtype).reshape(-1)
+
+
+def _packed(codes: torch.Tensor, f) -> torch.Tensor:
+    """Inverse of :func:`_unpacked`."""
+    return packing.pack(codes.view(-1, GROUP).to(torch.int32), packing.code_bits(f),
+                        f.dtype).reshape(-1)
+
+
+def _lanes_as_groups(codec: Codec, flat: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``codec``'s values lane by lane, each decoded with its own saved fields (fields flat, one
+    element per value): a packed field's code goes first in a group of its own."""
+    args = []
+    for f in codec.fields:
+        t = flat[f.name]
+        if f.per_value or f.per_group:
+            args.append(t.view(-1, 1))
+            continue
+        codes = torch.zeros(t.numel(), f.pack, dtype=torch.int32, device=t.device)
+        codes[:, 0] = t.to(torch.int32)
+        args.append(packing.pack(codes, packing.code_bits(f), f.dtype))
+    return codec.decode(*args)[:, :1]
 
 
 def _one_scale_per_group(codec: Codec, name: str, local: torch.Tensor,
@@ -303,10 +335,12 @@ def _one_scale_per_group(codec: Codec, name: str, local: torch.Tensor,
             "match this rank's: re-encoding it would change the parameter; load on the sharding it "
             "was saved with"
         )
-    x = codec.decode(*(flat[f.name].view(-1, 1) for f in codec.fields)).view(count, GROUP)
+    x = _lanes_as_groups(codec, flat).view(count, GROUP)
     fresh = codec.encode(torch.where(valid, x, torch.zeros_like(x)))
     out = {}
     for f, new in zip(codec.fields, fresh):
+        if not (f.per_value or f.per_group):  # packed: compared one code per element
+            new = _unpacked(new, f).view(count, GROUP)
         old = kept[f.name] if f.per_group else flat[f.name].view(count, GROUP)
         out[f.name] = torch.where(same, old, new).reshape(-1).contiguous()
     return out

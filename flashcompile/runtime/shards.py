@@ -51,16 +51,15 @@ class ShardBucket:
         self.dtype, self.device = shards[0].dtype, shards[0].device
         self.grads = torch.zeros(self.groups * GROUP if keep_grads else 0, dtype=self.dtype,
                                  device=self.device)
-        self.fields = {key: torch.zeros(self.groups * (1 if f.per_group else GROUP), dtype=f.dtype,
+        self.fields = {key: torch.zeros(self.groups * f.width, dtype=f.dtype,
                                         device=self.device)
                        for key, f in plan.owned_fields.items()}
         self.steps = torch.zeros(len(self.params))  # state['step'] of each param is a view into this
         with torch.no_grad():
             for i, (p, shard, count) in enumerate(zip(self.params, shards, counts)):
                 st = state[p]
-                views = {key: self.fields[key][offsets[i] * w:(offsets[i] + count) * w]
-                         for key, f in plan.owned_fields.items()
-                         for w in [1 if f.per_group else GROUP]}
+                views = {key: self.fields[key][offsets[i] * f.width:(offsets[i] + count) * f.width]
+                         for key, f in plan.owned_fields.items()}
                 init_state(shard, plan, st, views)  # the fields end up in the views
                 self.steps[i] = st["step"]
                 st["step"] = self.steps[i]
@@ -69,7 +68,7 @@ class ShardBucket:
         self._states = [(state[p], state[p]["step"]) for p in self.params]
         self._grad_ptrs = [self.grads[r].data_ptr() for r in self.ranges] if keep_grads else []
         self.uniform_steps: bool | None = None
-        self._fields = {k: groups(v, plan.owned_fields[k].per_group, 0, self.groups)
+        self._fields = {k: groups(v, plan.owned_fields[k].width, 0, self.groups)
                         for k, v in self.fields.items()}
         # a reducing rule (LAMB's norms): each shard's sums, all-reduced over the sharding ranks;
         # one launch needs one such group for every param here
@@ -128,8 +127,9 @@ class ShardBucket:
                 self.plan.combine_nothing(self._combine, self.device, len(self.params))
             return True
         weights, staged = self._staged(shards)
-        self.plan.call(scalar_vector(values[0], values[1:], self.device), groups(grads, False, 0, self.groups),
-                       groups(weights, False, 0, self.groups), self._fields, self._ends,
+        self.plan.call(scalar_vector(values[0], values[1:], self.device),
+                       groups(grads, GROUP, 0, self.groups),
+                       groups(weights, GROUP, 0, self.groups), self._fields, self._ends,
                        self._combine if self.plan.reduces else None, self._lanes, factor=factor,
                        shared=shared)
         _copy(shards, staged)

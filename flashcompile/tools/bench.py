@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import flashcompile as fc
+from flashcompile.codecs import four_bit
 from flashcompile.compiler.explain import plan_of
 from flashcompile.language.dsl import Rule
 from flashcompile.optim.optimizers import OPTIMIZERS as OPTIMIZERS_BY_NAME
@@ -58,6 +59,7 @@ OPTIMIZERS: dict[str, tuple[torch.dtype, Callable, float | None]] = {
     # the default's adaptive codecs (adamw_flash)
     "adamw_paper": (torch.bfloat16, _flash(fc.AdamW, codecs="paper", step_guard=False), None),
     "adamw_relative": (torch.bfloat16, _flash(fc.AdamW, codecs="relative"), None),
+    "adamw_4bit": (torch.bfloat16, _flash(fc.AdamW, codecs=four_bit.ADAM_STATES), None),
     "sgd_flash": (torch.bfloat16, _flash(fc.SGD, lr=1e-2, momentum=0.9), None),
     "sgd_fp32": (torch.float32, _flash(fc.SGD, lr=1e-2, momentum=0.9, codecs="fp32"), None),
     "lion_flash": (torch.bfloat16, _flash(fc.Lion), None),

@@ -13,7 +13,8 @@ from flashcompile import codecs
 from flashcompile.testing import check_codec
 
 STATE_CODECS = ["fp32", "bf16", "softsign_int8", "sqrt_uint8", "sqrt_uint8_nonzero", "linear_int8",
-                "sqrt_e4m4", "e4m3_int8", "sign_int8", "sqrt_adaptive", "softsign_adaptive"]
+                "sqrt_e4m4", "e4m3_int8", "sign_int8", "sqrt_adaptive", "softsign_adaptive",
+                "softsign_int4", "sqrt_uint4"]
 WEIGHT_CODECS = ["weight_split", "weight_split_int16", "weight_split_fp16"]
 
 

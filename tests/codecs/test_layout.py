@@ -37,7 +37,7 @@ def test_encode_flat_then_decode_flat_is_within_the_codec_bound(numel):
     x = torch.randn(numel)
     for codec in (codecs.fp32, codecs.softsign_int8, codecs.get("linear_int8")):
         fields = layout.encode_flat(codec, x)
-        assert all(t.numel() == layout.group_count(numel) * (1 if f.per_group else 32)
+        assert all(t.numel() == layout.group_count(numel) * f.width
                    for f, t in zip(codec.fields, fields))
         err = (layout.decode_flat(codec, fields, numel) - x).abs()
         groups = layout.padded(x)

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import seeds, shape_lists
 
+from flashcompile.codecs import four_bit
 from flashcompile.testing import check_rule, check_steps
 
 STEPS = 6
@@ -52,3 +53,11 @@ def test_relative_stochastic_preset_passes_the_public_property_suite(rule):
     """The "relative" preset (e4m3_int8_sr, sqrt_e4m4_sr): the same proofs, bounds and float64
     envelope as the flash codecs, with stochastic rounding's one-code-step bounds."""
     check_rule(rule, codecs="relative", max_examples=4)
+
+
+@pytest.mark.parametrize("rule", [adam, lion], ids=lambda r: r.name)
+def test_four_bit_codecs_pass_the_public_property_suite(rule):
+    """4-bit codes two to a byte (``four_bit.ADAM_STATES``: stochastically rounded): the same
+    proofs, bounds and float64 envelope, with the 4-bit codes' bounds."""
+    states = {k: v for k, v in four_bit.ADAM_STATES.items() if k in rule.states}
+    check_rule(rule, codecs=states, max_examples=4)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import flashcompile as fc
+from flashcompile.codecs import four_bit
 from flashcompile.tools.studies.report import pyplot, save_figure, table, write_csv, write_summary
 
 LR, BETAS = 1e-3, (0.9, 0.999)
@@ -55,6 +56,10 @@ PAIRS = {  # name -> (codecs, Adam's step guard)
     "default (adaptive, v stochastic, guard)": ({}, True),
     "adaptive, m and v stochastic, guard":
         ({"exp_avg": "softsign_adaptive_sr", "exp_avg_sq": "sqrt_adaptive_sr"}, True),
+    # 4-bit states, two codes to a byte (codecs/four_bit.py), under the step guard
+    "4-bit (softsign_int4 + sqrt_uint4), guard":
+        ({"exp_avg": "softsign_int4", "exp_avg_sq": "sqrt_uint4"}, True),
+    "4-bit, m and v stochastic, guard": (four_bit.ADAM_STATES, True),
 }
 OUTLIERS = (100, 300, 1000)  # loud / typical lanes of the outlier cases
 LOUDNESS = (1, 10, 100, 300, 1000)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import flashcompile as fc
+from flashcompile.codecs import four_bit
 from flashcompile.tools.studies import tasks
 from flashcompile.tools.studies.report import (
     mean_std,
@@ -99,6 +100,9 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # the "relative" preset: 8-bit little floats rounded stochastically, under the guard
         "adamw flash, relative (stochastic)": ("adamw fp32 (torch)", torch.bfloat16,
                                                flash(fc.AdamW, "relative", **h["adamw"])),
+        # 4-bit m and v, two codes to a byte (codecs/four_bit.py)
+        "adamw flash, 4-bit": ("adamw fp32 (torch)", torch.bfloat16,
+                               flash(fc.AdamW, four_bit.ADAM_STATES, **h["adamw"])),
         "adamw flash, linear_int8 m and v": ("adamw fp32 (torch)", torch.bfloat16,
                                             flash(fc.AdamW, LINEAR, step_guard=False,
                                                   **h["adamw"])),

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import flashcompile as fc
+from flashcompile.codecs import four_bit
 from flashcompile.tools.studies.report import (
     mean_std,
     pyplot,
@@ -48,6 +49,10 @@ RUNS = {  # name -> codecs of Adam's states (the master weight is the weight spl
     "default (adaptive, v stochastic)": {},
     "adaptive, m and v stochastic": {"exp_avg": "softsign_adaptive_sr",
                                      "exp_avg_sq": "sqrt_adaptive_sr"},
+    # 4-bit states, two codes to a byte (codecs/four_bit.py)
+    "4-bit (softsign_int4 + sqrt_uint4)": {"exp_avg": "softsign_int4", "exp_avg_sq": "sqrt_uint4"},
+    "4-bit, v stochastic": {"exp_avg": "softsign_int4", "exp_avg_sq": "sqrt_uint4_sr"},
+    "4-bit, m and v stochastic": four_bit.ADAM_STATES,
 }
 REFERENCE = "fp32 states"
 

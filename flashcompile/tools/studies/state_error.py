@@ -34,13 +34,16 @@ M_CODECS = {"linear_int8": "linear_int8", "softsign_int8 (paper)": "softsign_int
             "e4m3_int8 (relative)": "e4m3_int8",
             "e4m3_int8_sr (relative, stochastic)": "e4m3_int8_sr",
             f"{ADAM_M} (default)": ADAM_M,
-            "softsign_adaptive_sr (stochastic)": "softsign_adaptive_sr"}
+            "softsign_adaptive_sr (stochastic)": "softsign_adaptive_sr",
+            "softsign_int4 (4-bit)": "softsign_int4"}
 V_CODECS = {"linear_int8": "linear_int8", "sqrt_uint8 (paper)": "sqrt_uint8",
             "sqrt_uint8_nonzero (earlier default without a guard)": "sqrt_uint8_nonzero",
             "sqrt_e4m4 (relative)": "sqrt_e4m4",
             "sqrt_e4m4_sr (relative, stochastic)": "sqrt_e4m4_sr",
             "sqrt_adaptive": "sqrt_adaptive",
-            f"{ADAM_V} (default)": ADAM_V}
+            f"{ADAM_V} (default)": ADAM_V,
+            "sqrt_uint4 (4-bit)": "sqrt_uint4",
+            "sqrt_uint4_sr (4-bit, stochastic)": "sqrt_uint4_sr"}
 PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
     "linear": ("linear_int8", "linear_int8", False),
     "paper": ("softsign_int8", "sqrt_uint8", False),
@@ -51,6 +54,8 @@ PAIRS = {  # name -> (m codec, v codec, Adam's step guard)
     "adaptive, guard": ("softsign_adaptive", "sqrt_adaptive", True),
     "default (adaptive, v stochastic, guard)": (ADAM_M, ADAM_V, True),
     "adaptive, m and v stochastic, guard": ("softsign_adaptive_sr", "sqrt_adaptive_sr", True),
+    "4-bit (softsign_int4 + sqrt_uint4), guard": ("softsign_int4", "sqrt_uint4", True),
+    "4-bit, m and v stochastic, guard": ("softsign_int4_sr", "sqrt_uint4_sr", True),
 }
 LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
 
