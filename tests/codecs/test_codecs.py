@@ -124,10 +124,13 @@ def test_weight_split_over_every_finite_bf16(name):
 
 
 def test_weight_split_int8_meets_paper_relative_error():
-    x = torch.randn(4096, 32)
+    """The paper's 1.54e-5: half a bf16 ULP (at most 2^-8 of the value) in 254 steps is 2^-7 / 508
+    relative, plus the fp32 rounding of the reconstruction (2^-23 relative at most). Seeded: the
+    global generator's state depends on which tests ran before on this worker."""
+    x = torch.randn(4096, 32, generator=torch.Generator().manual_seed(0))
     codec = codecs.weight_split
     rel = ((codec.decode(*codec.encode(x)) - x).abs() / x.abs()).max().item()
-    assert rel <= 1.54e-5
+    assert rel <= 2.0**-7 / 508 + 2.0**-23
 
 
 def test_weight_split_is_exact_at_zero_and_subnormals():
