@@ -1,15 +1,13 @@
 """4-bit group codecs: two codes per byte plus one fp16 scale per group of 32 (0.5625 B/value).
 
 With them AdamW keeps 6.125 B/param between steps (bf16 weight 2 + residual 1 + gradient 2 + two
-states of 0.5625), 4.125 with gradient release. Not yet the lean path on a GPU: a kernel that
-walks groups as ``(G, 32)`` cannot store a ``(G, 16)`` field, so Inductor writes the new states
-out in fp32 and packs them in a kernel of their own (three kernels instead of one, and 8 B/param
-of temporaries during the step; CPU-generated Triton code, ``docs/numerics.md``). The fused
-design keeps m's and v's codes of the same value in one byte. What these codecs measure today is
-what 4 bits cost in accuracy (the numerics studies). arXiv 2309.01507 trains AdamW with 4-bit states
+states of 0.5625), 4.125 with gradient release. arXiv 2309.01507 trains AdamW with 4-bit states
 of blocks of 128 (momentum) and rank-1 normalisation (second moment); the second moment there
 needs a map without a zero code: a small v stored as 0 makes Adam step by m / eps. Here both
-states take the paper's group of 32 and its companding at 4 bits:
+states take the paper's group of 32 and its companding at 4 bits. Rounded stochastically
+(``ADAM_STATES``) they train within seed noise of fp32 states and finish a long schedule at 1.04x
+their loss, but lose the update's direction in groups that mix scales (outlier features: cosine
+0.21 to fp32 Adam's; ``docs/numerics.md``).
 
 * ``softsign_int4`` (signed states): the paper's ``2y / (1 + |y|)`` of ``y = x / scale`` coded
   as ``round(7 z)`` in ``-7 .. 7`` (two's complement nibbles); decoded as ``c s / (14 - |c|)``.
@@ -19,6 +17,12 @@ states take the paper's group of 32 and its companding at 4 bits:
   square root, and a nonzero value never coded 0 (one step, ``scale / 15``, instead): a second
   moment is over-, never under-stated where the code runs out, so a lane moves less than Adam
   would, never more (the role of 2309.01507's zero-free map).
+
+Not yet the lean path on a GPU: a kernel that walks groups as ``(G, 32)`` cannot store a
+``(G, 16)`` field, so Inductor writes each state's codes out as int32 (or its new values as fp32)
+and packs them in a kernel of their own: three kernels instead of one, and 8 B/param of
+temporaries during AdamW's step (the Triton code Inductor generates on the CPU). The fused design
+keeps m's and v's codes of the same value in one byte.
 
 ``stochastic=True`` (``*_sr``) rounds stochastically (``stochastic.py``). A group is 16 bytes of
 codes: value ``2i`` in the low nibble of byte ``i`` (``packing.py``).
