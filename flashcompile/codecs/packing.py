@@ -24,7 +24,7 @@ def pack(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) -> to
     per = 8 * torch.empty((), dtype=dtype).element_size() // bits
     # masked: a code out of range (a NaN's conversion, in a group that decodes to NaN anyway)
     # must not spill into its neighbour's bits
-    parts = codes.reshape(*codes.shape[:-1], -1, per) & ((1 << bits) - 1)
+    parts = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per) & ((1 << bits) - 1)
     out = parts[..., 0]
     for k in range(1, per):
         out = out | (parts[..., k] << (bits * k))
@@ -38,6 +38,6 @@ def unpack(stored: torch.Tensor, bits: int) -> torch.Tensor:
     # which Inductor fuses into the kernel that uses the codes (a stack of the parts would be
     # written out by a kernel of its own)
     word = stored.to(torch.int32).unsqueeze(-1).expand(*stored.shape, per)
-    word = word.reshape(*stored.shape[:-1], -1)
+    word = word.reshape(*stored.shape[:-1], stored.shape[-1] * per)  # sizes named: G may be 0
     place = torch.arange(word.shape[-1], device=stored.device, dtype=torch.int32) % per
     return (word >> (place * bits)) & ((1 << bits) - 1)

@@ -48,7 +48,8 @@ the parameter, which ``torch.distributed.checkpoint`` saves and reshards to any 
   sharding is unchanged); a group that collects elements of differently scaled saved groups is
   decoded element by element and re-encoded (within the codec's error bound of the saved value).
 
-Checkpoint bytes per value of an 8-bit state: 1.0625 (rows) or 3 (elements); the residual: 1.
+Checkpoint bytes per value of an 8-bit state: 1.0625 (rows) or 3 (elements), of a 4-bit state
+the same (a byte per code); the residual: 1.
 ``get_state_dict``/``set_state_dict`` create a fresh optimizer's state by stepping it at lr 0 with
 zero gradients; that call only allocates the state (no step is counted, so bias corrections and
 Rprop's step sizes start as without a checkpoint). The keys are the in-memory ones (``exp_avg.codes``, ``exp_avg.scale``, ``param.residual``), so
