@@ -11,7 +11,8 @@ group kernel handles 8 lanes per thread, straight-line) for: Inductor's code as 
 generates each rule's flash group kernel here, on the CPU (Inductor's Triton code generation for
 CPU tensors, with the plan's own fast_math forms; pointers marked 16-byte aligned as CUDA's
 Inductor marks them), at the launch config its plans pin, and prints its static SASS per element
-by instruction class: a rule or codec change's instruction count without a GPU. It matched the
+by instruction class, and how many kernels the step takes in all (1 where everything fuses):
+a rule or codec change's instruction count without a GPU. It matched the
 H200 dump of Rprop's kernel (84 against 85 per element). Beside it, the issue-slot ceiling on an
 H100 and an H200: the % of copy bandwidth at which that many instructions per element fill every
 issue slot (an upper bound; under 100 the kernel cannot reach the copy rate)."""
@@ -79,10 +80,27 @@ VARIANTS = [("Inductor", False, lambda s: s), ("+FMA", True, lambda s: s),
             ("+FMA+div+sqrt", True, lambda s: fast_sqrt(fast_division(s)))]
 
 
-def rule_kernel(name: str) -> tuple[str, str]:
-    """(kernel name, Triton source) of rule ``name``'s flash group kernel, generated on the CPU;
-    ``AdamW:paper`` takes another codecs preset, ``AdamW:exp_avg_sq=sqrt_uint8+exp_avg=...``
-    a mapping."""
+def rule_plan(name: str):
+    """The plan of rule ``name`` (a drop-in class name) on a bf16 param; ``AdamW:paper`` takes
+    another codecs preset, ``AdamW:exp_avg_sq=sqrt_uint8+exp_avg=...`` a mapping."""
+    import torch
+
+    import flashcompile as fc
+    from flashcompile.compiler.explain import plan_of
+
+    name, _, preset = name.partition(":")
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    if preset:  # a preset, or state=codec pairs joined by "+"
+        kw["codecs"] = (dict(item.split("=") for item in preset.split("+")) if "=" in preset
+                        else preset)
+    return plan_of(getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],
+                                     **kw))
+
+
+def rule_kernel(name: str) -> tuple[str, str, int]:
+    """(kernel name, Triton source) of rule ``name``'s flash group kernel (:func:`rule_plan`),
+    generated on the CPU, and how many kernels the step takes in all (one where everything
+    fuses; 4-bit codes packed two to a byte take kernels of their own)."""
     import functools
     from unittest import mock
 
@@ -91,23 +109,22 @@ def rule_kernel(name: str) -> tuple[str, str]:
     import torch.utils._triton as torch_triton
     from torch._inductor.async_compile import AsyncCompile
 
-    import flashcompile as fc
     from flashcompile.compiler import fast_math
-    from flashcompile.compiler.explain import fresh_step, plan_of
+    from flashcompile.compiler.explain import fresh_step
     from flashcompile.compiler.verify import sample_inputs
 
-    name, _, preset = name.partition(":")
-    kw = {"momentum": 0.9} if name == "SGD" else {}
-    if preset:  # a preset, or state=codec pairs joined by "+"
-        kw["codecs"] = (dict(item.split("=") for item in preset.split("+")) if "=" in preset
-                        else preset)
-    plan = plan_of(getattr(fc, name)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],
-                                     **kw))
+    plan = rule_plan(name)
     sources = []
+
+    class NotRun:  # a kernel here has no device to run on: calling it ends the step
+        def run(self, *args, **kwargs):
+            raise RuntimeError("captured")
+
+        __call__ = run
 
     def capture(self, kernel_name, source_code, device_str="cuda"):
         sources.append((kernel_name, source_code))
-        raise RuntimeError("captured")  # nothing to run it on: stop here
+        return NotRun()
 
     with fast_math.fast_codegen(), mock.patch.object(AsyncCompile, "triton", capture), \
             mock.patch.object(torch_triton, "triton_hash_with_backend", lambda: "offline"), \
@@ -126,7 +143,9 @@ def rule_kernel(name: str) -> tuple[str, str]:
     aligned = [i for i, (arg, kind) in enumerate(signature.items())
                if kind.startswith("*") or arg == "r0_numel"]
     attrs = "{" + ", ".join(f"({i},): [['tt.divisibility', 16]]" for i in aligned) + "}"
-    return kernel, re.sub(r"'configs': \[\{.*?\}\]\}", f"'configs': [{attrs}]}}", src)
+    # distinct sources: dynamo may compile the graph again after the first call fails here
+    return (kernel, re.sub(r"'configs': \[\{.*?\}\]\}", f"'configs': [{attrs}]}}", src),
+            len({source for _, source in sources}))
 
 
 # Copy bandwidth (measured by `flashcompile bench`), SMs and boost clock: the cards the issue-slot
@@ -146,29 +165,24 @@ def issue_ceiling(per_element: float, bytes_per_element: float, card: str) -> fl
 def print_rule_classes(names: list[str]) -> None:
     """Per rule: SASS per element at the launch config its plans pin (launch.config_for), by class,
     and the issue-slot ceiling on each card of :data:`CARDS`."""
-    import torch
     from sass_histogram import CLASSES  # this folder
 
-    import flashcompile as fc
-    from flashcompile.compiler.explain import plan_of
     from flashcompile.compiler.launch import config_for
 
     cards = " | ".join(f"{c} ceiling %" for c in CARDS)
-    print("| rule | XBLOCK/warps | SASS per element | B moved | " + cards + " | "
+    print("| rule | XBLOCK/warps | kernels | SASS per element | B moved | " + cards + " | "
           + " | ".join(CLASSES) + " | top |")
     for name in names:
-        rule = name.partition(":")[0]
-        kw = {"momentum": 0.9} if rule == "SGD" else {}
-        plan = plan_of(getattr(fc, rule)([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))],
-                                         **kw))
+        plan = rule_plan(name)
         xblock, warps = config_for(plan.key.rule.name)
         per_thread = xblock * GROUP_LANES // (32 * warps)  # straight-line code: lanes per thread
-        counts = sass_counts(*rule_kernel(name), fp_fusion=True, warps=warps, xblock=xblock)
+        kernel, src, launches = rule_kernel(name)
+        counts = sass_counts(kernel, src, fp_fusion=True, warps=warps, xblock=xblock)
         per_element = sum(counts.values()) / per_thread
         moved = plan.bytes_moved_per_param(2.0)
         by_class = [sum(counts[op] for op in ops) / per_thread for ops in CLASSES.values()]
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
-        print(f"| {name} | {xblock}/{warps} | {per_element:.0f} | {moved:.2f} | "
+        print(f"| {name} | {xblock}/{warps} | {launches} | {per_element:.0f} | {moved:.2f} | "
               + " | ".join(f"{issue_ceiling(per_element, moved, c):.0f}" for c in CARDS) + " | "
               + " | ".join(f"{n:.1f}" for n in by_class) + f" | {top} |", flush=True)
 
