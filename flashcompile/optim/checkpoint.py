@@ -14,6 +14,7 @@ reference, codecs, options, states); flat buffers and plans are rebuilt at the c
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -287,7 +288,9 @@ def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: 
     (Rprop's ``prev`` was ``softsign_int8`` before ``sign_int8``) loads into today's optimizer.
     The master weight's codec must match (its fields belong to the saved model), and every saved
     codec must be a registered name. None where the states differ (another optimizer, or another
-    flag setting's states): the usual checks then say what differs."""
+    flag setting's states): the usual checks then say what differs. A state re-encoded into
+    fewer bytes than it was saved in (an 8-bit checkpoint into 4-bit states) warns: precision is
+    lost on load, not in training."""
     then = dict(item.split("=", 1) for item in recorded.split())
     now = {name: codec.name for name, codec in plan.codecs.items()}
     refuse = _other_codecs(p, plan, recorded, pid)
@@ -312,6 +315,11 @@ def _reencoded(p: torch.Tensor, plan: Plan, saved: Mapping[str, Any], recorded: 
                 raise refuse
             fields.append(t.detach().to(p.device).reshape(groups, lanes))
             del out[state_key(name, f)]
+        if codec.bytes_per_value < old.bytes_per_value:
+            warnings.warn(
+                f"state {name!r} was saved as {old.name} ({old.bytes_per_value:g} B/value) and "
+                f"loads into {codec.name} ({codec.bytes_per_value:g} B/value): each value is "
+                "re-encoded within the coarser codec's error bound", stacklevel=4)
         for f, t in zip(codec.fields, codec.encode(old.decode(*fields))):
             out[state_key(name, f)] = t.reshape(-1)
     return out

@@ -3,6 +3,8 @@ that holds one code per element, and AdamW with 4-bit m and v."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -120,3 +122,24 @@ def test_checkpoint_layout_holds_a_code_per_element_and_reencodes_regrouped_valu
         assert ((got - want).abs() <= bound.view(p.shape)).all(), key
         reencoded |= not torch.equal(got, want)
     assert reencoded, "no value moved: the shift made no group of differently scaled values"
+
+
+def test_a_finer_checkpoint_loads_into_four_bit_states_with_a_warning():
+    """An 8-bit checkpoint loads into 4-bit states re-encoded, each value within the 4-bit
+    codec's bound, and says so; a 4-bit checkpoint loads into the 8-bit default silently (no
+    precision is lost there beyond the 8-bit codec's own)."""
+    p, opt = _trained("flash")
+    saved = {k: opt.state_value(p, k) for k in ("exp_avg", "exp_avg_sq")}
+    coarse = fc.AdamW([p], lr=1e-2, codecs=FOUR_BIT_ADAM, compile=False)
+    with pytest.warns(UserWarning, match="re-encoded within the coarser codec's error bound"):
+        coarse.load_state_dict(opt.state_dict())
+    plan = coarse.plan_for(p, coarse.flags_of(coarse.param_groups[0]))
+    for key, want in saved.items():
+        values = torch.zeros(-(-p.numel() // GROUP) * GROUP)
+        values[:p.numel()] = want.reshape(-1)
+        bound = plan.codecs[key].error_bound(values.view(-1, GROUP)).reshape(-1)[:p.numel()]
+        assert ((coarse.state_value(p, key) - want).abs() <= bound.view(p.shape)).all(), key
+    fine = fc.AdamW([p], lr=1e-2, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine.load_state_dict(coarse.state_dict())
