@@ -4,8 +4,11 @@ The phase before the stage leaves each parameter's stage argument, bf16, in a ``
 out as the parameters' flat storage (each parameter from a group boundary, in its memory order).
 :class:`Matrices` knows where each parameter's matrix lies in it; :func:`orthogonalize` runs the
 Newton-Schulz iteration on every matrix, batched over parameters of one shape (one batched matrix
-product per iteration for all of them), and writes each result back in place, where the phase
-after the stage reads it.
+product per iteration for a batch), and writes each result back in place, where the phase after
+the stage reads it. A batch holds at most :data:`BATCH_ELEMENTS` values: the stacked copy and the
+iteration's products are temporaries of the step, which a model's worth of same-shape matrices
+(32 layers of 4096 x 4096) would make gigabytes; small matrices, where batching saves launches,
+still go all in one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import torch
 
 from flashcompile.codecs import GROUP, layout
 from flashcompile.language.dsl import lr_ratio, newton_schulz
+
+# values in one stacked batch: 64 MiB of bf16 (GPT-2's 48 matrices of 768 x 768 in one batch; two
+# 4096 x 4096 matrices)
+BATCH_ELEMENTS = 1 << 25
 
 
 class Matrices:
@@ -42,7 +49,9 @@ class Matrices:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, shape in enumerate(self.shapes):
             by_shape.setdefault(shape, []).append(i)
-        self.batches = list(by_shape.values())
+        self.batches = [same[k:k + per] for shape, same in by_shape.items()
+                        for per in [max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))]
+                        for k in range(0, len(same), per)]
 
     def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's matrix in the stage buffer, shaped (and strided) like the parameter."""

@@ -137,3 +137,18 @@ def test_muon_passes_the_public_property_suite():
         ns_steps=st.integers(1, 8), adjust_lr_fn=st.sampled_from(muon.choices["adjust_lr_fn"])))
     with pytest.warns(UntrackedRule, match="Orthogonalize"):
         check_rule(muon, max_examples=6, compiled=True, hyper=hyper)
+
+
+def test_a_batch_of_same_shape_matrices_holds_at_most_the_batch_size():
+    """The stacked batch and the iteration's products are temporaries of the step: 32 matrices
+    of 4096 x 4096 go two at a time (64 MiB of bf16 each batch), small ones all in one, and every
+    matrix is in exactly one batch."""
+    from flashcompile.compiler.matrices import BATCH_ELEMENTS
+
+    shapes = [(4096, 4096)] * 32 + [(768, 768)] * 48 + [(4096, 11008)] * 3
+    matrices = Matrices([torch.zeros(s, device="meta") for s in shapes], 0, torch.device("cpu"))
+    assert sorted(i for batch in matrices.batches for i in batch) == list(range(len(shapes)))
+    for batch in matrices.batches:
+        assert len({shapes[i] for i in batch}) == 1
+        assert len(batch) == 1 or len(batch) * math.prod(shapes[batch[0]]) <= BATCH_ELEMENTS
+    assert sorted(map(len, matrices.batches)) == [1] * 3 + [2] * 16 + [48]
