@@ -11,6 +11,7 @@ import torch
 from parity import assert_tracks
 
 import flashcompile as fc
+from flashcompile.codecs import four_bit
 from flashcompile.codecs.base import FP32_SLACK
 from flashcompile.compiler import fast_math, launch
 from flashcompile.compiler.explain import count_kernels, inductor_source, plan_of
@@ -28,6 +29,8 @@ CASES = {
     "adamw_relative": (lambda p: fc.AdamW(p, lr=1e-3, codecs="relative"), None),
     # the paper's codecs (the default's adaptive codecs are "adamw")
     "adamw_paper": (lambda p: fc.AdamW(p, lr=1e-3, codecs="paper", step_guard=False), None),
+    # 4-bit states two to a byte: packed in kernels of their own after the step's (codecs/four_bit.py)
+    "adamw_4bit": (lambda p: fc.AdamW(p, lr=1e-3, codecs=four_bit.ADAM_STATES), None),
     # the rules beyond torch.optim: ADOPT's clip, cautious masking's agreeing count (a
     # reduction), MARS's gradient norm clip, schedule-free's z under the weight split
     "adopt": (lambda p: fc.ADOPT(p, lr=1e-3), None),
