@@ -71,25 +71,29 @@ def _round(y: torch.Tensor, noise: torch.Tensor | None, top: int) -> torch.Tenso
 
 
 # The paper's two codes under a given scale, shared with the adaptive codecs (``adaptive.py``),
-# whose groups of alike values hold exactly these codes.
-def softsign_codes(x: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | None
-                   ) -> torch.Tensor:
-    """int32 codes ``round(127 z)``, ``z = 2y / (1 + |y|)``, ``y = x / scale`` (scale >= |x|)."""
-    return _round(softsign_unrounded(x, scale16), noise, 127)
+# whose groups of alike values hold exactly these codes, and with the 4-bit ones
+# (``four_bit.py``), which take fewer ``levels``.
+def softsign_codes(x: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | None,
+                   levels: int = 127) -> torch.Tensor:
+    """int32 codes ``round(levels z)``, ``z = 2y / (1 + |y|)``, ``y = x / scale`` (scale >=
+    |x|)."""
+    return _round(softsign_unrounded(x, scale16, levels), noise, levels)
 
 
-def softsign_unrounded(x: torch.Tensor, scale16: torch.Tensor) -> torch.Tensor:
-    """``127 z`` before rounding, as :func:`softsign_codes` rounds it."""
-    # written as one quotient: 254 x / (s + |x|). |.| <= 127 since s >= |x| (the scale is rounded
-    # up, so no clamp is needed); the floor on s keeps an all-zero group at 0 / tiny = 0.
+def softsign_unrounded(x: torch.Tensor, scale16: torch.Tensor, levels: int = 127
+                       ) -> torch.Tensor:
+    """``levels z`` before rounding, as :func:`softsign_codes` rounds it."""
+    # written as one quotient: 2 levels x / (s + |x|). |.| <= levels since s >= |x| (the scale is
+    # rounded up, so no clamp is needed); the floor on s keeps an all-zero group at 0 / tiny = 0.
     s = torch.clamp_min(scale16.float(), _TINY)
-    return 254 * x / (s + x.abs())
+    return 2 * levels * x / (s + x.abs())
 
 
-def softsign_values(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def softsign_values(c: torch.Tensor, s: torch.Tensor, levels: int = 127) -> torch.Tensor:
     """Decoded values of float codes ``c`` under the fp32 scale ``s``."""
-    # z / (2 - |z|) * s with z = c / 127 is c s / (254 - |c|): one multiply fewer per value
-    return c * s / (254 - c.abs())
+    # z / (2 - |z|) * s with z = c / levels is c s / (2 levels - |c|): one multiply fewer per
+    # value, and c s exact, so the largest code decodes to s itself
+    return c * s / (2 * levels - c.abs())
 
 
 def softsign_bound(mag: torch.Tensor, s: torch.Tensor, stochastic: bool, levels: int = 127
@@ -106,18 +110,18 @@ def softsign_bound(mag: torch.Tensor, s: torch.Tensor, stochastic: bool, levels:
 
 
 def sqrt_codes(r: torch.Tensor, scale16: torch.Tensor, noise: torch.Tensor | None,
-               keep_nonzero: bool) -> torch.Tensor:
-    """int32 codes ``round(255 r / scale)`` of square roots ``r``; ``keep_nonzero``: a nonzero
+               keep_nonzero: bool, levels: int = 255) -> torch.Tensor:
+    """int32 codes ``round(levels r / scale)`` of square roots ``r``; ``keep_nonzero``: a nonzero
     ``r`` gets at least code 1."""
-    code = _round(sqrt_unrounded(r, scale16), noise, 255)
+    code = _round(sqrt_unrounded(r, scale16, levels), noise, levels)
     if keep_nonzero:
         code = torch.maximum(code, (r > 0).to(torch.int32))  # NaN: its group decodes to NaN
     return code
 
 
-def sqrt_unrounded(r: torch.Tensor, scale16: torch.Tensor) -> torch.Tensor:
-    """``255 r / scale`` before rounding, as :func:`sqrt_codes` rounds it."""
-    return r * inverse_scale(scale16, 255)
+def sqrt_unrounded(r: torch.Tensor, scale16: torch.Tensor, levels: int = 255) -> torch.Tensor:
+    """``levels r / scale`` before rounding, as :func:`sqrt_codes` rounds it."""
+    return r * inverse_scale(scale16, levels)
 
 
 def sqrt_roots(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -125,9 +129,9 @@ def sqrt_roots(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return sqrt_roots_of(int_to_float(codes), s)
 
 
-def sqrt_roots_of(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def sqrt_roots_of(c: torch.Tensor, s: torch.Tensor, levels: int = 255) -> torch.Tensor:
     """:func:`sqrt_roots` of the codes ``c`` as exact floats."""
-    return c * s / 255  # c * s exact: code 255 decodes to s itself
+    return c * s / levels  # c * s exact: the largest code decodes to s itself
 
 
 def sqrt_root_bound(r: torch.Tensor, s: torch.Tensor, stochastic: bool, keep_nonzero: bool,

@@ -34,20 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
-from flashcompile.codecs.base import (
-    FP32_SLACK,
-    Codec,
-    Field,
-    int_to_float,
-    inverse_scale,
-    sr_suffix,
-)
+from flashcompile.codecs.base import FP32_SLACK, Codec, Field, int_to_float, sr_suffix
 from flashcompile.codecs.companded import (
-    _TINY,
     _group_scale,
-    _round,
     softsign_bound,
+    softsign_codes,
+    softsign_values,
+    sqrt_codes,
     sqrt_root_bound,
+    sqrt_roots_of,
 )
 from flashcompile.codecs.packing import pack, unpack
 
@@ -68,14 +63,11 @@ class SoftsignInt4(Codec):
 
     def encode(self, x, noise=None):
         scale = _group_scale(x.abs())
-        # 7 z as one quotient, 14 x / (s + |x|), as companded.softsign_unrounded writes 127 z
-        s = torch.clamp_min(scale.float(), _TINY)
-        code = _round(14 * x / (s + x.abs()), noise, 7)
-        return pack(code, 4), scale  # two's complement nibbles
+        return pack(softsign_codes(x, scale, noise, 7), 4), scale  # two's complement nibbles
 
     def decode(self, codes, scale):
         c = int_to_float((unpack(codes, 4) ^ 8) - 8)  # the nibble's sign
-        return c * scale.float() / (14 - c.abs())  # c s exact: code 7 decodes to s
+        return softsign_values(c, scale.float(), 7)
 
     def error_bound(self, x):
         return softsign_bound(x.abs(), _group_scale(x.abs()).float(), self.stochastic, 7)
@@ -98,12 +90,10 @@ class SqrtUint4(Codec):
     def encode(self, x, noise=None):
         r = torch.sqrt(x)
         scale = _group_scale(r)
-        code = _round(r * inverse_scale(scale, 15), noise, 15)
-        code = torch.maximum(code, (r > 0).to(torch.int32))  # NaN: its group decodes to NaN
-        return pack(code, 4), scale
+        return pack(sqrt_codes(r, scale, noise, True, 15), 4), scale
 
     def decode(self, codes, scale):
-        r = int_to_float(unpack(codes, 4)) * scale.float() / 15  # c s exact: 15 decodes to s
+        r = sqrt_roots_of(int_to_float(unpack(codes, 4)), scale.float(), 15)
         return r * r
 
     def error_bound(self, x):
