@@ -48,7 +48,7 @@ from flashcompile.codecs.base import (
 )
 from flashcompile.codecs.companded import _TINY, softsign_bound, sqrt_root_bound
 from flashcompile.codecs.relative import _LOWEST_TOP, _NAN_TOP
-from flashcompile.codecs.stochastic import FRACTION_BITS
+from flashcompile.codecs.stochastic import FRACTION_BITS, carry
 
 _SPAN = 15  # binades of the relative code under its group's top
 # The thresholds are literals where they are used (a float global would become an input of the
@@ -85,7 +85,7 @@ def _encode(t: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: in
             noise: torch.Tensor | None) -> torch.Tensor:
     """int32 codes of ``t``: in a relative group the offset code of the magnitude ``t``, else
     ``round(t)`` exactly as ``companded._round`` rounds the paper's code (``t`` signed, unclamped
-    when stochastic). Stochastically (``noise``: ``stochastic.uniform_noise``'s 23 bits) both
+    when stochastic). Stochastically (``noise``: ``stochastic.uniform_noise``) both
     codes drop low bits of ``t + F0`` and add the noise's top bits as the carry: the paper's
     keeps 8 bits below its integer for that, as ``stochastic.round_stochastic`` (``t`` rounded to
     2^-8 first: a bias of at most 2^-9 of a code step), so neither makes float noise or selects
@@ -93,11 +93,11 @@ def _encode(t: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: in
     if noise is None:
         f0, floor, drop = _code_constants(relative, top, mant)
         # relative: half of the dropped bits; the paper's: the add's own rounding
-        carry = relative.to(torch.int32) << (22 - mant)
-    else:
-        f0, floor, drop = _code_constants(relative, top, mant, FRACTION_BITS)
-        carry = noise >> (23 - drop)  # the noise's top `drop` bits
-    return ((t + f0).view(torch.int32) - floor + carry) >> drop
+        half = relative.to(torch.int32) << (22 - mant)
+        return ((t + f0).view(torch.int32) - (floor - half)) >> drop
+    f0, floor, drop = _code_constants(relative, top, mant, FRACTION_BITS)
+    # the noise's top `drop` bits, centred by half their range (stochastic.carry)
+    return ((t + f0).view(torch.int32) - (floor - (1 << (drop - 1))) + carry(noise, drop)) >> drop
 
 
 def _decode(code: torch.Tensor, relative: torch.Tensor, top: torch.Tensor, mant: int
@@ -172,15 +172,18 @@ class SqrtAdaptive(Codec):
 
     @staticmethod
     def _groups(r: torch.Tensor):
-        # the quietest nonzero lane, by bit patterns (zero lanes sort last as +Inf's pattern)
-        if on_cuda(r):
-            bits = r.view(torch.int32)
-            quietest = torch.where(bits > 0, bits, 0x7F800000).amin(dim=-1, keepdim=True)
-            quietest = quietest.view(torch.float32)
-        else:  # as floats, the same values (a NaN lane is left to the max)
-            quietest = torch.where(r > 0, r, float("inf")).amin(dim=-1, keepdim=True)
         # abs: a NaN whose sign bit is set would sort below every value in the bit max
-        return _groups(r.abs(), lambda top: quietest * 32.0 < top)
+        mag = r.abs()
+        # the quietest nonzero lane (a group of zeros reads 0, which no test below passes)
+        if on_cuda(r):
+            # by bit patterns, moved by 2^31 - 1 (wrapping): zero sorts last, every other
+            # magnitude below it in its own order, so one add and a min per lane
+            wrap = 0x7FFFFFFF
+            quietest = (mag.view(torch.int32) + wrap).amin(dim=-1, keepdim=True) - wrap
+            quietest = quietest.view(torch.float32)
+        else:  # as floats, the same test (a NaN lane is left to the max)
+            quietest = torch.where(mag > 0, mag, float("inf")).amin(dim=-1, keepdim=True)
+        return _groups(mag, lambda top: quietest * 32.0 < top)
 
     def encode(self, x, noise=None):
         r = torch.sqrt(x)
@@ -191,7 +194,11 @@ class SqrtAdaptive(Codec):
                        4, noise)
         # a carry out of the relative code's top binade; the paper's stochastic clamp
         code = torch.clamp(code, max=255)
-        code = torch.maximum(code, (r > 0).to(torch.int32))  # nonzero in either code
+        # nonzero in either code: min(bits, 1) is 1 for every r > 0 (and <= 0 for -0.0), one
+        # instruction where a compare and a select are two
+        nonzero = (torch.clamp(r.view(torch.int32), max=1) if on_cuda(r)
+                   else (r > 0).to(torch.int32))
+        code = torch.maximum(code, nonzero)
         return code.to(torch.uint8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):
@@ -233,7 +240,7 @@ class SoftsignAdaptive(Codec):
         def few_loud(top):  # a float count: an integer sum of bools would run in int64
             # top / 16 once per group, not mag * 16 per lane: the same test (powers of two scale
             # exactly; a top whose sixteenth is subnormal is out of the fp16 range anyway)
-            loud = torch.where(mag >= top * 0.0625, 1.0, 0.0)
+            loud = (mag >= top * 0.0625).to(torch.float32)
             return loud.sum(dim=-1, keepdim=True) <= 8.0
         return _groups(mag, few_loud)
 
@@ -247,13 +254,13 @@ class SoftsignAdaptive(Codec):
         c = torch.where(relative, 0.0, 1.0)
         if noise is None:
             # rounding the paper's magnitude to nearest (ties to even) and negating is its
-            # rounding of the signed value: both codes take the sign after
-            code = _encode(mag * a / (b + c * mag), relative, top, 3, None)
-            code = torch.where(x < 0, -code, code)
-        else:  # the paper's floor(t + u) of the signed t, as softsign_int8_sr draws it
-            code = _encode(torch.where(relative, mag, x) * a / (b + c * mag), relative, top, 3,
-                           noise)
-            code = torch.where(relative & (x < 0), -code, code)
+            # rounding of the signed value: both codes take the sign after, and are clamped
+            # before it (a magnitude's code is >= 0: one bound instead of two)
+            code = torch.clamp(_encode(mag * a / (b + c * mag), relative, top, 3, None), max=127)
+            return torch.where(x < 0, -code, code).to(torch.int8), _scale(relative, top, paper)
+        # the paper's floor(t + u) of the signed t, as softsign_int8_sr draws it
+        code = _encode(torch.where(relative, mag, x) * a / (b + c * mag), relative, top, 3, noise)
+        code = torch.where(relative & (x < 0), -code, code)
         return torch.clamp(code, -127, 127).to(torch.int8), _scale(relative, top, paper)
 
     def decode(self, codes, scale):

@@ -34,7 +34,7 @@ from flashcompile.codecs.base import (
     round_to_int,
     sr_suffix,
 )
-from flashcompile.codecs.stochastic import round_stochastic
+from flashcompile.codecs.stochastic import carry, round_stochastic
 
 _SPAN = 15  # binades of normal codes under the group's top; a subnormal step below them
 # the group's top exponent field never goes below this (2^-107): the lowest normal code stays a
@@ -67,16 +67,18 @@ def _encode_magnitude(mag: torch.Tensor, top: torch.Tensor, mant: int,
     """Codes ``0 .. 2^(4 + mant) - 1`` of ``mag >= 0`` (fp32) under each group's ``top``: exponent
     field ``f`` (1..15: binade ``top - 15 + f``) above ``mant`` mantissa bits; ``f = 0`` holds
     multiples of the lowest binade's step (as IEEE subnormals), rounding up into it seamlessly.
-    With ``noise`` (``stochastic.uniform_noise``'s 23 bits) rounded stochastically: a uniform
+    With ``noise`` (``stochastic.uniform_noise``) rounded stochastically: a uniform
     integer below the dropped bits' weight is added before truncating, unbiased within a binade
     (codes are linear there)."""
     base = top - _SPAN  # fp32 exponent field of code exponent 0
     drop = 23 - mant
     # normal codes: rebase the exponent and round the mantissa on the bit pattern (a carry moves
     # into the exponent, as it should)
-    # stochastic: the top `drop` of the noise's 23 bits
-    carry = (1 << (drop - 1)) if noise is None else noise >> mant
-    normal = (mag.view(torch.int32) - (base << 23) + carry) >> drop
+    # to nearest: half the dropped bits; stochastic: the noise's top `drop` bits, centred by the
+    # same half (stochastic.carry)
+    lowest = (base << 23) - (1 << (drop - 1))
+    bits = mag.view(torch.int32) - lowest
+    normal = (bits if noise is None else bits + carry(noise, drop)) >> drop
     # below the lowest normal binade: multiples of its step 2^(base + 1 - 127 - mant)
     low = mag * pow2(126 + mant - base)
     low = round_to_int(low) if noise is None else round_stochastic(low, noise)

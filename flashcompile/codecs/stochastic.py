@@ -5,9 +5,9 @@ Round to nearest drops any change smaller than half a code step, so an 8-bit EMA
 Rounding ``y`` to ``floor(y + u)`` with ``u`` uniform in [0, 1) is right on average, so small
 increments accumulate (arXiv 2502.20566 trains bf16 AdamW this way).
 
-The noise is 23 random bits from a 32-bit integer hash (a multiply round with a constant from
-Chris Wellons' hash-prospector, below 2^31 so every product stays int32; its high bits) of two
-fp32 values of the element (their top 16 bits), with the step and a per-state salt. A code that
+The noise is a 32-bit integer hash (a multiply round with a constant from Chris Wellons'
+hash-prospector, below 2^31 so every product stays int32; codecs take its high bits) of two fp32
+values of the element (their top 16 bits), with the step and a per-state salt. A code that
 drops low bits of an fp32 pattern (the offset codes of ``adaptive.py``, ``relative.py``) adds the
 top bits of the noise as the carry: ``floor(y + u)`` in integers, no float noise made at all.
 The kernel passes the new weight and the first state it rounds to nearest (Adam's momentum), as
@@ -36,19 +36,27 @@ def salt(seed: int, state_index: int) -> int:
 
 
 def uniform_noise(step: torch.Tensor, state_salt: int, *keys: torch.Tensor) -> torch.Tensor:
-    """23 uniform random bits per element (int32 in [0, 2^23)) of the fp32 ``keys`` (two values
-    of the element, ``(G, GROUP)`` each), hashed with the step. Codecs take their top bits as the
-    carry of the bits they drop (one shift; :func:`round_stochastic`)."""
-    return (_hash(step, state_salt, keys) >> 9) & 0x7FFFFF  # the product's high bits
+    """Random int32 bits per element of the fp32 ``keys`` (two values of the element, ``(G,
+    GROUP)`` each), hashed with the step: the product's high bits are what depend on every input
+    bit, so codecs take the top ``k`` (:func:`carry`)."""
+    return _hash(step, state_salt, keys)
 
 
 def uniform_noise_pair(step: torch.Tensor, pair_salt: int, *keys: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two noises from one hash (its high and low 16 bits, as the top of 23 bits): two
-    stochastic states of a plan share the hash's instructions. 2^-16 of a code step is far below
-    what an 8-bit code resolves."""
+    """Two noises from one hash: its high and low 16 bits, each as the top of an int32 with zeros
+    below. Two stochastic states of a plan share the hash's instructions; 2^-16 of a code step is
+    far below what an 8-bit code resolves."""
     h = _hash(step, pair_salt, keys, fold=True)  # the low half needs the high bits folded in
-    return ((h >> 16) << 7) & 0x7FFFFF, (h << 7) & 0x7FFFFF
+    return h & -65536, h << 16
+
+
+def carry(noise: torch.Tensor, k) -> torch.Tensor:
+    """The noise's top ``k`` bits as a signed integer, uniform in ``[-2^(k-1), 2^(k-1))``: one
+    arithmetic shift. A code adds ``2^(k-1)`` with its own constants (the carry of
+    ``floor(y + u)``, ``u`` uniform in ``[0, 2^k)``), not here: one instruction per element fewer
+    than masking a logical shift. ``k`` may be a per-group tensor."""
+    return noise >> (32 - k)
 
 
 # bits below an integer that stochastic rounding keeps before its carry: y to 2^-8
@@ -61,9 +69,9 @@ def round_stochastic(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     bits are the carry, and the shift floors: integer instructions, no float noise (as the offset
     codes round; ``adaptive._encode`` is this with per-group constants)."""
     offset = 1.5 * 2.0 ** (23 - FRACTION_BITS)
-    floor = 0x4B400000 - (FRACTION_BITS << 23)  # offset's fp32 bits
-    carry = noise >> (23 - FRACTION_BITS)
-    return ((y + offset).view(torch.int32) - floor + carry) >> FRACTION_BITS
+    # offset's fp32 bits, less the half range that centres the signed carry
+    floor = 0x4B400000 - (FRACTION_BITS << 23) - (1 << (FRACTION_BITS - 1))
+    return ((y + offset).view(torch.int32) - floor + carry(noise, FRACTION_BITS)) >> FRACTION_BITS
 
 
 def _hash(step: torch.Tensor, state_salt: int, keys, fold: bool = False) -> torch.Tensor:

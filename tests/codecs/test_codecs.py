@@ -285,12 +285,12 @@ def test_stochastic_rounding_is_unbiased_between_two_codes():
 @given(y=st.floats(-(2.0**14) + 1, 2.0**14 - 1, allow_nan=False, width=32))
 def test_integer_carry_rounding_averages_to_the_value_within_2_to_the_minus_9(y):
     """``round_stochastic(y, noise)`` over every carry its 8 noise bits can give (each of the 256
-    equally likely: the noise's top 8 of 23 bits) lands on floor(y) or floor(y) + 1, and its mean
+    equally likely: the noise's top 8 bits) lands on floor(y) or floor(y) + 1, and its mean
     is y to within 2^-9 (y is first rounded to 2^-8), plus the fp32 rounding of y itself."""
     from flashcompile.codecs.stochastic import round_stochastic
 
     x = torch.full((256,), y, dtype=torch.float32)
-    noise = torch.arange(256, dtype=torch.int32) << 15  # every top-8-bit value, low bits zero
+    noise = torch.arange(256, dtype=torch.int32) << 24  # every top-8-bit value, low bits zero
     codes = round_stochastic(x, noise)
     fl = float(torch.floor(x[0]))
     assert set(codes.tolist()) <= {int(fl), int(fl) + 1}
