@@ -366,6 +366,54 @@ def test_adaptive_codecs_store_the_papers_codes_in_groups_of_alike_values(name, 
     assert torch.equal(codec.decode(*theirs), ref.decode(*theirs))
 
 
+def _adaptive_group(name: str, mixed: bool) -> torch.Tensor:
+    """One group of 32 that the adaptive codec ``name`` stores in the paper's code (values alike)
+    or, ``mixed``, in the relative code: one lane at 1 and the others 64-4096x below it (v: its
+    square roots), the momentum's signs mixed."""
+    gen = torch.Generator().manual_seed(3)
+    low, high = (2.0**-12, 2.0**-6) if mixed else (1 / 16, 1.0)
+    mag = low * (high / low) ** torch.rand(1, 32, generator=gen, dtype=torch.float64)
+    mag[0, 0] = 1.0
+    if name.startswith("sqrt"):
+        return (mag**2).float()
+    sign = torch.where(torch.rand(1, 32, generator=gen) < 0.5, -1.0, 1.0)
+    return mag.float() * sign
+
+
+@pytest.mark.parametrize("name", ["sqrt_adaptive_sr", "softsign_adaptive_sr"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["paper_code", "relative_code"])
+def test_adaptive_stochastic_rounding_rounds_up_in_proportion_over_every_carry(name, mixed):
+    """Under every value of the noise's top 8 bits (256 draws, lower bits 0) each lane lands on one
+    of its two neighbouring codes, and on the upper one in the proportion its value lies between
+    them, measured where the code is linear (v: in sqrt(v); momentum: in x / (s + |x|) under the
+    paper's scale s, in x itself in the relative code). Exact up to the noise's resolution: the
+    paper's code keeps 8 bits below its integer (so at most 2^-9 off) and takes all 8 carry bits,
+    the relative code drops 19 bits of which the carry gives the top 8 (1/256); 1e-4 for the fp32
+    decodes. This is where a wrong centring of the signed carry (``stochastic.carry``) shows."""
+    codec = codecs.get(name)
+    x = _adaptive_group(name, mixed).expand(256, 32).contiguous()
+    noise = (torch.arange(256, dtype=torch.int32) << 24)[:, None].expand(256, 32).contiguous()
+    codes, scale = codec.encode(x, noise)
+    assert bool((scale < 0).all()) == mixed and bool((scale > 0).all()) != mixed
+    y = codec.decode(codes, scale).double()
+    s = scale.double().abs()
+    if name.startswith("sqrt"):
+        linear = torch.sqrt
+    elif mixed:
+        linear = lambda v: v  # noqa: E731 - the relative code of |x|, its sign kept
+    else:
+        linear = lambda v: v / (s + v.abs())  # noqa: E731 - the paper's 2y / (1 + |y|), y = x / s
+    lo, hi = y.min(dim=0).values, y.max(dim=0).values
+    two = lo != hi  # lanes within 1/256 of a code may land on it every time
+    assert int(two.sum()) >= 24
+    assert bool(((y == lo) | (y == hi)).all())  # two neighbours at most
+    lx = linear(x.double())[0]
+    below, above = linear(lo.expand_as(y))[0], linear(hi.expand_as(y))[0]
+    fraction = ((lx - below) / (above - below))[two]  # where the value lies between them
+    up = (y == hi).double().mean(dim=0)[two]
+    assert (up - fraction).abs().max() <= 1 / 256 + 2.0**-9 + 1e-4
+
+
 @pytest.mark.parametrize("name", ["sqrt_adaptive", "softsign_adaptive"])
 def test_adaptive_codecs_hold_states_beyond_an_fp16_scales_range(name):
     """Largest magnitudes above 65504 (an fp16 scale is Inf and the paper's group NaN) or far
