@@ -68,10 +68,15 @@ def _accumulate_totals(lowered: Lowered) -> str:
     masked unless the terms are provably 0 there). Each fp32 term is summed in float64: the sum
     then hardly depends on its order (one bucket or many, per tensor, inside backward), so the
     shared numbers it sets, rounded to fp32 for the kernels, come out the same in every layout
-    (gradient release stays bit-identical to stepping after backward)."""
+    (gradient release stays bit-identical to stepping after backward). Summed per group of 32
+    first: that sum fuses into the update's own kernel (its rows are the groups), which stores one
+    float64 per group and total, and a small reduction adds those up. A sum over all lanes at once
+    is a reduction of another shape: Inductor gave it kernels of its own that read the update's
+    inputs again (Prodigy's numerator) or an fp32 copy of a new state it wrote for them (its
+    ``|s|``), three passes over memory instead of one."""
     terms = (lowered.totals if lowered.totals_skip_pads
              else [f"torch.where(_valid, {t}, 0.0)" for t in lowered.totals])
-    sums = ", ".join(f"({t}).double().sum()" for t in terms)
+    sums = ", ".join(f"({t}).double().sum(dim=-1).sum()" for t in terms)
     return f"    {TOTALS}.copy_({TOTALS} + torch.stack([{sums}]))"
 
 
