@@ -13,7 +13,7 @@ import torch
 from flashcompile.codecs import GROUP, PARAM, Codec, stochastic
 from flashcompile.runtime.amp import FACTOR
 from flashcompile.compiler.lowering import Lowered
-from flashcompile.compiler.segments import segment_totals
+from flashcompile.compiler.segments import grand_total, segment_totals
 from flashcompile.language.trace import Traced, keeps_zero
 
 
@@ -68,15 +68,11 @@ def _accumulate_totals(lowered: Lowered) -> str:
     masked unless the terms are provably 0 there). Each fp32 term is summed in float64: the sum
     then hardly depends on its order (one bucket or many, per tensor, inside backward), so the
     shared numbers it sets, rounded to fp32 for the kernels, come out the same in every layout
-    (gradient release stays bit-identical to stepping after backward). Summed per group of 32
-    first: that sum fuses into the update's own kernel (its rows are the groups), which stores one
-    float64 per group and total, and a small reduction adds those up. A sum over all lanes at once
-    is a reduction of another shape: Inductor gave it kernels of its own that read the update's
-    inputs again (Prodigy's numerator) or an fp32 copy of a new state it wrote for them (its
-    ``|s|``), three passes over memory instead of one."""
+    (gradient release stays bit-identical to stepping after backward); on the GPU per group first,
+    inside the update's kernel (:func:`~flashcompile.compiler.segments.grand_total`)."""
     terms = (lowered.totals if lowered.totals_skip_pads
              else [f"torch.where(_valid, {t}, 0.0)" for t in lowered.totals])
-    sums = ", ".join(f"({t}).double().sum(dim=-1).sum()" for t in terms)
+    sums = ", ".join(f"_grand_total({t})" for t in terms)
     return f"    {TOTALS}.copy_({TOTALS} + torch.stack([{sums}]))"
 
 
@@ -245,6 +241,7 @@ def _function(name: str, args: list[str], doc: str, decode: list[str], body: lis
 def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
     """The globals a plan's generated source runs in."""
     namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals,
+                 "_grand_total": grand_total,
                  "_uniform_noise": stochastic.uniform_noise,
                  "_uniform_noise_pair": stochastic.uniform_noise_pair}
     namespace.update({f"_codec_{name}": c for name, c in codecs.items()})

@@ -4,6 +4,7 @@ change."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -314,6 +315,27 @@ def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts
     # fp32 row sums of 32 lanes (31 roundings), then float64, then one rounding to fp32
     tol = 31 * 2.0**-24 * scale + 2.0**-24 * want.abs()
     assert torch.all((got.double() - want).abs() <= tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 3000), seed=seeds, block=st.sampled_from([4, 1024]))
+def test_grand_total_in_its_gpu_form_sums_every_element_within_float64_rounding(groups, seed,
+                                                                                block):
+    """A rule's ``total`` on the GPU: float64 sums per row, per block of rows, then over the
+    blocks (padding rows add 0) give the sum of every element, as the one float64 sum of the CPU
+    form does, to float64 rounding (every partial sum at most the sum of magnitudes)."""
+    from unittest import mock
+
+    from flashcompile.compiler import segments
+    x = torch.randn(groups, 32, generator=torch.Generator().manual_seed(seed))
+    with mock.patch.object(segments, "SCAN_BLOCK", block), \
+            mock.patch.object(segments, "on_cuda", lambda t: True):
+        got = segments.grand_total(x)
+    want = segments.grand_total(x)  # the CPU form: one sum
+    assert got.dtype == torch.float64
+    tol = 3 * (groups * 32) * 2.0**-53 * x.double().abs().sum()
+    assert abs(got.item() - want.item()) <= tol.item()
+    assert abs(want.item() - math.fsum(x.double().flatten().tolist())) <= tol.item()
 
 
 def test_a_scalar_state_takes_no_codec():
