@@ -39,18 +39,18 @@ def segment_totals(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 
 def grand_total(x: torch.Tensor) -> torch.Tensor:
     """The float64 sum of every element of ``x`` (a rule's ``total`` term, ``(G, 32)``). In the GPU
-    forms (:func:`~flashcompile.codecs.base.on_cuda`) per row first, which fuses into the update's
-    own kernel (its rows are the groups: one float64 stored per group), then in blocks of
-    :data:`SCAN_BLOCK` rows, then over the blocks: every reduction short, whatever size the graph
-    was compiled on. A sum over all lanes at once is a reduction of another shape, for which
+    forms (:func:`~flashcompile.codecs.base.on_cuda`) per row first, in fp32 as
+    :func:`segment_totals` does (a group's lanes in the kernel's fixed order, so every layout sums
+    a group alike), which fuses into the update's own kernel (its rows are the groups: one fp32
+    stored per group), then in float64 over blocks of :data:`SCAN_BLOCK` rows, then over the
+    blocks: every reduction short, whatever size the graph was compiled on. A sum over all lanes at once is a reduction of another shape, for which
     Inductor wrote kernels of their own that read the update's inputs again (Prodigy's
     numerator) or an fp32 copy of a new state written for them (its ``|s|``): three passes over
     memory instead of one. The C++ kernels take the one sum: their float64 row sums made Prodigy's
     CPU step slower (GPT-2 on a 2-core CPU: 1.53-1.60 s against 1.22-1.41)."""
-    x = x.double()
     if not on_cuda(x) or x.dim() != 2:
-        return x.sum()
-    return _pad_to_blocks(x.sum(1)).view(-1, SCAN_BLOCK).sum(1).sum()
+        return x.double().sum()
+    return _pad_to_blocks(x.sum(1).double()).view(-1, SCAN_BLOCK).sum(1).sum()
 
 
 def _pad_to_blocks(v: torch.Tensor) -> torch.Tensor:
