@@ -51,6 +51,14 @@ def fast_sqrt(src: str) -> str:
 
 
 def sass_counts(name: str, src: str, fp_fusion: bool, warps: int = 2, xblock: int = 16):
+    """Static SASS instructions of kernel ``name`` by opcode (:func:`compile_sm90`)."""
+    return compile_sm90(name, src, fp_fusion, warps, xblock)[0]
+
+
+def compile_sm90(name: str, src: str, fp_fusion: bool, warps: int = 2, xblock: int = 16
+                 ) -> tuple[collections.Counter, int]:
+    """(static SASS instructions by opcode, registers per thread) of kernel ``name`` compiled for
+    sm_90 at ``xblock`` / ``warps``."""
     meta = eval(re.search(r"triton_meta=(\{.*?\}),\n    inductor_meta", src, re.S).group(1),  # noqa: S307 - our own dump
                 {"DeviceProperties": dict})
     folder = tempfile.mkdtemp()
@@ -69,8 +77,11 @@ def sass_counts(name: str, src: str, fp_fusion: bool, warps: int = 2, xblock: in
         f.write(compiled.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return collections.Counter(m.group(1) for m in re.finditer(
-        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+    usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True,
+                           check=True).stdout
+    return (collections.Counter(m.group(1) for m in re.finditer(
+        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)),
+        int(re.search(r"REG:(\d+)", usage).group(1)))
 
 
 GROUP_LANES = 32
@@ -162,28 +173,39 @@ def issue_ceiling(per_element: float, bytes_per_element: float, card: str) -> fl
     return 100 * elements_per_s * bytes_per_element / copy
 
 
+def resident_warps(registers: int, warps: int) -> int:
+    """Warps an sm_90 SM holds of a kernel with ``registers`` per thread in blocks of ``warps``:
+    64K registers, allocated per warp in units of 256 (8 per thread), at most 32 blocks and 64
+    warps. Fewer warps hide less latency: the instruction-bound rules' ratio to their ceiling."""
+    per_warp = -(-registers // 8) * 8 * 32
+    blocks = min(32, 65536 // (per_warp * warps))
+    return min(64, blocks * warps)
+
+
 def print_rule_classes(names: list[str]) -> None:
     """Per rule: SASS per element at the launch config its plans pin (launch.config_for), by class,
-    and the issue-slot ceiling on each card of :data:`CARDS`."""
+    the issue-slot ceiling on each card of :data:`CARDS`, and registers per thread with the warps
+    an SM then holds."""
     from sass_histogram import CLASSES  # this folder
 
     from flashcompile.compiler.launch import config_for
 
     cards = " | ".join(f"{c} ceiling %" for c in CARDS)
     print("| rule | XBLOCK/warps | kernels | SASS per element | B moved | " + cards + " | "
-          + " | ".join(CLASSES) + " | top |")
+          + "registers (warps per SM) | " + " | ".join(CLASSES) + " | top |")
     for name in names:
         plan = rule_plan(name)
         xblock, warps = config_for(plan.key.rule.name)
         per_thread = xblock * GROUP_LANES // (32 * warps)  # straight-line code: lanes per thread
         kernel, src, launches = rule_kernel(name)
-        counts = sass_counts(kernel, src, fp_fusion=True, warps=warps, xblock=xblock)
+        counts, registers = compile_sm90(kernel, src, fp_fusion=True, warps=warps, xblock=xblock)
         per_element = sum(counts.values()) / per_thread
         moved = plan.bytes_moved_per_param(2.0)
         by_class = [sum(counts[op] for op in ops) / per_thread for ops in CLASSES.values()]
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
         print(f"| {name} | {xblock}/{warps} | {launches} | {per_element:.0f} | {moved:.2f} | "
               + " | ".join(f"{issue_ceiling(per_element, moved, c):.0f}" for c in CARDS) + " | "
+              + f"{registers} ({resident_warps(registers, warps)}) | "
               + " | ".join(f"{n:.1f}" for n in by_class) + f" | {top} |", flush=True)
 
 
