@@ -11,8 +11,9 @@ group kernel handles 8 lanes per thread, straight-line) for: Inductor's code as 
 generates each rule's flash group kernel here, on the CPU (Inductor's Triton code generation for
 CPU tensors, with the plan's own fast_math forms; pointers marked 16-byte aligned as CUDA's
 Inductor marks them), at the launch config its plans pin, and prints its static SASS per element
-by instruction class, and how many kernels the step takes in all (1 where everything fuses):
-a rule or codec change's instruction count without a GPU. It matched the
+by instruction class, its registers per thread with the warps an SM holds at that count, and how
+many kernels the step takes in all (1 where everything fuses): a rule or codec change's
+instruction count without a GPU. It matched the
 H200 dump of Rprop's kernel (84 against 85 per element). Beside it, the issue-slot ceiling on an
 H100 and an H200: the % of copy bandwidth at which that many instructions per element fill every
 issue slot (an upper bound; under 100 the kernel cannot reach the copy rate)."""
