@@ -1,6 +1,7 @@
 """Codecs: how each optimizer state (and the master weight) is stored.
 
-Names accepted wherever a codec is: ``fp32``, ``bf16``, ``weight_split`` (bf16 + int8 residual),
+Names accepted wherever a codec is: ``fp32``, ``bf16``, ``bf16_sr`` (a bf16 weight rounded
+stochastically, no residual), ``weight_split`` (bf16 + int8 residual),
 ``weight_split_int16``, ``weight_split_fp16`` (fp16 + int8), ``softsign_adaptive`` and
 ``sqrt_adaptive`` (the flash defaults for states: the paper's code or one relative to each value,
 picked per group: ``adaptive.py``), ``softsign_int8`` and ``sqrt_uint8`` (the paper's codecs),
@@ -39,7 +40,7 @@ from flashcompile.codecs.companded import (
     sqrt_uint8_nonzero_sr,
     sqrt_uint8_sr,
 )
-from flashcompile.codecs.floats import Float, Fp32Master, bf16, fp32
+from flashcompile.codecs.floats import Float, Fp32Master, bf16, bf16_sr, fp32
 from flashcompile.codecs.four_bit import (
     SoftsignInt4,
     SqrtUint4,
@@ -64,6 +65,7 @@ weight_split = WeightSplit(torch.bfloat16, torch.int8)
 _REGISTRY: dict[str, Codec] = {
     "fp32": fp32,
     "bf16": bf16,
+    "bf16_sr": bf16_sr,
     "weight_split": weight_split,
     "weight_split_int16": WeightSplit(torch.bfloat16, torch.int16),
     "weight_split_fp16": WeightSplit(torch.float16, torch.int8),
@@ -114,7 +116,7 @@ def names() -> list[str]:
 __all__ = [
     "GROUP", "Codec", "E4M3Int8", "Field", "Float", "Fp32Master", "LinearInt8", "SignInt8",
     "SoftsignAdaptive", "SoftsignInt4", "SoftsignInt8", "SqrtAdaptive", "SqrtE4M4", "SqrtUint4",
-    "SqrtUint8", "WeightSplit", "bf16", "e4m3_int8", "e4m3_int8_sr", "fp32", "get", "linear_int8",
+    "SqrtUint8", "WeightSplit", "bf16", "bf16_sr", "e4m3_int8", "e4m3_int8_sr", "fp32", "get", "linear_int8",
     "names", "register", "sign_int8", "softsign_adaptive", "softsign_adaptive_sr", "softsign_int4",
     "softsign_int4_sr", "softsign_int8", "softsign_int8_sr", "sqrt_adaptive", "sqrt_adaptive_sr",
     "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint4", "sqrt_uint4_sr", "sqrt_uint8",

@@ -161,6 +161,8 @@ class SqrtAdaptive(Codec):
     """uint8 codes of ``sqrt(v)``, the paper's or E4M4 per group (the fp16's sign says which):
     1.0625 B/value. Every nonzero value decodes nonzero."""
 
+    noise_bits = 32  # the whole hash: stochastic.carry
+
     stochastic: bool = False
     seed: int = 0
     domain = "nonnegative"
@@ -226,6 +228,8 @@ class SqrtAdaptive(Codec):
 class SoftsignAdaptive(Codec):
     """int8 codes, the paper's softsign or sign + E4M3 per group (the fp16's sign says which):
     1.0625 B/value."""
+
+    noise_bits = 32  # the whole hash: stochastic.carry
 
     stochastic: bool = False
     seed: int = 0

@@ -66,11 +66,17 @@ class Codec:
 
     ``domain`` is ``"real"``, ``"nonnegative"`` or ``"sign"`` (-1, 0, +1; values outside it are
     not representable).
+
+    A codec with ``stochastic = True`` is called as ``encode(x, noise)``. With ``noise_bits = 23``
+    (the default) ``noise`` is 23 random bits per element, int32 in [0, 2^23); a codec that sets
+    ``noise_bits = 32`` gets the whole 32-bit hash, whose top ``k`` bits
+    :func:`flashcompile.codecs.stochastic.carry` takes with one shift (the built-in codecs do).
     """
 
     name = "codec"
     domain = "real"
     fields: tuple[Field, ...] = ()
+    noise_bits = 23
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError

@@ -151,6 +151,8 @@ class SoftsignInt8(Codec):
     ``stochastic``: codes rounded stochastically (``codecs/stochastic.py``), within one code step
     instead of half; ``seed`` picks the noise."""
 
+    noise_bits = 32  # the whole hash: stochastic.carry
+
     stochastic: bool = False
     seed: int = 0
     fields = (Field("codes", torch.int8), Field("scale", torch.float16, per_group=True))
@@ -180,6 +182,8 @@ class SqrtUint8(Codec):
     ``stochastic``: the square root's code rounded stochastically (``codecs/stochastic.py``),
     within ``scale / 255`` of ``sqrt(v)``; ``seed`` picks the noise.
     """
+
+    noise_bits = 32  # the whole hash: stochastic.carry
 
     keep_nonzero: bool = False
     stochastic: bool = False

@@ -53,6 +53,8 @@ _FIELDS = (Field("codes", torch.uint8, pack=2), Field("scale", torch.float16, pe
 class SoftsignInt4(Codec):
     """4-bit codes of ``2x / (1 + |x|)`` + fp16 absmax per 32: 0.5625 B/value."""
 
+    noise_bits = 32  # the whole hash: stochastic.carry
+
     stochastic: bool = False
     seed: int = 0
     fields = _FIELDS
@@ -77,6 +79,8 @@ class SoftsignInt4(Codec):
 class SqrtUint4(Codec):
     """4-bit codes of ``sqrt(v)`` + fp16 max(sqrt(v)) per 32: 0.5625 B/value; a nonzero value
     decodes nonzero."""
+
+    noise_bits = 32  # the whole hash: stochastic.carry
 
     stochastic: bool = False
     seed: int = 0

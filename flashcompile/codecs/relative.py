@@ -112,6 +112,8 @@ class SqrtE4M4(Codec):
     """uint8 E4M4 codes of ``sqrt(v)`` under a power-of-two bf16 scale per 32: 1.0625 B/value.
     ``stochastic``: rounded stochastically (``stochastic.py``), ``seed`` picks the noise."""
 
+    noise_bits = 32  # the whole hash: stochastic.carry
+
     stochastic: bool = False
     seed: int = 0
     domain = "nonnegative"
@@ -142,6 +144,8 @@ class SqrtE4M4(Codec):
 class E4M3Int8(Codec):
     """int8 sign and E4M3 magnitude under a power-of-two bf16 scale per 32: 1.0625 B/value.
     ``stochastic``: the magnitude rounded stochastically (``stochastic.py``)."""
+
+    noise_bits = 32  # the whole hash: stochastic.carry
 
     stochastic: bool = False
     seed: int = 0

@@ -51,6 +51,19 @@ def uniform_noise_pair(step: torch.Tensor, pair_salt: int, *keys: torch.Tensor
     return h & -65536, h << 16
 
 
+def noise_for(codec, noise: torch.Tensor) -> torch.Tensor:
+    """``noise`` (the hash, or one of a pair) as ``codec`` takes it: whole where it sets
+    ``noise_bits = 32`` (the built-in codecs), else :func:`as_23_bits` (the contract of a user's
+    codec, :class:`~flashcompile.codecs.base.Codec`)."""
+    return noise if getattr(codec, "noise_bits", 23) == 32 else as_23_bits(noise)
+
+
+def as_23_bits(noise: torch.Tensor) -> torch.Tensor:
+    """The noise's top 23 bits as int32 in [0, 2^23): what codecs took before they took the whole
+    hash (2026-12-07), and what a user's codec still gets."""
+    return (noise >> 9) & 0x7FFFFF
+
+
 def carry(noise: torch.Tensor, k) -> torch.Tensor:
     """The noise's top ``k`` bits as a signed integer, uniform in ``[-2^(k-1), 2^(k-1))``: one
     arithmetic shift. A code adds ``2^(k-1)`` with its own constants (the carry of

@@ -170,7 +170,8 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
             out = f"torch.where(_valid, {out}, 0.0)"
         if name in noises:  # noise from the element's values, step and state, in the kernel
             lines += noises.pop(name)
-            out = f"{out}, _u_{name}"
+            # a user's codec takes 23 random bits (stochastic.noise_for), ours the whole hash
+            out = f"{out}, _u_{name}" if codec.noise_bits == 32 else f"{out}, _noise23(_u_{name})"
         lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
             # straight into the input (G, 32): the store fuses into the reduction kernel
@@ -243,7 +244,8 @@ def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
     namespace = {"torch": torch, "math": math, "_segment_totals": segment_totals,
                  "_grand_total": grand_total,
                  "_uniform_noise": stochastic.uniform_noise,
-                 "_uniform_noise_pair": stochastic.uniform_noise_pair}
+                 "_uniform_noise_pair": stochastic.uniform_noise_pair,
+                 "_noise23": stochastic.as_23_bits}
     namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
     return namespace
 

@@ -361,7 +361,7 @@ class ShapedPlan(Plan):
                                 else groups_of(values[PARAM]) if PARAM in values else keys[0])
                 u = stochastic.uniform_noise(s[_STEP_SLOT], stochastic.salt(codec.seed, k),
                                              *keys)
-                encoded[name] = codec.encode(new_groups[name], u)
+                encoded[name] = codec.encode(new_groups[name], stochastic.noise_for(codec, u))
             else:
                 encoded[name] = codec.encode(new_groups[name])
         # every output encoded before any store: a decoded input may alias its storage

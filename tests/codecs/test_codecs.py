@@ -247,7 +247,7 @@ def test_relative_codecs_keep_each_values_precision_beside_a_loud_lane(name):
 
 
 SR_CODECS = ["softsign_int8_sr", "sqrt_uint8_sr", "sqrt_uint8_nonzero_sr", "sqrt_e4m4_sr",
-             "e4m3_int8_sr", "sqrt_adaptive_sr", "softsign_adaptive_sr"]
+             "e4m3_int8_sr", "sqrt_adaptive_sr", "softsign_adaptive_sr", "bf16_sr"]
 
 
 def _noise(step: int, x: torch.Tensor) -> torch.Tensor:
@@ -298,11 +298,11 @@ def test_integer_carry_rounding_averages_to_the_value_within_2_to_the_minus_9(y)
 
 
 @pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "sqrt_e4m4", "e4m3_int8",
-                                  "sqrt_adaptive", "softsign_adaptive"])
+                                  "sqrt_adaptive", "softsign_adaptive", "bf16"])
 def test_stochastic_rounding_unsticks_a_slow_ema(name):
     """An 8-bit state decaying by beta = 0.999 per step (Adam's v after its gradients stopped):
     under round to nearest most steps change nothing (0.1% is below half a code, and below the
-    fp16 scale's own step), so after 1000 steps the state is far from 0.999^1000 = 0.37 of where
+    fp16 scale's own step; for bf16, below half its ULP, 0.2-0.4%), so after 1000 steps the state is far from 0.999^1000 = 0.37 of where
     it began; stochastic rounding follows it on average: in the coded quantity, which for the sqrt
     codecs is sqrt(v) (the square of an unbiased sqrt is biased up by its variance). 64 groups
     walk independently; each group's sum wanders by its code steps' noise (2-6% over 1000 steps
@@ -441,3 +441,41 @@ def test_a_nonzero_second_moment_never_decodes_to_zero_in_either_code():
     x[0, 0], x[0, 1] = 1.0, 1e-30
     y = codec.decode(*codec.encode(x))
     assert (codec.encode(x)[1] < 0).all() and (y > 0).all()
+
+
+def test_a_users_stochastic_codec_gets_23_random_bits_and_the_builtins_the_whole_hash():
+    """The documented contract of ``encode(x, noise)`` for a codec that does not ask for the hash
+    (``noise_bits = 32``): int32 in [0, 2^23), its bits random. A probe codec stores the noise it
+    is handed as its state; an optimizer step (eager and compiled, as Adam's m) shows what came."""
+    from dataclasses import dataclass
+
+    import flashcompile as fc
+    from flashcompile.codecs import Codec, Field
+
+    @dataclass(frozen=True)
+    class NoiseProbe(Codec):
+        stochastic: bool = True
+        seed: int = 0
+        name = "noise_probe"
+        fields = (Field("value", torch.float32),)
+
+        def encode(self, x, noise=None):
+            return (x if noise is None else noise.float(),)
+
+        def decode(self, value):
+            return value
+
+        def error_bound(self, x):
+            return torch.full_like(x, float("inf"))
+
+    for compile in (False, True):
+        p = torch.nn.Parameter(torch.randn(4096))
+        opt = fc.AdamW([p], codecs={"param": "fp32", "exp_avg": NoiseProbe()}, compile=compile)
+        p.grad = torch.randn(4096)
+        opt.step()
+        stored = opt.state[p]["exp_avg"].flatten()  # a one-field codec's state: its value
+        assert stored.min() >= 0 and stored.max() < 2**23
+        # the top bit varies; paired with v's noise, m's is 16 random bits (65536 values: about
+        # 3970 distinct in 4096 draws)
+        assert stored.max() >= 2**22 and stored.unique().numel() > 3800
+    assert codecs.get("sqrt_adaptive_sr").noise_bits == 32 and NoiseProbe.noise_bits == 23

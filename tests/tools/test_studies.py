@@ -75,8 +75,8 @@ def test_convergence_run_filter_takes_words_or_exact_names_and_adds_twins():
     from flashcompile.tools.studies.convergence import selected
 
     assert list(selected("chars", False, "=adamw flash")) == ["adamw fp32 (torch)", "adamw flash"]
-    # the twin, and the paper, relative, 4-bit, linear and fp32-norm rows too
-    assert len(selected("chars", False, "adamw flash")) == 7
+    # the twin, and the paper, relative, 4-bit, bf16-weight (two), linear and fp32-norm rows too
+    assert len(selected("chars", False, "adamw flash")) == 9
     with pytest.raises(ValueError, match="match no run"):
         selected("chars", False, "=adamw")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import flashcompile as fc
-from flashcompile.codecs import four_bit
+from flashcompile.codecs import PARAM, four_bit
 from flashcompile.tools.studies import tasks
 from flashcompile.tools.studies.report import (
     mean_std,
@@ -103,6 +103,12 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # 4-bit m and v, two codes to a byte (codecs/four_bit.py)
         "adamw flash, 4-bit": ("adamw fp32 (torch)", torch.bfloat16,
                                flash(fc.AdamW, four_bit.ADAM_STATES, **h["adamw"])),
+        # the weight as bf16 alone (no residual: 6.13 B/param with a bf16 gradient), rounded to
+        # nearest or stochastically (codecs/floats.py)
+        "adamw flash, bf16 weight": ("adamw fp32 (torch)", torch.bfloat16,
+                                     flash(fc.AdamW, {PARAM: "bf16"}, **h["adamw"])),
+        "adamw flash, bf16 weight rounded stochastically": (
+            "adamw fp32 (torch)", torch.bfloat16, flash(fc.AdamW, {PARAM: "bf16_sr"}, **h["adamw"])),
         "adamw flash, linear_int8 m and v": ("adamw fp32 (torch)", torch.bfloat16,
                                             flash(fc.AdamW, LINEAR, step_guard=False,
                                                   **h["adamw"])),

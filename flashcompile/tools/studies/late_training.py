@@ -8,7 +8,8 @@ of every schedule live. All runs keep the model in bf16 with the weight split (t
 weight); only Adam's states differ: fp32 (the reference), the paper's codecs under the step guard
 (the earlier default), the codecs of ``codecs/relative.py``, the paper's codecs with stochastic
 rounding (``codecs/stochastic.py``), and the adaptive codecs (``codecs/adaptive.py``; the default
-rounds v stochastically).
+rounds v stochastically). Two runs keep the default states and change the weight instead: bf16
+alone, no residual, rounded to nearest or stochastically (``bf16_sr``).
 
 Reported per codec pair: the final loss on a fixed evaluation set (mean and spread over seeds) and
 its ratio to the fp32-state loss of the same seed.
@@ -33,7 +34,7 @@ from flashcompile.tools.studies.report import (
     write_summary,
 )
 
-RUNS = {  # name -> codecs of Adam's states (the master weight is the weight split in every run)
+RUNS = {  # name -> codecs of Adam's states (the master weight is the weight split but in the last two)
     "fp32 states": {"exp_avg": "fp32", "exp_avg_sq": "fp32"},
     "paper codecs + step guard (earlier default)": {"exp_avg": "softsign_int8",
                                                     "exp_avg_sq": "sqrt_uint8"},
@@ -53,6 +54,9 @@ RUNS = {  # name -> codecs of Adam's states (the master weight is the weight spl
     "4-bit (softsign_int4 + sqrt_uint4)": {"exp_avg": "softsign_int4", "exp_avg_sq": "sqrt_uint4"},
     "4-bit, v stochastic": {"exp_avg": "softsign_int4", "exp_avg_sq": "sqrt_uint4_sr"},
     "4-bit, m and v stochastic": four_bit.ADAM_STATES,
+    # the default states with the weight as bf16 alone, no residual (codecs/floats.py)
+    "default states, bf16 weight": {"param": "bf16"},
+    "default states, bf16 weight rounded stochastically": {"param": "bf16_sr"},
 }
 REFERENCE = "fp32 states"
 

@@ -23,7 +23,7 @@ import torch
 from flashcompile import codecs
 from flashcompile.codecs.layout import padded
 from flashcompile.codecs.presets import default_codec
-from flashcompile.codecs.stochastic import uniform_noise
+from flashcompile.codecs.stochastic import noise_for, uniform_noise
 from flashcompile.rules import adam
 from flashcompile.tools.studies import tasks
 from flashcompile.tools.studies.report import pyplot, save_figure, table, write_csv, write_summary
@@ -69,7 +69,7 @@ def quantize(codec, x: torch.Tensor) -> torch.Tensor:
     noise = ()
     if stochastic:  # the kernel keys its noise on other values of the element, not the rounded one:
         keys = torch.randn(2, *x32.shape, generator=torch.Generator().manual_seed(0))
-        noise = (uniform_noise(torch.tensor(1.0), 0, *keys),)  # keys independent of x
+        noise = (noise_for(codec, uniform_noise(torch.tensor(1.0), 0, *keys)),)  # keys not x
     y = codec.decode(*codec.encode(x32, *noise))
     return y.reshape(-1)[: x.numel()].view_as(x)
 
