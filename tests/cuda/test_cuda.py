@@ -31,6 +31,8 @@ CASES = {
     "adamw_paper": (lambda p: fc.AdamW(p, lr=1e-3, codecs="paper", step_guard=False), None),
     # 4-bit states two to a byte: packed in kernels of their own after the step's (codecs/four_bit.py)
     "adamw_4bit": (lambda p: fc.AdamW(p, lr=1e-3, codecs=four_bit.ADAM_STATES), None),
+    # the weight as bf16 alone, rounded stochastically in the step's kernel (no residual)
+    "adamw_bf16_sr": (lambda p: fc.AdamW(p, lr=1e-3, codecs={"param": "bf16_sr"}), None),
     # the rules beyond torch.optim: ADOPT's clip, cautious masking's agreeing count (a
     # reduction), MARS's gradient norm clip, schedule-free's z under the weight split
     "adopt": (lambda p: fc.ADOPT(p, lr=1e-3), None),
