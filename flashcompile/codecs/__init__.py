@@ -116,9 +116,10 @@ def names() -> list[str]:
 __all__ = [
     "GROUP", "Codec", "E4M3Int8", "Field", "Float", "Fp32Master", "LinearInt8", "SignInt8",
     "SoftsignAdaptive", "SoftsignInt4", "SoftsignInt8", "SqrtAdaptive", "SqrtE4M4", "SqrtUint4",
-    "SqrtUint8", "WeightSplit", "bf16", "bf16_sr", "e4m3_int8", "e4m3_int8_sr", "fp32", "get", "linear_int8",
-    "names", "register", "sign_int8", "softsign_adaptive", "softsign_adaptive_sr", "softsign_int4",
-    "softsign_int4_sr", "softsign_int8", "softsign_int8_sr", "sqrt_adaptive", "sqrt_adaptive_sr",
-    "sqrt_e4m4", "sqrt_e4m4_sr", "sqrt_uint4", "sqrt_uint4_sr", "sqrt_uint8",
-    "sqrt_uint8_nonzero", "sqrt_uint8_nonzero_sr", "sqrt_uint8_sr", "weight_split",
+    "SqrtUint8", "WeightSplit", "bf16", "bf16_sr", "e4m3_int8", "e4m3_int8_sr", "fp32", "get",
+    "linear_int8", "names", "register", "sign_int8", "softsign_adaptive",
+    "softsign_adaptive_sr", "softsign_int4", "softsign_int4_sr", "softsign_int8",
+    "softsign_int8_sr", "sqrt_adaptive", "sqrt_adaptive_sr", "sqrt_e4m4", "sqrt_e4m4_sr",
+    "sqrt_uint4", "sqrt_uint4_sr", "sqrt_uint8", "sqrt_uint8_nonzero", "sqrt_uint8_nonzero_sr",
+    "sqrt_uint8_sr", "weight_split",
 ]

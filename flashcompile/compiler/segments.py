@@ -43,11 +43,12 @@ def grand_total(x: torch.Tensor) -> torch.Tensor:
     :func:`segment_totals` does (a group's lanes in the kernel's fixed order, so every layout sums
     a group alike), which fuses into the update's own kernel (its rows are the groups: one fp32
     stored per group), then in float64 over blocks of :data:`SCAN_BLOCK` rows, then over the
-    blocks: every reduction short, whatever size the graph was compiled on. A sum over all lanes at once is a reduction of another shape, for which
-    Inductor wrote kernels of their own that read the update's inputs again (Prodigy's
-    numerator) or an fp32 copy of a new state written for them (its ``|s|``): three passes over
-    memory instead of one. The C++ kernels take the one sum: their float64 row sums made Prodigy's
-    CPU step slower (GPT-2 on a 2-core CPU: 1.53-1.60 s against 1.22-1.41)."""
+    blocks: every reduction short, whatever size the graph was compiled on. A sum over all lanes
+    at once is a reduction of another shape, for which Inductor wrote kernels of their own that
+    read the update's inputs again (Prodigy's numerator) or an fp32 copy of a new state written
+    for them (its ``|s|``): three passes over memory instead of one. The C++ kernels take the one
+    sum: their float64 row sums made Prodigy's CPU step slower (GPT-2 on a 2-core CPU: 1.53-1.60 s
+    against 1.22-1.41)."""
     if not on_cuda(x) or x.dim() != 2:
         return x.double().sum()
     return _pad_to_blocks(x.sum(1).double()).view(-1, SCAN_BLOCK).sum(1).sum()

@@ -60,7 +60,7 @@ OPTIMIZERS: dict[str, tuple[torch.dtype, Callable, float | None]] = {
     "adamw_paper": (torch.bfloat16, _flash(fc.AdamW, codecs="paper", step_guard=False), None),
     "adamw_relative": (torch.bfloat16, _flash(fc.AdamW, codecs="relative"), None),
     "adamw_4bit": (torch.bfloat16, _flash(fc.AdamW, codecs=four_bit.ADAM_STATES), None),
-    # the weight as bf16 alone, rounded stochastically (6.13 B/param resident, 11.25 moved)
+    # the weight as bf16 alone, rounded stochastically (6.13 B/param resident, 10.25 moved)
     "adamw_bf16_sr": (torch.bfloat16, _flash(fc.AdamW, codecs={"param": "bf16_sr"}), None),
     "sgd_flash": (torch.bfloat16, _flash(fc.SGD, lr=1e-2, momentum=0.9), None),
     "sgd_fp32": (torch.float32, _flash(fc.SGD, lr=1e-2, momentum=0.9, codecs="fp32"), None),

@@ -300,13 +300,14 @@ def test_integer_carry_rounding_averages_to_the_value_within_2_to_the_minus_9(y)
 @pytest.mark.parametrize("name", ["softsign_int8", "sqrt_uint8", "sqrt_e4m4", "e4m3_int8",
                                   "sqrt_adaptive", "softsign_adaptive", "bf16"])
 def test_stochastic_rounding_unsticks_a_slow_ema(name):
-    """An 8-bit state decaying by beta = 0.999 per step (Adam's v after its gradients stopped):
-    under round to nearest most steps change nothing (0.1% is below half a code, and below the
-    fp16 scale's own step; for bf16, below half its ULP, 0.2-0.4%), so after 1000 steps the state is far from 0.999^1000 = 0.37 of where
-    it began; stochastic rounding follows it on average: in the coded quantity, which for the sqrt
-    codecs is sqrt(v) (the square of an unbiased sqrt is biased up by its variance). 64 groups
-    walk independently; each group's sum wanders by its code steps' noise (2-6% over 1000 steps
-    for these codes), so the mean over groups must land within 4 standard errors of the decay."""
+    """An 8-bit (or bf16) state decaying by beta = 0.999 per step (Adam's v after its gradients
+    stopped): under round to nearest most steps change nothing (0.1% is below half a code, and below the fp16
+    scale's own step; for bf16, below half its ULP, 0.2-0.4%), so after 1000 steps the state is
+    far from 0.999^1000 = 0.37 of where it began; stochastic rounding follows it on average: in
+    the coded quantity, which for the sqrt codecs is sqrt(v) (the square of an unbiased sqrt is
+    biased up by its variance). 64 groups walk independently; each group's sum wanders by its
+    code steps' noise (2-6% over 1000 steps for these codes), so the mean over groups must land
+    within 4 standard errors of the decay."""
     rn, sr = codecs.get(name), codecs.get(name + "_sr")
     x0 = torch.linspace(0.05, 1.0, 32)[None, :].repeat(64, 1)
     a, b = x0.clone(), x0.clone()

@@ -319,8 +319,8 @@ def test_segment_totals_sum_each_params_groups_within_fp32_rounding(groups, cuts
 
 @settings(max_examples=30, deadline=None)
 @given(groups=st.integers(1, 3000), seed=seeds, block=st.sampled_from([4, 1024]))
-def test_grand_total_in_its_gpu_form_sums_every_element_within_float64_rounding(groups, seed,
-                                                                                block):
+def test_grand_total_in_its_gpu_form_sums_every_element_within_its_rows_rounding(groups, seed,
+                                                                                 block):
     """A rule's ``total`` on the GPU: fp32 sums per row (32 lanes), then float64 sums per block of
     rows and over the blocks (padding rows add 0) give the sum of every element, as the one
     float64 sum of the CPU form does: within the rows' fp32 rounding (31 roundings of at most the

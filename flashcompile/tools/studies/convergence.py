@@ -108,7 +108,8 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         "adamw flash, bf16 weight": ("adamw fp32 (torch)", torch.bfloat16,
                                      flash(fc.AdamW, {PARAM: "bf16"}, **h["adamw"])),
         "adamw flash, bf16 weight rounded stochastically": (
-            "adamw fp32 (torch)", torch.bfloat16, flash(fc.AdamW, {PARAM: "bf16_sr"}, **h["adamw"])),
+            "adamw fp32 (torch)", torch.bfloat16,
+            flash(fc.AdamW, {PARAM: "bf16_sr"}, **h["adamw"])),
         "adamw flash, linear_int8 m and v": ("adamw fp32 (torch)", torch.bfloat16,
                                             flash(fc.AdamW, LINEAR, step_guard=False,
                                                   **h["adamw"])),

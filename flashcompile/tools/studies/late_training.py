@@ -34,7 +34,8 @@ from flashcompile.tools.studies.report import (
     write_summary,
 )
 
-RUNS = {  # name -> codecs of Adam's states (the master weight is the weight split but in the last two)
+# name -> codecs of Adam's states (the master weight is the weight split but in the last two)
+RUNS = {
     "fp32 states": {"exp_avg": "fp32", "exp_avg_sq": "fp32"},
     "paper codecs + step guard (earlier default)": {"exp_avg": "softsign_int8",
                                                     "exp_avg_sq": "sqrt_uint8"},
