@@ -68,6 +68,10 @@ class Float(Codec):
             return self  # the param itself is the storage
         if self.dtype == torch.float32:
             return Fp32Master(dtype)
+        if dtype == torch.float32:
+            # a 16-bit weight codec asked of a param kept in fp32 (cast_model's kept layers): the
+            # param is its own storage, exact; rounding it would lose what its dtype keeps
+            return fp32
         raise ValueError(
             f"codec {self.name} stores the weight as {self.dtype} but the param is {dtype}; cast the "
             "model (flashcompile.cast_model) or pick 'fp32' / 'weight_split' for 'param'"

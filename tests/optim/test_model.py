@@ -238,3 +238,15 @@ def test_a_bf16_weight_rounded_stochastically_steps_alike_compiled_and_eager():
     opt.step()
     per_element = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim())
     assert per_element / p.numel() == 2 * 1.0625  # m and v with their scales; the weight is p
+
+
+def test_a_bf16_weight_codec_leaves_the_layers_cast_model_kept_in_fp32_exact():
+    """``{"param": "bf16_sr"}`` (or ``"bf16"``) on a model with layers kept in fp32: those params
+    are their own exact storage (fp32), the bf16 ones keep no residual; a step runs."""
+    model = fc.cast_model(Net(), keep_fp32=fc.NORM_LAYERS)
+    opt = fc.AdamW(model.parameters(), codecs={PARAM: "bf16_sr"}, compile=False)
+    model(torch.randn(2, 1, 8, 8).bfloat16()).float().sum().backward()
+    opt.step()
+    flags = opt.flags_of(opt.param_groups[0])
+    kinds = {p.dtype: opt.plan_for(p, flags).codecs[PARAM].name for p in model.parameters()}
+    assert kinds == {torch.bfloat16: "bf16_sr", torch.float32: "fp32"}

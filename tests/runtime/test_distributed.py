@@ -576,25 +576,27 @@ def _dcp_one_rank(rank, world_size, tmp_path, device):
     _assert_equal(_decoded(plain, plain_opt), loaded, "plain model from dcp_to_torch_save")
 
 
-@pytest.mark.parametrize("codecs", ["flash", "four_bit"])
+@pytest.mark.parametrize("codecs", ["flash", "four_bit", "bf16_sr"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dcp_resumes_bit_exactly_and_reshards_from_two_ranks_to_one(tmp_path, device, codecs):
     """Saved on 2 ranks: loaded on 2 ranks (also with flattened optimizer keys), the state and the
     training that follows are bit-identical; on 1 rank, rows-layout states and every weight are
     bit-identical and re-encoded states within their codec's bound, and training continues; a
     plain model loads the checkpoint converted to torch.save. Also with 4-bit states, stored two
-    to a byte and saved one code per element (all but the 1-rank run's drift from the 2-rank one,
-    which is a code step of 4-bit states)."""
-    spec = four_bit.ADAM_STATES if codecs == "four_bit" else codecs
+    to a byte and saved one code per element, and with a bf16 weight rounded stochastically (no
+    residual): all but the 1-rank run's drift from the 2-rank one, which is a code step of 4-bit
+    states or a bf16 ULP of a weight whose update moved by a re-encoded state."""
+    spec = {"four_bit": four_bit.ADAM_STATES, "bf16_sr": {PARAM: "bf16_sr"}}.get(codecs, codecs)
     (tmp_path / "codecs.json").write_text(json.dumps(spec))
     _launch(_dcp_two_ranks, 2, tmp_path, device)
     _launch(_dcp_one_rank, 1, tmp_path, device)
-    _check_checkpoint_bytes(tmp_path / "ckpt")
+    _check_checkpoint_bytes(tmp_path / "ckpt", residual=0 if codecs == "bf16_sr" else 1)
 
 
-def _check_checkpoint_bytes(path: Path) -> None:
-    """Optimizer bytes per value in the checkpoint: residual 1, each 8-bit state 1 + 2/32 (rows
-    layout) or 1 + 2 (elements layout: a scale per element)."""
+def _check_checkpoint_bytes(path: Path, residual: int = 1) -> None:
+    """Optimizer bytes per value in the checkpoint: the weight's ``residual`` (the weight split's
+    1, none for a bf16 weight alone), each 8-bit state 1 + 2/32 (rows layout) or 1 + 2 (elements
+    layout: a scale per element)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -605,6 +607,6 @@ def _check_checkpoint_bytes(path: Path) -> None:
         total = sum(v.size.numel() * v.properties.dtype.itemsize for v in fields.values()
                     if hasattr(v, "size") and len(v.size))
         per_value = total / p.numel()
-        residual = 1 if p.dtype == torch.bfloat16 else 0
+        kept = residual if p.dtype == torch.bfloat16 else 0
         scale = 2 / GROUP if groups_per_row(p) is not None else 2
-        assert per_value == pytest.approx(residual + 2 * (1 + scale)), name
+        assert per_value == pytest.approx(kept + 2 * (1 + scale)), name
