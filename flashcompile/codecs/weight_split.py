@@ -79,7 +79,13 @@ class WeightSplit(Codec):
     def decode(self, hi, residual):
         n = _CODE_MAX[self.residual_dtype]
         if self.weight_dtype == torch.bfloat16:
-            d = round_to_int(int_to_float(residual) * (2.0**15 / n))
+            if n == 127:
+                # round(r 2^15 / 127) by one integer multiply-add and a shift (2^15 / 127 to 15
+                # fractional bits: exact for every int8 r, as no r 2^15 / 127 lies within 0.0039
+                # of a half; tests/codecs): 3 instructions per value fewer than through floats
+                d = (residual.to(torch.int32) * 8454660 + 16384) >> 15
+            else:
+                d = round_to_int(int_to_float(residual) * (2.0**15 / n))
             d = torch.clamp(d, -(2**15 - 1), 2**15 - 1)  # the midpoint would round to hi's neighbour
             return (_bf16_bits(hi) + d).view(torch.float32)
         h = self._fp16_half_ulp_exponent(hi)

@@ -123,6 +123,18 @@ def test_weight_split_over_every_finite_bf16(name):
     assert torch.equal(codec.decode(*codec.encode(exact)), exact)
 
 
+def test_weight_split_int8_residual_decodes_to_the_nearest_fp32_ulp_count():
+    """Every int8 residual r adds round(r 2^15 / 127) fp32 ULPs to the bf16 bits (one short of the
+    midpoint at r = +-127): the integer multiply-shift the decode uses is exact for each code."""
+    r = torch.arange(-127, 128, dtype=torch.int8).repeat(2)[:, None].expand(-1, 32).contiguous()
+    hi = torch.full(r.shape, 1.5, dtype=torch.bfloat16)
+    hi[255:] = -0.375  # a negative weight: the residual's sign is the fp32 bits' direction
+    ulps = codecs.weight_split.decode(hi, r).view(torch.int32) - (hi.view(torch.int16).to(
+        torch.int32) << 16)
+    want = torch.round(r.double() * 2**15 / 127).clamp(-(2**15 - 1), 2**15 - 1)
+    assert torch.equal(ulps, want.to(torch.int32))
+
+
 def test_weight_split_int8_meets_paper_relative_error():
     """The paper's 1.54e-5: half a bf16 ULP (at most 2^-8 of the value) in 254 steps is 2^-7 / 508
     relative, plus the fp32 rounding of the reconstruction (2^-23 relative at most). Seeded: the
