@@ -21,6 +21,9 @@ from flashcompile.language import rule, sqrt, where
                   maximize=False),
     states={"exp_avg": "signed", "exp_avg_diff": "signed", "exp_avg_sq": "nonnegative",
             "prev_grad": "signed"},
+    # the previous gradient in bf16: a bf16 gradient exactly, so g - g_prev (two close values) is
+    # exact too; 8-bit it took 30 more instructions per element for 0.94 B/param less
+    flash_codecs={"prev_grad": "bf16"},
 )
 def adan(p, g, exp_avg, exp_avg_diff, exp_avg_sq, prev_grad, *, step, lr, betas, eps,
          weight_decay, no_prox, maximize):

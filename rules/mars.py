@@ -16,6 +16,9 @@ from flashcompile.language import norm, rule, sqrt, where
     defaults=dict(lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.0, gamma=0.025,
                   maximize=False),
     states={"exp_avg": "signed", "exp_avg_sq": "nonnegative", "last_grad": "signed"},
+    # the last gradient in bf16: a bf16 gradient exactly, so g - g_prev (two close values) is
+    # exact too; 8-bit it took 12 more instructions per element in each pass
+    flash_codecs={"last_grad": "bf16"},
 )
 def mars(p, g, exp_avg, exp_avg_sq, last_grad, *, step, lr, betas, eps, weight_decay, gamma,
          maximize):

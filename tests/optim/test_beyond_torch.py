@@ -393,3 +393,18 @@ def test_gradient_release_steps_trust_ratio_rules_like_stepping_after_backward()
 def test_bytes_moved_count_what_the_sums_read_a_second_time(make, one_pass, sums_read):
     plan = plan_of(make([torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))]))
     assert plan.bytes_moved_per_param(2.0) == pytest.approx(one_pass + sums_read)
+
+
+@pytest.mark.parametrize("make, state", [(fc.Adan, "prev_grad"), (fc.MARS, "last_grad")])
+def test_previous_gradient_is_kept_exactly_on_a_bf16_model(make, state):
+    """The flash preset keeps the previous gradient in bf16: a bf16 gradient bit for bit (the
+    rules step on g - g_prev, a difference of two close values), where an 8-bit code would not."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
+    opt = make([p], compile=False)
+    for _ in range(2):
+        p.grad = (torch.randn(100, generator=gen) * torch.logspace(-3, 1, 100)).bfloat16()
+        opt.step()
+    kept = opt.state[p][state]  # padded to whole groups of 32
+    assert kept.dtype == torch.bfloat16
+    assert torch.equal(kept[: p.numel()], p.grad)

@@ -57,15 +57,19 @@ PRODIGY = {"lr": 1.0, "weight_decay": 1e-2, "safeguard_warmup": True}
 # the paper's 1e-30: torch floors V at eps1^2, which is 0 in fp32, and a zero gradient row is 0/0
 ADAFACTOR = {"lr": 1e-2, "eps": (2.0**-23, 1e-3)}
 CAME = {"lr": 3e-3, "weight_decay": 1e-2}  # AdamW's step size: CAME's update is Adam-like
+# Adan and MARS: AdamW's step size and decay, their own betas (Adan's update is Adam-like;
+# MARS-AdamW is AdamW on a variance-reduced gradient)
+ADAN = {"lr": 3e-3, "weight_decay": 1e-2}
+MARS = {"lr": 3e-3, "weight_decay": 1e-2}
 HYPER = {  # per task: each optimizer's hyperparameters (Muon's other params: AdamW's)
     "digits": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.05, "momentum": 0.9},
                "lion": {"lr": 3e-4, "weight_decay": 0.1},
                "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY,
-               "adafactor": ADAFACTOR, "came": CAME},
+               "adafactor": ADAFACTOR, "came": CAME, "adan": ADAN, "mars": MARS},
     "chars": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.2, "momentum": 0.9},
               "lion": {"lr": 3e-4, "weight_decay": 0.1},
               "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY,
-              "adafactor": ADAFACTOR, "came": CAME},
+              "adafactor": ADAFACTOR, "came": CAME, "adan": ADAN, "mars": MARS},
 }
 CLIP = {"digits": None, "chars": 1.0}  # gradient-norm clipping per task, for every run
 MIXED = "mixed"  # model "dtype" of the twins: fp32 weights, bf16 autocast compute
@@ -132,6 +136,17 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # fp32 codecs: came_pytorch's update (tests/optim/test_factored_rules.py)
         "came fp32": ("", MIXED, flash(fc.CAME, "fp32", **h["came"])),
         "came flash": ("came fp32", torch.bfloat16, flash(fc.CAME, **h["came"])),
+        # rules that keep the previous gradient (bf16 in the flash preset), fp32 codecs as twins
+        "adan fp32": ("", MIXED, flash(fc.Adan, "fp32", **h["adan"])),
+        "adan flash": ("adan fp32", torch.bfloat16, flash(fc.Adan, **h["adan"])),
+        "adan flash, 8-bit prev_grad": ("adan fp32", torch.bfloat16,
+                                        flash(fc.Adan, {"prev_grad": "softsign_adaptive"},
+                                              **h["adan"])),
+        "mars fp32": ("", MIXED, flash(fc.MARS, "fp32", **h["mars"])),
+        "mars flash": ("mars fp32", torch.bfloat16, flash(fc.MARS, **h["mars"])),
+        "mars flash, 8-bit last_grad": ("mars fp32", torch.bfloat16,
+                                        flash(fc.MARS, {"last_grad": "softsign_adaptive"},
+                                              **h["mars"])),
     }
 
 
@@ -256,8 +271,7 @@ def summarize(finals: list[dict], task_names, curves: list[dict] = ()) -> list[d
 def plot(curves: list[dict], path: Path) -> None:
     plt = pyplot()
     task_names = list(dict.fromkeys(r["task"] for r in curves))
-    groups = [g for g in ("adamw", "sgd", "lion", "muon", "prodigy", "adafactor", "came")
-              if any(r["run"].startswith(g) for r in curves)]
+    groups = list(dict.fromkeys(r["run"].split()[0] for r in curves))  # one panel per optimizer
     fig, axes = plt.subplots(len(task_names), len(groups),
                              figsize=(5 * len(groups), 3.8 * len(task_names)), squeeze=False)
     for row, name in zip(axes, task_names):
