@@ -13,7 +13,8 @@ CPU tensors, with the plan's own fast_math forms; pointers marked 16-byte aligne
 Inductor marks them), at the launch config its plans pin, and prints its static SASS per element
 by instruction class, its registers per thread with the warps an SM holds at that count, and how
 many kernels the step takes in all (1 where everything fuses): a rule or codec change's
-instruction count without a GPU. It matched the
+instruction count without a GPU. A rule that sums over each param first (LAMB, LARS, MARS,
+cautious AdamW) counts both passes' group kernels per element, as its bytes moved count both reads. It matched the
 H200 dump of Rprop's kernel (84 against 85 per element). Beside it, the issue-slot ceiling on an
 H100 and an H200: the % of copy bandwidth at which that many instructions per element fill every
 issue slot (an upper bound; under 100 the kernel cannot reach the copy rate)."""
@@ -109,10 +110,12 @@ def rule_plan(name: str):
                                      **kw))
 
 
-def rule_kernel(name: str) -> tuple[str, str, int]:
-    """(kernel name, Triton source) of rule ``name``'s flash group kernel (:func:`rule_plan`),
-    generated on the CPU, and how many kernels the step takes in all (one where everything
-    fuses; 4-bit codes packed two to a byte take kernels of their own)."""
+def rule_kernels(name: str) -> tuple[list[tuple[str, str]], int]:
+    """The (kernel name, Triton source) of each group kernel (rows of 32 lanes) of rule ``name``'s
+    flash step (:func:`rule_plan`), generated on the CPU, in launch order: one where everything
+    fuses, two for a rule that sums over each param first (LAMB, MARS, cautious AdamW: the sums,
+    then the update). Also how many kernels the step takes in all (4-bit codes packed two to a
+    byte take kernels of their own; the sums' bookkeeping takes a few small ones)."""
     import functools
     from unittest import mock
 
@@ -128,9 +131,10 @@ def rule_kernel(name: str) -> tuple[str, str, int]:
     plan = rule_plan(name)
     sources = []
 
-    class NotRun:  # a kernel here has no device to run on: calling it ends the step
+    class NotRun:  # a kernel here has no device to run on: its outputs stay as allocated, and
+        # a later phase still compiles (its kernels depend on shapes, not values)
         def run(self, *args, **kwargs):
-            raise RuntimeError("captured")
+            return None
 
         __call__ = run
 
@@ -148,16 +152,19 @@ def rule_kernel(name: str) -> tuple[str, str, int]:
         try:
             with torch.no_grad():
                 step(*sample_inputs(plan, 64, "cpu"))
-        except Exception:  # noqa: BLE001 - the capture above ends every run
+        except Exception:  # noqa: BLE001 - a step that reads what no kernel wrote may stop
             pass
-    kernel, src = next((k, s) for k, s in sources if "r0_': 32" in s)
-    signature = eval(re.search(r"'signature': (\{.*?\})", src).group(1))  # noqa: S307 - ours
-    aligned = [i for i, (arg, kind) in enumerate(signature.items())
-               if kind.startswith("*") or arg == "r0_numel"]
-    attrs = "{" + ", ".join(f"({i},): [['tt.divisibility', 16]]" for i in aligned) + "}"
-    # distinct sources: dynamo may compile the graph again after the first call fails here
-    return (kernel, re.sub(r"'configs': \[\{.*?\}\]\}", f"'configs': [{attrs}]}}", src),
-            len({source for _, source in sources}))
+    distinct = list(dict.fromkeys(sources))  # dynamo may compile a graph again
+    out = []
+    for kernel, src in distinct:
+        if "r0_': 32" not in src:
+            continue
+        signature = eval(re.search(r"'signature': (\{.*?\})", src).group(1))  # noqa: S307 - ours
+        aligned = [i for i, (arg, kind) in enumerate(signature.items())
+                   if kind.startswith("*") or arg == "r0_numel"]
+        attrs = "{" + ", ".join(f"({i},): [['tt.divisibility', 16]]" for i in aligned) + "}"
+        out.append((kernel, re.sub(r"'configs': \[\{.*?\}\]\}", f"'configs': [{attrs}]}}", src)))
+    return out, len({source for _, source in distinct})
 
 
 # Copy bandwidth (measured by `flashcompile bench`), SMs and boost clock: the cards the issue-slot
@@ -198,8 +205,13 @@ def print_rule_classes(names: list[str]) -> None:
         plan = rule_plan(name)
         xblock, warps = config_for(plan.key.rule.name)
         per_thread = xblock * GROUP_LANES // (32 * warps)  # straight-line code: lanes per thread
-        kernel, src, launches = rule_kernel(name)
-        counts, registers = compile_sm90(kernel, src, fp_fusion=True, warps=warps, xblock=xblock)
+        group_kernels, launches = rule_kernels(name)
+        counts, registers = collections.Counter(), 0
+        for kernel, src in group_kernels:  # a summing pass and the update add up per element
+            kernel_counts, kernel_registers = compile_sm90(kernel, src, fp_fusion=True,
+                                                           warps=warps, xblock=xblock)
+            counts += kernel_counts
+            registers = max(registers, kernel_registers)
         per_element = sum(counts.values()) / per_thread
         moved = plan.bytes_moved_per_param(2.0)
         by_class = [sum(counts[op] for op in ops) / per_thread for ops in CLASSES.values()]

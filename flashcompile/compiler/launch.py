@@ -31,8 +31,10 @@ GROUP_LANES = 32
 # rule name -> (XBLOCK, num_warps) where it beat the default on an H200 (benchmarks/config_sweep.py
 # over 134M params, 2026-12-04; % of copy bandwidth, default -> this), ADOPT's on an H100 with the
 # adaptive codecs (2026-12-06, docs/results/config_sweep_adaptive_h100.txt). Not named here: SGD,
-# Lion, Adagrad, ASGD and LARS (not swept with today's kernels), and LAMB, CautiousAdamW and MARS
-# (the same speed at every config on that H100: their second pass sets the pace)
+# Lion, Adagrad, ASGD and LARS (not swept with today's kernels). LAMB, CautiousAdamW and MARS ran
+# at the same speed at every config on that H100; they take AdamW's sixteen lanes per thread for
+# its instruction count: both passes' group kernels, SASS per element, 8 -> 16 lanes (offline,
+# benchmarks/sass_offline.py --rules): LAMB 180 -> 154, CautiousAdamW 160 -> 135, MARS 144 -> 124
 CONFIGS: dict[str, tuple[int, int]] = {
     "adam": (32, 2),  # AdamW 95.4 -> 99.1
     "nadam": (16, 1),  # 95.1 -> 98.9
@@ -44,6 +46,9 @@ CONFIGS: dict[str, tuple[int, int]] = {
     "radam": (16, 1),  # 93.7 -> 96.1
     "adadelta": (16, 1),  # 94.9 -> 100.0
     "adopt": (32, 2),  # H100: 83.8 -> 93.2
+    "lamb": (32, 2),
+    "cautious_adamw": (32, 2),
+    "mars": (32, 2),
 }
 ENVIRONMENT = "FLASHCOMPILE_LAUNCH"
 
