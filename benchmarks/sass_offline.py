@@ -14,10 +14,11 @@ Inductor marks them), at the launch config its plans pin, and prints its static 
 by instruction class, its registers per thread with the warps an SM holds at that count, and how
 many kernels the step takes in all (1 where everything fuses): a rule or codec change's
 instruction count without a GPU. A rule that sums over each param first (LAMB, LARS, MARS,
-cautious AdamW) counts both passes' group kernels per element, as its bytes moved count both reads. It matched the
-H200 dump of Rprop's kernel (84 against 85 per element). Beside it, the issue-slot ceiling on an
-H100 and an H200: the % of copy bandwidth at which that many instructions per element fill every
-issue slot (an upper bound; under 100 the kernel cannot reach the copy rate)."""
+cautious AdamW) counts both passes' group kernels per element, as its bytes moved count both
+reads. It matched the H200 dump of Rprop's kernel (84 against 85 per element). Beside it, the
+issue-slot ceiling on an H100 and an H200: the % of copy bandwidth at which that many instructions
+per element fill every issue slot (an upper bound; under 100 the kernel cannot reach the copy
+rate)."""
 
 from __future__ import annotations
 

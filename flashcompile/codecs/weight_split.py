@@ -82,7 +82,7 @@ class WeightSplit(Codec):
             if n == 127:
                 # round(r 2^15 / 127) by one integer multiply-add and a shift (2^15 / 127 to 15
                 # fractional bits: exact for every int8 r, as no r 2^15 / 127 lies within 0.0039
-                # of a half; tests/codecs): 3 instructions per value fewer than through floats
+                # of a half; tests/codecs): AdamW's kernel 93 -> 92 SASS per element
                 d = (residual.to(torch.int32) * 8454660 + 16384) >> 15
             else:
                 d = round_to_int(int_to_float(residual) * (2.0**15 / n))

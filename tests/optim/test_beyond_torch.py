@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from strategies import seeds, shape_lists
 
 import flashcompile as fc
+from flashcompile import codecs
 from flashcompile.compiler.explain import plan_of
 from flashcompile.testing import UntrackedRule, check_rule
 
@@ -408,3 +409,26 @@ def test_previous_gradient_is_kept_exactly_on_a_bf16_model(make, state):
     kept = opt.state[p][state]  # padded to whole groups of 32
     assert kept.dtype == torch.bfloat16
     assert torch.equal(kept[: p.numel()], p.grad)
+
+
+@pytest.mark.parametrize("make, state", [(fc.Adan, "prev_grad"), (fc.MARS, "last_grad")])
+def test_checkpoint_with_an_8_bit_previous_gradient_loads_into_the_bf16_default(make, state):
+    """State saved when the previous gradient was an 8-bit state (the default before 2026-12-07)
+    loads into today's default as the values it stood for, rounded to bf16, and steps on."""
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
+    old = make([p], codecs={state: "softsign_adaptive"}, compile=False)
+    for _ in range(3):
+        p.grad = torch.randn(100, generator=gen).bfloat16()
+        old.step()
+    saved = {k: v.clone() for k, v in old.state[p].items()}
+    stood_for = codecs.softsign_adaptive.decode(saved[f"{state}.codes"].view(-1, 32),
+                                                saved[f"{state}.scale"].view(-1, 1)).view(-1)
+    q = torch.nn.Parameter(p.detach().clone())
+    new = make([q], compile=False)
+    new.load_state_dict(old.state_dict())
+    assert torch.equal(new.state[q][state][:100], stood_for[:100].bfloat16())
+    assert stood_for[:100].count_nonzero() > 50  # so a lost state (zeros) fails the line above
+    q.grad = torch.randn(100, generator=gen).bfloat16()
+    new.step()
+    assert torch.equal(new.state[q][state][:100], q.grad)
