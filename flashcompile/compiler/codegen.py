@@ -48,7 +48,9 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
     sources, known = [], 0
     for k, (statements, sums) in enumerate(lowered.phases, 1):
         body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]
-        terms = ", ".join(f"_segment_totals(torch.where(_valid, {e}, 0.0), _ends)" for e in sums)
+        lane_free = (lowered.lane_free_sums[k - 1] if lowered.lane_free_sums
+                     else (False,) * len(sums))
+        terms = ", ".join(_segment_sum(e, lanes and free) for e, free in zip(sums, lane_free))
         new = f"torch.stack([{terms}])"
         body.append(f"    return torch.cat([_totals, {new}])" if known else f"    return {new}")
         sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
@@ -61,6 +63,15 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
 
 
 TOTALS = "_totals_acc"  # the step's accumulator of a rule's totals: float64, one per total
+
+
+def _segment_sum(expr: str, counted: bool) -> str:
+    """Each parameter's sum of ``expr`` over its valid lanes. ``counted``: ``expr`` is the same on
+    every lane, so each group adds it times its valid lanes (``_lanes``, ``(G, 1)``): no masked
+    value per lane (cautious AdamW's count of elements: 3 SASS per element in its summing pass)."""
+    if counted:
+        return f"_segment_totals(_lanes.to(torch.float32) * ({expr}), _ends)"
+    return f"_segment_totals(torch.where(_valid, {expr}, 0.0), _ends)"
 
 
 def _accumulate_totals(lowered: Lowered) -> str:

@@ -15,7 +15,8 @@ the outputs (computed over all ``(G, 32)`` lanes; the plan masks padding lanes a
 parameter's groups), and the update reads the result as ``_sum0``, ``_sum1``, ... (one value per
 group). A sum whose argument uses another sum runs in a later phase. A reduction is never hoisted,
 even when its argument is scalar: ``sum_all(0 * g + 1)`` counts the elements (``sum_all(1.0)`` of a
-plain number is evaluated when the rule runs, as a one-element parameter's sum: 1.0).
+plain number is evaluated when the rule runs, as a one-element parameter's sum: 1.0). A flat call
+sums such a lane-free argument as its value times each group's valid lanes, not lane by lane.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class Lowered:
     # and whether each is provably 0 on padding lanes (else it is masked)
     totals: tuple[str, ...] = ()
     totals_skip_pads: bool = True
+    # per phase, per sum: whether its argument is the same on every lane (a constant, the step,
+    # an earlier sum): the sum is then that value times the parameter's size, which a flat call
+    # counts from each group's valid lanes instead of summing a masked value per lane
+    lane_free_sums: tuple[tuple[bool, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,8 @@ def lower(traced: Traced) -> Lowered:
         raise NotImplementedError(
             f"rule {traced.rule.name} has both total(...) and a reduction over the parameter "
             "(sum_all, norm) or a matrix stage; one of them per rule for now")
-    phases, phase_reads = [], []
+    lane_free = traced.scalars | set(named.values()) | set(traced.device.values())
+    phases, phase_reads, lane_free_sums = [], [], []
     for depth in sorted({d for d in sums.values()}):
         args = [_split_scalar_powers(traced, r.args[0].xreplace(named))
                 for r, d in sums.items() if d == depth]
@@ -249,11 +255,11 @@ def lower(traced: Traced) -> Lowered:
         phases.append((statements, tuple(codes)))
         read = {str(s) for a in args for s in a.free_symbols}
         phase_reads.append(frozenset(read & {*names, traced.grad.name}))
+        lane_free_sums.append(tuple(a.free_symbols <= lane_free for a in args))
     # the totals' terms share subexpressions with the outputs (Prodigy's |s| and s)
     statements, codes = _lower_exprs(printer, [o for _, o in live] + totals)
     codes, total_codes = codes[:len(live)], codes[len(live):]
     outputs: list[str | None] = [None] * len(names)
-    lane_free = traced.scalars | set(named.values()) | set(traced.device.values())
 
     def on_lanes(expr: sympy.Expr, code: str) -> str:
         if expr.free_symbols <= lane_free:  # a constant or a reduction: broadcast over the group
@@ -269,7 +275,7 @@ def lower(traced: Traced) -> Lowered:
     return Lowered(tuple(statements), tuple(outputs), hoisted,
                    _prologue(traced, hoisted + updates), tuple(phases), tuple(phase_reads),
                    step_slot, stage, tuple(total_codes),
-                   all(keeps_zero_expr(traced, t) for t in totals))
+                   all(keeps_zero_expr(traced, t) for t in totals), tuple(lane_free_sums))
 
 
 STAGE = sympy.Symbol("_stage0", real=True)  # the matrix stage's result, in the phase after it
