@@ -55,7 +55,7 @@ def noise_for(codec, noise: torch.Tensor) -> torch.Tensor:
     """``noise`` (the hash, or one of a pair) as ``codec`` takes it: whole where it sets
     ``noise_bits = 32`` (the built-in codecs), else :func:`as_23_bits` (the contract of a user's
     codec, :class:`~flashcompile.codecs.base.Codec`)."""
-    return noise if getattr(codec, "noise_bits", 23) == 32 else as_23_bits(noise)
+    return noise if codec.noise_bits == 32 else as_23_bits(noise)
 
 
 def as_23_bits(noise: torch.Tensor) -> torch.Tensor:

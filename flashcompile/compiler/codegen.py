@@ -48,9 +48,8 @@ def generate(traced: Traced, lowered: Lowered, codecs: Mapping[str, Codec],
     sources, known = [], 0
     for k, (statements, sums) in enumerate(lowered.phases, 1):
         body = _read_sums(known) + [f"    {t} = {e}" for t, e in statements]
-        lane_free = (lowered.lane_free_sums[k - 1] if lowered.lane_free_sums
-                     else (False,) * len(sums))
-        terms = ", ".join(_segment_sum(e, lanes and free) for e, free in zip(sums, lane_free))
+        terms = ", ".join(_segment_sum(e, lanes and free)
+                          for e, free in zip(sums, lowered.lane_free_sums[k - 1]))
         new = f"torch.stack([{terms}])"
         body.append(f"    return torch.cat([_totals, {new}])" if known else f"    return {new}")
         sources.append(_function(f"_sums{k}", args + (["_totals"] if known else []), doc, decode,
@@ -181,8 +180,8 @@ def _update_lines(traced: Traced, statements, outputs, codecs: Mapping[str, Code
             out = f"torch.where(_valid, {out}, 0.0)"
         if name in noises:  # noise from the element's values, step and state, in the kernel
             lines += noises.pop(name)
-            # a user's codec takes 23 random bits (stochastic.noise_for), ours the whole hash
-            out = f"{out}, _u_{name}" if codec.noise_bits == 32 else f"{out}, _noise23(_u_{name})"
+            # a user's codec takes 23 random bits, ours the whole hash (decided while tracing)
+            out = f"{out}, _noise_for(_codec_{name}, _u_{name})"
         lines.append(f"    _new_{name} = _codec_{name}.encode({out})")
         for j, f in enumerate(codec.fields):
             # straight into the input (G, 32): the store fuses into the reduction kernel
@@ -256,7 +255,7 @@ def source_namespace(codecs: Mapping[str, Codec]) -> dict[str, object]:
                  "_grand_total": grand_total,
                  "_uniform_noise": stochastic.uniform_noise,
                  "_uniform_noise_pair": stochastic.uniform_noise_pair,
-                 "_noise23": stochastic.as_23_bits}
+                 "_noise_for": stochastic.noise_for}
     namespace.update({f"_codec_{name}": c for name, c in codecs.items()})
     return namespace
 
