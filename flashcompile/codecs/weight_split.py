@@ -79,13 +79,9 @@ class WeightSplit(Codec):
     def decode(self, hi, residual):
         n = _CODE_MAX[self.residual_dtype]
         if self.weight_dtype == torch.bfloat16:
-            if n == 127:
-                # round(r 2^15 / 127) by one integer multiply-add and a shift (2^15 / 127 to 15
-                # fractional bits: exact for every int8 r, as no r 2^15 / 127 lies within 0.0039
-                # of a half; tests/codecs): AdamW's kernel 93 -> 92 SASS per element
-                d = (residual.to(torch.int32) * 8454660 + 16384) >> 15
-            else:
-                d = round_to_int(int_to_float(residual) * (2.0**15 / n))
+            # through floats, not an integer multiply-shift (one SASS per value fewer, yet 2.4%
+            # slower on an H100: AdamW 97.1 vs 99.4% of copy, runs interleaved, 2026-12-07)
+            d = round_to_int(int_to_float(residual) * (2.0**15 / n))
             d = torch.clamp(d, -(2**15 - 1), 2**15 - 1)  # the midpoint would round to hi's neighbour
             return (_bf16_bits(hi) + d).view(torch.float32)
         h = self._fp16_half_ulp_exponent(hi)

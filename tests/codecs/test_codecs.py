@@ -125,7 +125,7 @@ def test_weight_split_over_every_finite_bf16(name):
 
 def test_weight_split_int8_residual_decodes_to_the_nearest_fp32_ulp_count():
     """Every int8 residual r adds round(r 2^15 / 127) fp32 ULPs to the bf16 bits (one short of the
-    midpoint at r = +-127): the integer multiply-shift the decode uses is exact for each code."""
+    midpoint at r = +-127): the decode rounds each code exactly."""
     r = torch.arange(-127, 128, dtype=torch.int8).repeat(2)[:, None].expand(-1, 32).contiguous()
     hi = torch.full(r.shape, 1.5, dtype=torch.bfloat16)
     hi[255:] = -0.375  # a negative weight: the residual's sign is the fp32 bits' direction
