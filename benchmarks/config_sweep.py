@@ -17,9 +17,12 @@ from flashcompile.codecs import GROUP
 from flashcompile.compiler.launch import _launcher, live_autotuners
 from flashcompile.compiler.verify import sample_inputs
 
-# (XBLOCK, warps, maxnreg): lanes per thread 8 (the pinned line), 16 and 4; register caps
-# (maxnreg 32/40/48 on the pinned line) changed nothing on an H200 with Triton 3.6 and are left out
+# (XBLOCK, warps, maxnreg): lanes per thread 8, 16 and 4; then register caps at 16 and 8 lanes per
+# thread, for kernels whose registers limit the warps resident per SM (AdEMAMix: 149 at 16/1, 13
+# warps per SM; 128 gives 16, 96 gives 21). Caps that "changed nothing" on an H200 before
+# 2026-12-07 never reached Triton: Inductor dropped a Config's maxnreg (launch._launcher adds it).
 GRID = [(xb, w, None) for xb, w in ((8, 1), (16, 2), (32, 4), (16, 1), (32, 2), (8, 2), (16, 4))]
+GRID += [(16, 1, 128), (16, 1, 96), (32, 2, 128), (32, 2, 96), (8, 1, 80)]
 
 
 def main() -> None:
@@ -39,15 +42,17 @@ def main() -> None:
         best = None
         for tuner in made[:1]:
             for xb, w, regs in GRID:
-                cfg = triton.Config({"XBLOCK": xb}, num_warps=w, num_stages=1, maxnreg=regs)
+                cfg = triton.Config({"XBLOCK": xb}, num_warps=w, num_stages=1)
                 cfg.found_by_coordesc = True
                 try:
-                    tuner.launchers = [_launcher(tuner, cfg)]
+                    tuner.launchers = [_launcher(tuner, cfg, maxnreg=regs)]
                 except Exception as e:  # noqa: BLE001 - a config the kernel cannot take
                     print(name, xb, w, regs, "failed", type(e).__name__, e, flush=True)
                     continue
                 t = time_ms(lambda a=args: plan.fn(*a))
-                print(name, xb, w, regs, f"{t:.3f} ms {100 * ceiling / t:.1f}%", flush=True)
+                used = getattr(tuner.launchers[0], "n_regs", "?")  # the cap reached Triton?
+                print(name, xb, w, regs, f"{t:.3f} ms {100 * ceiling / t:.1f}%", f"{used} regs",
+                      f"{getattr(tuner.launchers[0], 'n_spills', '?')} spills", flush=True)
                 if best is None or t < best[0]:
                     best = (t, xb, w, regs)
                 if regs is None and (plan.key.rule.name not in bests

@@ -214,6 +214,9 @@ def print_rule_classes(names: list[str]) -> None:
             counts += kernel_counts
             registers = max(registers, kernel_registers)
         per_element = sum(counts.values()) / per_thread
+        if not per_element:  # its defaults keep no 8-bit state: no kernel over rows of 32 lanes
+            print(f"| {name} | {xblock}/{warps} | {launches} | no group kernel |", flush=True)
+            continue
         moved = plan.bytes_moved_per_param(2.0)
         by_class = [sum(counts[op] for op in ops) / per_thread for ops in CLASSES.values()]
         top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))

@@ -128,14 +128,28 @@ def _is_group_kernel(tuner) -> bool:
     return name.startswith("triton_per_") and lanes == GROUP_LANES and "y" not in hints
 
 
-def _launcher(tuner, config):
+def _launcher(tuner, config, maxnreg: int | None = None):
+    """A launcher for ``config`` on ``tuner``'s kernel; ``maxnreg`` caps its registers per thread
+    (more warps resident per SM, perhaps at the price of spills)."""
     if getattr(tuner, "fn", None) is None:
         raise RuntimeError("the kernel was compiled in a worker process (no Triton function here)")
     # Fused multiply-adds: Inductor turns them off with emulate_precision_casts, which the codecs
     # need for their rounding casts; contraction rounds once where a mul and an add rounded twice.
     # AdamW's kernel: 116 -> 109 SASS instructions per element (flashcompile.compiler.fast_math).
     tuner.triton_meta = {**tuner.triton_meta, "enable_fp_fusion": fast_math.enabled()}
-    result = tuner._precompile_config(config)
+    if maxnreg is None:
+        result = tuner._precompile_config(config)
+    else:
+        # Inductor passes triton.compile a fixed set of options and drops a Config's maxnreg, so
+        # this tuner's options gain it for this one compile
+        options = getattr(tuner, "_create_compile_options", None)
+        if options is None:
+            raise RuntimeError("this Inductor builds no compile options to add maxnreg to")
+        tuner._create_compile_options = lambda cfg, meta: {**options(cfg, meta), "maxnreg": maxnreg}
+        try:
+            result = tuner._precompile_config(config)
+        finally:
+            del tuner._create_compile_options
     if hasattr(tuner, "_make_launcher"):  # torch >= 2.12
         launcher, exc = tuner._make_launcher(result)
         if launcher is None:

@@ -432,3 +432,50 @@ def test_checkpoint_with_an_8_bit_previous_gradient_loads_into_the_bf16_default(
     q.grad = torch.randn(100, generator=gen).bfloat16()
     new.step()
     assert torch.equal(new.state[q][state][:100], q.grad)
+
+
+def test_ademamix_slow_ema_follows_its_fp32_value_on_a_bf16_model():
+    """The slow EMA (beta3 = 0.9999) kept in bf16 rounded stochastically (the flash preset) under
+    a constant gradient stands at 1 - 0.9999^2000 = 0.18 of each element's gradient after 2000
+    steps, on average over 256 elements (each wanders by its rounding noise, a few % over 2000
+    steps: the mean, within 2%). Rounded to nearest it stalls once an increment, about 1/t of the
+    state, falls below half a bf16 ULP (2^-9 to 2^-8 relative, t near 256-512): under half."""
+    gen = torch.Generator().manual_seed(2)
+    g = (torch.randn(256, generator=gen).abs() + 0.5).bfloat16()
+    want = (1 - 0.9999**2000) * g.double()
+    got = {}
+    for name, spec in (("sr", "flash"), ("nearest", {"exp_avg_slow": "bf16"})):
+        p = torch.nn.Parameter(torch.randn(256, generator=gen).bfloat16())
+        opt = fc.AdEMAMix([p], lr=0.0, codecs=spec, compile=False)
+        assert plan_of(opt).codecs["exp_avg_slow"].name == {"sr": "bf16_sr", "nearest": "bf16"}[name]
+        for _ in range(2000):
+            p.grad = g.clone()
+            opt.step()
+        got[name] = (opt.state[p]["exp_avg_slow"][:256].double() / want).mean().item()
+    assert abs(got["sr"] - 1) < 0.02, got
+    assert got["nearest"] < 0.5, got
+
+
+@pytest.mark.parametrize("make, state", [(fc.AdEMAMix, "exp_avg_slow"), (fc.Prodigy, "s")])
+def test_checkpoint_with_an_8_bit_slow_ema_loads_into_the_bf16_default(make, state):
+    """State saved when the slow EMA was an 8-bit adaptive code rounded stochastically (the
+    default before 2026-12-07) loads into today's bf16 default as the values it stood for, rounded
+    to bf16, and steps on."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
+    old = make([p], codecs={state: "softsign_adaptive_sr"}, compile=False)
+    for _ in range(3):
+        p.grad = torch.randn(100, generator=gen).bfloat16()
+        old.step()
+    saved = {k: v.clone() for k, v in old.state[p].items()}
+    stood_for = codecs.softsign_adaptive.decode(saved[f"{state}.codes"].view(-1, 32),
+                                                saved[f"{state}.scale"].view(-1, 1)).view(-1)
+    q = torch.nn.Parameter(p.detach().clone())
+    new = make([q], compile=False)
+    new.load_state_dict(old.state_dict())
+    assert torch.equal(new.state[q][state][:100], stood_for[:100].bfloat16())
+    assert stood_for[:100].count_nonzero() > 50  # so a lost state (zeros) fails the line above
+    q.grad = torch.randn(100, generator=gen).bfloat16()
+    new.step()
+    assert torch.isfinite(new.state[q][state]).all() and not torch.equal(
+        new.state[q][state][:100], stood_for[:100].bfloat16())

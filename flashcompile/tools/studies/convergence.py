@@ -61,15 +61,20 @@ CAME = {"lr": 3e-3, "weight_decay": 1e-2}  # AdamW's step size: CAME's update is
 # MARS-AdamW is AdamW on a variance-reduced gradient)
 ADAN = {"lr": 3e-3, "weight_decay": 1e-2}
 MARS = {"lr": 3e-3, "weight_decay": 1e-2}
+# AdEMAMix: AdamW's step size and decay, the slow EMA (beta3 0.9999) and its weight warmed up over
+# the study's length, as its authors advise (arXiv 2409.03137)
+ADEMAMIX = {"lr": 3e-3, "weight_decay": 1e-2, "alpha_warmup": 500, "beta3_warmup": 500}
 HYPER = {  # per task: each optimizer's hyperparameters (Muon's other params: AdamW's)
     "digits": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.05, "momentum": 0.9},
                "lion": {"lr": 3e-4, "weight_decay": 0.1},
                "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY,
-               "adafactor": ADAFACTOR, "came": CAME, "adan": ADAN, "mars": MARS},
+               "adafactor": ADAFACTOR, "came": CAME, "adan": ADAN, "mars": MARS,
+               "ademamix": ADEMAMIX},
     "chars": {"adamw": {"lr": 3e-3, "weight_decay": 1e-2}, "sgd": {"lr": 0.2, "momentum": 0.9},
               "lion": {"lr": 3e-4, "weight_decay": 0.1},
               "muon": {"lr": 0.02, "weight_decay": 1e-2}, "prodigy": PRODIGY,
-              "adafactor": ADAFACTOR, "came": CAME, "adan": ADAN, "mars": MARS},
+              "adafactor": ADAFACTOR, "came": CAME, "adan": ADAN, "mars": MARS,
+              "ademamix": ADEMAMIX},
 }
 CLIP = {"digits": None, "chars": 1.0}  # gradient-norm clipping per task, for every run
 MIXED = "mixed"  # model "dtype" of the twins: fp32 weights, bf16 autocast compute
@@ -128,6 +133,9 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         # every parameter, so a step size of its own per run
         "prodigy fp32": ("", MIXED, flash(fc.Prodigy, "fp32", **h["prodigy"])),
         "prodigy flash": ("prodigy fp32", torch.bfloat16, flash(fc.Prodigy, **h["prodigy"])),
+        "prodigy flash, 8-bit s": ("prodigy fp32", torch.bfloat16,
+                                   flash(fc.Prodigy, {"s": "softsign_adaptive_sr"},
+                                         **h["prodigy"])),
         # factored second moments, each parameter stepped in its own shape
         "adafactor fp32 (torch)": ("", MIXED, torch_optimizer(torch.optim.Adafactor,
                                                               **h["adafactor"])),
@@ -147,6 +155,13 @@ def runs(task: str, compile_: bool) -> dict[str, tuple[str, torch.dtype, Callabl
         "mars flash, 8-bit last_grad": ("mars fp32", torch.bfloat16,
                                         flash(fc.MARS, {"last_grad": "softsign_adaptive"},
                                               **h["mars"])),
+        # a slow EMA (beta3 0.9999), bf16 rounded stochastically in the flash preset
+        "ademamix fp32": ("", MIXED, flash(fc.AdEMAMix, "fp32", **h["ademamix"])),
+        "ademamix flash": ("ademamix fp32", torch.bfloat16, flash(fc.AdEMAMix, **h["ademamix"])),
+        "ademamix flash, 8-bit slow EMA": ("ademamix fp32", torch.bfloat16,
+                                           flash(fc.AdEMAMix,
+                                                 {"exp_avg_slow": "softsign_adaptive_sr"},
+                                                 **h["ademamix"])),
     }
 
 
