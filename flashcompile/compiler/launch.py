@@ -40,7 +40,7 @@ CONFIGS: dict[str, tuple[int, int]] = {
     "nadam": (16, 1),  # 95.1 -> 98.9
     "rprop": (32, 2),  # 84.9 -> 86.8
     "adan": (8, 1),  # 83.5 -> 91.0
-    "ademamix": (8, 1),  # H100, its slow EMA in bf16 (2026-12-07, 2^27 params): 91.7 at 16/1 -> 98.7
+    "ademamix": (8, 1),  # H100, slow EMA in bf16 (2026-12-07, 2^27 params): 91.7 at 16/1 -> 98.7
     "adamax": (16, 1),  # 94.6 -> 97.9
     "rmsprop": (16, 1),  # 92.4 -> 97.3
     "radam": (16, 1),  # 93.7 -> 96.1

@@ -411,28 +411,34 @@ def test_previous_gradient_is_kept_exactly_on_a_bf16_model(make, state):
     assert torch.equal(kept[: p.numel()], p.grad)
 
 
+def _eight_bit_checkpoint(make, state, codec, seed):
+    """The state dict of ``make`` stepped 3 times on a bf16 param with ``state`` under the 8-bit
+    ``codec`` (an earlier default), a fresh copy of the param, and the values the state stood
+    for."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
+    old = make([p], codecs={state: codec}, compile=False)
+    for _ in range(3):
+        p.grad = torch.randn(100, generator=gen).bfloat16()
+        old.step()
+    saved = old.state[p]
+    stood_for = codecs.get(codec).decode(saved[f"{state}.codes"].view(-1, 32),
+                                         saved[f"{state}.scale"].view(-1, 1)).view(-1)[:100]
+    assert stood_for.count_nonzero() > 50  # so a lost state (zeros) cannot pass as loaded
+    return old.state_dict(), torch.nn.Parameter(p.detach().clone()), stood_for
+
+
 @pytest.mark.parametrize("make, state", [(fc.Adan, "prev_grad"), (fc.MARS, "last_grad")])
 def test_checkpoint_with_an_8_bit_previous_gradient_loads_into_the_bf16_default(make, state):
     """State saved when the previous gradient was an 8-bit state (the default before 2026-12-07)
     loads into today's default as the values it stood for, rounded to bf16, and steps on."""
-    gen = torch.Generator().manual_seed(1)
-    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
-    old = make([p], codecs={state: "softsign_adaptive"}, compile=False)
-    for _ in range(3):
-        p.grad = torch.randn(100, generator=gen).bfloat16()
-        old.step()
-    saved = {k: v.clone() for k, v in old.state[p].items()}
-    stood_for = codecs.softsign_adaptive.decode(saved[f"{state}.codes"].view(-1, 32),
-                                                saved[f"{state}.scale"].view(-1, 1)).view(-1)
-    q = torch.nn.Parameter(p.detach().clone())
+    saved, q, stood_for = _eight_bit_checkpoint(make, state, "softsign_adaptive", 1)
     new = make([q], compile=False)
-    new.load_state_dict(old.state_dict())
-    assert torch.equal(new.state[q][state][:100], stood_for[:100].bfloat16())
-    assert stood_for[:100].count_nonzero() > 50  # so a lost state (zeros) fails the line above
-    q.grad = torch.randn(100, generator=gen).bfloat16()
+    new.load_state_dict(saved)
+    assert torch.equal(new.state[q][state][:100], stood_for.bfloat16())
+    q.grad = torch.randn(100).bfloat16()
     new.step()
     assert torch.equal(new.state[q][state][:100], q.grad)
-
 
 def test_ademamix_slow_ema_follows_its_fp32_value_on_a_bf16_model():
     """The slow EMA (beta3 = 0.9999) kept in bf16 rounded stochastically (the flash preset) under
@@ -447,7 +453,8 @@ def test_ademamix_slow_ema_follows_its_fp32_value_on_a_bf16_model():
     for name, spec in (("sr", "flash"), ("nearest", {"exp_avg_slow": "bf16"})):
         p = torch.nn.Parameter(torch.randn(256, generator=gen).bfloat16())
         opt = fc.AdEMAMix([p], lr=0.0, codecs=spec, compile=False)
-        assert plan_of(opt).codecs["exp_avg_slow"].name == {"sr": "bf16_sr", "nearest": "bf16"}[name]
+        kept = plan_of(opt).codecs["exp_avg_slow"].name
+        assert kept == {"sr": "bf16_sr", "nearest": "bf16"}[name]
         for _ in range(2000):
             p.grad = g.clone()
             opt.step()
@@ -461,21 +468,11 @@ def test_checkpoint_with_an_8_bit_slow_ema_loads_into_the_bf16_default(make, sta
     """State saved when the slow EMA was an 8-bit adaptive code rounded stochastically (the
     default before 2026-12-07) loads into today's bf16 default as the values it stood for, rounded
     to bf16, and steps on."""
-    gen = torch.Generator().manual_seed(3)
-    p = torch.nn.Parameter(torch.randn(100, generator=gen).bfloat16())
-    old = make([p], codecs={state: "softsign_adaptive_sr"}, compile=False)
-    for _ in range(3):
-        p.grad = torch.randn(100, generator=gen).bfloat16()
-        old.step()
-    saved = {k: v.clone() for k, v in old.state[p].items()}
-    stood_for = codecs.softsign_adaptive.decode(saved[f"{state}.codes"].view(-1, 32),
-                                                saved[f"{state}.scale"].view(-1, 1)).view(-1)
-    q = torch.nn.Parameter(p.detach().clone())
+    saved, q, stood_for = _eight_bit_checkpoint(make, state, "softsign_adaptive_sr", 3)
     new = make([q], compile=False)
-    new.load_state_dict(old.state_dict())
-    assert torch.equal(new.state[q][state][:100], stood_for[:100].bfloat16())
-    assert stood_for[:100].count_nonzero() > 50  # so a lost state (zeros) fails the line above
-    q.grad = torch.randn(100, generator=gen).bfloat16()
+    new.load_state_dict(saved)
+    assert torch.equal(new.state[q][state][:100], stood_for.bfloat16())
+    q.grad = torch.randn(100).bfloat16()
     new.step()
-    assert torch.isfinite(new.state[q][state]).all() and not torch.equal(
-        new.state[q][state][:100], stood_for[:100].bfloat16())
+    moved = new.state[q][state][:100]
+    assert torch.isfinite(moved).all() and not torch.equal(moved, stood_for.bfloat16())
