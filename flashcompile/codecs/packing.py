@@ -24,11 +24,32 @@ def pack(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) -> to
     per = 8 * torch.empty((), dtype=dtype).element_size() // bits
     # masked: a code out of range (a NaN's conversion, in a group that decodes to NaN anyway)
     # must not spill into its neighbour's bits
-    parts = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per) & ((1 << bits) - 1)
+    codes = codes & ((1 << bits) - 1)
+    if dtype == torch.uint8 and 4 % per == 0 and codes.shape[-1] % 4 == 0:
+        return _pack_bytes_through_words(codes.to(torch.uint8), bits, per)
+    parts = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = parts[..., 0]
     for k in range(1, per):
         out = out | (parts[..., k] << (bits * k))
     return out.to(dtype)
+
+
+def _pack_bytes_through_words(codes: torch.Tensor, bits: int, per: int) -> torch.Tensor:
+    """:func:`pack` of byte codes read back four to an int32 word. Compiled, the view of bytes as
+    words (a reinterpretation of another width) makes Inductor store the codes as bytes from the
+    kernel that computes them and pack them in a kernel of its own, writing the state in place:
+    without it Inductor stored what the codes are computed from (the new fp32 values and the int32
+    noise, 8 B per value) and computed them again in the packing kernel."""
+    words = codes.view(torch.int32)  # bytes 4i .. 4i + 3, the first in the lowest bits
+    n = codes.shape[-1] // per  # stored bytes
+    per_word = 4 // per
+    word = words.unsqueeze(-1).expand(*words.shape, per_word)
+    word = word.reshape(*words.shape[:-1], n)
+    first = torch.arange(n, device=codes.device, dtype=torch.int32) % per_word * (8 * per)
+    out = (word >> first) & ((1 << bits) - 1)
+    for k in range(1, per):
+        out = out | (((word >> (first + 8 * k)) & ((1 << bits) - 1)) << (bits * k))
+    return out.to(torch.uint8)
 
 
 def unpack(stored: torch.Tensor, bits: int) -> torch.Tensor:

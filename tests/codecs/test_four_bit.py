@@ -29,6 +29,18 @@ def test_packed_codes_unpack_to_themselves(groups, bits, seed):
     assert torch.equal(packing.unpack(stored, bits), codes)
 
 
+@given(groups=st.integers(1, 5), bits=st.sampled_from([1, 2, 4]), seed=seeds)
+def test_packed_byte_holds_its_first_code_in_its_lowest_bits(groups, bits, seed):
+    """The stored format (checkpoints keep it): byte i holds codes i*k .. i*k + k - 1 (k = 8 /
+    bits), the first in its lowest bits, whichever way pack gets there (through int32 words for
+    2 and 4 bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (groups, GROUP), generator=gen, dtype=torch.int32)
+    per = 8 // bits
+    want = sum(codes[:, k::per] << (bits * k) for k in range(per)).to(torch.uint8)
+    assert torch.equal(packing.pack(codes, bits), want)
+
+
 def test_a_code_out_of_range_leaves_its_neighbours_bits_alone():
     """A NaN's conversion gives an arbitrary int32; its group decodes to NaN through the scale,
     but the other code of its byte must keep its own bits."""

@@ -29,7 +29,7 @@ CASES = {
     "adamw_relative": (lambda p: fc.AdamW(p, lr=1e-3, codecs="relative"), None),
     # the paper's codecs (the default's adaptive codecs are "adamw")
     "adamw_paper": (lambda p: fc.AdamW(p, lr=1e-3, codecs="paper", step_guard=False), None),
-    # 4-bit states two to a byte: packed in kernels of their own after the step's (codecs/four_bit.py)
+    # 4-bit states two to a byte: packed in a kernel of their own after the step's (four_bit.py)
     "adamw_4bit": (lambda p: fc.AdamW(p, lr=1e-3, codecs=four_bit.ADAM_STATES), None),
     # the weight as bf16 alone, rounded stochastically in the step's kernel (no residual)
     "adamw_bf16_sr": (lambda p: fc.AdamW(p, lr=1e-3, codecs={"param": "bf16_sr"}), None),
