@@ -40,7 +40,9 @@ def _pack_bytes_through_words(codes: torch.Tensor, bits: int, per: int) -> torch
     kernel that computes them and pack them in a kernel of its own, writing the state in place:
     without it Inductor stored what the codes are computed from (the new fp32 values and the int32
     noise, 8 B per value) and computed them again in the packing kernel."""
-    words = codes.view(torch.int32)  # bytes 4i .. 4i + 3, the first in the lowest bits
+    # bytes 4i .. 4i + 3, the first in the lowest bits: little-endian, as CPUs and GPUs torch
+    # runs on here are (tests/codecs/test_four_bit.py checks the stored format)
+    words = codes.view(torch.int32)
     n = codes.shape[-1] // per  # stored bytes
     per_word = 4 // per
     word = words.unsqueeze(-1).expand(*words.shape, per_word)
