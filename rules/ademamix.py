@@ -21,9 +21,7 @@ from flashcompile.language import exp, log, maximum, minimum, rule, sqrt, where
     defaults=dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, eps=1e-8, weight_decay=0.0,
                   alpha_warmup=0.0, beta3_warmup=0.0, maximize=False),
     states={"exp_avg_fast": "signed", "exp_avg_slow": "signed", "exp_avg_sq": "nonnegative"},
-    # the slow EMA in bf16 rounded stochastically: rounded to nearest it stalls (its increments are
-    # 1e-4 of itself); as an 8-bit adaptive code it took 26 more instructions per element for
-    # 0.94 B/param less (132 against 106), and the step 1.07x the time (H100: 76 -> 93% of copy)
+    # the slow EMA stalls rounded to nearest; bf16 stochastic beat 8-bit (docs/numerics.md)
     flash_codecs={"exp_avg_slow": "bf16_sr"},
 )
 def ademamix(p, g, exp_avg_fast, exp_avg_slow, exp_avg_sq, *, step, lr, betas, alpha, eps,

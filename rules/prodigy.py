@@ -19,10 +19,7 @@ from flashcompile.language import abs, maximum, minimum, rule, sqrt, total, wher
                   decouple=True, use_bias_correction=False, safeguard_warmup=False, d0=1e-6,
                   d_coef=1.0, growth_rate=math.inf),
     states={"exp_avg": "signed", "exp_avg_sq": "nonnegative", "s": "signed", "p0": "signed"},
-    # s: a slow EMA (its increments 5e-4 of itself stall rounded to nearest) in bf16 rounded
-    # stochastically: as an 8-bit adaptive code it took 30 more instructions per element for 0.94
-    # B/param less (162 against 132), and the step 1.04x the time (H100: 82 -> 95% of copy). p0
-    # in bf16, a bf16 model's weights exactly
+    # s, a slow EMA, as AdEMAMix's (docs/numerics.md); p0 in bf16, a bf16 model's weights exactly
     flash_codecs={"s": "bf16_sr", "p0": "bf16"},
     starts={"p0": "param"},  # read, never written: no store per step
     ranges={"beta3": (0.0, 1.0), "d0": (1e-30, math.inf), "growth_rate": (1.0, math.inf)},
