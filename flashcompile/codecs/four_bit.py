@@ -25,8 +25,8 @@ Inductor store the bytes: before 2026-12-07 it stored the new fp32 values and th
 codes come from, 16 B/param of temporaries in AdamW's step written and read again, and the step
 ran at 24% of its bytes' copy time on an H100). Now 2 B/param of temporaries, written and read:
 AdamW's step moves 14.25 B/param against the 10.25 it must (the Triton code Inductor generates on
-the CPU; not yet timed on a GPU). The fused design keeps m's and v's codes of the same value in
-one byte.
+the CPU); on an H100 61% of its bytes' copy time, 1.35x the 8-bit default's step. The fused
+design keeps m's and v's codes of the same value in one byte.
 
 ``stochastic=True`` (``*_sr``) rounds stochastically (``stochastic.py``). A group is 16 bytes of
 codes: value ``2i`` in the low nibble of byte ``i`` (``packing.py``).

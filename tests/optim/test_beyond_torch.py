@@ -442,6 +442,7 @@ def test_checkpoint_with_an_8_bit_state_loads_into_the_bf16_default(make, state,
     else:
         assert torch.isfinite(kept).all() and not torch.equal(kept, stood_for.bfloat16())
 
+
 def test_ademamix_slow_ema_follows_its_fp32_value_on_a_bf16_model():
     """The slow EMA (beta3 = 0.9999) kept in bf16 rounded stochastically (the flash preset) under
     a constant gradient stands at 1 - 0.9999^2000 = 0.18 of each element's gradient after 2000
